@@ -1,0 +1,534 @@
+//! `proxy.toml`: serde types with a doc comment on every field, defaults, and a `validate()`
+//! that rejects nonsense at load time with an error naming the file and the key.
+//!
+//! The shipped `proxy.toml` documents every key for operators; keep the two in step.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::path::canonicalize;
+
+/// A configuration error: which file, which key (`rooms[0].admit_per_minute`), what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The public listener.
+    pub server: ServerConfig,
+    /// The admin listener; absent means no admin API.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The protected upstream.
+    pub upstream: UpstreamConfig,
+    /// Where the line is kept.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Admission token keys and claims.
+    pub tokens: TokensConfig,
+    /// The rooms: which paths are guarded and how fast they admit.
+    #[serde(default)]
+    pub rooms: Vec<RoomConfig>,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the public listener.
+    pub listen: SocketAddr,
+    /// Runtime worker threads; default one per core.
+    #[serde(default)]
+    pub workers: Option<NonZeroUsize>,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this certificate chain and key.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are trusted and extended; from
+    /// anyone else those headers are dropped and replaced by ours.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Most client connections open at once; further clients wait in the accept queue.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: NonZeroUsize,
+    /// Time allowed for a client to send a complete request head (also the keep-alive idle
+    /// limit between requests).
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest pause allowed between two pieces of a request body.
+    #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Largest request head in bytes; beyond it the answer is 431.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; beyond it the answer is 431.
+    #[serde(default = "defaults::max_headers")]
+    pub max_headers: usize,
+    /// Largest request body in bytes forwarded upstream; 0 means no limit.
+    #[serde(default)]
+    pub max_body_bytes: u64,
+    /// On SIGTERM / Ctrl-C, how long in-flight requests may take to finish.
+    #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Time allowed for a TLS handshake.
+    #[serde(default = "defaults::tls_handshake_timeout", with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; keep it private.
+    pub listen: SocketAddr,
+    /// Bearer token for state-changing calls.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of an environment variable that holds the bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The protected upstream, `http://host:port`; request paths are appended to it.
+    #[serde(deserialize_with = "de_from_str")]
+    pub url: http::Uri,
+    /// Time allowed to open a connection to the upstream (502 beyond it).
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream to start its response (504 beyond it).
+    #[serde(default = "defaults::response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Longest pause allowed between two pieces of a response body.
+    #[serde(default = "defaults::response_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Idle keep-alive connections kept to the upstream.
+    #[serde(default = "defaults::pool_max_idle")]
+    pub pool_max_idle: usize,
+    /// How long an idle upstream connection is kept.
+    #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Send the client's `Host` upstream (true) or the upstream's own authority (false).
+    #[serde(default = "defaults::yes")]
+    pub preserve_host: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// In this process: one instance only.
+    #[default]
+    Memory,
+    /// One Redis server.
+    Redis,
+    /// A Redis Cluster.
+    RedisCluster,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `memory`, `redis` or `redis-cluster`.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Redis URL, for `kind = "redis"`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Cluster node URLs, for `kind = "redis-cluster"`.
+    #[serde(default)]
+    pub urls: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// The key that signs new tokens (PEM: Ed25519, P-256 or RSA; or a file of at least 32
+    /// bytes of secret for HS256). Relative paths are read from the config file's folder.
+    pub signing_key: PathBuf,
+    /// Further keys still accepted for verification (during a rotation).
+    #[serde(default)]
+    pub verify_keys: Vec<PathBuf>,
+    /// The `iss` claim minted and required.
+    #[serde(default = "defaults::issuer")]
+    pub issuer: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds (at most 30).
+    #[serde(default = "defaults::leeway_seconds")]
+    pub leeway_seconds: u64,
+    /// Verified tokens remembered so that the admitted path checks no signature per request.
+    #[serde(default = "defaults::cache_entries")]
+    pub cache_entries: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomConfig {
+    /// Room id: lower-case letters, digits, `-` and `_`; used in cookie names and token `aud`.
+    pub id: String,
+    /// Path prefixes the room guards, matched on the canonical path.
+    pub paths: Vec<String>,
+    /// Visitors admitted per minute while people wait.
+    pub admit_per_minute: NonZeroU32,
+    /// Sessions active plus grants outstanding, at most.
+    pub max_active: NonZeroU32,
+    /// Lifetime of a session (and of its admission token), in seconds.
+    #[serde(default = "defaults::session_seconds")]
+    pub session_seconds: u64,
+    /// Match `paths` case-sensitively (default: case-insensitively).
+    #[serde(default)]
+    pub case_sensitive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `vestibule=debug`; `RUST_LOG` overrides it.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: defaults::log_level() }
+    }
+}
+
+mod defaults {
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    pub fn max_connections() -> NonZeroUsize {
+        NonZeroUsize::new(10_000).expect("non-zero")
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn body_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_header_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn max_headers() -> usize {
+        100
+    }
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn tls_handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(3)
+    }
+    pub fn response_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn pool_max_idle() -> usize {
+        512
+    }
+    pub fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn issuer() -> String {
+        "vestibule".to_owned()
+    }
+    pub fn leeway_seconds() -> u64 {
+        5
+    }
+    pub fn cache_entries() -> NonZeroUsize {
+        NonZeroUsize::new(100_000).expect("non-zero")
+    }
+    pub fn session_seconds() -> u64 {
+        600
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+}
+
+fn de_from_str<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+/// hyper's HTTP/1 read buffer cannot be smaller than this.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
+
+impl Config {
+    /// Read, parse and validate a file; relative key and certificate paths are resolved
+    /// against the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &file, base)
+    }
+
+    /// Parse and validate TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let error = |key: String, message: String| ConfigError { file: file.to_owned(), key, message };
+        let deserializer = toml::de::Deserializer::parse(text)
+            .map_err(|e| error(String::new(), e.to_string().trim_end().to_owned()))?;
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            let inner = e.into_inner().message().trim_end().to_owned();
+            error(key, inner)
+        })?;
+        config.resolve_paths(base);
+        config.validate().map_err(|(key, message)| error(key, message))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.tokens.signing_key);
+        self.tokens.verify_keys.iter_mut().for_each(resolve);
+        if let Some(tls) = &mut self.server.tls {
+            resolve(&mut tls.cert);
+            resolve(&mut tls.key);
+        }
+    }
+
+    /// Semantic checks serde cannot make: `Err((key, message))`.
+    fn validate(&mut self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
+        let server = &self.server;
+        if server.max_header_bytes < MIN_HEADER_BYTES {
+            return fail("server.max_header_bytes", "must be at least 8192");
+        }
+        if server.max_headers == 0 {
+            return fail("server.max_headers", "must be at least 1");
+        }
+        for (key, value) in [
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.body_read_timeout", server.body_read_timeout),
+            ("server.tls_handshake_timeout", server.tls_handshake_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+            ("upstream.body_timeout", self.upstream.body_timeout),
+        ] {
+            if value.is_zero() {
+                return fail(key, "must be longer than zero");
+            }
+        }
+
+        if let Some(admin) = &mut self.admin {
+            match (&admin.token, &admin.token_env) {
+                (Some(_), Some(_)) => return fail("admin", "set `token` or `token_env`, not both"),
+                (None, None) => return fail("admin.token", "missing: set `token` or `token_env`"),
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(value) if !value.is_empty() => admin.token = Some(value),
+                    _ => return fail("admin.token_env", &format!("environment variable {var} is not set")),
+                },
+                (Some(_), None) => {}
+            }
+            if admin.token.as_deref().is_some_and(|t| t.len() < 12) {
+                return fail("admin.token", "too short: use at least 12 characters");
+            }
+        }
+
+        let url = &self.upstream.url;
+        if url.scheme_str() != Some("http") {
+            return fail("upstream.url", "must start with http:// (TLS to the upstream is not supported)");
+        }
+        if url.authority().is_none() {
+            return fail("upstream.url", "must name a host and port");
+        }
+        if url.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return fail("upstream.url", "must not have a path or query: request paths are appended as they are");
+        }
+
+        match self.store.kind {
+            StoreKind::Memory => {}
+            StoreKind::Redis if self.store.url.is_none() => return fail("store.url", "required when kind = \"redis\""),
+            StoreKind::RedisCluster if self.store.urls.is_empty() => {
+                return fail("store.urls", "required when kind = \"redis-cluster\"")
+            }
+            _ => {}
+        }
+
+        if self.tokens.issuer.is_empty() {
+            return fail("tokens.issuer", "must not be empty");
+        }
+        if self.tokens.leeway_seconds > 30 {
+            return fail("tokens.leeway_seconds", "at most 30");
+        }
+
+        let mut ids = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, room) in self.rooms.iter_mut().enumerate() {
+            let key = |k: &str| format!("rooms[{i}].{k}");
+            let valid_id = !room.id.is_empty()
+                && room.id.len() <= 64
+                && room.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            if !valid_id {
+                return Err((key("id"), "use 1 to 64 of a-z, 0-9, '-' and '_'".into()));
+            }
+            if !ids.insert(room.id.clone()) {
+                return Err((key("id"), format!("room {:?} is defined twice", room.id)));
+            }
+            if room.paths.is_empty() {
+                return Err((key("paths"), "must list at least one path prefix".into()));
+            }
+            for (j, prefix) in room.paths.iter_mut().enumerate() {
+                let key = || format!("rooms[{i}].paths[{j}]");
+                if !prefix.starts_with('/') {
+                    return Err((key(), "must start with '/'".into()));
+                }
+                let canonical = canonicalize(prefix).map_err(|e| (key(), e.to_string()))?;
+                let mut normal = canonical.decoded;
+                if !room.case_sensitive {
+                    normal = normal.to_lowercase();
+                }
+                if normal == "/" {
+                    return Err((key(), "a room cannot guard the whole site; name a path prefix".into()));
+                }
+                if !prefixes.insert(normal.clone()) {
+                    return Err((key(), format!("{prefix:?} is guarded by another entry already")));
+                }
+                *prefix = normal;
+            }
+            if room.session_seconds == 0 {
+                return Err((key("session_seconds"), "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = "127.0.0.1:8080"
+        [upstream]
+        url = "http://127.0.0.1:3000"
+        [tokens]
+        signing_key = "key.pem"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "proxy.toml", Path::new("/etc/vestibule"))
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.server.max_headers, 100);
+        assert_eq!(config.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.tokens.signing_key, Path::new("/etc/vestibule/key.pem"));
+        assert_eq!(config.store.kind, StoreKind::Memory);
+        assert!(config.rooms.is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let room = r#"
+            [[rooms]]
+            id = "checkout"
+            paths = ["/checkout"]
+            admit_per_minute = 0
+            max_active = 5
+        "#;
+        let message = error_of(&format!("{MINIMAL}{room}"));
+        assert!(message.starts_with("proxy.toml: rooms[0].admit_per_minute: "), "{message}");
+
+        let message = error_of(&MINIMAL.replace("listen =", "lissen = \"x\"\nlisten ="));
+        assert!(message.starts_with("proxy.toml: server.lissen: unknown field `lissen`"), "{message}");
+
+        let message = error_of(&MINIMAL.replace("http://127.0.0.1:3000", "https://example.test"));
+        assert!(message.starts_with("proxy.toml: upstream.url: "), "{message}");
+
+        let message = error_of(&format!("{MINIMAL}\n[store]\nkind = \"redis\"\n"));
+        assert_eq!(message, "proxy.toml: store.url: required when kind = \"redis\"");
+    }
+
+    #[test]
+    fn room_ids_and_paths_are_checked_and_canonicalized() {
+        let room = |id: &str, path: &str| {
+            format!("[[rooms]]\nid = \"{id}\"\npaths = [\"{path}\"]\nadmit_per_minute = 60\nmax_active = 10\n")
+        };
+        let config = parse(&format!("{MINIMAL}{}", room("checkout", "/Check%4Fut//"))).unwrap();
+        assert_eq!(config.rooms[0].paths, ["/checkout/"]);
+
+        assert!(error_of(&format!("{MINIMAL}{}", room("Check Out", "/c"))).contains("rooms[0].id"));
+        assert!(error_of(&format!("{MINIMAL}{}", room("a", "/"))).contains("rooms[0].paths[0]"));
+        let twice = format!("{MINIMAL}{}{}", room("a", "/c"), room("b", "/C"));
+        assert!(error_of(&twice).contains("rooms[1].paths[0]"), "{}", error_of(&twice));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let message = error_of("[server\nlisten = 1");
+        assert!(message.starts_with("proxy.toml: "), "{message}");
+    }
+}

@@ -1,0 +1,138 @@
+//! Forwarding to the upstream: a pooled keep-alive client, bodies streamed both ways, connect
+//! and response timeouts (502 / 504), hop-by-hop headers removed from the response, and
+//! protocol upgrades (websockets) spliced once the upstream answers 101.
+
+use std::time::Duration;
+
+use http::{header, Request, Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutBody;
+
+use crate::body::{self, Body};
+use crate::config::UpstreamConfig;
+use crate::error::GateError;
+use crate::hop;
+
+/// Response headers only the gate reads; the client never sees them.
+pub const VESTIBULE_SESSION: http::HeaderName = http::HeaderName::from_static("vestibule-session");
+
+/// The protected upstream.
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    response_timeout: Duration,
+    body_timeout: Duration,
+    /// Spliced upgrade tunnels: owned, so shutdown can end them.
+    tunnels: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, stop: CancellationToken) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .build(connector);
+        let url = &config.url;
+        Upstream {
+            client,
+            scheme: url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
+            authority: url.authority().cloned().expect("validated: upstream.url has an authority"),
+            response_timeout: config.response_timeout,
+            body_timeout: config.body_timeout,
+            tunnels: TaskTracker::new(),
+            stop,
+        }
+    }
+
+    /// The upstream URI for a canonical path and the client's query.
+    pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<http::Uri, GateError> {
+        let path_and_query = match query {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_owned(),
+        };
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| GateError::BadRequest("The request target is not valid."))
+    }
+
+    /// The upstream's own authority, for `Host` when the client's is not preserved.
+    pub fn authority(&self) -> &http::uri::Authority {
+        &self.authority
+    }
+
+    /// Send a prepared request (headers already filtered by the gate). `upgrade` carries the
+    /// client side of a requested protocol upgrade.
+    pub async fn send(&self, request: Request<Body>, upgrade: Option<OnUpgrade>) -> Result<Response<Body>, GateError> {
+        let sent = tokio::time::timeout(self.response_timeout, self.client.request(request)).await;
+        let mut response = match sent {
+            Err(_elapsed) => return Err(GateError::UpstreamTimeout),
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error, connect = error.is_connect(), "upstream request failed");
+                return Err(GateError::UpstreamUnreachable);
+            }
+            Ok(Ok(response)) => response,
+        };
+
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let protocol = response.headers().get(header::UPGRADE).cloned();
+        hop::strip_hop_by_hop(response.headers_mut());
+        response.headers_mut().remove(VESTIBULE_SESSION);
+        match (switching, upgrade, protocol) {
+            (true, Some(client_side), Some(protocol)) => {
+                hop::set_upgrade(response.headers_mut(), protocol);
+                let upstream_side = hyper::upgrade::on(&mut response);
+                self.splice(client_side, upstream_side);
+            }
+            (true, _, _) => {
+                // A 101 nobody asked for, or without a protocol: do not pass it on.
+                return Err(GateError::UpstreamUnreachable);
+            }
+            _ => {}
+        }
+        let body_timeout = self.body_timeout;
+        Ok(response.map(|incoming| body::boxed(TimeoutBody::new(body_timeout, incoming))))
+    }
+
+    /// Join both sides of an upgraded connection once each has switched protocols.
+    fn splice(&self, client_side: OnUpgrade, upstream_side: OnUpgrade) {
+        let stop = self.stop.clone();
+        self.tunnels.spawn(async move {
+            let tunnel = async {
+                let (client, upstream) = tokio::try_join!(client_side, upstream_side)?;
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            tokio::select! {
+                result = tunnel => {
+                    if let Err(error) = result {
+                        tracing::debug!(error = %error, "upgraded connection ended");
+                    }
+                }
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Upgraded tunnels still open.
+    pub fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
+    }
+}

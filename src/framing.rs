@@ -1,0 +1,293 @@
+//! Ambiguous HTTP/1 framing, seen on the wire.
+//!
+//! hyper resolves a request that carries both `Content-Length` and `Transfer-Encoding` on its
+//! own (the transfer coding wins, the length is dropped, the connection closes afterwards), and
+//! folds repeated equal `Content-Length` lines into one, so the service never sees that the
+//! request was ambiguous. DESIGN §6 asks for such requests to be refused with 400, so this
+//! module watches the bytes hyper reads: it finds each request head with `httparse`, follows
+//! the body framing to the next head, and queues one verdict per head, in order. The gate
+//! takes the verdict of each HTTP/1 request as it handles it.
+//!
+//! Written by hand because no crate exposes what the parser threw away. It only observes: if
+//! the stream stops looking like HTTP/1 (an HTTP/2 preface, a tunnel after an upgrade), it
+//! stops scanning and hyper's own rules apply.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Verdicts for the request heads of one connection, oldest first.
+#[derive(Debug, Default, Clone)]
+pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
+
+impl Verdicts {
+    /// True when the next request head on this connection had ambiguous framing.
+    pub fn next_is_ambiguous(&self) -> bool {
+        self.0.lock().map(|mut q| q.pop_front().unwrap_or(false)).unwrap_or(false)
+    }
+
+    fn push(&self, ambiguous: bool) {
+        if let Ok(mut queue) = self.0.lock() {
+            // Bounded: hyper handles heads one at a time, so only pipelined ones wait here.
+            if queue.len() < 64 {
+                queue.push_back(ambiguous);
+            }
+        }
+    }
+}
+
+enum State {
+    Head(Vec<u8>),
+    Body(u64),
+    ChunkSize(Vec<u8>),
+    ChunkData(u64),
+    Trailers(Vec<u8>),
+    Stopped,
+}
+
+/// Follows request framing through a byte stream.
+pub struct Scanner {
+    state: State,
+    max_head: usize,
+    max_headers: usize,
+    verdicts: Verdicts,
+}
+
+impl Scanner {
+    pub fn new(max_head: usize, max_headers: usize, verdicts: Verdicts) -> Scanner {
+        Scanner { state: State::Head(Vec::new()), max_head, max_headers, verdicts }
+    }
+
+    /// Observe the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let used = match &mut self.state {
+                State::Stopped => return,
+                State::Head(buf) => {
+                    let (used, head) = take_until(buf, bytes, b"\r\n\r\n");
+                    if let Some(head) = head {
+                        self.state = self.after_head(&head);
+                    } else if buf.len() > self.max_head {
+                        self.state = State::Stopped;
+                    }
+                    used
+                }
+                State::Body(left) => {
+                    let used = (*left).min(bytes.len() as u64);
+                    *left -= used;
+                    if *left == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                    used as usize
+                }
+                State::ChunkSize(buf) => {
+                    let (used, line) = take_until(buf, bytes, b"\r\n");
+                    if let Some(line) = line {
+                        self.state = match chunk_size(&line) {
+                            Some(0) => State::Trailers(Vec::new()),
+                            Some(size) => State::ChunkData(size + 2),
+                            None => State::Stopped,
+                        };
+                    } else if buf.len() > 4096 {
+                        self.state = State::Stopped;
+                    }
+                    used
+                }
+                State::ChunkData(left) => {
+                    let used = (*left).min(bytes.len() as u64);
+                    *left -= used;
+                    if *left == 0 {
+                        self.state = State::ChunkSize(Vec::new());
+                    }
+                    used as usize
+                }
+                State::Trailers(buf) => {
+                    // Either an empty line right away, or trailer fields up to an empty line.
+                    buf.extend_from_slice(bytes);
+                    let end = if buf.starts_with(b"\r\n") {
+                        Some(2)
+                    } else {
+                        buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+                    };
+                    match end {
+                        Some(end) => {
+                            let used = bytes.len() - (buf.len() - end);
+                            self.state = State::Head(Vec::new());
+                            used
+                        }
+                        None if buf.len() > self.max_head => {
+                            self.state = State::Stopped;
+                            bytes.len()
+                        }
+                        None => bytes.len(),
+                    }
+                }
+            };
+            bytes = &bytes[used..];
+        }
+    }
+
+    fn after_head(&self, head: &[u8]) -> State {
+        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            // Not HTTP/1 (an HTTP/2 preface, a tunnel) or too many headers: hyper decides.
+            _ => return State::Stopped,
+        }
+        let mut lengths = Vec::new();
+        let mut chunked = false;
+        let mut transfer_encoding = false;
+        for header in request.headers.iter() {
+            if header.name.eq_ignore_ascii_case("content-length") {
+                lengths.push(header.value);
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = true;
+                chunked = header.value.to_ascii_lowercase().ends_with(b"chunked");
+            }
+        }
+        let length = match lengths.as_slice() {
+            [one] if !one.is_empty() && one.iter().all(u8::is_ascii_digit) => {
+                std::str::from_utf8(one).ok().and_then(|s| s.parse::<u64>().ok())
+            }
+            _ => None,
+        };
+        let ambiguous =
+            (transfer_encoding && !lengths.is_empty()) || lengths.len() > 1 || (lengths.len() == 1 && length.is_none());
+        self.verdicts.push(ambiguous);
+        if transfer_encoding {
+            if chunked {
+                State::ChunkSize(Vec::new())
+            } else {
+                State::Stopped
+            }
+        } else {
+            match (lengths.is_empty(), length) {
+                (true, _) | (false, Some(0)) => State::Head(Vec::new()),
+                (false, Some(n)) => State::Body(n),
+                (false, None) => State::Stopped,
+            }
+        }
+    }
+}
+
+/// Append `bytes` to `buf` until `delimiter` ends it; returns how many bytes were used and,
+/// once complete, the whole piece (delimiter included).
+fn take_until(buf: &mut Vec<u8>, bytes: &[u8], delimiter: &[u8]) -> (usize, Option<Vec<u8>>) {
+    let start = buf.len().saturating_sub(delimiter.len() - 1);
+    buf.extend_from_slice(bytes);
+    match buf[start..].windows(delimiter.len()).position(|w| w == delimiter) {
+        Some(pos) => {
+            let end = start + pos + delimiter.len();
+            let surplus = buf.len() - end;
+            buf.truncate(end);
+            (bytes.len() - surplus, Some(std::mem::take(buf)))
+        }
+        None => (bytes.len(), None),
+    }
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r\n")?;
+    let hex = line.split(|&b| b == b';').next()?;
+    let hex = std::str::from_utf8(hex).ok()?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// A client stream whose incoming bytes pass through a [`Scanner`].
+pub struct ScannedIo<T> {
+    inner: T,
+    scanner: Scanner,
+}
+
+impl<T> ScannedIo<T> {
+    pub fn new(inner: T, scanner: Scanner) -> Self {
+        ScannedIo { inner, scanner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ScannedIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.scanner.feed(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ScannedIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts_of(stream: &[u8], split: usize) -> Vec<bool> {
+        let verdicts = Verdicts::default();
+        let mut scanner = Scanner::new(16 * 1024, 100, verdicts.clone());
+        // Fed in pieces of `split` bytes, as a socket would deliver them.
+        for piece in stream.chunks(split) {
+            scanner.feed(piece);
+        }
+        let queue = verdicts.0.lock().unwrap();
+        queue.iter().copied().collect()
+    }
+
+    #[test]
+    fn finds_every_head_through_bodies_of_both_kinds() {
+        let stream = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+GET /e HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n";
+        for split in [1, 3, 7, stream.len()] {
+            assert_eq!(verdicts_of(stream, split), [false, false, false, true, true], "split {split}");
+        }
+    }
+
+    #[test]
+    fn body_bytes_that_look_like_a_head_are_not_a_head() {
+        let body = b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut stream = format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        stream.extend_from_slice(body);
+        assert_eq!(verdicts_of(&stream, 5), [false]);
+    }
+
+    #[test]
+    fn trailers_and_odd_lengths() {
+        let stream = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=1\r\nx\r\n0\r\nX-T: 1\r\n\r\n\
+POST /b HTTP/1.1\r\nContent-Length: +3\r\n\r\n";
+        assert_eq!(verdicts_of(stream, 2), [false, true]);
+    }
+
+    #[test]
+    fn http2_preface_stops_scanning() {
+        assert!(verdicts_of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 4).is_empty());
+    }
+}

@@ -1,0 +1,182 @@
+//! Hop-by-hop and forwarding headers.
+//!
+//! RFC 9110 §7.6.1: `Connection` and every header it names apply to one connection only and
+//! are removed by a proxy before forwarding, in both directions; so are the fields that were
+//! hop-by-hop by definition in RFC 2616 (`Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//! `Transfer-Encoding`, `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`).
+//!
+//! Forwarding headers (`X-Forwarded-*`, `Forwarded`) and our own `Vestibule-*` headers are
+//! only ever set by us; what a client sent in their place is dropped, unless the peer is a
+//! trusted proxy whose chain we extend.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const VESTIBULE_ROOM: HeaderName = HeaderName::from_static("vestibule-room");
+pub const VESTIBULE_VISITOR: HeaderName = HeaderName::from_static("vestibule-visitor");
+pub const VESTIBULE_TOKEN: HeaderName = HeaderName::from_static("vestibule-token");
+
+/// Remove the hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::PROXY_AUTHENTICATE);
+}
+
+/// The `Upgrade` value when the request asks for a protocol upgrade (HTTP/1.1 only).
+pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_says_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_says_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Re-add what an upgrade needs after the hop-by-hop headers were removed.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// What the gate knows of the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: IpAddr,
+    pub tls: bool,
+    /// True when `addr` is one of `server.trusted_proxies`.
+    pub trusted: bool,
+}
+
+/// Drop client-set forwarding and `Vestibule-*` headers (keeping a trusted proxy's chain) and
+/// set ours. `host` is the host the client asked for.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+    let names: Vec<HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with("vestibule-")).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+
+    let client = peer.addr.to_string();
+    let proto = if peer.tls { "https" } else { "http" };
+    if peer.trusted {
+        // A trusted proxy's chain is extended with the address it connected from.
+        let chain: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let value = if chain.is_empty() { client } else { format!("{}, {client}", chain.join(", ")) };
+        set(headers, X_FORWARDED_FOR, &value);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            set(headers, X_FORWARDED_PROTO, proto);
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(host) = host {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+        }
+        return;
+    }
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-forwarded-") || *name == header::FORWARDED)
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+    set(headers, X_FORWARDED_FOR, &client);
+    set(headers, X_FORWARDED_PROTO, proto);
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn removes_fixed_and_connection_named_headers() {
+        let mut map = headers(&[
+            ("connection", "close, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof_forwarding_or_vestibule_headers() {
+        let mut map = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "1"),
+            ("forwarded", "for=6.6.6.6"),
+            ("vestibule-room", "checkout"),
+            ("Vestibule-Visitor", "someone-else"),
+        ]);
+        let peer = Peer { addr: "127.0.0.9".parse().unwrap(), tls: false, trusted: false };
+        set_forwarding_headers(&mut map, peer, Some(&HeaderValue::from_static("shop.test")));
+        assert_eq!(map["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map["x-forwarded-host"], "shop.test");
+        for gone in ["x-forwarded-port", "forwarded", "vestibule-room", "vestibule-visitor"] {
+            assert!(!map.contains_key(gone), "{gone} should be dropped");
+        }
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_extended() {
+        let mut map = headers(&[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")]);
+        let peer = Peer { addr: "10.0.0.2".parse().unwrap(), tls: false, trusted: true };
+        set_forwarding_headers(&mut map, peer, None);
+        assert_eq!(map["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
+        assert_eq!(map["x-forwarded-proto"], "https");
+    }
+}

@@ -1,0 +1,34 @@
+//! vestibule: a virtual waiting room that stands in front of one protected upstream.
+//!
+//! # Layout
+//!
+//! - [`config`]: `proxy.toml` as serde types, validated into typed values with errors that
+//!   name the file and the key.
+//! - [`path`]: the one canonical form of a request path, used both to decide whether a room
+//!   guards it and as the path forwarded upstream.
+//! - [`token`]: the key ring, admission token minting, strict verification, a cache of
+//!   verified tokens, and the JWKS document.
+//! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the
+//!   reserved `/_vestibule/` endpoints.
+//! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
+//! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
+//! - [`hop`]: hop-by-hop and forwarding headers.
+//! - [`error`]: the request-path error type and the one place it maps to HTTP statuses.
+//! - [`body`]: the one body type of the proxy, with `empty()` and `full()`.
+//! - [`server`]: listeners, TLS, the connection cap and graceful shutdown.
+//! - [`demo`]: the built-in demo shop that `vestibule demo` puts behind the gate.
+//! - [`telemetry`]: tracing set-up (text or JSON).
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod framing;
+pub mod gate;
+pub mod hop;
+pub mod path;
+pub mod server;
+pub mod telemetry;
+pub mod token;

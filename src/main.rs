@@ -1,0 +1,196 @@
+//! The `vestibule` command: a thin shell over the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vestibule::config::{Config, LogConfig};
+use vestibule::token::{generate_key, random_id, KeyKind, Tokens};
+use vestibule::{demo, server, telemetry};
+
+#[derive(Parser)]
+#[command(name = "vestibule", version, about = "A virtual waiting room in front of your checkout")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default, with ./proxy.toml).
+    Run {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    Check {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// A complete local setup: the gate in front of a built-in demo shop, no Redis.
+    Demo {
+        /// Where the demo listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Print a fresh signing key (PEM) on standard output.
+    Keygen {
+        #[arg(long, value_enum, default_value = "eddsa")]
+        alg: KeyKind,
+    },
+    /// Mint an admission token with the configured key (for testing and benchmarks).
+    Token {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// The room the token admits to.
+        #[arg(long)]
+        room: String,
+        /// Visitor id (`sub`); random by default.
+        #[arg(long)]
+        visitor: Option<String>,
+        /// Lifetime in seconds; the room's `session_seconds` by default.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Serve the demo shop alone, as an upstream (for trying the gate and for benchmarks).
+    Shop {
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: SocketAddr,
+        /// Runtime worker threads; default one per core.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run { config: PathBuf::from("proxy.toml") }) {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            telemetry::init(&config.log);
+            runtime(config.server.workers.map(|n| n.get()))?.block_on(serve(config))
+        }
+        Command::Check { config: path } => {
+            let config = Config::load(&path)?;
+            Tokens::new(&config.tokens)?;
+            println!("{}: ok ({} rooms)", path.display(), config.rooms.len());
+            Ok(())
+        }
+        Command::Demo { listen } => {
+            telemetry::init(&LogConfig::default());
+            runtime(None)?.block_on(run_demo(listen))
+        }
+        Command::Keygen { alg } => {
+            print!("{}", generate_key(alg));
+            Ok(())
+        }
+        Command::Token { config, room, visitor, ttl } => {
+            let config = Config::load(&config)?;
+            let Some(room_config) = config.rooms.iter().find(|r| r.id == room) else {
+                anyhow::bail!("no room {room:?} in the configuration");
+            };
+            let tokens = Tokens::new(&config.tokens)?;
+            let lifetime = Duration::from_secs(ttl.unwrap_or(room_config.session_seconds));
+            let visitor = visitor.unwrap_or_else(random_id);
+            println!("{}", tokens.mint(&room, &visitor, lifetime)?);
+            Ok(())
+        }
+        Command::Shop { listen, workers } => runtime(workers)?.block_on(async move {
+            let stop = CancellationToken::new();
+            let addr = demo::start_shop(listen, stop.clone()).await?;
+            println!("demo shop on http://{addr}/");
+            shutdown_signal().await;
+            stop.cancel();
+            Ok(())
+        }),
+    }
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    Ok(builder.build()?)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = server::start(&config).await?;
+    shutdown_signal().await;
+    running.shutdown();
+    running.stopped().await;
+    Ok(())
+}
+
+async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let shop = demo::start_shop("127.0.0.1:0".parse()?, stop.clone()).await?;
+    let dir = std::env::temp_dir().join(format!("vestibule-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("signing-key.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).context("cannot write the demo key")?;
+    let config = demo_config(listen, shop, &key)?;
+    let running = server::start(&config).await?;
+    let url = format!("http://{}", running.addr);
+    let token = running.gate().tokens().mint("checkout", &random_id(), Duration::from_secs(600))?;
+    println!("\nvestibule demo: the demo shop behind the gate\n");
+    println!("  open           {url}/");
+    println!("  guarded room   {url}/checkout  (503 without an admission token)");
+    println!("  admitted       curl -H 'Vestibule-Token: {token}' {url}/checkout");
+    println!("  public keys    {url}/.well-known/jwks.json\n");
+    println!("Ctrl-C to stop.");
+    shutdown_signal().await;
+    running.shutdown();
+    running.stopped().await;
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn demo_config(listen: SocketAddr, shop: SocketAddr, key: &Path) -> anyhow::Result<Config> {
+    let text = format!(
+        r#"
+[server]
+listen = "{listen}"
+shutdown_grace = "2s"
+[upstream]
+url = "http://{shop}"
+[tokens]
+signing_key = {key:?}
+[[rooms]]
+id = "checkout"
+paths = ["/checkout"]
+admit_per_minute = 6
+max_active = 2
+session_seconds = 120
+"#
+    );
+    Ok(Config::parse(&text, "(demo)", Path::new("."))?)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("stop signal received");
+}

@@ -1,0 +1,214 @@
+//! Listeners: the accept loop, TLS, the connection cap, and graceful shutdown.
+//!
+//! `Listener` owns the accept loop; each accepted connection is served by hyper with HTTP/1.1
+//! and HTTP/2 (h2c by preface, h2 over TLS by ALPN). Shutdown is explicit: the accept loop
+//! stops, every connection is told to finish its in-flight requests, and the server waits for
+//! them up to `server.shutdown_grace`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ServerConfig, TlsConfig};
+use crate::framing::{ScannedIo, Scanner, Verdicts};
+use crate::gate::{Connection, Gate};
+
+/// A running server.
+pub struct Running {
+    /// The address the public listener is bound to (useful with port 0).
+    pub addr: SocketAddr,
+    gate: Arc<Gate>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Ask the server to stop: no new connections, in-flight requests finish.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Wait until the server has stopped.
+    pub async fn stopped(self) {
+        if let Err(error) = self.task.await {
+            tracing::error!(%error, "server task failed");
+        }
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+}
+
+/// Bind the listener and start serving in the background.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let stop = CancellationToken::new();
+    let tunnels_stop = CancellationToken::new();
+    let gate = Arc::new(Gate::new(config, tunnels_stop.clone())?);
+    let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let server = Listener {
+        listener,
+        tls,
+        gate: gate.clone(),
+        http: http_builder(&config.server),
+        limits: Arc::new(Semaphore::new(config.server.max_connections.get())),
+        server: config.server.clone(),
+        stop: stop.clone(),
+    };
+    let task = tokio::spawn(async move {
+        server.run().await;
+        // Upgraded tunnels outlive their requests; they get the same grace, then end.
+        tunnels_stop.cancel();
+    });
+    tracing::info!(%addr, tls = config.server.tls.is_some(), "listening");
+    Ok(Running { addr, gate, stop, task })
+}
+
+/// The accept loop and what every connection shares.
+struct Listener {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    gate: Arc<Gate>,
+    http: auto::Builder<TokioExecutor>,
+    /// One permit per open connection: at the cap, new clients wait in the accept queue.
+    limits: Arc<Semaphore>,
+    server: ServerConfig,
+    stop: CancellationToken,
+}
+
+impl Listener {
+    async fn run(self) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let permit = tokio::select! {
+                permit = self.limits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                () = self.stop.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.accept() => accepted,
+                () = self.stop.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let verdicts = Verdicts::default();
+            let connection = Connection { peer, tls: self.tls.is_some(), verdicts: verdicts.clone() };
+            let scanner = Scanner::new(self.server.max_header_bytes, self.server.max_headers, verdicts);
+            let gate = self.gate.clone();
+            let http = self.http.clone();
+            let watcher = graceful.watcher();
+            let tls = self.tls.clone();
+            let handshake_timeout = self.server.tls_handshake_timeout;
+            tokio::spawn(async move {
+                match tls {
+                    None => serve(ScannedIo::new(stream, scanner), gate, connection, http, watcher).await,
+                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve(ScannedIo::new(stream, scanner), gate, connection, http, watcher).await,
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    },
+                }
+                drop(permit);
+            });
+        }
+        drop(self.listener);
+        tracing::info!(grace = ?self.server.shutdown_grace, "shutting down: finishing in-flight requests");
+        if tokio::time::timeout(self.server.shutdown_grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("shutdown grace ran out; closing the remaining connections");
+        }
+        let tunnels = self.gate.upstream().tunnels();
+        tunnels.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
+    }
+
+    /// Accept the next connection; on errors (out of file descriptors, say) back off
+    /// instead of spinning.
+    async fn accept(&self) -> (TcpStream, SocketAddr) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => return accepted,
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Serve one connection until it closes or shutdown asks it to finish.
+async fn serve<I>(
+    io: I,
+    gate: Arc<Gate>,
+    connection: Connection,
+    http: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = connection.peer;
+    let service = service_fn(move |request| {
+        let gate = gate.clone();
+        let connection = connection.clone();
+        async move { Ok::<_, Infallible>(gate.handle(request, &connection).await) }
+    });
+    let served = http.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    if let Err(error) = watcher.watch(served).await {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes)
+        .max_headers(server.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(250)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("{}: cannot read the certificate chain", tls.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .with_context(|| format!("{}: cannot read the private key", tls.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the TLS certificate and key do not fit together")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

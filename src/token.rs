@@ -1,0 +1,442 @@
+//! Admission tokens: the key ring, minting, strict verification, a cache of verified tokens,
+//! and the JWKS document.
+//!
+//! Verification never trusts the token header for anything but the `kid`: the key that `kid`
+//! names decides the one algorithm accepted, so `alg: none`, HS256 signed with a public key,
+//! or any other algorithm switch fails. Every claim (`iss`, `aud`, `sub`, `iat`, `nbf`, `exp`,
+//! `jti`) is required.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use quick_cache::sync::Cache;
+use serde::{Deserialize, Serialize};
+
+use crate::config::TokensConfig;
+
+/// Tokens longer than this are not even parsed.
+const MAX_TOKEN_BYTES: usize = 4096;
+/// A `kid` longer than this names no key of ours.
+const MAX_KID_BYTES: usize = 128;
+/// Shortest HS256 secret accepted.
+const MIN_SECRET_BYTES: usize = 32;
+
+/// The claims of an admission token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub iss: String,
+    /// The room id.
+    pub aud: String,
+    /// The visitor id.
+    pub sub: String,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+}
+
+/// A verified admission: what the gate needs to forward a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub room: String,
+    pub visitor: String,
+    pub not_before: u64,
+    pub expires_at: u64,
+    pub jti: String,
+}
+
+/// Why a key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+/// Why a token was refused. The gate treats every one of these as "no token".
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("token names no key of ours")]
+    UnknownKey,
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    #[error("token is for another room")]
+    WrongRoom,
+    #[error("token expired or not yet valid")]
+    OutOfTime,
+    #[error("cannot sign: {0}")]
+    Signing(String),
+}
+
+/// Which kind of key `vestibule keygen` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyKind {
+    /// Ed25519 (EdDSA): small, fast, the default.
+    Eddsa,
+    /// P-256 (ES256).
+    Es256,
+    /// A shared secret (HS256); the upstream cannot verify tokens without it.
+    Hs256,
+}
+
+/// A freshly generated key as file contents (PKCS#8 PEM, or a base64url secret for HS256).
+pub fn generate_key(kind: KeyKind) -> String {
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, KeypairBytes};
+    use rand::RngCore;
+
+    let mut rng = rand::rng();
+    match kind {
+        KeyKind::Eddsa => {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            // PKCS#8 v1 (no public key inside), the form `openssl genpkey` writes.
+            let pair = KeypairBytes { secret_key: seed, public_key: None };
+            pair.to_pkcs8_pem(Default::default()).expect("encoding a 32-byte seed cannot fail").to_string()
+        }
+        KeyKind::Es256 => loop {
+            let mut scalar = [0u8; 32];
+            rng.fill_bytes(&mut scalar);
+            // Out-of-range scalars (probability ~2^-32) are drawn again.
+            if let Ok(secret) = p256::SecretKey::from_slice(&scalar) {
+                break secret.to_pkcs8_pem(Default::default()).expect("encoding a P-256 key cannot fail").to_string();
+            }
+        },
+        KeyKind::Hs256 => {
+            let mut secret = [0u8; 48];
+            rng.fill_bytes(&mut secret);
+            format!("{}\n", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret))
+        }
+    }
+}
+
+/// One key of the ring.
+struct RingKey {
+    alg: Algorithm,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+/// The signing key plus every key still accepted, by `kid`.
+pub struct KeyRing {
+    signing_kid: String,
+    signing_alg: Algorithm,
+    signing: EncodingKey,
+    keys: HashMap<String, RingKey>,
+    jwks: Bytes,
+}
+
+/// A key file, understood.
+struct LoadedKey {
+    kid: String,
+    alg: Algorithm,
+    encoding: Option<EncodingKey>,
+    decoding: DecodingKey,
+    /// The public JWK; `None` for shared secrets, which are never published.
+    public: Option<Jwk>,
+}
+
+fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
+    let format = |reason: &str| KeyError::Format { path: path.to_owned(), reason: reason.to_owned() };
+    let text = String::from_utf8_lossy(&bytes);
+
+    let (alg, encoding, mut jwk) = if text.contains("-----BEGIN") && text.contains("PRIVATE KEY-----") {
+        let (alg, encoding) = if let Ok(key) = EncodingKey::from_ed_pem(&bytes) {
+            (Algorithm::EdDSA, key)
+        } else if let Ok(key) = EncodingKey::from_ec_pem(&bytes) {
+            (Algorithm::ES256, key)
+        } else if let Ok(key) = EncodingKey::from_rsa_pem(&bytes) {
+            (Algorithm::RS256, key)
+        } else {
+            return Err(format("not a PKCS#8 Ed25519 or P-256 key, nor an RSA key"));
+        };
+        let jwk = Jwk::from_encoding_key(&encoding, alg).map_err(|e| format(&format!("unusable key: {e}")))?;
+        (alg, Some(encoding), jwk)
+    } else if text.contains("-----BEGIN") && text.contains("PUBLIC KEY-----") {
+        let (alg, decoding) = if let Ok(key) = DecodingKey::from_ed_pem(&bytes) {
+            (Algorithm::EdDSA, key)
+        } else if let Ok(key) = DecodingKey::from_ec_pem(&bytes) {
+            (Algorithm::ES256, key)
+        } else if let Ok(key) = DecodingKey::from_rsa_pem(&bytes) {
+            (Algorithm::RS256, key)
+        } else {
+            return Err(format("not an Ed25519, P-256 or RSA public key"));
+        };
+        let jwk = Jwk::from_decoding_key(&decoding, Some(alg)).map_err(|e| format(&format!("unusable key: {e}")))?;
+        (alg, None, jwk)
+    } else if text.contains("-----BEGIN") {
+        return Err(format("a PEM file, but neither a private nor a public key"));
+    } else {
+        let secret = text.trim().as_bytes();
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(format("an HS256 secret must be at least 32 bytes"));
+        }
+        let jwk = Jwk::from_encoding_key(&EncodingKey::from_secret(secret), Algorithm::HS256)
+            .map_err(|e| format(&format!("unusable secret: {e}")))?;
+        (Algorithm::HS256, Some(EncodingKey::from_secret(secret)), jwk)
+    };
+
+    // The kid is the RFC 7638 thumbprint: stable across restarts and instances, and the same
+    // for a private key and its public half.
+    let kid = jwk.thumbprint(ThumbprintHash::SHA256).map_err(|e| format(&format!("no thumbprint: {e}")))?;
+    let kid = if alg == Algorithm::HS256 { format!("hs-{}", &kid[..16]) } else { kid };
+    let decoding = if alg == Algorithm::HS256 {
+        DecodingKey::from_secret(text.trim().as_bytes())
+    } else {
+        DecodingKey::from_jwk(&jwk).map_err(|e| format(&format!("unusable key: {e}")))?
+    };
+    jwk.common.key_id = Some(kid.clone());
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    let public = (alg != Algorithm::HS256).then_some(jwk);
+    Ok(LoadedKey { kid, alg, encoding, decoding, public })
+}
+
+impl KeyRing {
+    /// Load the signing key and the keys still accepted during a rotation.
+    pub fn load(config: &TokensConfig) -> Result<KeyRing, KeyError> {
+        let signing = load_key(&config.signing_key)?;
+        let Some(signing_key) = signing.encoding.clone() else {
+            return Err(KeyError::Format {
+                path: config.signing_key.clone(),
+                reason: "a public key cannot sign; give the private key".into(),
+            });
+        };
+        let mut ring = KeyRing {
+            signing_kid: signing.kid.clone(),
+            signing_alg: signing.alg,
+            signing: signing_key,
+            keys: HashMap::new(),
+            jwks: Bytes::new(),
+        };
+        let mut published = Vec::new();
+        let verify = config.verify_keys.iter().map(|p| load_key(p));
+        for key in std::iter::once(Ok(signing)).chain(verify) {
+            let key = key?;
+            let mut validation = Validation::new(key.alg);
+            validation.algorithms = vec![key.alg];
+            validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+            validation.set_issuer(&[&config.issuer]);
+            validation.leeway = config.leeway_seconds;
+            validation.validate_nbf = true;
+            // The audience is the room, compared by the caller: one validation per key.
+            validation.validate_aud = false;
+            published.extend(key.public);
+            ring.keys.insert(key.kid, RingKey { alg: key.alg, decoding: key.decoding, validation });
+        }
+        let jwks = serde_json::to_vec(&JwkSet { keys: published }).expect("a JWK set always serializes");
+        ring.jwks = Bytes::from(jwks);
+        Ok(ring)
+    }
+
+    /// The `kid` of the signing key.
+    pub fn signing_kid(&self) -> &str {
+        &self.signing_kid
+    }
+
+    /// The signing key's algorithm.
+    pub fn signing_algorithm(&self) -> Algorithm {
+        self.signing_alg
+    }
+
+    /// Check signature and claims; `Ok` only for a token of ours, in time, for our issuer.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        let kid = header.kid.filter(|kid| kid.len() <= MAX_KID_BYTES).ok_or(TokenError::UnknownKey)?;
+        let key = self.keys.get(&kid).ok_or(TokenError::UnknownKey)?;
+        if header.alg != key.alg {
+            return Err(TokenError::Rejected("algorithm does not match the key".into()));
+        }
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
+            .map(|data| data.claims)
+            .map_err(|e| TokenError::Rejected(format!("{:?}", e.kind())))
+    }
+
+    /// Sign claims with the signing key.
+    pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
+        let mut header = Header::new(self.signing_alg);
+        header.kid = Some(self.signing_kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.signing).map_err(|e| TokenError::Signing(e.to_string()))
+    }
+
+    /// The public keys as a JWK set (shared secrets are never published).
+    pub fn jwks(&self) -> Bytes {
+        self.jwks.clone()
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// Mints and checks admission tokens; remembers verified ones so that the admitted path does
+/// no signature check per request.
+pub struct Tokens {
+    ring: KeyRing,
+    issuer: String,
+    leeway: u64,
+    verified: Cache<Box<str>, Arc<Admission>>,
+}
+
+impl Tokens {
+    pub fn new(config: &TokensConfig) -> Result<Tokens, KeyError> {
+        Ok(Tokens {
+            ring: KeyRing::load(config)?,
+            issuer: config.issuer.clone(),
+            leeway: config.leeway_seconds,
+            verified: Cache::new(config.cache_entries.get()),
+        })
+    }
+
+    pub fn ring(&self) -> &KeyRing {
+        &self.ring
+    }
+
+    /// A token admitting `visitor` to `room` for `lifetime`.
+    pub fn mint(&self, room: &str, visitor: &str, lifetime: Duration) -> Result<String, TokenError> {
+        let now = unix_now();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            aud: room.to_owned(),
+            sub: visitor.to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now + lifetime.as_secs().max(1),
+            jti: random_id(),
+        };
+        self.ring.sign(&claims)
+    }
+
+    /// The admission a token grants for `room`, if it is valid now.
+    pub fn admit(&self, token: &str, room: &str) -> Result<Arc<Admission>, TokenError> {
+        let admission = match self.verified.get(token) {
+            Some(admission) => admission,
+            None => {
+                let claims = self.ring.verify(token)?;
+                let admission = Arc::new(Admission {
+                    room: claims.aud,
+                    visitor: claims.sub,
+                    not_before: claims.nbf,
+                    expires_at: claims.exp,
+                    jti: claims.jti,
+                });
+                // Only tokens that verified are remembered, so garbage cannot fill the cache.
+                self.verified.insert(token.into(), admission.clone());
+                admission
+            }
+        };
+        if admission.room != room {
+            return Err(TokenError::WrongRoom);
+        }
+        let now = unix_now();
+        if now + self.leeway < admission.not_before || now >= admission.expires_at + self.leeway {
+            return Err(TokenError::OutOfTime);
+        }
+        Ok(admission)
+    }
+}
+
+/// A random identifier (visitor ids, token ids): 128 bits, base64url.
+pub fn random_id() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    fn config_with(kind: KeyKind, dir: &Path) -> TokensConfig {
+        let path = dir.join(format!("{kind:?}.key"));
+        std::fs::write(&path, generate_key(kind)).unwrap();
+        TokensConfig {
+            signing_key: path,
+            verify_keys: vec![],
+            issuer: "vestibule".into(),
+            leeway_seconds: 2,
+            cache_entries: NonZeroUsize::new(16).unwrap(),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vestibule-token-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn every_generated_key_kind_mints_tokens_that_verify() {
+        let dir = temp_dir("kinds");
+        for kind in [KeyKind::Eddsa, KeyKind::Es256, KeyKind::Hs256] {
+            let tokens = Tokens::new(&config_with(kind, &dir)).unwrap();
+            let token = tokens.mint("checkout", "v1", Duration::from_secs(60)).unwrap();
+            let admission = tokens.admit(&token, "checkout").unwrap();
+            assert_eq!(admission.visitor, "v1");
+            assert_eq!(tokens.admit(&token, "other"), Err(TokenError::WrongRoom));
+            let header = jsonwebtoken::decode_header(&token).unwrap();
+            assert_eq!(header.kid.as_deref(), Some(tokens.ring().signing_kid()));
+        }
+    }
+
+    #[test]
+    fn jwks_publishes_public_keys_only() {
+        let dir = temp_dir("jwks");
+        let ed = Tokens::new(&config_with(KeyKind::Eddsa, &dir)).unwrap();
+        let set: JwkSet = serde_json::from_slice(&ed.ring().jwks()).unwrap();
+        assert_eq!(set.keys.len(), 1);
+        assert_eq!(set.keys[0].common.key_id.as_deref(), Some(ed.ring().signing_kid()));
+        assert!(!String::from_utf8_lossy(&ed.ring().jwks()).contains("\"d\""));
+
+        let hs = Tokens::new(&config_with(KeyKind::Hs256, &dir)).unwrap();
+        let set: JwkSet = serde_json::from_slice(&hs.ring().jwks()).unwrap();
+        assert!(set.keys.is_empty(), "a shared secret must never be published");
+    }
+
+    #[test]
+    fn rotation_accepts_tokens_of_the_old_key() {
+        let dir = temp_dir("rotation");
+        let old = config_with(KeyKind::Eddsa, &dir);
+        let old_tokens = Tokens::new(&old).unwrap();
+        let token = old_tokens.mint("checkout", "v1", Duration::from_secs(60)).unwrap();
+
+        let new_path = dir.join("new.key");
+        std::fs::write(&new_path, generate_key(KeyKind::Es256)).unwrap();
+        let mut rotated = old.clone();
+        rotated.verify_keys = vec![old.signing_key.clone()];
+        rotated.signing_key = new_path;
+        let new_tokens = Tokens::new(&rotated).unwrap();
+        assert!(new_tokens.admit(&token, "checkout").is_ok());
+        assert_ne!(new_tokens.ring().signing_kid(), old_tokens.ring().signing_kid());
+        let set: JwkSet = serde_json::from_slice(&new_tokens.ring().jwks()).unwrap();
+        assert_eq!(set.keys.len(), 2);
+    }
+
+    #[test]
+    fn bad_key_files_are_explained() {
+        let dir = temp_dir("bad");
+        let short = dir.join("short.key");
+        std::fs::write(&short, "too short").unwrap();
+        let mut config = config_with(KeyKind::Eddsa, &dir);
+        config.signing_key = short;
+        let error = Tokens::new(&config).err().unwrap().to_string();
+        assert!(error.contains("at least 32 bytes"), "{error}");
+        config.signing_key = dir.join("missing.pem");
+        let error = Tokens::new(&config).err().unwrap().to_string();
+        assert!(error.contains("missing.pem: cannot read"), "{error}");
+    }
+}
