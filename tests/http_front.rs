@@ -287,3 +287,57 @@ async fn tls_serves_http1_and_h2_by_alpn() {
         assert_eq!(upstream.last().headers["x-forwarded-proto"], "https");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_head_is_cut_off() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "header_read_timeout = \"300ms\"", "").await;
+    let started = tokio::time::Instant::now();
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: shop.test\r\nX-Slow: ").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await.expect("the gate closes the connection").ok();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "body_read_timeout = \"300ms\"", "").await;
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 100\r\n\r\nonly some").await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response)).await.expect("the gate gives up on the body").ok();
+    let text = String::from_utf8_lossy(&response);
+    assert!(!text.contains("HTTP/1.1 200"), "a truncated body must not look like success: {text}");
+    // The upstream never got a complete 100-byte body.
+    assert!(upstream.requests().iter().all(|seen| seen.body_bytes < 100));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "max_connections = 1", "").await;
+    let addr = gate.addr;
+
+    // The first client holds the only slot with a kept-alive connection.
+    let first = TcpStream::connect(addr).await.unwrap();
+    let (mut first_sender, first_connection) = hyper::client::conn::http1::handshake(TokioIo::new(first)).await.unwrap();
+    let first_task = tokio::spawn(first_connection);
+    let request = || Request::get("/").header("host", "shop.test").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(first_sender.send_request(request()).await.unwrap().status(), StatusCode::OK);
+
+    let second = tokio::spawn(async move { get(addr, "/second", &[]).await });
+    let held = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+        wait_for("the second request", || upstream.requests().len() > 1).await
+    })
+    .await;
+    assert!(held.is_err(), "the second connection must wait while the first holds the only slot");
+
+    drop(first_sender);
+    first_task.await.unwrap().ok();
+    let (status, _, body) = second.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "upstream saw /second");
+}

@@ -53,6 +53,7 @@ impl Upstream {
 
 /// Start the recording upstream. Routes:
 /// - `/hang` never answers; `/slow` answers after 300 ms;
+/// - `/download/N` streams N bytes;
 /// - `/upload` counts the body as it streams and answers with the count;
 /// - `.../ws` answers an upgrade with 101 and echoes bytes; `/no-upgrade` answers 200 to one;
 /// - `/hop` answers with hop-by-hop headers that must not reach the client;
@@ -78,7 +79,41 @@ pub async fn start_upstream() -> (SocketAddr, Upstream) {
     (addr, upstream)
 }
 
-async fn handle(mut request: Request<Incoming>, state: Upstream) -> Result<Response<Full<Bytes>>, Infallible> {
+/// A body of `left` bytes made on the fly in 64 KiB frames: nothing is held in memory.
+pub struct Repeat {
+    pub left: u64,
+}
+
+impl http_body::Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        static CHUNK: [u8; 64 * 1024] = [b'v'; 64 * 1024];
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(CHUNK.len() as u64);
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(&CHUNK[..n as usize])))))
+    }
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn handle(request: Request<Incoming>, state: Upstream) -> Result<Response<TestBody>, Infallible> {
+    if let Some(size) = request.uri().path().strip_prefix("/download/") {
+        let left = size.parse().unwrap_or(0);
+        return Ok(Response::new(Repeat { left }.boxed()));
+    }
+    let response = respond(request, state).await;
+    Ok(response.map(|body| body.boxed()))
+}
+
+async fn respond(mut request: Request<Incoming>, state: Upstream) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
     let on_upgrade = path.ends_with("/ws").then(|| hyper::upgrade::on(&mut request));
     let (parts, mut body) = request.into_parts();
@@ -99,7 +134,7 @@ async fn handle(mut request: Request<Incoming>, state: Upstream) -> Result<Respo
         *response.status_mut() = status;
         response
     };
-    Ok(match path.as_str() {
+    match path.as_str() {
         "/hang" => {
             state.arrived.notify_one();
             std::future::pending::<()>().await;
@@ -140,7 +175,7 @@ async fn handle(mut request: Request<Incoming>, state: Upstream) -> Result<Respo
             r
         }
         _ => response(StatusCode::OK, format!("upstream saw {path}")),
-    })
+    }
 }
 
 /// A temporary folder removed on drop.
