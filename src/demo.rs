@@ -49,6 +49,12 @@ pub async fn start_shop(addr: SocketAddr, stop: CancellationToken) -> std::io::R
 }
 
 async fn shop(request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if request.uri().path() == "/checkout/ping" {
+        // A fixed, tiny answer for benchmarks: the same bytes whoever asks.
+        let mut response = Response::new(body::full("pong\n"));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return Ok(response);
+    }
     let visitor = request
         .headers()
         .get("vestibule-visitor")

@@ -42,7 +42,8 @@ fn keygen_check_and_token_work_together() {
         assert!(check.status.success(), "{alg}: {}", text(&check.stderr));
         assert!(text(&check.stdout).contains("ok (1 rooms)"));
 
-        let token = vestibule(&["token", "--config", "proxy.toml", "--room", "checkout", "--visitor", "v9"], dir.path());
+        let token =
+            vestibule(&["token", "--config", "proxy.toml", "--room", "checkout", "--visitor", "v9"], dir.path());
         assert!(token.status.success(), "{}", text(&token.stderr));
         let token = text(&token.stdout);
         assert_eq!(token.trim().split('.').count(), 3, "a JWT: {token}");

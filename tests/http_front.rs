@@ -306,9 +306,15 @@ async fn a_stalled_request_body_is_cut_off() {
     let (upstream_addr, upstream) = start_upstream().await;
     let gate = start_gate(upstream_addr, "body_read_timeout = \"300ms\"", "").await;
     let mut stream = TcpStream::connect(gate.addr).await.unwrap();
-    stream.write_all(b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 100\r\n\r\nonly some").await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 100\r\n\r\nonly some")
+        .await
+        .unwrap();
     let mut response = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response)).await.expect("the gate gives up on the body").ok();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("the gate gives up on the body")
+        .ok();
     let text = String::from_utf8_lossy(&response);
     assert!(!text.contains("HTTP/1.1 200"), "a truncated body must not look like success: {text}");
     // The upstream never got a complete 100-byte body.
@@ -323,7 +329,8 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
 
     // The first client holds the only slot with a kept-alive connection.
     let first = TcpStream::connect(addr).await.unwrap();
-    let (mut first_sender, first_connection) = hyper::client::conn::http1::handshake(TokioIo::new(first)).await.unwrap();
+    let (mut first_sender, first_connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(first)).await.unwrap();
     let first_task = tokio::spawn(first_connection);
     let request = || Request::get("/").header("host", "shop.test").body(Full::new(Bytes::new())).unwrap();
     assert_eq!(first_sender.send_request(request()).await.unwrap().status(), StatusCode::OK);

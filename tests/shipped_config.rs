@@ -40,8 +40,7 @@ fn every_accepted_key_is_documented() {
         let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
         assert!(!keys.is_empty(), "{error}");
         for key in keys {
-            let documented =
-                SHIPPED.lines().any(|line| line.trim_start_matches("# ").starts_with(&format!("{key} =")));
+            let documented = SHIPPED.lines().any(|line| line.trim_start_matches("# ").starts_with(&format!("{key} =")));
             assert!(documented, "{section} {key} is accepted but not documented in proxy.toml");
         }
     }

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Admitted path: requests per second and p99 latency through vestibule, through nginx
+# proxy_pass, and to the upstream direct — one worker each, measured alternately in one run.
+#
+#   bash benches/admitted.sh            # 3 rounds of 10 s per target
+#   ROUNDS=5 DURATION=20s CONNECTIONS=128 bash benches/admitted.sh
+#
+# Installs nginx and wrk from apt when missing. Only loopback addresses are used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+UPSTREAM_PORT=${UPSTREAM_PORT:-18080}
+NGINX_PORT=${NGINX_PORT:-18081}
+VESTIBULE_PORT=${VESTIBULE_PORT:-18082}
+
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
+  echo "installing nginx and wrk from apt..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
+fi
+
+cargo build --release --quiet
+bin=target/release/vestibule
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Pin the proxies to one core and the load generator and upstream to the other, so the two
+# proxies compete with the same neighbours.
+pin_proxy=(); pin_rest=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  pin_proxy=(taskset -c 1); pin_rest=(taskset -c 0)
+fi
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; exit 1
+}
+
+"${pin_rest[@]}" "$bin" shop --listen "127.0.0.1:$UPSTREAM_PORT" --workers 1 >/dev/null &
+pids+=($!)
+
+"$bin" keygen > "$work/key.pem"
+cat > "$work/proxy.toml" <<TOML
+[server]
+listen = "127.0.0.1:$VESTIBULE_PORT"
+workers = 1
+[upstream]
+url = "http://127.0.0.1:$UPSTREAM_PORT"
+[tokens]
+signing_key = "key.pem"
+[[rooms]]
+id = "checkout"
+paths = ["/checkout"]
+admit_per_minute = 600
+max_active = 500
+[log]
+level = "warn"
+TOML
+"${pin_proxy[@]}" "$bin" run --config "$work/proxy.toml" &
+pids+=($!)
+token=$("$bin" token --config "$work/proxy.toml" --room checkout --ttl 3600)
+
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+error_log $work/nginx-error.log warn;
+pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work;
+  proxy_temp_path $work;
+  upstream shop { server 127.0.0.1:$UPSTREAM_PORT; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://shop;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+NGINX
+"${pin_proxy[@]}" nginx -c "$work/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+
+for port in $UPSTREAM_PORT $VESTIBULE_PORT $NGINX_PORT; do wait_port "$port"; done
+curl -fsS -H "Vestibule-Token: $token" "http://127.0.0.1:$VESTIBULE_PORT/checkout/ping" >/dev/null \
+  || { echo "vestibule did not admit the benchmark token" >&2; exit 1; }
+if curl -fsS "http://127.0.0.1:$VESTIBULE_PORT/checkout/ping" >/dev/null 2>&1; then
+  echo "vestibule let a request without a token through" >&2; exit 1
+fi
+
+# One wrk run: prints "<requests per second> <p99 in ms>".
+measure() {
+  "${pin_rest[@]}" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Vestibule-Token: $token" \
+    "http://127.0.0.1:$1/checkout/ping" | awk '
+      /Requests\/sec:/ { rps = $2 }
+      /^ +99%/ { v = $2; unit = v; sub(/[0-9.]+/, "", unit); sub(/[a-z]+$/, "", v);
+                 ms = (unit == "us") ? v / 1000 : (unit == "s") ? v * 1000 : v }
+      /Non-2xx/ { bad = $NF }
+      END { if (bad > 0) { print "errors", bad > "/dev/stderr"; exit 1 } printf "%s %.3f\n", rps, ms }'
+}
+
+declare -A rps p99
+for target in direct nginx vestibule; do rps[$target]=""; p99[$target]=""; done
+for round in $(seq "$ROUNDS"); do
+  for target in direct nginx vestibule; do
+    case $target in
+      direct) port=$UPSTREAM_PORT ;; nginx) port=$NGINX_PORT ;; vestibule) port=$VESTIBULE_PORT ;;
+    esac
+    read -r r p < <(measure "$port")
+    echo "round $round  $target: $r req/s, p99 $p ms"
+    rps[$target]+="$r "; p99[$target]+="$p "
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+echo
+echo "median of $ROUNDS rounds, $DURATION each, $CONNECTIONS connections, one worker per process:"
+printf '| %-10s | %12s | %9s | %14s | %14s |\n' target "req/s" "p99 ms" "req/s vs nginx" "p99 vs nginx"
+printf '|%s|%s|%s|%s|%s|\n' ------------ -------------- ----------- ---------------- ----------------
+nginx_rps=$(echo "${rps[nginx]}" | median); nginx_p99=$(echo "${p99[nginx]}" | median)
+for target in direct nginx vestibule; do
+  r=$(echo "${rps[$target]}" | median); p=$(echo "${p99[$target]}" | median)
+  printf '| %-10s | %12.0f | %9.3f | %14s | %14s |\n' "$target" "$r" "$p" \
+    "$(awk -v a="$r" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')" \
+    "$(awk -v a="$p" -v b="$nginx_p99" 'BEGIN { printf "%.2f", a / b }')"
+done
