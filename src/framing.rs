@@ -67,6 +67,19 @@ impl Scanner {
         while !bytes.is_empty() {
             let used = match &mut self.state {
                 State::Stopped => return,
+                State::Head(buf) if buf.is_empty() => {
+                    // The common case: a whole head in one read, parsed where it lies.
+                    match memchr::memmem::find(bytes, b"\r\n\r\n") {
+                        Some(end) => {
+                            self.state = self.after_head(&bytes[..end + 4]);
+                            end + 4
+                        }
+                        None => {
+                            buf.extend_from_slice(bytes);
+                            bytes.len()
+                        }
+                    }
+                }
                 State::Head(buf) => {
                     let (used, head) = take_until(buf, bytes, b"\r\n\r\n");
                     if let Some(head) = head {
@@ -111,7 +124,7 @@ impl Scanner {
                     let end = if buf.starts_with(b"\r\n") {
                         Some(2)
                     } else {
-                        buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+                        memchr::memmem::find(buf, b"\r\n\r\n").map(|p| p + 4)
                     };
                     match end {
                         Some(end) => {
@@ -132,32 +145,36 @@ impl Scanner {
     }
 
     fn after_head(&self, head: &[u8]) -> State {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut request = httparse::Request::new(&mut headers);
+        // Most heads fit the array on the stack; hyper enforces `max_headers` itself.
+        let mut stack = [httparse::EMPTY_HEADER; 64];
+        let mut heap;
+        let headers: &mut [httparse::Header<'_>] = if self.max_headers <= stack.len() {
+            &mut stack[..self.max_headers]
+        } else {
+            heap = vec![httparse::EMPTY_HEADER; self.max_headers];
+            &mut heap
+        };
+        let mut request = httparse::Request::new(headers);
         match request.parse(head) {
             Ok(httparse::Status::Complete(_)) => {}
             // Not HTTP/1 (an HTTP/2 preface, a tunnel) or too many headers: hyper decides.
             _ => return State::Stopped,
         }
-        let mut lengths = Vec::new();
+        let mut lengths = 0;
+        let mut length = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
         for header in request.headers.iter() {
             if header.name.eq_ignore_ascii_case("content-length") {
-                lengths.push(header.value);
+                lengths += 1;
+                length = parse_length(header.value);
             } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encoding = true;
-                chunked = header.value.to_ascii_lowercase().ends_with(b"chunked");
+                let value = header.value.trim_ascii_end();
+                chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
             }
         }
-        let length = match lengths.as_slice() {
-            [one] if !one.is_empty() && one.iter().all(u8::is_ascii_digit) => {
-                std::str::from_utf8(one).ok().and_then(|s| s.parse::<u64>().ok())
-            }
-            _ => None,
-        };
-        let ambiguous =
-            (transfer_encoding && !lengths.is_empty()) || lengths.len() > 1 || (lengths.len() == 1 && length.is_none());
+        let ambiguous = (transfer_encoding && lengths > 0) || lengths > 1 || (lengths == 1 && length.is_none());
         self.verdicts.push(ambiguous);
         if transfer_encoding {
             if chunked {
@@ -166,10 +183,10 @@ impl Scanner {
                 State::Stopped
             }
         } else {
-            match (lengths.is_empty(), length) {
-                (true, _) | (false, Some(0)) => State::Head(Vec::new()),
-                (false, Some(n)) => State::Body(n),
-                (false, None) => State::Stopped,
+            match (lengths, length) {
+                (0, _) | (_, Some(0)) => State::Head(Vec::new()),
+                (_, Some(n)) => State::Body(n),
+                (_, None) => State::Stopped,
             }
         }
     }
@@ -180,7 +197,7 @@ impl Scanner {
 fn take_until(buf: &mut Vec<u8>, bytes: &[u8], delimiter: &[u8]) -> (usize, Option<Vec<u8>>) {
     let start = buf.len().saturating_sub(delimiter.len() - 1);
     buf.extend_from_slice(bytes);
-    match buf[start..].windows(delimiter.len()).position(|w| w == delimiter) {
+    match memchr::memmem::find(&buf[start..], delimiter) {
         Some(pos) => {
             let end = start + pos + delimiter.len();
             let surplus = buf.len() - end;
@@ -189,6 +206,14 @@ fn take_until(buf: &mut Vec<u8>, bytes: &[u8], delimiter: &[u8]) -> (usize, Opti
         }
         None => (bytes.len(), None),
     }
+}
+
+/// A `Content-Length` value: digits only (no sign, no list, no spaces inside).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {

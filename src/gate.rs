@@ -63,7 +63,8 @@ struct Guard {
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
-    pub tls: bool,
+    /// The forwarding headers' view of the peer, made once per connection.
+    pub forwarded: Peer,
     pub verdicts: Verdicts,
 }
 
@@ -118,6 +119,12 @@ impl Gate {
             body_read_timeout: config.server.body_read_timeout,
             preserve_host: config.upstream.preserve_host,
         })
+    }
+
+    /// The per-connection state for a client at `peer`.
+    pub fn connection(&self, peer: SocketAddr, tls: bool, verdicts: Verdicts) -> Connection {
+        let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
+        Connection { peer, forwarded: Peer::new(peer.ip(), tls, trusted), verdicts }
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -258,13 +265,7 @@ impl Gate {
         });
         let headers = &mut parts.headers;
         hop::strip_hop_by_hop(headers);
-        let peer_ip = connection.peer.ip();
-        let peer = Peer {
-            addr: peer_ip,
-            tls: connection.tls,
-            trusted: self.trusted_proxies.iter().any(|net| net.contains(&peer_ip)),
-        };
-        hop::set_forwarding_headers(headers, peer, host.as_ref());
+        hop::set_forwarding_headers(headers, &connection.forwarded, host.as_ref());
         if let Some(protocol) = upgrade {
             hop::set_upgrade(headers, protocol);
         }

@@ -33,6 +33,12 @@ pub const VESTIBULE_TOKEN: HeaderName = HeaderName::from_static("vestibule-token
 
 /// Remove the hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present is cheaper than
+    // probing the map for each hop-by-hop name.
+    let is_hop = |name: &HeaderName| HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHENTICATE;
+    if !headers.keys().any(is_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -67,59 +73,63 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-/// What the gate knows of the client connection.
-#[derive(Debug, Clone, Copy)]
+/// What the forwarding headers say about the client connection; made once per connection.
+#[derive(Debug, Clone)]
 pub struct Peer {
-    pub addr: IpAddr,
+    /// The client address, ready to be a header value.
+    pub addr: HeaderValue,
     pub tls: bool,
-    /// True when `addr` is one of `server.trusted_proxies`.
+    /// True when the address is one of `server.trusted_proxies`.
     pub trusted: bool,
+}
+
+impl Peer {
+    pub fn new(addr: IpAddr, tls: bool, trusted: bool) -> Peer {
+        let addr = HeaderValue::from_str(&addr.to_string()).expect("an IP address is a valid header value");
+        Peer { addr, tls, trusted }
+    }
 }
 
 /// Drop client-set forwarding and `Vestibule-*` headers (keeping a trusted proxy's chain) and
 /// set ours. `host` is the host the client asked for.
-pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
-    let names: Vec<HeaderName> =
-        headers.keys().filter(|name| name.as_str().starts_with("vestibule-")).cloned().collect();
-    for name in names {
-        headers.remove(name);
+pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
+    let ours = |name: &HeaderName| {
+        let name = name.as_str();
+        name.starts_with("vestibule-")
+            || (!peer.trusted && (name.starts_with("x-forwarded-") || name == header::FORWARDED))
+    };
+    // Usually there is nothing to drop: look before collecting.
+    if headers.keys().any(ours) {
+        let dropped: Vec<HeaderName> = headers.keys().filter(|name| ours(name)).cloned().collect();
+        for name in dropped {
+            headers.remove(name);
+        }
     }
 
-    let client = peer.addr.to_string();
-    let proto = if peer.tls { "https" } else { "http" };
+    let proto = HeaderValue::from_static(if peer.tls { "https" } else { "http" });
     if peer.trusted {
         // A trusted proxy's chain is extended with the address it connected from.
         let chain: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-        let value = if chain.is_empty() { client } else { format!("{}, {client}", chain.join(", ")) };
-        set(headers, X_FORWARDED_FOR, &value);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            set(headers, X_FORWARDED_PROTO, proto);
-        }
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            if let Some(host) = host {
-                headers.insert(X_FORWARDED_HOST, host.clone());
+        let value = match chain.as_slice() {
+            [] => peer.addr.clone(),
+            chain => {
+                let client = peer.addr.to_str().unwrap_or_default();
+                HeaderValue::from_str(&format!("{}, {client}", chain.join(", "))).unwrap_or_else(|_| peer.addr.clone())
             }
+        };
+        headers.insert(X_FORWARDED_FOR, value);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, proto);
+        }
+        if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), host) {
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
         return;
     }
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("x-forwarded-") || *name == header::FORWARDED)
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
-    }
-    set(headers, X_FORWARDED_FOR, &client);
-    set(headers, X_FORWARDED_PROTO, proto);
+    headers.insert(X_FORWARDED_FOR, peer.addr.clone());
+    headers.insert(X_FORWARDED_PROTO, proto);
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host.clone());
-    }
-}
-
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(name, value);
     }
 }
 
@@ -161,8 +171,8 @@ mod tests {
             ("vestibule-room", "checkout"),
             ("Vestibule-Visitor", "someone-else"),
         ]);
-        let peer = Peer { addr: "127.0.0.9".parse().unwrap(), tls: false, trusted: false };
-        set_forwarding_headers(&mut map, peer, Some(&HeaderValue::from_static("shop.test")));
+        let peer = Peer::new("127.0.0.9".parse().unwrap(), false, false);
+        set_forwarding_headers(&mut map, &peer, Some(&HeaderValue::from_static("shop.test")));
         assert_eq!(map["x-forwarded-for"], "127.0.0.9");
         assert_eq!(map["x-forwarded-proto"], "http");
         assert_eq!(map["x-forwarded-host"], "shop.test");
@@ -174,8 +184,8 @@ mod tests {
     #[test]
     fn trusted_peer_chain_is_extended() {
         let mut map = headers(&[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")]);
-        let peer = Peer { addr: "10.0.0.2".parse().unwrap(), tls: false, trusted: true };
-        set_forwarding_headers(&mut map, peer, None);
+        let peer = Peer::new("10.0.0.2".parse().unwrap(), false, true);
+        set_forwarding_headers(&mut map, &peer, None);
         assert_eq!(map["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
         assert_eq!(map["x-forwarded-proto"], "https");
     }

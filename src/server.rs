@@ -108,7 +108,7 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             let verdicts = Verdicts::default();
-            let connection = Connection { peer, tls: self.tls.is_some(), verdicts: verdicts.clone() };
+            let connection = self.gate.connection(peer, self.tls.is_some(), verdicts.clone());
             let scanner = Scanner::new(self.server.max_header_bytes, self.server.max_headers, verdicts);
             let gate = self.gate.clone();
             let http = self.http.clone();
