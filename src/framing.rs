@@ -89,11 +89,13 @@ impl Scanner {
                     }
                     used
                 }
-                State::Body(left) => {
+                State::Body(left) | State::ChunkData(left) => {
                     let used = (*left).min(bytes.len() as u64);
                     *left -= used;
                     if *left == 0 {
-                        self.state = State::Head(Vec::new());
+                        // A body is followed by the next head, a chunk by the next size line.
+                        let body = matches!(self.state, State::Body(_));
+                        self.state = if body { State::Head(Vec::new()) } else { State::ChunkSize(Vec::new()) };
                     }
                     used as usize
                 }
@@ -109,14 +111,6 @@ impl Scanner {
                         self.state = State::Stopped;
                     }
                     used
-                }
-                State::ChunkData(left) => {
-                    let used = (*left).min(bytes.len() as u64);
-                    *left -= used;
-                    if *left == 0 {
-                        self.state = State::ChunkSize(Vec::new());
-                    }
-                    used as usize
                 }
                 State::Trailers(buf) => {
                     // Either an empty line right away, or trailer fields up to an empty line.
