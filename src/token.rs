@@ -440,3 +440,46 @@ mod tests {
         assert!(error.contains("missing.pem: cannot read"), "{error}");
     }
 }
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    fn config(signing: &str, verify: &[&str]) -> TokensConfig {
+        TokensConfig {
+            signing_key: fixture(signing),
+            verify_keys: verify.iter().map(|name| fixture(name)).collect(),
+            issuer: "vestibule".into(),
+            leeway_seconds: 5,
+            cache_entries: NonZeroUsize::new(16).unwrap(),
+        }
+    }
+
+    #[test]
+    fn rsa_keys_sign_as_rs256_and_publish_n_and_e() {
+        let tokens = Tokens::new(&config("rsa-test-key.pem", &[])).unwrap();
+        assert_eq!(tokens.ring().signing_algorithm(), Algorithm::RS256);
+        let token = tokens.mint("checkout", "v", Duration::from_secs(60)).unwrap();
+        assert!(tokens.admit(&token, "checkout").is_ok());
+        let jwks: serde_json::Value = serde_json::from_slice(&tokens.ring().jwks()).unwrap();
+        assert_eq!(jwks["keys"][0]["kty"], "RSA");
+        assert!(jwks["keys"][0]["n"].is_string() && jwks["keys"][0]["e"] == "AQAB");
+    }
+
+    #[test]
+    fn a_public_key_verifies_but_cannot_sign() {
+        // The RSA public half accepts what the private half signed, under the same kid.
+        let signer = Tokens::new(&config("rsa-test-key.pem", &[])).unwrap();
+        let token = signer.mint("checkout", "v", Duration::from_secs(60)).unwrap();
+        let verifier = Tokens::new(&config("ed25519-openssl.pem", &["rsa-test-key.pub.pem"])).unwrap();
+        assert_eq!(verifier.ring().signing_algorithm(), Algorithm::EdDSA, "openssl's Ed25519 PEM loads");
+        assert!(verifier.admit(&token, "checkout").is_ok());
+        let error = Tokens::new(&config("rsa-test-key.pub.pem", &[])).err().unwrap().to_string();
+        assert!(error.contains("cannot sign"), "{error}");
+    }
+}
