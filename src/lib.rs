@@ -8,6 +8,7 @@
 //!   guards it and as the path forwarded upstream.
 //! - [`token`]: the key ring, admission token minting, strict verification, a cache of
 //!   verified tokens, and the JWKS document.
+//! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions.
 //! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the
 //!   reserved `/_vestibule/` endpoints.
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
@@ -28,6 +29,7 @@ pub mod forward;
 pub mod framing;
 pub mod gate;
 pub mod hop;
+pub mod line;
 pub mod path;
 pub mod server;
 pub mod telemetry;
