@@ -9,6 +9,7 @@
 //! - [`token`]: the key ring, admission token minting, strict verification, a cache of
 //!   verified tokens, and the JWKS document.
 //! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions.
+//! - [`store`]: the line's atomic operations, kept in memory (one instance) or Redis.
 //! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the
 //!   reserved `/_vestibule/` endpoints.
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
@@ -32,5 +33,6 @@ pub mod hop;
 pub mod line;
 pub mod path;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod token;

@@ -169,15 +169,15 @@ impl Line {
         limits.max_active.saturating_sub(used)
     }
 
-    /// Take a ticket. When nobody waits and there is room and budget, the ticket is granted
-    /// and redeemed at once.
-    pub fn join(&mut self, limits: &Limits, now: u64) -> Joined {
+    /// Take a ticket. When `admit_now` (the room is open) and nobody waits and there is room
+    /// and budget, the ticket is granted and redeemed at once.
+    pub fn join(&mut self, limits: &Limits, admit_now: bool, now: u64) -> Joined {
         self.refill(limits, now);
         self.expire(limits, now);
         self.last_ticket += 1;
         let ticket = self.last_ticket;
         let nobody_waiting = self.cursor + 1 == ticket;
-        if nobody_waiting && self.free(limits) > 0 && self.budget >= TURN {
+        if admit_now && nobody_waiting && self.free(limits) > 0 && self.budget >= TURN {
             self.cursor = ticket;
             self.budget -= TURN;
             self.admitted.push_back(now);
@@ -315,24 +315,24 @@ mod tests {
     fn an_idle_room_admits_at_once_and_a_busy_one_queues_in_order() {
         let limits = limits(60, 10);
         let mut line = Line::default();
-        assert!(matches!(line.join(&limits, 0), Joined::Admitted { ticket: 1, .. }));
+        assert!(matches!(line.join(&limits, true, 0), Joined::Admitted { ticket: 1, .. }));
         // The one-second budget is spent: the next visitors wait, in join order.
-        assert_eq!(line.join(&limits, 0), Joined::Waiting { ticket: 2 });
-        assert_eq!(line.join(&limits, 0), Joined::Waiting { ticket: 3 });
+        assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 2 });
+        assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 3 });
         assert_eq!(line.redeem(&limits, 3, 0), Redeemed::Waiting { position: 2 });
         assert_eq!(line.advance(&limits, 1_000), 1);
         assert!(matches!(line.redeem(&limits, 2, 1_000), Redeemed::Admitted { .. }));
         assert_eq!(line.redeem(&limits, 3, 1_000), Redeemed::Waiting { position: 1 });
         // Somebody waiting means no newcomer is admitted ahead of them, budget or not.
-        assert_eq!(line.join(&limits, 5_000), Joined::Waiting { ticket: 4 });
+        assert_eq!(line.join(&limits, true, 5_000), Joined::Waiting { ticket: 4 });
     }
 
     #[test]
     fn a_ticket_is_redeemed_once() {
         let limits = limits(60, 10);
         let mut line = Line::default();
-        line.join(&limits, 0);
-        assert_eq!(line.join(&limits, 0), Joined::Waiting { ticket: 2 });
+        line.join(&limits, true, 0);
+        assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 2 });
         line.advance(&limits, 1_000);
         assert!(matches!(line.redeem(&limits, 2, 1_000), Redeemed::Admitted { .. }));
         assert_eq!(line.redeem(&limits, 2, 1_001), Redeemed::Gone(Gone::Used));
@@ -343,11 +343,11 @@ mod tests {
     fn grants_lapse_and_free_their_slot() {
         let limits = limits(600, 1);
         let mut line = Line::default();
-        line.join(&limits, 0); // session 1 holds the only slot
-        line.join(&limits, 0);
+        line.join(&limits, true, 0); // session 1 holds the only slot
+        line.join(&limits, true, 0);
         line.release(1);
         assert_eq!(line.advance(&limits, 100), 1); // ticket 2 granted, not redeemed
-        line.join(&limits, 100);
+        line.join(&limits, true, 100);
         assert_eq!(line.advance(&limits, 200), 0, "the outstanding grant holds the slot");
         line.touch(&[3], 100_000); // ticket 3 is still watching its page
         assert_eq!(line.advance(&limits, 100 + limits.grant_ms), 1, "lapsed: ticket 3 gets the slot");
@@ -358,9 +358,9 @@ mod tests {
     fn leavers_and_abandoned_waiters_are_skipped() {
         let limits = limits(60, 10);
         let mut line = Line::default();
-        line.join(&limits, 0);
+        line.join(&limits, true, 0);
         for _ in 0..3 {
-            line.join(&limits, 0); // tickets 2, 3, 4
+            line.join(&limits, true, 0); // tickets 2, 3, 4
         }
         line.leave(2);
         line.touch(&[4], 100_000);
@@ -381,7 +381,7 @@ mod tests {
             let mut times = vec![0];
             // A crowd far larger than can be admitted, joining before the first step.
             for _ in 0..(per_minute as u64 * 10 + 10) {
-                line.join(&limits, 0);
+                line.join(&limits, true, 0);
             }
             let mut now = 0;
             while now <= 300_000 {
@@ -419,7 +419,7 @@ mod tests {
             now += rng.random_range(0..50);
             match rng.random_range(0..10) {
                 0..=3 => {
-                    holders.push(line.join(&limits, now).ticket());
+                    holders.push(line.join(&limits, true, now).ticket());
                 }
                 4 => {
                     line.advance(&limits, now);
@@ -451,7 +451,7 @@ mod tests {
         let mut admitted = Vec::new();
         let mut tickets = Vec::new();
         for _ in 0..50 {
-            match line.join(&limits, 0) {
+            match line.join(&limits, true, 0) {
                 Joined::Admitted { ticket, .. } => admitted.push(ticket),
                 Joined::Waiting { ticket } => tickets.push(ticket),
             }
@@ -480,7 +480,7 @@ mod tests {
         let limits = limits(60, 1_000);
         let mut line = Line::default();
         for _ in 0..100 {
-            line.join(&limits, 0);
+            line.join(&limits, true, 0);
         }
         assert_eq!(line.stats(&limits, 0).rate_per_second.map(|r| r.round()), Some(1.0), "the idle admission");
         for now in (1_000..=30_000).step_by(1_000) {

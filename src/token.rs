@@ -4,7 +4,11 @@
 //! Verification never trusts the token header for anything but the `kid`: the key that `kid`
 //! names decides the one algorithm accepted, so `alg: none`, HS256 signed with a public key,
 //! or any other algorithm switch fails. Every claim (`iss`, `aud`, `sub`, `iat`, `nbf`, `exp`,
-//! `jti`) is required.
+//! `jti`, and `tkt`, the ticket that opened the session) is required.
+//!
+//! Tickets (the waiting visitor's cookie) are signed the same way with the audience
+//! `ticket:<room>`, which no room id can equal (room ids have no `:`), so a ticket never passes
+//! as an admission token nor a token as a ticket.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,16 +43,29 @@ pub struct Claims {
     pub nbf: u64,
     pub exp: u64,
     pub jti: String,
+    /// The ticket number that opened the session (or holds the place in line).
+    pub tkt: u64,
+    /// Tickets only: the line's cursor when the ticket was taken (for the progress bar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c0: Option<u64>,
 }
 
-/// A verified admission: what the gate needs to forward a request.
+/// A verified token or ticket: what the gate needs to forward a request or hold a place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
+    /// The audience: a room id, or `ticket:<room>` for a ticket.
     pub room: String,
     pub visitor: String,
     pub not_before: u64,
     pub expires_at: u64,
     pub jti: String,
+    pub ticket: u64,
+    pub cursor_at_join: Option<u64>,
+}
+
+/// The audience of a room's tickets.
+pub fn ticket_audience(room: &str) -> String {
+    format!("ticket:{room}")
 }
 
 /// Why a key file could not be used.
@@ -73,6 +90,8 @@ pub enum TokenError {
     WrongRoom,
     #[error("token expired or not yet valid")]
     OutOfTime,
+    #[error("the session of this token has ended")]
+    Revoked,
     #[error("cannot sign: {0}")]
     Signing(String),
 }
@@ -288,6 +307,9 @@ pub struct Tokens {
     issuer: String,
     leeway: u64,
     verified: Cache<Box<str>, Arc<Admission>>,
+    /// Ended sessions, by (room, ticket): every token of the session stops passing, until
+    /// the last of them would have expired.
+    revoked: Cache<(String, u64), u64>,
 }
 
 impl Tokens {
@@ -297,6 +319,7 @@ impl Tokens {
             issuer: config.issuer.clone(),
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
+            revoked: Cache::new(config.cache_entries.get()),
         })
     }
 
@@ -304,23 +327,64 @@ impl Tokens {
         &self.ring
     }
 
-    /// A token admitting `visitor` to `room` for `lifetime`.
-    pub fn mint(&self, room: &str, visitor: &str, lifetime: Duration) -> Result<String, TokenError> {
+    /// A token admitting `visitor` to `room` until `expires_at` (Unix seconds), for the
+    /// session that `ticket` opened.
+    pub fn mint(&self, room: &str, visitor: &str, ticket: u64, expires_at: u64) -> Result<String, TokenError> {
+        self.sign(room.to_owned(), visitor, ticket, None, expires_at)
+    }
+
+    /// A ticket cookie holding place `ticket` in `room`'s line for `visitor`.
+    pub fn mint_ticket(
+        &self,
+        room: &str,
+        visitor: &str,
+        ticket: u64,
+        cursor_at_join: u64,
+        lifetime: Duration,
+    ) -> Result<String, TokenError> {
+        let expires_at = unix_now() + lifetime.as_secs().max(1);
+        self.sign(ticket_audience(room), visitor, ticket, Some(cursor_at_join), expires_at)
+    }
+
+    fn sign(&self, aud: String, visitor: &str, tkt: u64, c0: Option<u64>, exp: u64) -> Result<String, TokenError> {
         let now = unix_now();
         let claims = Claims {
             iss: self.issuer.clone(),
-            aud: room.to_owned(),
+            aud,
             sub: visitor.to_owned(),
             iat: now,
             nbf: now,
-            exp: now + lifetime.as_secs().max(1),
+            exp: exp.max(now + 1),
             jti: random_id(),
+            tkt,
+            c0,
         };
         self.ring.sign(&claims)
     }
 
-    /// The admission a token grants for `room`, if it is valid now.
+    /// The admission a token grants for `room`, if it is valid now and its session has not
+    /// ended.
     pub fn admit(&self, token: &str, room: &str) -> Result<Arc<Admission>, TokenError> {
+        let admission = self.check(token, room)?;
+        if self.revoked.get(&(room.to_owned(), admission.ticket)).is_some() {
+            return Err(TokenError::Revoked);
+        }
+        Ok(admission)
+    }
+
+    /// The place a ticket cookie holds in `room`'s line, if it is valid now.
+    pub fn ticket(&self, token: &str, room: &str) -> Result<Arc<Admission>, TokenError> {
+        self.check(token, &ticket_audience(room))
+    }
+
+    /// Stop every token of the session `ticket` opened in `room`, on this instance.
+    pub fn revoke(&self, room: &str, ticket: u64, until: u64) {
+        if ticket != 0 {
+            self.revoked.insert((room.to_owned(), ticket), until);
+        }
+    }
+
+    fn check(&self, token: &str, audience: &str) -> Result<Arc<Admission>, TokenError> {
         let admission = match self.verified.get(token) {
             Some(admission) => admission,
             None => {
@@ -331,13 +395,15 @@ impl Tokens {
                     not_before: claims.nbf,
                     expires_at: claims.exp,
                     jti: claims.jti,
+                    ticket: claims.tkt,
+                    cursor_at_join: claims.c0,
                 });
                 // Only tokens that verified are remembered, so garbage cannot fill the cache.
                 self.verified.insert(token.into(), admission.clone());
                 admission
             }
         };
-        if admission.room != room {
+        if admission.room != audience {
             return Err(TokenError::WrongRoom);
         }
         let now = unix_now();
@@ -384,10 +450,18 @@ mod tests {
         let dir = temp_dir("kinds");
         for kind in [KeyKind::Eddsa, KeyKind::Es256, KeyKind::Hs256] {
             let tokens = Tokens::new(&config_with(kind, &dir)).unwrap();
-            let token = tokens.mint("checkout", "v1", Duration::from_secs(60)).unwrap();
+            let token = tokens.mint("checkout", "v1", 7, unix_now() + 60).unwrap();
             let admission = tokens.admit(&token, "checkout").unwrap();
-            assert_eq!(admission.visitor, "v1");
+            assert_eq!((admission.visitor.as_str(), admission.ticket), ("v1", 7));
             assert_eq!(tokens.admit(&token, "other"), Err(TokenError::WrongRoom));
+            // A token is not a ticket, and a ticket is not a token.
+            assert_eq!(tokens.ticket(&token, "checkout"), Err(TokenError::WrongRoom));
+            let ticket = tokens.mint_ticket("checkout", "v1", 8, 3, Duration::from_secs(60)).unwrap();
+            assert_eq!(tokens.admit(&ticket, "checkout"), Err(TokenError::WrongRoom));
+            assert_eq!(tokens.ticket(&ticket, "checkout").unwrap().cursor_at_join, Some(3));
+            // Revoking the session stops the token.
+            tokens.revoke("checkout", 7, unix_now() + 60);
+            assert_eq!(tokens.admit(&token, "checkout"), Err(TokenError::Revoked));
             let header = jsonwebtoken::decode_header(&token).unwrap();
             assert_eq!(header.kid.as_deref(), Some(tokens.ring().signing_kid()));
         }
@@ -412,7 +486,7 @@ mod tests {
         let dir = temp_dir("rotation");
         let old = config_with(KeyKind::Eddsa, &dir);
         let old_tokens = Tokens::new(&old).unwrap();
-        let token = old_tokens.mint("checkout", "v1", Duration::from_secs(60)).unwrap();
+        let token = old_tokens.mint("checkout", "v1", 1, unix_now() + 60).unwrap();
 
         let new_path = dir.join("new.key");
         std::fs::write(&new_path, generate_key(KeyKind::Es256)).unwrap();
@@ -464,7 +538,7 @@ mod fixture_tests {
     fn rsa_keys_sign_as_rs256_and_publish_n_and_e() {
         let tokens = Tokens::new(&config("rsa-test-key.pem", &[])).unwrap();
         assert_eq!(tokens.ring().signing_algorithm(), Algorithm::RS256);
-        let token = tokens.mint("checkout", "v", Duration::from_secs(60)).unwrap();
+        let token = tokens.mint("checkout", "v", 1, unix_now() + 60).unwrap();
         assert!(tokens.admit(&token, "checkout").is_ok());
         let jwks: serde_json::Value = serde_json::from_slice(&tokens.ring().jwks()).unwrap();
         assert_eq!(jwks["keys"][0]["kty"], "RSA");
@@ -475,7 +549,7 @@ mod fixture_tests {
     fn a_public_key_verifies_but_cannot_sign() {
         // The RSA public half accepts what the private half signed, under the same kid.
         let signer = Tokens::new(&config("rsa-test-key.pem", &[])).unwrap();
-        let token = signer.mint("checkout", "v", Duration::from_secs(60)).unwrap();
+        let token = signer.mint("checkout", "v", 1, unix_now() + 60).unwrap();
         let verifier = Tokens::new(&config("ed25519-openssl.pem", &["rsa-test-key.pub.pem"])).unwrap();
         assert_eq!(verifier.ring().signing_algorithm(), Algorithm::EdDSA, "openssl's Ed25519 PEM loads");
         assert!(verifier.admit(&token, "checkout").is_ok());

@@ -75,7 +75,7 @@ fn sign(gate: &Harness, claims: &Value, kid: Option<&str>) -> String {
 
 fn good_claims(room: &str) -> Value {
     let now = unix_now();
-    json!({"iss": "vestibule", "aud": room, "sub": "v", "iat": now, "nbf": now, "exp": now + 600, "jti": "j"})
+    json!({"iss": "vestibule", "aud": room, "sub": "v", "iat": now, "nbf": now, "exp": now + 600, "jti": "j", "tkt": 0})
 }
 
 fn b64(data: &[u8]) -> String {
@@ -106,7 +106,7 @@ async fn every_kind_of_bad_token_counts_as_no_token() {
     cases.push(("other room".into(), sign(&gate, &good_claims("other"), Some(&kid))));
     cases.push(("wrong issuer".into(), sign(&gate, &with(&|c| c["iss"] = json!("evil")), Some(&kid))));
     cases.push(("audience list".into(), sign(&gate, &with(&|c| c["aud"] = json!(["checkout"])), Some(&kid))));
-    for claim in ["iss", "aud", "sub", "iat", "nbf", "exp", "jti"] {
+    for claim in ["iss", "aud", "sub", "iat", "nbf", "exp", "jti", "tkt"] {
         let token = sign(&gate, &with(&|c| drop(c.as_object_mut().unwrap().remove(claim))), Some(&kid));
         cases.push((format!("missing {claim}"), token));
     }

@@ -1,0 +1,25 @@
+//! The embedded store: every room's [`Line`] in this process.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::line::Line;
+
+/// Lines by room id. A `std` mutex, not an async one: it is held for a few microseconds and
+/// never across an `.await`.
+#[derive(Default)]
+pub struct MemoryStore {
+    rooms: Mutex<HashMap<String, Line>>,
+}
+
+impl MemoryStore {
+    /// Run one atomic step on a room's line.
+    pub(crate) fn with<T>(&self, room: &str, step: impl FnOnce(&mut Line) -> T) -> T {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let line = match rooms.get_mut(room) {
+            Some(line) => line,
+            None => rooms.entry(room.to_owned()).or_default(),
+        };
+        step(line)
+    }
+}

@@ -1,0 +1,92 @@
+//! Where the line is kept: the line's few atomic operations behind one interface.
+//!
+//! Every operation is one atomic step on one room, so the Redis store can run each as a
+//! single Lua script (with the room's keys sharing the hash tag `{room}`), and the memory
+//! store as one critical section over [`Line`](crate::line::Line). Time is passed in, in
+//! milliseconds.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use crate::line::{Joined, Limits, Redeemed, Stats};
+
+/// A store failure. Transient ones (a timeout, a lost connection) are worth retrying.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The line's store.
+pub enum Store {
+    /// In this process: one instance only.
+    Memory(MemoryStore),
+}
+
+impl Store {
+    pub fn memory() -> Store {
+        Store::Memory(MemoryStore::default())
+    }
+
+    /// Take a ticket; admitted at once when `admit_now` and nobody waits and there is room.
+    pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.join(limits, admit_now, now))),
+        }
+    }
+
+    /// Grant turns by rate and capacity; returns how many were granted.
+    pub async fn advance(&self, room: &str, limits: &Limits, now: u64) -> Result<u32, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.advance(limits, now))),
+        }
+    }
+
+    /// Present a ticket: redeem a granted turn once, or learn the position.
+    pub async fn redeem(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<Redeemed, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.redeem(limits, ticket, now))),
+        }
+    }
+
+    /// End a session; its slot frees at once.
+    pub async fn release(&self, room: &str, ticket: u64) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.release(ticket))),
+        }
+    }
+
+    /// Give up a place, a grant or a session.
+    pub async fn leave(&self, room: &str, ticket: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(store) => {
+                store.with(room, |line| line.leave(ticket));
+                Ok(())
+            }
+        }
+    }
+
+    /// Record that these waiters are still here (one batch per scheduler step).
+    pub async fn touch(&self, room: &str, tickets: &[u64], now: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(store) => {
+                store.with(room, |line| line.touch(tickets, now));
+                Ok(())
+            }
+        }
+    }
+
+    /// Extend an active session (token renewal); false when it has ended.
+    pub async fn renew(&self, room: &str, ticket: u64, until: u64) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.renew(ticket, until))),
+        }
+    }
+
+    pub async fn stats(&self, room: &str, limits: &Limits, now: u64) -> Result<Stats, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.stats(limits, now))),
+        }
+    }
+}
