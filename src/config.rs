@@ -211,6 +211,30 @@ pub struct RoomConfig {
     /// Match `paths` case-sensitively (default: case-insensitively).
     #[serde(default)]
     pub case_sensitive: bool,
+    /// How long a granted turn waits to be redeemed before it lapses, in seconds.
+    #[serde(default = "defaults::grant_seconds")]
+    pub grant_seconds: u64,
+    /// A waiter not seen for this long (no feed, no page or status request) leaves the line.
+    #[serde(default = "defaults::abandon_seconds")]
+    pub abandon_seconds: u64,
+    /// `open`, `paused` (everyone holds their place), `closed` (newcomers turned away), or
+    /// `passthrough` (the gate is off).
+    #[serde(default)]
+    pub state: RoomState,
+    /// A message shown on the waiting page and sent to the feed.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// What a room does with visitors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomState {
+    #[default]
+    Open,
+    Paused,
+    Closed,
+    Passthrough,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -289,6 +313,12 @@ mod defaults {
     }
     pub fn session_seconds() -> u64 {
         600
+    }
+    pub fn grant_seconds() -> u64 {
+        120
+    }
+    pub fn abandon_seconds() -> u64 {
+        120
     }
     pub fn log_level() -> String {
         "info".to_owned()
@@ -453,6 +483,15 @@ impl Config {
             }
             if room.session_seconds == 0 {
                 return Err((key("session_seconds"), "must be at least 1".into()));
+            }
+            if room.grant_seconds == 0 {
+                return Err((key("grant_seconds"), "must be at least 1".into()));
+            }
+            if room.abandon_seconds < 10 {
+                return Err((key("abandon_seconds"), "must be at least 10: the page refreshes every 20 s".into()));
+            }
+            if room.message.as_ref().is_some_and(|m| m.len() > 500) {
+                return Err((key("message"), "at most 500 characters".into()));
             }
         }
         Ok(())

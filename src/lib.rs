@@ -10,6 +10,8 @@
 //!   verified tokens, and the JWKS document.
 //! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions.
 //! - [`store`]: the line's atomic operations, kept in memory (one instance) or Redis.
+//! - [`room`]: rooms at run time: snapshot, scheduler, status, the waiting page and the feed.
+//! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
 //! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the
 //!   reserved `/_vestibule/` endpoints.
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
@@ -23,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -32,6 +35,7 @@ pub mod gate;
 pub mod hop;
 pub mod line;
 pub mod path;
+pub mod room;
 pub mod server;
 pub mod store;
 pub mod telemetry;

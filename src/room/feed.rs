@@ -1,0 +1,244 @@
+//! The position feed: `/_vestibule/ws?room=ID`, a websocket that pushes the visitor's place
+//! and wait whenever they change (at most once a second), and `admitted` when the turn comes.
+//!
+//! Each socket reads its room's [`Snapshot`](super::Snapshot) from memory: no store work per
+//! waiter. The client has nothing to say, so frames are tiny and buffers small; a ping every
+//! 20 s must be answered within 10 s.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Holding, Room, Snapshot};
+use crate::body::{self, Body};
+use crate::config::RoomState;
+use crate::error::GateError;
+use crate::line;
+
+const PING_EVERY: Duration = Duration::from_secs(20);
+const PONG_DEADLINE: Duration = Duration::from_secs(10);
+/// A connected waiter is reported alive this often.
+const TOUCH_EVERY: Duration = Duration::from_secs(30);
+/// At most one position message per socket per this long.
+const MIN_GAP: Duration = Duration::from_secs(1);
+
+/// Caps on feed sockets, per client address and in total.
+#[derive(Debug)]
+pub struct FeedLimits {
+    total: AtomicUsize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    max_total: usize,
+    max_per_address: usize,
+}
+
+impl FeedLimits {
+    pub fn new(max_total: usize, max_per_address: usize) -> Arc<FeedLimits> {
+        Arc::new(FeedLimits { total: AtomicUsize::new(0), per_address: Mutex::default(), max_total, max_per_address })
+    }
+
+    /// A slot for one more socket from `address`, or `None` at a cap.
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<SocketSlot> {
+        let mut per_address = self.per_address.lock().ok()?;
+        let count = per_address.entry(address).or_insert(0);
+        if *count >= self.max_per_address || self.total.load(Ordering::Relaxed) >= self.max_total {
+            if *count == 0 {
+                per_address.remove(&address);
+            }
+            return None;
+        }
+        *count += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(SocketSlot { limits: self.clone(), address })
+    }
+
+    /// Sockets open now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One socket's place under the caps; freed on drop.
+#[derive(Debug)]
+pub struct SocketSlot {
+    limits: Arc<FeedLimits>,
+    address: IpAddr,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut per_address) = self.limits.per_address.lock() {
+            if let Some(count) = per_address.get_mut(&self.address) {
+                *count -= 1;
+                if *count == 0 {
+                    per_address.remove(&self.address);
+                }
+            }
+        }
+    }
+}
+
+/// Check a websocket handshake request and make the `101` answer.
+pub fn switching_protocols(headers: &HeaderMap) -> Result<Response<Body>, GateError> {
+    let is = |name: header::HeaderName, value: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(value))
+    };
+    if !is(header::UPGRADE, "websocket")
+        || !is(header::CONNECTION, "upgrade")
+        || !is(header::SEC_WEBSOCKET_VERSION, "13")
+    {
+        return Err(GateError::BadRequest("This endpoint takes a websocket (version 13)."));
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or(GateError::BadRequest("Sec-WebSocket-Key is missing."))?;
+    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header value");
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Ok(response)
+}
+
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024)
+        .max_message_size(Some(1024))
+        .max_frame_size(Some(1024))
+}
+
+/// The message a waiter should see for this snapshot.
+fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<serde_json::Value> {
+    let ticket = match holding {
+        Holding::Token => return Some(json!({"type": "admitted"})),
+        Holding::Nothing if snapshot.state == RoomState::Closed => {
+            return Some(json!({"type": "closed", "message": snapshot.message}))
+        }
+        Holding::Nothing => return None,
+        Holding::Ticket(ticket) => ticket,
+    };
+    if ticket <= snapshot.cursor {
+        return Some(json!({"type": "admitted"}));
+    }
+    Some(match snapshot.state {
+        RoomState::Paused => json!({"type": "paused", "message": snapshot.message}),
+        RoomState::Closed => json!({"type": "closed", "message": snapshot.message}),
+        RoomState::Open | RoomState::Passthrough => {
+            let position = line::position(ticket, snapshot.cursor);
+            json!({"type": "position", "position": position, "eta_seconds": line::eta_seconds(position, snapshot.rate_per_second)})
+        }
+    })
+}
+
+/// Serve one feed socket until the visitor is admitted, leaves, stops answering, or `stop`.
+pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: CancellationToken, _slot: SocketSlot) {
+    let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config())).await;
+    let mut snapshots = room.subscribe();
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut touch = tokio::time::interval(TOUCH_EVERY);
+    let mut pong_due: Option<Instant> = None;
+    let mut last_sent: Option<serde_json::Value> = None;
+    let mut last_message: Option<Option<String>> = None;
+    let mut last_position_at = Instant::now() - MIN_GAP;
+    let mut smallest_position = u64::MAX;
+    let mut pending = true; // send the current state at once
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+
+    loop {
+        if pending {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let mut outgoing = Vec::new();
+            if let Some(next) = message_for(&snapshot, holding) {
+                let position = next["position"].as_u64();
+                let too_soon = position.is_some() && last_position_at.elapsed() < MIN_GAP;
+                // A shown place never goes back.
+                let goes_up = position.is_some_and(|p| p > smallest_position);
+                if !too_soon && !goes_up && last_sent.as_ref() != Some(&next) {
+                    if let Some(p) = position {
+                        smallest_position = p;
+                        last_position_at = Instant::now();
+                    }
+                    outgoing.push(next.clone());
+                    last_sent = Some(next);
+                    pending = false;
+                } else if !too_soon {
+                    pending = false;
+                }
+            } else {
+                pending = false;
+            }
+            let open = snapshot.state == RoomState::Open;
+            if open && last_message.as_ref() != Some(&snapshot.message) {
+                if let (Some(_), Some(text)) = (&last_message, &snapshot.message) {
+                    outgoing.push(json!({"type": "message", "message": text}));
+                }
+                last_message = Some(snapshot.message.clone());
+            }
+            for message in outgoing {
+                let admitted = message["type"] == "admitted";
+                if socket.send(Message::text(message.to_string())).await.is_err() {
+                    return;
+                }
+                if admitted {
+                    let _ = socket.close(None).await;
+                    return;
+                }
+            }
+        }
+        let retry_at = if pending { last_position_at + MIN_GAP } else { far };
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                pending = true;
+            }
+            () = tokio::time::sleep_until(retry_at) => {}
+            incoming = socket.next() => match incoming {
+                Some(Ok(Message::Pong(_))) => pong_due = None,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {} // the client has nothing to say
+            },
+            _ = ping.tick() => {
+                if pong_due.is_some_and(|due| Instant::now() >= due) {
+                    return;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                pong_due.get_or_insert(Instant::now() + PONG_DEADLINE);
+            }
+            _ = touch.tick() => {
+                if let Holding::Ticket(ticket) = holding {
+                    room.touch(ticket);
+                }
+            }
+            () = stop.cancelled() => {
+                let _ = socket.close(None).await;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Rooms at run time: their state and message, the snapshot every waiting page and socket
+//! reads its position from, the scheduler step that advances the line, and the status a
+//! visitor sees.
+//!
+//! A waiting visitor costs the store nothing per update: the scheduler reads the room once per
+//! step and publishes a [`Snapshot`] on a `watch` channel; pages, status calls and feed sockets
+//! compute `ticket - cursor` from it in memory.
+
+pub mod feed;
+pub mod page;
+
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{RoomConfig, RoomState};
+use crate::line::{self, Limits};
+use crate::store::{Store, StoreError};
+
+/// How often the scheduler advances each room.
+pub const STEP: Duration = Duration::from_millis(100);
+/// Most liveness touches buffered between two steps.
+const MAX_PENDING_TOUCHES: usize = 100_000;
+
+/// What every waiter of a room needs to know, published once per step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub cursor: u64,
+    pub state: RoomState,
+    pub message: Option<String>,
+    pub rate_per_second: Option<f64>,
+}
+
+/// A room: its settings and its live state.
+#[derive(Debug)]
+pub struct Room {
+    pub id: String,
+    pub limits: Limits,
+    pub token_cookie: String,
+    pub ticket_cookie: String,
+    control: RwLock<(RoomState, Option<String>)>,
+    snapshot: watch::Sender<Snapshot>,
+    touched: Mutex<Vec<u64>>,
+}
+
+impl Room {
+    pub fn new(config: &RoomConfig) -> Room {
+        let snapshot =
+            Snapshot { cursor: 0, state: config.state, message: config.message.clone(), rate_per_second: None };
+        Room {
+            id: config.id.clone(),
+            limits: Limits {
+                admit_per_minute: config.admit_per_minute.get(),
+                max_active: config.max_active.get(),
+                grant_ms: config.grant_seconds * 1_000,
+                session_ms: config.session_seconds * 1_000,
+                abandon_ms: config.abandon_seconds * 1_000,
+            },
+            token_cookie: format!("vestibule-token-{}", config.id),
+            ticket_cookie: format!("vestibule-ticket-{}", config.id),
+            control: RwLock::new((config.state, config.message.clone())),
+            snapshot: watch::Sender::new(snapshot),
+            touched: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that wakes on every change of the snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn state(&self) -> RoomState {
+        self.control.read().map(|c| c.0).unwrap_or_default()
+    }
+
+    /// Change the room's state and message (admin API, tests); published at once.
+    pub fn set_control(&self, state: RoomState, message: Option<String>) {
+        if let Ok(mut control) = self.control.write() {
+            *control = (state, message.clone());
+        }
+        self.snapshot.send_if_modified(|snapshot| {
+            let changed = snapshot.state != state || snapshot.message != message;
+            snapshot.state = state;
+            snapshot.message = message;
+            changed
+        });
+    }
+
+    /// Record that a waiter is still here; sent to the store in one batch per step.
+    pub fn touch(&self, ticket: u64) {
+        if let Ok(mut touched) = self.touched.lock() {
+            if touched.len() < MAX_PENDING_TOUCHES {
+                touched.push(ticket);
+            }
+        }
+    }
+
+    /// One scheduler step: advance the line (when open), flush liveness, publish.
+    pub async fn step(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let (state, message) = self.control.read().map(|c| c.clone()).unwrap_or_default();
+        let touched = self.touched.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        if !touched.is_empty() {
+            store.touch(&self.id, &touched, now).await?;
+        }
+        if state == RoomState::Open {
+            store.advance(&self.id, &self.limits, now).await?;
+        }
+        let stats = store.stats(&self.id, &self.limits, now).await?;
+        let next = Snapshot { cursor: stats.cursor, state, message, rate_per_second: stats.rate_per_second };
+        self.snapshot.send_if_modified(|snapshot| {
+            // The cursor never moves back, whatever order steps finish in.
+            let next = Snapshot { cursor: next.cursor.max(snapshot.cursor), ..next };
+            let changed = *snapshot != next;
+            *snapshot = next;
+            changed
+        });
+        Ok(())
+    }
+
+    /// What a visitor holding `ticket` (or a token) sees now.
+    pub fn status(&self, holding: Holding) -> Status {
+        let snapshot = self.snapshot.borrow();
+        let message = snapshot.message.clone();
+        let ticket = match holding {
+            Holding::Token => return Status::of("admitted", None, None, message),
+            Holding::Nothing => {
+                let status = if snapshot.state == RoomState::Closed { "closed" } else { "none" };
+                return Status::of(status, None, None, message);
+            }
+            Holding::Ticket(ticket) => ticket,
+        };
+        if ticket <= snapshot.cursor {
+            return Status::of("admitted", None, None, message);
+        }
+        let position = line::position(ticket, snapshot.cursor);
+        let status = match snapshot.state {
+            RoomState::Paused => "paused",
+            RoomState::Closed => "closed",
+            RoomState::Open | RoomState::Passthrough => "waiting",
+        };
+        Status::of(status, Some(position), line::eta_seconds(position, snapshot.rate_per_second), message)
+    }
+}
+
+/// What a visitor holds for a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    Nothing,
+    Ticket(u64),
+    Token,
+}
+
+/// The visitor's status, as `/_vestibule/status` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// `waiting`, `admitted`, `paused`, `closed` or `none`.
+    pub status: &'static str,
+    pub position: Option<u64>,
+    pub eta_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Status {
+    fn of(status: &'static str, position: Option<u64>, eta_seconds: Option<u64>, message: Option<String>) -> Status {
+        Status { status, position, eta_seconds, message }
+    }
+}
+
+/// Advance `room` every [`STEP`] until `stop`. Store errors are logged and retried next step.
+pub async fn run_scheduler(
+    room: std::sync::Arc<Room>,
+    store: std::sync::Arc<Store>,
+    clock: crate::clock::Clock,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(STEP);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if let Err(error) = room.step(&store, clock.now_ms()).await {
+            tracing::warn!(room = %room.id, %error, "scheduler step failed");
+        }
+    }
+}
