@@ -98,6 +98,12 @@ pub struct ServerConfig {
     /// Time allowed for a TLS handshake.
     #[serde(default = "defaults::tls_handshake_timeout", with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// Most waiting-page feed sockets open at once.
+    #[serde(default = "defaults::max_feed_sockets")]
+    pub max_feed_sockets: usize,
+    /// Most feed sockets open at once from one client address.
+    #[serde(default = "defaults::max_feed_sockets_per_address")]
+    pub max_feed_sockets_per_address: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -286,6 +292,12 @@ mod defaults {
     }
     pub fn tls_handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn max_feed_sockets() -> usize {
+        50_000
+    }
+    pub fn max_feed_sockets_per_address() -> usize {
+        64
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(3)

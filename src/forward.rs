@@ -21,6 +21,13 @@ use crate::hop;
 /// Response headers only the gate reads; the client never sees them.
 pub const VESTIBULE_SESSION: http::HeaderName = http::HeaderName::from_static("vestibule-session");
 
+/// The upstream's answer, and whether it ended the visitor's session.
+pub struct Forwarded {
+    pub response: Response<Body>,
+    /// The upstream sent `Vestibule-Session: end` (removed before the client sees it).
+    pub session_ended: bool,
+}
+
 /// The protected upstream.
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
@@ -78,7 +85,7 @@ impl Upstream {
 
     /// Send a prepared request (headers already filtered by the gate). `upgrade` carries the
     /// client side of a requested protocol upgrade.
-    pub async fn send(&self, request: Request<Body>, upgrade: Option<OnUpgrade>) -> Result<Response<Body>, GateError> {
+    pub async fn send(&self, request: Request<Body>, upgrade: Option<OnUpgrade>) -> Result<Forwarded, GateError> {
         let sent = tokio::time::timeout(self.response_timeout, self.client.request(request)).await;
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
@@ -92,7 +99,10 @@ impl Upstream {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let protocol = response.headers().get(header::UPGRADE).cloned();
         hop::strip_hop_by_hop(response.headers_mut());
-        response.headers_mut().remove(VESTIBULE_SESSION);
+        let session_ended = response
+            .headers_mut()
+            .remove(VESTIBULE_SESSION)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"end"));
         match (switching, upgrade, protocol) {
             (true, Some(client_side), Some(protocol)) => {
                 hop::set_upgrade(response.headers_mut(), protocol);
@@ -106,7 +116,8 @@ impl Upstream {
             _ => {}
         }
         let body_timeout = self.body_timeout;
-        Ok(response.map(|incoming| body::boxed(TimeoutBody::new(body_timeout, incoming))))
+        let response = response.map(|incoming| body::boxed(TimeoutBody::new(body_timeout, incoming)));
+        Ok(Forwarded { response, session_ended })
     }
 
     /// Join both sides of an upgraded connection once each has switched protocols.

@@ -1,51 +1,40 @@
-//! The gate: one decision per request — `Forward`, `Wait` or `Reject` — and then the
-//! forwarding itself, as separate steps. A reader sees the whole gate in [`Gate::serve`].
+//! The gate: one decision per request — `Forward`, `Wait` or `Reject` — and then the step
+//! that carries it out. A reader sees the whole gate in [`Gate::serve`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutBody;
 
 use crate::body::{self, Body};
-use crate::config::{Config, RoomConfig};
+use crate::clock::Clock;
+use crate::config::{Config, RoomState, StoreKind};
 use crate::error::{self, GateError};
-use crate::forward::Upstream;
+use crate::forward::{Forwarded, Upstream};
 use crate::framing::Verdicts;
 use crate::hop::{self, Peer};
+use crate::line::{Joined, Redeemed};
 use crate::path::{canonicalize, CanonicalPath};
-use crate::token::{Admission, KeyError, Tokens};
+use crate::room::feed::{self, FeedLimits};
+use crate::room::{page, run_scheduler, Holding, Room};
+use crate::store::{Store, StoreError};
+use crate::token::{random_id, Admission, Tokens};
 
 /// The reserved prefix of vestibule's own endpoints; never forwarded.
 pub const RESERVED_PREFIX: &str = "/_vestibule/";
 /// Where a standard JWT library looks for our public keys.
 pub const WELL_KNOWN_JWKS: &str = "/.well-known/jwks.json";
-/// `Retry-After` for a protected request that has no valid token yet.
-const WAIT_RETRY_SECONDS: u32 = 20;
-
-/// A room as the gate sees it.
-#[derive(Debug)]
-pub struct Room {
-    pub id: String,
-    /// How long an admission token lasts.
-    pub session: Duration,
-    token_cookie: String,
-}
-
-impl Room {
-    fn new(config: &RoomConfig) -> Room {
-        Room {
-            id: config.id.clone(),
-            session: Duration::from_secs(config.session_seconds),
-            token_cookie: token_cookie_name(&config.id),
-        }
-    }
-}
+/// `Retry-After` for visitors who wait: the no-JavaScript page refreshes this often too.
+const RETRY_SECONDS: u32 = 20;
+/// How long a ticket cookie holds a place.
+const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// The cookie that carries a room's admission token.
 pub fn token_cookie_name(room: &str) -> String {
@@ -72,30 +61,42 @@ pub struct Connection {
 #[derive(Debug)]
 pub enum Decision<'a> {
     /// Forward; with the room and admission when the path is inside a room.
-    Forward(Option<(&'a Room, Arc<Admission>)>),
-    /// Inside a room, without a valid token.
-    Wait(&'a Room),
+    Forward(Option<(&'a Arc<Room>, Arc<Admission>)>),
+    /// Inside a room, without a valid token: the line decides.
+    Wait(&'a Arc<Room>),
     /// Refuse with an error.
     Reject(GateError),
 }
 
 /// Everything a request needs, shared by all connections.
 pub struct Gate {
-    rooms: Vec<Room>,
+    rooms: Vec<Arc<Room>>,
     /// Longest prefix first, so the most specific room wins.
     guards: Vec<Guard>,
     tokens: Tokens,
     upstream: Upstream,
+    store: Arc<Store>,
+    clock: Clock,
+    feeds: Arc<FeedLimits>,
+    /// Feed sockets and schedulers: owned, ended by `stop`.
+    tasks: TaskTracker,
+    stop: CancellationToken,
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: u64,
     body_read_timeout: Duration,
     preserve_host: bool,
+    secure_cookies: bool,
 }
 
 impl Gate {
-    /// Build the gate from a validated configuration. `stop` ends upgraded tunnels.
-    pub fn new(config: &Config, stop: CancellationToken) -> Result<Gate, KeyError> {
-        let rooms: Vec<Room> = config.rooms.iter().map(Room::new).collect();
+    /// Build the gate from a validated configuration. `stop` ends feeds, schedulers and
+    /// upgraded tunnels.
+    pub fn new(config: &Config, stop: CancellationToken) -> anyhow::Result<Gate> {
+        let store = match config.store.kind {
+            StoreKind::Memory => Store::memory(),
+            kind => anyhow::bail!("store.kind = {kind:?} is not available in this release; use \"memory\""),
+        };
+        let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| Arc::new(Room::new(c))).collect();
         let mut guards: Vec<Guard> = config
             .rooms
             .iter()
@@ -109,16 +110,41 @@ impl Gate {
             })
             .collect();
         guards.sort_by_key(|guard| std::cmp::Reverse(guard.prefix.len()));
+        let server = &config.server;
         Ok(Gate {
             rooms,
             guards,
             tokens: Tokens::new(&config.tokens)?,
-            upstream: Upstream::new(&config.upstream, stop),
-            trusted_proxies: config.server.trusted_proxies.clone(),
-            max_body_bytes: config.server.max_body_bytes,
-            body_read_timeout: config.server.body_read_timeout,
+            upstream: Upstream::new(&config.upstream, stop.clone()),
+            store: Arc::new(store),
+            clock: Clock::new(),
+            feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
+            tasks: TaskTracker::new(),
+            stop,
+            trusted_proxies: server.trusted_proxies.clone(),
+            max_body_bytes: server.max_body_bytes,
+            body_read_timeout: server.body_read_timeout,
             preserve_host: config.upstream.preserve_host,
+            secure_cookies: server.tls.is_some(),
         })
+    }
+
+    /// Start one scheduler per room.
+    pub fn start_schedulers(&self) {
+        for room in &self.rooms {
+            let task = run_scheduler(room.clone(), self.store.clone(), self.clock, self.stop.clone());
+            self.tasks.spawn(task);
+        }
+    }
+
+    /// Ends feeds, schedulers and tunnels.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Feed sockets and schedulers still running.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// The per-connection state for a client at `peer`.
@@ -135,8 +161,17 @@ impl Gate {
         &self.upstream
     }
 
-    pub fn rooms(&self) -> &[Room] {
+    pub fn rooms(&self) -> &[Arc<Room>] {
         &self.rooms
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Feed sockets open now.
+    pub fn open_feeds(&self) -> usize {
+        self.feeds.open()
     }
 
     /// Handle one request; every failure becomes a response here.
@@ -161,16 +196,17 @@ impl Gate {
         let path =
             canonicalize(request.uri().path()).map_err(|_| GateError::BadRequest("The request path is not valid."))?;
         if let Some(endpoint) = path.decoded.strip_prefix(RESERVED_PREFIX) {
-            return self.reserved(endpoint, &request);
+            return self.reserved(endpoint.to_owned(), request, connection).await;
         }
         if path.decoded == WELL_KNOWN_JWKS {
-            return self.reserved("jwks.json", &request);
+            return self.reserved("jwks.json".to_owned(), request, connection).await;
         }
         match self.decide(request.headers(), &path) {
-            Decision::Forward(admission) => self.forward(request, connection, &path, admission).await,
-            // The waiting room itself is the line's work; until a room can hand out tokens,
-            // a protected request without one is told to come back.
-            Decision::Wait(_room) => Err(GateError::Unavailable { retry_after_seconds: WAIT_RETRY_SECONDS }),
+            Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
+            Decision::Forward(Some((room, admission))) => {
+                self.admitted(room, &admission, request, connection, &path).await
+            }
+            Decision::Wait(room) => self.enter(room, request, connection, &path).await,
             Decision::Reject(error) => Err(error),
         }
     }
@@ -180,6 +216,9 @@ impl Gate {
         let Some(room) = self.room_for(&path.decoded) else {
             return Decision::Forward(None);
         };
+        if room.state() == RoomState::Passthrough {
+            return Decision::Forward(None);
+        }
         match self.admission(headers, room) {
             Some(admission) => Decision::Forward(Some((room, admission))),
             None => Decision::Wait(room),
@@ -187,7 +226,7 @@ impl Gate {
     }
 
     /// The room guarding a canonical path, if any.
-    pub fn room_for(&self, path: &str) -> Option<&Room> {
+    pub fn room_for(&self, path: &str) -> Option<&Arc<Room>> {
         let mut lower = None;
         self.guards
             .iter()
@@ -201,41 +240,298 @@ impl Gate {
             .map(|guard| &self.rooms[guard.room])
     }
 
+    fn room_by_id(&self, id: &str) -> Option<&Arc<Room>> {
+        self.rooms.iter().find(|room| room.id == id)
+    }
+
     /// A valid admission for `room` from the `Vestibule-Token` header or the room's cookie.
     /// Invalid tokens of any kind count as no token.
     fn admission(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
         let from_header = headers.get(&hop::VESTIBULE_TOKEN).and_then(|v| v.to_str().ok());
-        let from_cookies = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .filter(|(name, _)| *name == room.token_cookie)
-            .map(|(_, value)| value);
-        from_header.into_iter().chain(from_cookies).find_map(|token| match self.tokens.admit(token, &room.id) {
-            Ok(admission) => Some(admission),
-            Err(reason) => {
-                tracing::debug!(room = %room.id, %reason, "token refused");
-                None
-            }
+        from_header.into_iter().chain(cookies(headers, &room.token_cookie)).find_map(|token| {
+            self.tokens
+                .admit(token, &room.id)
+                .map_err(|reason| tracing::debug!(room = %room.id, %reason, "token refused"))
+                .ok()
         })
     }
 
-    /// vestibule's own endpoints under `/_vestibule/`.
-    fn reserved(&self, endpoint: &str, request: &Request<Incoming>) -> Result<Response<Body>, GateError> {
-        match endpoint {
-            "jwks.json" => {
-                if request.method() != Method::GET && request.method() != Method::HEAD {
-                    return Err(GateError::MethodNotAllowed);
+    /// A valid ticket for `room` from its cookie.
+    fn ticket(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
+        cookies(headers, &room.ticket_cookie).find_map(|ticket| self.tokens.ticket(ticket, &room.id).ok())
+    }
+
+    /// What a visitor holds for `room`.
+    fn holding(&self, headers: &HeaderMap, room: &Room) -> Holding {
+        if self.admission(headers, room).is_some() {
+            return Holding::Token;
+        }
+        match self.ticket(headers, room) {
+            Some(ticket) => Holding::Ticket(ticket.ticket),
+            None => Holding::Nothing,
+        }
+    }
+
+    /// An admitted request: forward it, renew its token when due, and end the session when
+    /// the upstream says so.
+    async fn admitted(
+        &self,
+        room: &Arc<Room>,
+        admission: &Admission,
+        request: Request<Incoming>,
+        connection: &Connection,
+        path: &CanonicalPath,
+    ) -> Result<Response<Body>, GateError> {
+        let forwarded = self.forward(request, connection, path, Some((room, &admission.visitor))).await?;
+        let mut response = forwarded.response;
+        if admission.ticket == 0 {
+            return Ok(response); // a token minted outside any session (`vestibule token`)
+        }
+        if forwarded.session_ended {
+            self.end_session(room, admission).await;
+            append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
+            return Ok(response);
+        }
+        let now = self.clock.now_ms();
+        let session_seconds = room.limits.session_ms / 1_000;
+        let left = admission.expires_at.saturating_sub(now / 1_000);
+        if left * 2 < session_seconds {
+            let until = now + room.limits.session_ms;
+            if let Ok(true) = self.store.renew(&room.id, admission.ticket, until).await {
+                if let Ok(token) = self.tokens.mint(&room.id, &admission.visitor, admission.ticket, until / 1_000) {
+                    append_cookie(&mut response, self.cookie(&room.token_cookie, &token, session_seconds));
                 }
-                let mut response = Response::new(body::full(self.tokens.ring().jwks()));
-                let headers = response.headers_mut();
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
-                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            }
+        }
+        Ok(response)
+    }
+
+    /// End a session: its slot frees at once and its tokens stop passing.
+    async fn end_session(&self, room: &Room, admission: &Admission) {
+        self.tokens.revoke(&room.id, admission.ticket, admission.expires_at);
+        if let Err(error) = self.store.release(&room.id, admission.ticket).await {
+            tracing::warn!(room = %room.id, %error, "could not release a session");
+        }
+    }
+
+    /// A protected request without a valid token: redeem the visitor's ticket, keep them
+    /// waiting, or put them in line.
+    async fn enter(
+        &self,
+        room: &Arc<Room>,
+        request: Request<Incoming>,
+        connection: &Connection,
+        path: &CanonicalPath,
+    ) -> Result<Response<Body>, GateError> {
+        let now = self.clock.now_ms();
+        let mut why = None;
+        if let Some(ticket) = self.ticket(request.headers(), room) {
+            match self.store.redeem(&room.id, &room.limits, ticket.ticket, now).await.map_err(unavailable)? {
+                Redeemed::Admitted { expires_at } => {
+                    return self
+                        .admit(room, &ticket.visitor, ticket.ticket, expires_at, request, connection, path)
+                        .await;
+                }
+                Redeemed::Waiting { .. } => {
+                    let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
+                    return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
+                }
+                Redeemed::Gone(gone) => why = Some(gone),
+            }
+        }
+        let snapshot = room.snapshot();
+        if snapshot.state == RoomState::Closed {
+            let mut response =
+                self.page_response(room, Holding::Nothing, 0, None, &request, StatusCode::SERVICE_UNAVAILABLE);
+            append_cookie(&mut response, self.clear_cookie(&room.ticket_cookie));
+            return Ok(response);
+        }
+        let admit_now = snapshot.state == RoomState::Open;
+        let visitor = random_id();
+        match self.store.join(&room.id, &room.limits, admit_now, now).await.map_err(unavailable)? {
+            Joined::Admitted { ticket, expires_at } => {
+                self.admit(room, &visitor, ticket, expires_at, request, connection, path).await
+            }
+            Joined::Waiting { ticket } => {
+                let cursor = snapshot.cursor.min(ticket.saturating_sub(1));
+                let cookie = self
+                    .tokens
+                    .mint_ticket(&room.id, &visitor, ticket, cursor, TICKET_LIFETIME)
+                    .map_err(|_| GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
+                let cookie = self.cookie(&room.ticket_cookie, &cookie, TICKET_LIFETIME.as_secs());
+                let why = why.and_then(page::why);
+                Ok(self.waiting(room, ticket, ticket - cursor, why, &request, Some(cookie)))
+            }
+        }
+    }
+
+    /// Forward a visitor whose turn it is, with a fresh token as a cookie.
+    #[allow(clippy::too_many_arguments)]
+    async fn admit(
+        &self,
+        room: &Arc<Room>,
+        visitor: &str,
+        ticket: u64,
+        expires_at_ms: u64,
+        request: Request<Incoming>,
+        connection: &Connection,
+        path: &CanonicalPath,
+    ) -> Result<Response<Body>, GateError> {
+        let token = self
+            .tokens
+            .mint(&room.id, visitor, ticket, expires_at_ms / 1_000)
+            .map_err(|_| GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
+        let had_ticket = cookies(request.headers(), &room.ticket_cookie).next().is_some();
+        let forwarded = self.forward(request, connection, path, Some((room, visitor))).await?;
+        let mut response = forwarded.response;
+        if forwarded.session_ended {
+            let admission = Admission {
+                room: room.id.clone(),
+                visitor: visitor.to_owned(),
+                not_before: 0,
+                expires_at: expires_at_ms / 1_000,
+                jti: String::new(),
+                ticket,
+                cursor_at_join: None,
+            };
+            self.end_session(room, &admission).await;
+        } else {
+            let lifetime = room.limits.session_ms / 1_000;
+            append_cookie(&mut response, self.cookie(&room.token_cookie, &token, lifetime));
+        }
+        if had_ticket {
+            append_cookie(&mut response, self.clear_cookie(&room.ticket_cookie));
+        }
+        Ok(response)
+    }
+
+    /// The waiting answer: the page for browsers, 503 with the status JSON for the rest.
+    fn waiting(
+        &self,
+        room: &Room,
+        ticket: u64,
+        start_position: u64,
+        why: Option<&str>,
+        request: &Request<Incoming>,
+        set_ticket: Option<HeaderValue>,
+    ) -> Response<Body> {
+        room.touch(ticket);
+        let status = if request.method() == Method::GET && !error::wants_json(request.headers()) {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut response = self.page_response(room, Holding::Ticket(ticket), start_position, why, request, status);
+        if let Some(cookie) = set_ticket {
+            append_cookie(&mut response, cookie);
+        }
+        response
+    }
+
+    /// The waiting or closed page (HTML), or the status JSON with 503 and `Retry-After`.
+    fn page_response(
+        &self,
+        room: &Room,
+        holding: Holding,
+        start_position: u64,
+        why: Option<&str>,
+        request: &Request<Incoming>,
+        status: StatusCode,
+    ) -> Response<Body> {
+        let current = room.status(holding);
+        let html = request.method() == Method::GET && !error::wants_json(request.headers());
+        let mut response = if html {
+            let mut response = Response::new(body::full(page::render(&room.id, &current, start_position, why)));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            response.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'",
+                ),
+            );
+            response
+        } else {
+            json_response(&current)
+        };
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_SECONDS));
+        }
+        response
+    }
+
+    /// vestibule's own endpoints under `/_vestibule/`.
+    async fn reserved(
+        &self,
+        endpoint: String,
+        mut request: Request<Incoming>,
+        connection: &Connection,
+    ) -> Result<Response<Body>, GateError> {
+        let method = request.method().clone();
+        if endpoint == "jwks.json" {
+            if method != Method::GET && method != Method::HEAD {
+                return Err(GateError::MethodNotAllowed);
+            }
+            let mut response = Response::new(body::full(self.tokens.ring().jwks()));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            return Ok(response);
+        }
+        if !matches!(endpoint.as_str(), "status" | "leave" | "ws") {
+            return Err(GateError::NotFound);
+        }
+        let room_id = query_param(request.uri(), "room").ok_or(GateError::BadRequest("Name the room: ?room=ID"))?;
+        let room = self.room_by_id(&room_id).ok_or(GateError::NotFound)?.clone();
+        match (endpoint.as_str(), method) {
+            ("status", Method::GET) => {
+                let holding = self.holding(request.headers(), &room);
+                if let Holding::Ticket(ticket) = holding {
+                    room.touch(ticket);
+                }
+                let mut response = json_response(&room.status(holding));
+                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(response)
             }
-            _ => Err(GateError::NotFound),
+            ("leave", Method::POST) => {
+                if let Some(admission) = self.admission(request.headers(), &room) {
+                    if admission.ticket != 0 {
+                        self.end_session(&room, &admission).await;
+                    }
+                }
+                if let Some(ticket) = self.ticket(request.headers(), &room) {
+                    self.store.leave(&room.id, ticket.ticket).await.map_err(unavailable)?;
+                }
+                let mut response = json_response(&room.status(Holding::Nothing));
+                append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
+                append_cookie(&mut response, self.clear_cookie(&room.ticket_cookie));
+                Ok(response)
+            }
+            ("ws", Method::GET) => {
+                if request.version() != Version::HTTP_11 {
+                    return Err(GateError::BadRequest("The feed is a websocket over HTTP/1.1."));
+                }
+                let response = feed::switching_protocols(request.headers())?;
+                let holding = self.holding(request.headers(), &room);
+                let slot = self
+                    .feeds
+                    .admit(connection.peer.ip())
+                    .ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
+                if let Holding::Ticket(ticket) = holding {
+                    room.touch(ticket);
+                }
+                let on_upgrade = hyper::upgrade::on(&mut request);
+                let stop = self.stop.clone();
+                self.tasks.spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        feed::serve(upgraded, room, holding, stop, slot).await;
+                    }
+                });
+                Ok(response)
+            }
+            _ => Err(GateError::MethodNotAllowed),
         }
     }
 
@@ -245,8 +541,8 @@ impl Gate {
         mut request: Request<Incoming>,
         connection: &Connection,
         path: &CanonicalPath,
-        admission: Option<(&Room, Arc<Admission>)>,
-    ) -> Result<Response<Body>, GateError> {
+        admitted: Option<(&Room, &str)>,
+    ) -> Result<Forwarded, GateError> {
         let upgrade =
             (request.version() == Version::HTTP_11).then(|| hop::upgrade_requested(request.headers())).flatten();
         let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
@@ -269,9 +565,8 @@ impl Gate {
         if let Some(protocol) = upgrade {
             hop::set_upgrade(headers, protocol);
         }
-        if let Some((room, admission)) = &admission {
-            let visitor =
-                HeaderValue::from_str(&admission.visitor).map_err(|_| GateError::BadRequest("Invalid visitor."))?;
+        if let Some((room, visitor)) = admitted {
+            let visitor = HeaderValue::from_str(visitor).map_err(|_| GateError::BadRequest("Invalid visitor."))?;
             headers.insert(hop::VESTIBULE_ROOM, HeaderValue::from_str(&room.id).expect("room ids are validated"));
             headers.insert(hop::VESTIBULE_VISITOR, visitor);
         }
@@ -296,6 +591,56 @@ impl Gate {
         };
         self.upstream.send(Request::from_parts(parts, body), on_upgrade).await
     }
+
+    /// A `Set-Cookie` value: HttpOnly, SameSite=Lax, Secure over TLS.
+    fn cookie(&self, name: &str, value: &str, max_age: u64) -> HeaderValue {
+        let secure = if self.secure_cookies { "; Secure" } else { "" };
+        let text = format!("{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}");
+        HeaderValue::from_str(&text).expect("tokens and room ids are valid in a cookie")
+    }
+
+    fn clear_cookie(&self, name: &str) -> HeaderValue {
+        self.cookie(name, "", 0)
+    }
+}
+
+/// Values of the cookies named `name`, from every `Cookie` header.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(cookie, _)| *cookie == name)
+        .map(|(_, value)| value)
+}
+
+fn append_cookie(response: &mut Response<Body>, cookie: HeaderValue) {
+    response.headers_mut().append(header::SET_COOKIE, cookie);
+}
+
+fn json_response(value: &impl serde::Serialize) -> Response<Body> {
+    let text = serde_json::to_string(value).expect("status documents serialize");
+    let mut response = Response::new(body::full(text));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A store that cannot answer: come back shortly.
+fn unavailable(error: StoreError) -> GateError {
+    tracing::warn!(%error, "store unavailable");
+    GateError::Unavailable { retry_after_seconds: 5 }
+}
+
+/// One query parameter, percent-decoded.
+fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).and_then(
+        |(_, value)| {
+            let value = percent_encoding::percent_decode_str(value).decode_utf8().ok()?;
+            (!value.is_empty() && value.len() <= 64).then(|| value.into_owned())
+        },
+    )
 }
 
 /// One `Host`, and an absolute-form target that agrees with it (RFC 9112 §3.2.2).
@@ -315,4 +660,10 @@ fn check_host(request: &Request<Incoming>) -> Result<(), GateError> {
         return Err(GateError::BadRequest("An HTTP/1.1 request needs a Host header."));
     }
     Ok(())
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("rooms", &self.rooms.len()).finish_non_exhaustive()
+    }
 }

@@ -57,8 +57,8 @@ impl Running {
 /// Bind the listener and start serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
-    let tunnels_stop = CancellationToken::new();
-    let gate = Arc::new(Gate::new(config, tunnels_stop.clone())?);
+    let gate = Arc::new(Gate::new(config, CancellationToken::new())?);
+    gate.start_schedulers();
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -73,11 +73,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         server: config.server.clone(),
         stop: stop.clone(),
     };
-    let task = tokio::spawn(async move {
-        server.run().await;
-        // Upgraded tunnels outlive their requests; they get the same grace, then end.
-        tunnels_stop.cancel();
-    });
+    let task = tokio::spawn(server.run());
     tracing::info!(%addr, tls = config.server.tls.is_some(), "listening");
     Ok(Running { addr, gate, stop, task })
 }
@@ -129,12 +125,18 @@ impl Listener {
         }
         drop(self.listener);
         tracing::info!(grace = ?self.server.shutdown_grace, "shutting down: finishing in-flight requests");
-        if tokio::time::timeout(self.server.shutdown_grace, graceful.shutdown()).await.is_err() {
+        let graceful_done = tokio::time::timeout(self.server.shutdown_grace, graceful.shutdown()).await;
+        if graceful_done.is_err() {
             tracing::warn!("shutdown grace ran out; closing the remaining connections");
         }
-        let tunnels = self.gate.upstream().tunnels();
-        tunnels.close();
-        let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
+        // Upgraded tunnels and feed sockets outlive their requests: they get the grace above,
+        // then the stop token ends them (feeds say goodbye; pages reconnect elsewhere).
+        drop(graceful_done);
+        self.gate.stop_token().cancel();
+        for tasks in [self.gate.upstream().tunnels(), self.gate.tasks()] {
+            tasks.close();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
+        }
     }
 
     /// Accept the next connection; on errors (out of file descriptors, say) back off

@@ -198,9 +198,11 @@ async fn no_spelling_of_a_protected_path_slips_past_the_room() {
         "/%5Ccheckout",
     ];
     for path in variants {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
         let (status, text) = raw(gate.addr, request.as_bytes()).await;
         assert_eq!(status, 503, "{path} must be held by the room, got: {text}");
+        assert!(text.contains(r#""status":"paused""#), "{path}: the line's answer: {text}");
     }
     assert!(upstream.requests().is_empty(), "none of them may reach the upstream: {:?}", upstream.requests());
 

@@ -142,6 +142,7 @@ async fn websocket_upgrades_pass_only_for_admitted_requests_and_only_on_101() {
     let upgrade = |path: &str, token: &str| {
         let mut builder = Request::get(path)
             .header("host", "shop.test")
+            .header("accept", "application/json")
             .header("connection", "Upgrade")
             .header("upgrade", "websocket")
             .header("sec-websocket-version", "13")

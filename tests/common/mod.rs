@@ -199,9 +199,10 @@ impl Drop for TempDir {
     }
 }
 
-/// A gate in front of `upstream`, with one room `checkout` guarding `/checkout` and
-/// `/api/cart/checkout`, and room `other` guarding `/other`. `extra` is appended to
-/// `[server]`; `upstream_extra` to `[upstream]`.
+/// A gate in front of `upstream`, with room `checkout` guarding `/checkout` and
+/// `/api/cart/checkout`, and room `other` guarding `/other`. Both rooms are paused, so that
+/// nobody gets in without a token: these tests are about the gate, not the line.
+/// `server_extra` is appended to `[server]`; `upstream_extra` to `[upstream]`.
 pub struct Harness {
     pub running: Running,
     pub addr: SocketAddr,
@@ -226,11 +227,13 @@ id = "checkout"
 paths = ["/checkout", "/api/cart/checkout"]
 admit_per_minute = 60
 max_active = 10
+state = "paused"
 [[rooms]]
 id = "other"
 paths = ["/other"]
 admit_per_minute = 60
 max_active = 10
+state = "paused"
 "#
     )
 }
@@ -266,9 +269,10 @@ pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> (StatusCod
     (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// GET `path` with extra headers.
+/// GET `path` with extra headers, as an API client (`Accept: application/json`), so that a
+/// request the gate holds is answered 503.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
-    let mut builder = Request::get(path).header("host", "shop.test");
+    let mut builder = Request::get(path).header("host", "shop.test").header("accept", "application/json");
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
@@ -296,7 +300,8 @@ pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// Whether the response is the gate's own "wait" answer (never the upstream's).
+/// Whether the response is the gate's own "wait" answer to an API client (never the
+/// upstream's, which answers 200).
 pub fn is_gate_wait(status: StatusCode) -> bool {
     status == StatusCode::SERVICE_UNAVAILABLE
 }
