@@ -56,6 +56,7 @@ impl Upstream {
 /// - `/download/N` streams N bytes;
 /// - `/upload` counts the body as it streams and answers with the count;
 /// - `.../ws` answers an upgrade with 101 and echoes bytes; `/no-upgrade` answers 200 to one;
+/// - `.../order` answers with `Vestibule-Session: end`;
 /// - `/hop` answers with hop-by-hop headers that must not reach the client;
 /// - anything else answers 200 `upstream saw <path>`.
 pub async fn start_upstream() -> (SocketAddr, Upstream) {
@@ -146,6 +147,12 @@ async fn respond(mut request: Request<Incoming>, state: Upstream) -> Response<Fu
             response(StatusCode::OK, "slow done".into())
         }
         "/upload" => response(StatusCode::OK, body_bytes.to_string()),
+        order if order.ends_with("/order") => {
+            // The order is placed: the upstream ends the visitor's session.
+            let mut placed = response(StatusCode::OK, "order placed".into());
+            placed.headers_mut().insert("vestibule-session", "end".parse().unwrap());
+            placed
+        }
         ws if ws.ends_with("/ws") => {
             let mut switching = response(StatusCode::SWITCHING_PROTOCOLS, String::new());
             switching.headers_mut().insert("upgrade", "websocket".parse().unwrap());
@@ -243,6 +250,22 @@ pub async fn start_gate(upstream: SocketAddr, server_extra: &str, upstream_extra
     let key_path = dir.path().join("signing.pem");
     std::fs::write(&key_path, generate_key(KeyKind::Eddsa)).unwrap();
     let text = config_text("127.0.0.1:0", upstream, &key_path, server_extra, upstream_extra);
+    let config = Config::parse(&text, "test.toml", dir.path()).unwrap();
+    let running = server::start(&config).await.unwrap();
+    let addr = running.addr;
+    Harness { running, addr, dir, key_path }
+}
+
+/// A gate in front of `upstream` with one room `checkout` on `/checkout`, configured by
+/// `room` (TOML keys of `[[rooms]]` besides id and paths).
+pub async fn start_room(upstream: SocketAddr, room: &str) -> Harness {
+    let dir = TempDir::new("room");
+    let key_path = dir.path().join("signing.pem");
+    std::fs::write(&key_path, generate_key(KeyKind::Eddsa)).unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[upstream]\nurl = \"http://{upstream}\"\n\
+         [tokens]\nsigning_key = {key_path:?}\n[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n{room}\n"
+    );
     let config = Config::parse(&text, "test.toml", dir.path()).unwrap();
     let running = server::start(&config).await.unwrap();
     let addr = running.addr;

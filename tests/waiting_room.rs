@@ -1,0 +1,308 @@
+//! The line end to end over real HTTP and websocket clients: idle admission, the waiting page,
+//! status, positions, the feed, leaving, session ends, single-use tickets and room states.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::Full;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use vestibule::config::RoomState;
+
+/// A browser-like visitor with a cookie jar.
+struct Visitor {
+    addr: SocketAddr,
+    jar: BTreeMap<String, String>,
+}
+
+impl Visitor {
+    fn new(addr: SocketAddr) -> Visitor {
+        Visitor { addr, jar: BTreeMap::new() }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ")
+    }
+
+    fn absorb(&mut self, headers: &HeaderMap) {
+        for cookie in headers.get_all("set-cookie") {
+            let text = cookie.to_str().unwrap();
+            let (pair, attributes) = text.split_once(';').unwrap_or((text, ""));
+            let (name, value) = pair.split_once('=').unwrap();
+            if attributes.contains("Max-Age=0") {
+                self.jar.remove(name);
+            } else {
+                self.jar.insert(name.to_owned(), value.to_owned());
+            }
+        }
+    }
+
+    async fn request(&mut self, method: &str, path: &str, accept: &str) -> (StatusCode, HeaderMap, String) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "shop.test")
+            .header("accept", accept)
+            .header("cookie", self.cookie_header())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, headers, body) = send(self.addr, request).await;
+        self.absorb(&headers);
+        (status, headers, body)
+    }
+
+    /// A page load, as a browser does it.
+    async fn open(&mut self, path: &str) -> (StatusCode, HeaderMap, String) {
+        self.request("GET", path, "text/html").await
+    }
+
+    async fn status(&mut self) -> Value {
+        let (status, _, body) = self.request("GET", "/_vestibule/status?room=checkout", "application/json").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn leave(&mut self) {
+        let (status, _, body) = self.request("POST", "/_vestibule/leave?room=checkout", "application/json").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    async fn wait_for_status(&mut self, wanted: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let status = self.status().await;
+            if status["status"] == wanted {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "waited for {wanted}, still {status}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn feed(&self) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+        let mut request = format!("ws://{}/_vestibule/ws?room=checkout", self.addr).into_client_request().unwrap();
+        request.headers_mut().insert("cookie", self.cookie_header().parse().unwrap());
+        let stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let (socket, response) = tokio_tungstenite::client_async(request, stream).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        socket
+    }
+}
+
+async fn next_message(socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Value {
+    loop {
+        let message = tokio::time::timeout(DEADLINE, socket.next()).await.expect("a feed message in time");
+        match message.expect("the feed is open").unwrap() {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+const BUSY_ROOM: &str = "admit_per_minute = 60\nmax_active = 1\n";
+
+#[tokio::test]
+async fn an_idle_room_admits_at_once_with_a_token_cookie() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, "admit_per_minute = 600\nmax_active = 5\n").await;
+    let mut visitor = Visitor::new(gate.addr);
+    let (status, headers, body) = visitor.open("/checkout").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "upstream saw /checkout"));
+    let cookie = headers.get("set-cookie").unwrap().to_str().unwrap();
+    assert!(cookie.starts_with("vestibule-token-checkout="), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
+    let first = upstream.last().headers["vestibule-visitor"].clone();
+    // The token cookie lets the next request through without the line.
+    let (status, _, _) = visitor.open("/checkout/pay").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(upstream.last().headers["vestibule-visitor"], first);
+    assert_eq!(visitor.status().await["status"], "admitted");
+}
+
+#[tokio::test]
+async fn a_busy_room_shows_the_page_and_keeps_join_order() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, BUSY_ROOM).await;
+    let mut first = Visitor::new(gate.addr);
+    assert_eq!(first.open("/checkout").await.0, StatusCode::OK);
+
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut visitor = Visitor::new(gate.addr);
+        let (status, headers, page) = visitor.open("/checkout").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
+        assert!(page.contains("You are in line") && page.contains(r#"id="position""#), "{page}");
+        assert!(visitor.jar.contains_key("vestibule-ticket-checkout"));
+        waiting.push(visitor);
+    }
+    assert_eq!(upstream.requests().len(), 1, "only the first visitor reached the upstream");
+
+    // Positions follow join order once the room's snapshot has caught up.
+    wait_for("the first admission in the snapshot", || gate.running.gate().rooms()[0].snapshot().cursor == 1).await;
+    for (i, visitor) in waiting.iter_mut().enumerate() {
+        let status = visitor.status().await;
+        assert_eq!(status["status"], "waiting");
+        assert_eq!(status["position"], i as u64 + 1, "{status}");
+    }
+    // An API client gets 503, Retry-After and the same status as JSON.
+    let (status, headers, body) = waiting[2].request("GET", "/checkout", "application/json").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "20");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((json["status"].as_str(), json["position"].as_u64()), (Some("waiting"), Some(3)));
+}
+
+#[tokio::test]
+async fn the_feed_pushes_the_position_then_admission_and_the_turn_is_redeemed_once() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, BUSY_ROOM).await;
+    let mut first = Visitor::new(gate.addr);
+    first.open("/checkout").await;
+    let mut second = Visitor::new(gate.addr);
+    second.open("/checkout").await;
+    wait_for("the snapshot", || gate.running.gate().rooms()[0].snapshot().cursor == 1).await;
+
+    let mut feed = second.feed().await;
+    let message = next_message(&mut feed).await;
+    assert_eq!((message["type"].as_str(), message["position"].as_u64()), (Some("position"), Some(1)), "{message}");
+
+    // The first visitor leaves: their slot frees and their token stops passing.
+    let stale_token = first.jar["vestibule-token-checkout"].clone();
+    first.leave().await;
+    assert_eq!(next_message(&mut feed).await["type"], "admitted");
+
+    let copied_ticket = second.jar["vestibule-ticket-checkout"].clone();
+    let (status, _, body) = second.open("/checkout").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "upstream saw /checkout"));
+    assert!(second.jar.contains_key("vestibule-token-checkout"));
+    assert!(!second.jar.contains_key("vestibule-ticket-checkout"), "the ticket is spent");
+
+    // A copy of the spent ticket admits nobody else; it joins at the back and is told why.
+    let seen = upstream.requests().len();
+    let mut copier = Visitor::new(gate.addr);
+    copier.jar.insert("vestibule-ticket-checkout".into(), copied_ticket);
+    let (_, _, page) = copier.open("/checkout").await;
+    assert!(page.contains("already used"), "{page}");
+    // The ended session's token is refused.
+    let mut stale = Visitor::new(gate.addr);
+    stale.jar.insert("vestibule-token-checkout".into(), stale_token);
+    let (status, _, _) = stale.request("GET", "/checkout", "application/json").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(upstream.requests().len(), seen, "neither reached the upstream");
+}
+
+#[tokio::test]
+async fn a_tampered_ticket_counts_as_none() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, BUSY_ROOM).await;
+    Visitor::new(gate.addr).open("/checkout").await;
+    let mut visitor = Visitor::new(gate.addr);
+    visitor.open("/checkout").await;
+    let ticket = visitor.jar["vestibule-ticket-checkout"].clone();
+    let mut parts: Vec<String> = ticket.split('.').map(str::to_owned).collect();
+    parts[2] = parts[2].chars().rev().collect();
+    visitor.jar.insert("vestibule-ticket-checkout".into(), parts.join("."));
+    let (status, _, page) = visitor.open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("You are in line"));
+    assert_ne!(visitor.jar["vestibule-ticket-checkout"], parts.join("."), "a fresh ticket replaces the forged one");
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn the_upstream_ending_the_session_frees_the_slot_and_revokes_the_token() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, BUSY_ROOM).await;
+    let mut buyer = Visitor::new(gate.addr);
+    buyer.open("/checkout").await;
+    let token = buyer.jar["vestibule-token-checkout"].clone();
+    let mut next = Visitor::new(gate.addr);
+    next.open("/checkout").await;
+
+    let (status, headers, body) = buyer.request("POST", "/checkout/order", "text/html").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "order placed"));
+    assert!(!headers.contains_key("vestibule-session"), "the header is for the gate only");
+    assert!(!buyer.jar.contains_key("vestibule-token-checkout"), "the token cookie is cleared");
+
+    next.wait_for_status("admitted").await;
+    let (status, _, _) = next.open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let mut replay = Visitor::new(gate.addr);
+    replay.jar.insert("vestibule-token-checkout".into(), token);
+    let before = upstream.requests().len();
+    let (status, _, _) = replay.request("GET", "/checkout", "application/json").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "an ended session's token stops at once");
+    assert_eq!(upstream.requests().len(), before);
+}
+
+#[tokio::test]
+async fn room_states_pause_close_and_switch_off_the_gate() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, "admit_per_minute = 600\nmax_active = 5\n").await;
+    let room = gate.running.gate().rooms()[0].clone();
+
+    room.set_control(RoomState::Paused, Some("Back in five minutes".into()));
+    let mut waiter = Visitor::new(gate.addr);
+    let (status, _, page) = waiter.open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("The line is paused") && page.contains("Back in five minutes"), "{page}");
+    let status = waiter.status().await;
+    assert_eq!((status["status"].as_str(), status["position"].as_u64()), (Some("paused"), Some(1)), "{status}");
+    let mut feed = waiter.feed().await;
+    assert_eq!(next_message(&mut feed).await["type"], "paused");
+    assert!(upstream.requests().is_empty(), "paused: nobody is admitted, even with room to spare");
+
+    room.set_control(RoomState::Closed, Some("Sold out".into()));
+    let message = next_message(&mut feed).await;
+    assert_eq!((message["type"].as_str(), message["message"].as_str()), (Some("closed"), Some("Sold out")));
+    let mut late = Visitor::new(gate.addr);
+    let (status, _, page) = late.open("/checkout").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(page.contains("This sale is closed") && page.contains("Sold out"));
+    assert_eq!(late.status().await["status"], "closed");
+
+    room.set_control(RoomState::Open, None);
+    // Reopened: the waiter sees their place again, then their turn comes.
+    loop {
+        let message = next_message(&mut feed).await;
+        match message["type"].as_str() {
+            Some("admitted") => break,
+            Some("position") => assert_eq!(message["position"], 1),
+            _ => panic!("unexpected {message}"),
+        }
+    }
+
+    room.set_control(RoomState::Passthrough, None);
+    let (status, headers, _) = Visitor::new(gate.addr).open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!headers.contains_key("set-cookie"), "passthrough: no token, no ticket");
+}
+
+#[tokio::test]
+async fn reserved_endpoints_refuse_what_they_do_not_take() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, BUSY_ROOM).await;
+    let mut visitor = Visitor::new(gate.addr);
+    for (method, path, expected) in [
+        ("GET", "/_vestibule/status", StatusCode::BAD_REQUEST),
+        ("GET", "/_vestibule/status?room=nope", StatusCode::NOT_FOUND),
+        ("GET", "/_vestibule/leave?room=checkout", StatusCode::METHOD_NOT_ALLOWED),
+        ("GET", "/_vestibule/ws?room=checkout", StatusCode::BAD_REQUEST),
+        ("GET", "/_vestibule/elsewhere", StatusCode::NOT_FOUND),
+    ] {
+        let (status, _, body) = visitor.request(method, path, "application/json").await;
+        assert_eq!(status, expected, "{method} {path}: {body}");
+    }
+    assert_eq!(visitor.status().await["status"], "none");
+    assert!(upstream.requests().is_empty());
+}
