@@ -328,6 +328,7 @@ impl Gate {
         if let Some(ticket) = self.ticket(request.headers(), room) {
             match self.store.redeem(&room.id, &room.limits, ticket.ticket, now).await.map_err(unavailable)? {
                 Redeemed::Admitted { expires_at } => {
+                    room.observe_cursor(ticket.ticket);
                     return self
                         .admit(room, &ticket.visitor, ticket.ticket, expires_at, request, connection, path)
                         .await;
@@ -350,6 +351,7 @@ impl Gate {
         let visitor = random_id();
         match self.store.join(&room.id, &room.limits, admit_now, now).await.map_err(unavailable)? {
             Joined::Admitted { ticket, expires_at } => {
+                room.observe_cursor(ticket);
                 self.admit(room, &visitor, ticket, expires_at, request, connection, path).await
             }
             Joined::Waiting { ticket } => {

@@ -279,12 +279,14 @@ impl Line {
 
     pub fn stats(&mut self, limits: &Limits, now: u64) -> Stats {
         self.expire(limits, now);
-        let rate_per_second = match self.admitted.front() {
-            None => None,
-            Some(first) => {
-                let span = now.saturating_sub(*first).clamp(1_000, RATE_WINDOW_MS);
-                Some(self.admitted.len() as f64 * 1_000.0 / span as f64)
+        // Intervals between admissions, measured up to now so that the rate falls when
+        // admissions stop; one admission alone says nothing about a rate.
+        let rate_per_second = match (self.admitted.front(), self.admitted.len()) {
+            (Some(first), count) if count >= 2 => {
+                let span = now.saturating_sub(*first).max(1_000);
+                Some((count - 1) as f64 * 1_000.0 / span as f64)
             }
+            _ => None,
         };
         Stats {
             cursor: self.cursor,
@@ -482,7 +484,7 @@ mod tests {
         for _ in 0..100 {
             line.join(&limits, true, 0);
         }
-        assert_eq!(line.stats(&limits, 0).rate_per_second.map(|r| r.round()), Some(1.0), "the idle admission");
+        assert_eq!(line.stats(&limits, 0).rate_per_second, None, "one admission is no rate yet");
         for now in (1_000..=30_000).step_by(1_000) {
             line.advance(&limits, now);
             line.touch(&(1..=100).collect::<Vec<_>>(), now);

@@ -160,12 +160,14 @@ async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     let config = demo_config(listen, shop, &key)?;
     let running = server::start(&config).await?;
     let url = format!("http://{}", running.addr);
-    let token = running.gate().tokens().mint("checkout", &random_id(), 0, unix_now() + 600)?;
-    println!("\nvestibule demo: the demo shop behind the gate\n");
-    println!("  open           {url}/");
-    println!("  guarded room   {url}/checkout  (503 without an admission token)");
-    println!("  admitted       curl -H 'Vestibule-Token: {token}' {url}/checkout");
-    println!("  public keys    {url}/.well-known/jwks.json\n");
+    println!("\nvestibule demo: a waiting room in front of a small shop\n");
+    println!("  shop        {url}/");
+    println!("  checkout    {url}/checkout   (the room: 3 visitors a minute, 2 at a time)\n");
+    println!("Open the checkout, then open it again in a private window or another browser:");
+    println!("the second visitor waits in line, watches their place, and is let in when their");
+    println!("turn comes. Placing an order ends a session and frees a place at once.\n");
+    println!("  status      curl '{url}/_vestibule/status?room=checkout'");
+    println!("  public keys {url}/.well-known/jwks.json\n");
     println!("Ctrl-C to stop.");
     shutdown_signal().await;
     running.shutdown();
@@ -188,9 +190,10 @@ signing_key = {key:?}
 [[rooms]]
 id = "checkout"
 paths = ["/checkout"]
-admit_per_minute = 6
+admit_per_minute = 3
 max_active = 2
-session_seconds = 120
+session_seconds = 180
+message = "This is the vestibule demo: visitors are let in three a minute, two at a time."
 "#
     );
     Ok(Config::parse(&text, "(demo)", Path::new("."))?)

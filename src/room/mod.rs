@@ -93,6 +93,16 @@ impl Room {
         });
     }
 
+    /// Publish a cursor learned from the store between steps (an admission at join or
+    /// redeem), so that pages rendered right after it count from it.
+    pub fn observe_cursor(&self, cursor: u64) {
+        self.snapshot.send_if_modified(|snapshot| {
+            let moved = cursor > snapshot.cursor;
+            snapshot.cursor = snapshot.cursor.max(cursor);
+            moved
+        });
+    }
+
     /// Record that a waiter is still here; sent to the store in one batch per step.
     pub fn touch(&self, ticket: u64) {
         if let Ok(mut touched) = self.touched.lock() {
