@@ -1,0 +1,44 @@
+//! The waiting page in a real headless browser (Debian's `chromium`, driven by
+//! `playwright-core`): see `tests/browser/waiting_room.mjs`. `tests/run` installs both.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} is missing: run `bash tests/run` (it installs Debian's chromium), or set CHROMIUM"
+    );
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core").exists(),
+        "playwright-core is missing: run `bash tests/run` (it runs npm ci in tests/browser)"
+    );
+
+    let stop = CancellationToken::new();
+    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    let gate = start_room(shop, "admit_per_minute = 600\nmax_active = 1\n").await;
+    let screenshot = root.join("target/waiting-page-320px.png");
+
+    let base = format!("http://{}", gate.addr);
+    let script = root.join("tests/browser/waiting_room.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node").arg(script).arg(base).arg(screenshot).env("CHROMIUM", chromium).output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs (Node.js is on this machine's kind)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "the browser journey failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 7, "{stdout}");
+    stop.cancel();
+}
