@@ -384,9 +384,14 @@ impl Gate {
             .mint(&room.id, visitor, ticket, expires_at_ms / 1_000)
             .map_err(|_| GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
         let had_ticket = cookies(request.headers(), &room.ticket_cookie).next().is_some();
-        let forwarded = self.forward(request, connection, path, Some((room, visitor))).await?;
-        let mut response = forwarded.response;
-        if forwarded.session_ended {
+        let wants_json = error::wants_json(request.headers()) || request.method() != Method::GET;
+        // The session exists from here on: even when the upstream fails, the visitor keeps
+        // the token (and their slot) rather than losing both with the error page.
+        let (mut response, session_ended) = match self.forward(request, connection, path, Some((room, visitor))).await {
+            Ok(forwarded) => (forwarded.response, forwarded.session_ended),
+            Err(error) => (error.into_response(wants_json), false),
+        };
+        if session_ended {
             let admission = Admission {
                 room: room.id.clone(),
                 visitor: visitor.to_owned(),

@@ -306,3 +306,14 @@ async fn reserved_endpoints_refuse_what_they_do_not_take() {
     assert_eq!(visitor.status().await["status"], "none");
     assert!(upstream.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_visitor_admitted_while_the_upstream_fails_keeps_their_token() {
+    let dead = dead_address().await;
+    let gate = start_room(dead, "admit_per_minute = 600\nmax_active = 1\n").await;
+    let mut visitor = Visitor::new(gate.addr);
+    let (status, _, _) = visitor.open("/checkout").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(visitor.jar.contains_key("vestibule-token-checkout"), "the admission survives the upstream's failure");
+    assert_eq!(visitor.status().await["status"], "admitted");
+}

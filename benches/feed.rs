@@ -1,0 +1,219 @@
+//! Waiting sockets one instance holds, memory per waiting socket, and the delay from a cursor
+//! move to the last socket's message.
+//!
+//!   cargo bench --bench feed               # 10 000 waiting visitors
+//!   cargo bench --bench feed -- 18000      # up to what the file-descriptor limit allows
+//!
+//! Starts the real `vestibule` binary (release) with one room whose only slot is taken, joins
+//! N visitors (each gets a ticket), opens N feed sockets, reads the instance's resident memory
+//! before and after, then frees the slot and times how long the cursor move takes to reach
+//! every socket. Loopback only.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Instance(Child);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the instance runs");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+/// The demo shop as the upstream; returns it and its address.
+fn start_shop() -> (Instance, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .args(["shop", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the shop starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("the shop reports its address").unwrap();
+    let addr = line.trim_start_matches("demo shop on http://").trim_end_matches('/').parse().expect("an address");
+    (Instance(child), addr)
+}
+
+fn start_instance(dir: &std::path::Path, upstream: SocketAddr) -> (Instance, SocketAddr) {
+    let binary = env!("CARGO_BIN_EXE_vestibule");
+    let key = Command::new(binary).arg("keygen").output().expect("keygen").stdout;
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    let config = r#"
+[server]
+listen = "127.0.0.1:0"
+workers = 1
+max_feed_sockets = 100000
+max_feed_sockets_per_address = 100000
+[upstream]
+url = "http://UPSTREAM"
+[tokens]
+signing_key = "key.pem"
+[[rooms]]
+id = "checkout"
+paths = ["/checkout"]
+admit_per_minute = 60000
+max_active = 1
+abandon_seconds = 3600
+[log]
+format = "json"
+level = "warn,vestibule=info"
+"#;
+    std::fs::write(dir.join("proxy.toml"), config.replace("UPSTREAM", &upstream.to_string())).unwrap();
+    let mut child = Command::new(binary)
+        .args(["run", "--config"])
+        .arg(dir.join("proxy.toml"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("vestibule starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("vestibule reports its address").unwrap();
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+            if event["message"] == "listening" {
+                break event["addr"].as_str().unwrap().parse().unwrap();
+            }
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (Instance(child), addr)
+}
+
+/// GET or POST over one kept-alive connection; returns the `Set-Cookie` name=value pairs.
+async fn call(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    method: &str,
+    path: &str,
+    cookie: &str,
+) -> Vec<String> {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "bench.test")
+        .header("accept", "text/html")
+        .header("cookie", cookie)
+        .body(Empty::new())
+        .unwrap();
+    sender.ready().await.expect("the connection stays open");
+    let response = sender.send_request(request).await.expect("a response");
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+        .collect();
+    response.into_body().collect().await.expect("a body");
+    cookies
+}
+
+#[tokio::main]
+async fn main() {
+    let sockets: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(10_000);
+    let dir = std::env::temp_dir().join(format!("vestibule-feed-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_shop, shop_addr) = start_shop();
+    let (instance, addr) = start_instance(&dir, shop_addr);
+    let pid = instance.0.id();
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    // The first visitor takes the only slot; everyone after waits.
+    let holder = call(&mut sender, "GET", "/checkout", "").await.join("; ");
+    let started = Instant::now();
+    let mut tickets = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let cookies = call(&mut sender, "GET", "/checkout", "").await;
+        tickets.push(cookies.into_iter().find(|c| c.starts_with("vestibule-ticket-")).expect("a ticket"));
+    }
+    let joins_per_second = sockets as f64 / started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_kib(pid);
+
+    let received = Arc::new(AtomicUsize::new(0));
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::with_capacity(sockets)));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let opening = Instant::now();
+    let mut tasks = Vec::with_capacity(sockets);
+    for ticket in tickets {
+        let (received, arrivals, opened) = (received.clone(), arrivals.clone(), opened.clone());
+        let mut request = format!("ws://{addr}/_vestibule/ws?room=checkout").into_client_request().unwrap();
+        request.headers_mut().insert("cookie", ticket.parse().unwrap());
+        let stream = TcpStream::connect(addr).await.expect("connect (raise ulimit -n for more sockets)");
+        let (mut socket, _) = tokio_tungstenite::client_async(request, stream).await.expect("a feed socket");
+        tasks.push(tokio::spawn(async move {
+            let mut messages = 0;
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Text(_) = message {
+                    messages += 1;
+                    if messages == 1 {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    } else if messages == 2 {
+                        arrivals.lock().unwrap().push(Instant::now());
+                        received.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            // Hold the socket until the bench ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+    while opened.load(Ordering::Relaxed) < sockets {
+        assert!(opening.elapsed() < Duration::from_secs(120), "sockets did not all get their first message");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let open_seconds = opening.elapsed().as_secs_f64();
+    // Past the one-message-a-second limit of every socket, then measure memory.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss_after = rss_kib(pid);
+
+    // Free the slot: the next scheduler step grants the first waiter and moves the cursor.
+    let moved = Instant::now();
+    call(&mut sender, "POST", "/_vestibule/leave?room=checkout", &holder).await;
+    while received.load(Ordering::Relaxed) < sockets {
+        assert!(moved.elapsed() < Duration::from_secs(60), "not every socket heard of the move");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let arrivals = arrivals.lock().unwrap();
+    let first = arrivals.iter().min().unwrap().duration_since(moved);
+    let last = arrivals.iter().max().unwrap().duration_since(moved);
+
+    println!("waiting sockets held by one instance: {sockets} (opened in {open_seconds:.1} s)");
+    println!("joins (first visits that took a ticket), memory store: {joins_per_second:.0} per second");
+    println!(
+        "instance memory: {:.1} MiB before the sockets, {:.1} MiB with them: {:.1} KiB per waiting socket",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        (rss_after.saturating_sub(rss_before)) as f64 / sockets as f64
+    );
+    println!(
+        "cursor move (slot freed) to messages: first socket {:.1} ms, last socket {:.1} ms (fan-out spread {:.1} ms; includes up to one 100 ms scheduler step)",
+        first.as_secs_f64() * 1e3,
+        last.as_secs_f64() * 1e3,
+        (last - first).as_secs_f64() * 1e3
+    );
+    for task in tasks {
+        task.abort();
+    }
+    drop(instance);
+    let _ = std::fs::remove_dir_all(&dir);
+}
