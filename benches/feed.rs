@@ -97,6 +97,13 @@ level = "warn,vestibule=info"
     (Instance(child), addr)
 }
 
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// GET or POST over one kept-alive connection; returns the `Set-Cookie` name=value pairs.
 async fn call(
     sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
@@ -133,9 +140,7 @@ async fn main() {
     let (instance, addr) = start_instance(&dir, shop_addr);
     let pid = instance.0.id();
 
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
+    let mut sender = connect(addr).await;
     // The first visitor takes the only slot; everyone after waits.
     let holder = call(&mut sender, "GET", "/checkout", "").await.join("; ");
     let started = Instant::now();
@@ -187,6 +192,8 @@ async fn main() {
     let rss_after = rss_kib(pid);
 
     // Free the slot: the next scheduler step grants the first waiter and moves the cursor.
+    // A fresh connection: the gate closes keep-alive connections idle for 10 s.
+    let mut sender = connect(addr).await;
     let moved = Instant::now();
     call(&mut sender, "POST", "/_vestibule/leave?room=checkout", &holder).await;
     while received.load(Ordering::Relaxed) < sockets {
