@@ -249,10 +249,15 @@ impl Gate {
     fn admission(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
         let from_header = headers.get(&hop::VESTIBULE_TOKEN).and_then(|v| v.to_str().ok());
         from_header.into_iter().chain(cookies(headers, &room.token_cookie)).find_map(|token| {
-            self.tokens
-                .admit(token, &room.id)
-                .map_err(|reason| tracing::debug!(room = %room.id, %reason, "token refused"))
-                .ok()
+            match self.tokens.admit(token, &room.id) {
+                // The session has ended (leave, `Vestibule-Session: end`): no longer admitted.
+                Ok(admission) if room.is_revoked(admission.ticket) => None,
+                Ok(admission) => Some(admission),
+                Err(reason) => {
+                    tracing::debug!(room = %room.id, %reason, "token refused");
+                    None
+                }
+            }
         })
     }
 
@@ -308,7 +313,7 @@ impl Gate {
 
     /// End a session: its slot frees at once and its tokens stop passing.
     async fn end_session(&self, room: &Room, admission: &Admission) {
-        self.tokens.revoke(&room.id, admission.ticket, admission.expires_at);
+        room.revoke(admission.ticket);
         if let Err(error) = self.store.release(&room.id, admission.ticket).await {
             tracing::warn!(room = %room.id, %error, "could not release a session");
         }

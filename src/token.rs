@@ -90,8 +90,6 @@ pub enum TokenError {
     WrongRoom,
     #[error("token expired or not yet valid")]
     OutOfTime,
-    #[error("the session of this token has ended")]
-    Revoked,
     #[error("cannot sign: {0}")]
     Signing(String),
 }
@@ -307,9 +305,6 @@ pub struct Tokens {
     issuer: String,
     leeway: u64,
     verified: Cache<Box<str>, Arc<Admission>>,
-    /// Ended sessions, by (room, ticket): every token of the session stops passing, until
-    /// the last of them would have expired.
-    revoked: Cache<(String, u64), u64>,
 }
 
 impl Tokens {
@@ -319,7 +314,6 @@ impl Tokens {
             issuer: config.issuer.clone(),
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
-            revoked: Cache::new(config.cache_entries.get()),
         })
     }
 
@@ -362,26 +356,15 @@ impl Tokens {
         self.ring.sign(&claims)
     }
 
-    /// The admission a token grants for `room`, if it is valid now and its session has not
-    /// ended.
+    /// The admission a token grants for `room`, if it is valid now. Whether its session has
+    /// ended is the room's to say ([`Room::is_revoked`](crate::room::Room::is_revoked)).
     pub fn admit(&self, token: &str, room: &str) -> Result<Arc<Admission>, TokenError> {
-        let admission = self.check(token, room)?;
-        if self.revoked.get(&(room.to_owned(), admission.ticket)).is_some() {
-            return Err(TokenError::Revoked);
-        }
-        Ok(admission)
+        self.check(token, room)
     }
 
     /// The place a ticket cookie holds in `room`'s line, if it is valid now.
     pub fn ticket(&self, token: &str, room: &str) -> Result<Arc<Admission>, TokenError> {
         self.check(token, &ticket_audience(room))
-    }
-
-    /// Stop every token of the session `ticket` opened in `room`, on this instance.
-    pub fn revoke(&self, room: &str, ticket: u64, until: u64) {
-        if ticket != 0 {
-            self.revoked.insert((room.to_owned(), ticket), until);
-        }
     }
 
     fn check(&self, token: &str, audience: &str) -> Result<Arc<Admission>, TokenError> {
@@ -459,9 +442,6 @@ mod tests {
             let ticket = tokens.mint_ticket("checkout", "v1", 8, 3, Duration::from_secs(60)).unwrap();
             assert_eq!(tokens.admit(&ticket, "checkout"), Err(TokenError::WrongRoom));
             assert_eq!(tokens.ticket(&ticket, "checkout").unwrap().cursor_at_join, Some(3));
-            // Revoking the session stops the token.
-            tokens.revoke("checkout", 7, unix_now() + 60);
-            assert_eq!(tokens.admit(&token, "checkout"), Err(TokenError::Revoked));
             let header = jsonwebtoken::decode_header(&token).unwrap();
             assert_eq!(header.kid.as_deref(), Some(tokens.ring().signing_kid()));
         }

@@ -23,6 +23,9 @@ use crate::store::{Store, StoreError};
 pub const STEP: Duration = Duration::from_millis(100);
 /// Most liveness touches buffered between two steps.
 const MAX_PENDING_TOUCHES: usize = 100_000;
+/// Ended sessions remembered per room. Sessions end at most `max_active` at a time per
+/// session lifetime, so this covers rooms of up to this many simultaneous sessions.
+const MAX_REVOKED: usize = 200_000;
 
 /// What every waiter of a room needs to know, published once per step.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +46,8 @@ pub struct Room {
     control: RwLock<(RoomState, Option<String>)>,
     snapshot: watch::Sender<Snapshot>,
     touched: Mutex<Vec<u64>>,
+    /// Ended sessions by ticket: every token of the session stops passing on this instance.
+    revoked: quick_cache::sync::Cache<u64, ()>,
 }
 
 impl Room {
@@ -63,6 +68,7 @@ impl Room {
             control: RwLock::new((config.state, config.message.clone())),
             snapshot: watch::Sender::new(snapshot),
             touched: Mutex::new(Vec::new()),
+            revoked: quick_cache::sync::Cache::new(MAX_REVOKED),
         }
     }
 
@@ -91,6 +97,18 @@ impl Room {
             snapshot.message = message;
             changed
         });
+    }
+
+    /// Stop every token of the session that `ticket` opened (ticket 0 is no session).
+    pub fn revoke(&self, ticket: u64) {
+        if ticket != 0 {
+            self.revoked.insert(ticket, ());
+        }
+    }
+
+    /// Whether the session that `ticket` opened has ended here.
+    pub fn is_revoked(&self, ticket: u64) -> bool {
+        ticket != 0 && self.revoked.get(&ticket).is_some()
     }
 
     /// Publish a cursor learned from the store between steps (an admission at join or
