@@ -317,3 +317,101 @@ async fn a_visitor_admitted_while_the_upstream_fails_keeps_their_token() {
     assert!(visitor.jar.contains_key("vestibule-token-checkout"), "the admission survives the upstream's failure");
     assert_eq!(visitor.status().await["status"], "admitted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_holds_under_a_random_crowd_of_joins_leaves_and_orders() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let max_active = 3;
+    let gate =
+        start_room(upstream_addr, "admit_per_minute = 6000\nmax_active = 3\nsession_seconds = 2\ngrant_seconds = 1\n")
+            .await;
+    let store = gate.running.gate().store().clone();
+    let room = gate.running.gate().rooms()[0].clone();
+
+    // A monitor samples the line while the crowd runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU32::new(0));
+    let monitor = {
+        let (done, peak, store, room) = (done.clone(), peak.clone(), store.clone(), room.clone());
+        tokio::spawn(async move {
+            let clock = vestibule::clock::Clock::new();
+            while !done.load(Ordering::Relaxed) {
+                let stats = store.stats(&room.id, &room.limits, clock.now_ms()).await.unwrap();
+                let used = stats.active + stats.outstanding;
+                peak.fetch_max(used, Ordering::Relaxed);
+                assert!(used <= max_active, "capacity exceeded: {stats:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let admitted = Arc::new(AtomicU32::new(0));
+    let mut crowd = Vec::new();
+    for seed in 0..30u64 {
+        let admitted = admitted.clone();
+        let addr = gate.addr;
+        crowd.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut visitor = Visitor::new(addr);
+            for _ in 0..25 {
+                match rng.random_range(0..10) {
+                    0..=5 => {
+                        let (status, _, body) = visitor.request("GET", "/checkout", "application/json").await;
+                        if status == StatusCode::OK && body == "upstream saw /checkout" {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    6 => visitor.leave().await,
+                    7 => {
+                        visitor.request("POST", "/checkout/order", "application/json").await;
+                    }
+                    8 => visitor = Visitor::new(addr), // a new visitor; the old one walks away
+                    _ => {
+                        visitor.status().await;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(0..20))).await;
+            }
+        }));
+    }
+    for visitor in crowd {
+        visitor.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    monitor.await.unwrap();
+    // More admissions than places: sessions ended and their places were reused.
+    assert!(admitted.load(Ordering::Relaxed) > max_active, "the crowd got through: {admitted:?}");
+    assert_eq!(peak.load(Ordering::Relaxed), max_active, "the room was full at times");
+}
+
+#[tokio::test]
+async fn feed_sockets_are_capped_per_client_address() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let dir = TempDir::new("feed-cap");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_feed_sockets_per_address = 2\n[upstream]\nurl = \"http://{upstream_addr}\"\n\
+         [tokens]\nsigning_key = {key:?}\n[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n{BUSY_ROOM}"
+    );
+    let config = vestibule::config::Config::parse(&text, "test.toml", dir.path()).unwrap();
+    let running = vestibule::server::start(&config).await.unwrap();
+    let visitor = Visitor::new(running.addr);
+    let _one = visitor.feed().await;
+    let _two = visitor.feed().await;
+    let mut request = format!("ws://{}/_vestibule/ws?room=checkout", running.addr).into_client_request().unwrap();
+    request.headers_mut().insert("cookie", "x=y".parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let refused = tokio_tungstenite::client_async(request, stream).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE)
+        }
+        other => panic!("a third socket from one address must be refused, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    assert_eq!(running.gate().open_feeds(), 2);
+}
