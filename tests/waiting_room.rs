@@ -415,3 +415,17 @@ async fn feed_sockets_are_capped_per_client_address() {
     }
     assert_eq!(running.gate().open_feeds(), 2);
 }
+
+#[tokio::test]
+async fn the_feed_passes_on_a_new_room_message() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, BUSY_ROOM).await;
+    Visitor::new(gate.addr).open("/checkout").await;
+    let mut waiter = Visitor::new(gate.addr);
+    waiter.open("/checkout").await;
+    let mut feed = waiter.feed().await;
+    assert_eq!(next_message(&mut feed).await["type"], "position");
+    gate.running.gate().rooms()[0].set_control(RoomState::Open, Some("Almost there".into()));
+    let message = next_message(&mut feed).await;
+    assert_eq!((message["type"].as_str(), message["message"].as_str()), (Some("message"), Some("Almost there")));
+}
