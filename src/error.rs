@@ -103,6 +103,12 @@ fn error_page(status: StatusCode, explanation: &str) -> String {
     )
 }
 
+/// True when the answer should be a page for a person: a GET that does not ask for JSON.
+/// Everything else (API clients, forms, non-GET requests) gets JSON.
+pub fn wants_page<B>(request: &http::Request<B>) -> bool {
+    request.method() == http::Method::GET && !wants_json(request.headers())
+}
+
 /// True when the client asked for JSON rather than a page.
 pub fn wants_json(headers: &http::HeaderMap) -> bool {
     headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|accept| accept.contains("application/json"))

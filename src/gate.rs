@@ -16,7 +16,7 @@ use tower_http::timeout::TimeoutBody;
 use crate::body::{self, Body};
 use crate::clock::Clock;
 use crate::config::{Config, RoomState, StoreKind};
-use crate::error::{self, GateError};
+use crate::error::{wants_page, GateError};
 use crate::forward::{Forwarded, Upstream};
 use crate::framing::Verdicts;
 use crate::hop::{self, Peer};
@@ -35,11 +35,6 @@ pub const WELL_KNOWN_JWKS: &str = "/.well-known/jwks.json";
 const RETRY_SECONDS: u32 = 20;
 /// How long a ticket cookie holds a place.
 const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-
-/// The cookie that carries a room's admission token.
-pub fn token_cookie_name(room: &str) -> String {
-    format!("vestibule-token-{room}")
-}
 
 /// One guarded prefix, normalized (lower-case unless the room is case-sensitive).
 struct Guard {
@@ -176,7 +171,7 @@ impl Gate {
 
     /// Handle one request; every failure becomes a response here.
     pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<Body> {
-        let wants_json = error::wants_json(request.headers()) || request.method() != Method::GET;
+        let wants_json = !wants_page(&request);
         match self.serve(request, connection).await {
             Ok(response) => response,
             Err(error) => {
@@ -389,7 +384,7 @@ impl Gate {
             .mint(&room.id, visitor, ticket, expires_at_ms / 1_000)
             .map_err(|_| GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
         let had_ticket = cookies(request.headers(), &room.ticket_cookie).next().is_some();
-        let wants_json = error::wants_json(request.headers()) || request.method() != Method::GET;
+        let wants_json = !wants_page(&request);
         // The session exists from here on: even when the upstream fails, the visitor keeps
         // the token (and their slot) rather than losing both with the error page.
         let (mut response, session_ended) = match self.forward(request, connection, path, Some((room, visitor))).await {
@@ -428,11 +423,7 @@ impl Gate {
         set_ticket: Option<HeaderValue>,
     ) -> Response<Body> {
         room.touch(ticket);
-        let status = if request.method() == Method::GET && !error::wants_json(request.headers()) {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
+        let status = if wants_page(request) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         let mut response = self.page_response(room, Holding::Ticket(ticket), start_position, why, request, status);
         if let Some(cookie) = set_ticket {
             append_cookie(&mut response, cookie);
@@ -451,8 +442,7 @@ impl Gate {
         status: StatusCode,
     ) -> Response<Body> {
         let current = room.status(holding);
-        let html = request.method() == Method::GET && !error::wants_json(request.headers());
-        let mut response = if html {
+        let mut response = if wants_page(request) {
             let mut response = Response::new(body::full(page::render(&room.id, &current, start_position, why)));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
             response.headers_mut().insert(
