@@ -429,3 +429,32 @@ async fn the_feed_passes_on_a_new_room_message() {
     let message = next_message(&mut feed).await;
     assert_eq!((message["type"].as_str(), message["message"].as_str()), (Some("message"), Some("Almost there")));
 }
+
+#[tokio::test]
+async fn an_active_visitors_token_is_renewed_before_it_runs_out() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, "admit_per_minute = 600\nmax_active = 5\nsession_seconds = 4\n").await;
+    let mut visitor = Visitor::new(gate.addr);
+    visitor.open("/checkout").await;
+    let first = visitor.jar["vestibule-token-checkout"].clone();
+    // Early in the session: no renewal.
+    let (_, headers, _) = visitor.open("/checkout").await;
+    assert!(!headers.contains_key("set-cookie"));
+    // Past half of the session (token lifetimes count whole seconds): a fresh token comes
+    // with the next response, and it passes.
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+    let (status, headers, _) = visitor.open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.contains_key("set-cookie"), "the token is renewed");
+    let renewed = visitor.jar["vestibule-token-checkout"].clone();
+    assert_ne!(renewed, first);
+    let claims = |token: &str| -> Value {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+    };
+    assert!(claims(&renewed)["exp"].as_u64() > claims(&first)["exp"].as_u64());
+    assert_eq!(claims(&renewed)["tkt"], claims(&first)["tkt"], "the same session, extended");
+    let (status, _, _) = visitor.open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+}
