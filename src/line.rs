@@ -108,6 +108,9 @@ pub fn eta_seconds(position: u64, rate_per_second: Option<f64>) -> Option<u64> {
     Some((position as f64 / rate).ceil() as u64)
 }
 
+/// Spent tickets remembered for their "why" message; memory stays bounded in long sales.
+const MAX_GONE: usize = 65_536;
+
 /// How far back admissions are counted for the observed rate.
 const RATE_WINDOW_MS: u64 = 60_000;
 
@@ -127,8 +130,9 @@ pub struct Line {
     left: BTreeSet<u64>,
     /// Waiting tickets → last seen.
     seen: HashMap<u64, u64>,
-    /// Tickets at or before the cursor that were skipped or lapsed: redeeming them says why.
-    gone: HashMap<u64, Gone>,
+    /// Tickets at or before the cursor that were used, skipped or lapsed: presenting them
+    /// again says why. The most recent [`MAX_GONE`] only; older ones count as used.
+    gone: BTreeMap<u64, Gone>,
     /// Admission times over the last minute, for the observed rate.
     admitted: VecDeque<u64>,
     started: bool,
@@ -157,10 +161,18 @@ impl Line {
             self.grants.iter().filter(|(_, at)| **at + limits.grant_ms <= now).map(|(t, _)| *t).collect();
         for ticket in lapsed {
             self.grants.remove(&ticket);
-            self.gone.insert(ticket, Gone::Lapsed);
+            self.forget(ticket, Gone::Lapsed);
         }
         while self.admitted.front().is_some_and(|at| *at + RATE_WINDOW_MS <= now) {
             self.admitted.pop_front();
+        }
+    }
+
+    /// Remember why `ticket` no longer holds a place, forgetting the oldest beyond MAX_GONE.
+    fn forget(&mut self, ticket: u64, why: Gone) {
+        self.gone.insert(ticket, why);
+        if self.gone.len() > MAX_GONE {
+            self.gone.pop_first();
         }
     }
 
@@ -201,7 +213,7 @@ impl Line {
             let last_seen = self.seen.remove(&ticket);
             let abandoned = last_seen.is_some_and(|seen| seen + limits.abandon_ms <= now);
             if self.left.remove(&ticket) || abandoned {
-                self.gone.insert(ticket, Gone::Left);
+                self.forget(ticket, Gone::Left);
                 continue;
             }
             self.grants.insert(ticket, now);
@@ -234,7 +246,7 @@ impl Line {
         if self.grants.remove(&ticket).is_some() {
             let expires_at = now + limits.session_ms;
             self.sessions.insert(ticket, expires_at);
-            self.gone.insert(ticket, Gone::Used);
+            self.forget(ticket, Gone::Used);
             return Redeemed::Admitted { expires_at };
         }
         Redeemed::Gone(self.gone.get(&ticket).copied().unwrap_or(Gone::Used))
@@ -251,7 +263,7 @@ impl Line {
             self.seen.remove(&ticket);
             self.left.insert(ticket);
         } else if self.grants.remove(&ticket).is_some() {
-            self.gone.insert(ticket, Gone::Left);
+            self.forget(ticket, Gone::Left);
         } else {
             self.sessions.remove(&ticket);
         }
@@ -444,6 +456,22 @@ mod tests {
             assert!(stats.active + stats.outstanding <= limits.max_active, "{stats:?}");
         }
         assert!(line.stats(&limits, now).cursor > 100, "the crowd made progress");
+    }
+
+    #[test]
+    fn spent_tickets_are_remembered_within_a_bound() {
+        let limits = Limits { abandon_ms: u64::MAX / 4, ..limits(6_000_000, u32::MAX) };
+        let mut line = Line::default();
+        let mut now = 0;
+        for _ in 0..(MAX_GONE as u64 + 10_000) {
+            let ticket = line.join(&limits, true, now).ticket();
+            line.advance(&limits, now);
+            line.redeem(&limits, ticket, now);
+            line.release(ticket);
+            now += 1;
+        }
+        assert!(line.gone.len() <= MAX_GONE);
+        assert!(line.sessions.is_empty() && line.grants.is_empty());
     }
 
     #[test]
