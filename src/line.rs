@@ -462,13 +462,11 @@ mod tests {
     fn spent_tickets_are_remembered_within_a_bound() {
         let limits = Limits { abandon_ms: u64::MAX / 4, ..limits(6_000_000, u32::MAX) };
         let mut line = Line::default();
-        let mut now = 0;
-        for _ in 0..(MAX_GONE as u64 + 10_000) {
+        for now in 0..(MAX_GONE as u64 + 10_000) {
             let ticket = line.join(&limits, true, now).ticket();
             line.advance(&limits, now);
             line.redeem(&limits, ticket, now);
             line.release(ticket);
-            now += 1;
         }
         assert!(line.gone.len() <= MAX_GONE);
         assert!(line.sessions.is_empty() && line.grants.is_empty());
