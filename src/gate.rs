@@ -504,7 +504,8 @@ impl Gate {
                     }
                 }
                 if let Some(ticket) = self.ticket(request.headers(), &room) {
-                    self.store.leave(&room.id, ticket.ticket).await.map_err(unavailable)?;
+                    let now = self.clock.now_ms();
+                    self.store.leave(&room.id, &room.limits, ticket.ticket, now).await.map_err(unavailable)?;
                 }
                 let mut response = json_response(&room.status(Holding::Nothing));
                 append_cookie(&mut response, self.clear_cookie(&room.token_cookie));

@@ -111,6 +111,19 @@ pub fn eta_seconds(position: u64, rate_per_second: Option<f64>) -> Option<u64> {
 /// Spent tickets remembered for their "why" message; memory stays bounded in long sales.
 const MAX_GONE: usize = 65_536;
 
+/// Admissions per second from `count` admissions in the window, the first at `first`:
+/// intervals between admissions, measured up to now so that the rate falls when admissions
+/// stop. One admission alone says nothing about a rate.
+pub fn observed_rate(count: usize, first: Option<u64>, now: u64) -> Option<f64> {
+    match first {
+        Some(first) if count >= 2 => {
+            let span = now.saturating_sub(first).max(1_000);
+            Some((count - 1) as f64 * 1_000.0 / span as f64)
+        }
+        _ => None,
+    }
+}
+
 /// How far back admissions are counted for the observed rate.
 const RATE_WINDOW_MS: u64 = 60_000;
 
@@ -291,15 +304,7 @@ impl Line {
 
     pub fn stats(&mut self, limits: &Limits, now: u64) -> Stats {
         self.expire(limits, now);
-        // Intervals between admissions, measured up to now so that the rate falls when
-        // admissions stop; one admission alone says nothing about a rate.
-        let rate_per_second = match (self.admitted.front(), self.admitted.len()) {
-            (Some(first), count) if count >= 2 => {
-                let span = now.saturating_sub(*first).max(1_000);
-                Some((count - 1) as f64 * 1_000.0 / span as f64)
-            }
-            _ => None,
-        };
+        let rate_per_second = observed_rate(self.admitted.len(), self.admitted.front().copied(), now);
         Stats {
             cursor: self.cursor,
             last_ticket: self.last_ticket,

@@ -6,8 +6,10 @@
 //! milliseconds.
 
 mod memory;
+mod redis;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 use crate::line::{Joined, Limits, Redeemed, Stats};
 
@@ -22,6 +24,8 @@ pub enum StoreError {
 pub enum Store {
     /// In this process: one instance only.
     Memory(MemoryStore),
+    /// One Redis server, shared by every instance (boxed: it is much larger than the other).
+    Redis(Box<RedisStore>),
 }
 
 impl Store {
@@ -33,6 +37,7 @@ impl Store {
     pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.join(limits, admit_now, now))),
+            Store::Redis(store) => store.join(room, limits, admit_now, now).await,
         }
     }
 
@@ -40,6 +45,7 @@ impl Store {
     pub async fn advance(&self, room: &str, limits: &Limits, now: u64) -> Result<u32, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.advance(limits, now))),
+            Store::Redis(store) => store.advance(room, limits, now).await,
         }
     }
 
@@ -47,6 +53,7 @@ impl Store {
     pub async fn redeem(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<Redeemed, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.redeem(limits, ticket, now))),
+            Store::Redis(store) => store.redeem(room, limits, ticket, now).await,
         }
     }
 
@@ -54,12 +61,14 @@ impl Store {
     pub async fn release(&self, room: &str, ticket: u64) -> Result<bool, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.release(ticket))),
+            Store::Redis(store) => store.release(room, ticket).await,
         }
     }
 
     /// Give up a place, a grant or a session.
-    pub async fn leave(&self, room: &str, ticket: u64) -> Result<(), StoreError> {
+    pub async fn leave(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
         match self {
+            Store::Redis(store) => store.leave(room, limits, ticket, now).await,
             Store::Memory(store) => {
                 store.with(room, |line| line.leave(ticket));
                 Ok(())
@@ -74,6 +83,7 @@ impl Store {
                 store.with(room, |line| line.touch(tickets, now));
                 Ok(())
             }
+            Store::Redis(store) => store.touch(room, tickets, now).await,
         }
     }
 
@@ -81,12 +91,14 @@ impl Store {
     pub async fn renew(&self, room: &str, ticket: u64, until: u64) -> Result<bool, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.renew(ticket, until))),
+            Store::Redis(store) => store.renew(room, ticket, until).await,
         }
     }
 
     pub async fn stats(&self, room: &str, limits: &Limits, now: u64) -> Result<Stats, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.stats(limits, now))),
+            Store::Redis(store) => store.stats(room, limits, now).await,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! HTTP clients (hyper for well-formed requests, raw TCP for hostile ones).
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

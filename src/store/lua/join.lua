@@ -1,0 +1,18 @@
+-- join: take a ticket; admitted at once when the room is open, nobody waits, and there is
+-- room and budget.
+-- KEYS: as in common.lua.  ARGV[7] admit_now (1 or 0).
+-- Returns {admitted (1/0), ticket, session expires at (ms) or 0}.
+local budget = refill()
+expire()
+local ticket = redis.call('HINCRBY', KEYS[1], 'last', 1)
+local cursor = number(KEYS[1], 'cursor')
+if ARGV[7] == '1' and cursor + 1 == ticket and free() > 0 and budget >= TURN then
+  redis.call('HSET', KEYS[1], 'cursor', ticket)
+  save_budget(budget - TURN)
+  redis.call('RPUSH', KEYS[8], now)
+  redis.call('ZADD', KEYS[3], now + session_ms, ticket)
+  return {1, ticket, now + session_ms}
+end
+save_budget(budget)
+redis.call('ZADD', KEYS[5], now, ticket)
+return {0, ticket, 0}

@@ -1,0 +1,15 @@
+-- leave: give up a place in line, an unredeemed grant, or a session.
+-- KEYS: as in common.lua.  ARGV[7] ticket.
+-- Returns nothing.
+local ticket = tonumber(ARGV[7])
+local last = number(KEYS[1], 'last')
+local cursor = number(KEYS[1], 'cursor')
+if ticket > cursor and ticket <= last then
+  redis.call('ZREM', KEYS[5], ticket)
+  redis.call('SADD', KEYS[4], ticket)
+elseif redis.call('ZREM', KEYS[2], ticket) == 1 then
+  forget(ticket, 'left')
+else
+  redis.call('ZREM', KEYS[3], ticket)
+end
+return 0
