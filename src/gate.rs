@@ -15,7 +15,7 @@ use tower_http::timeout::TimeoutBody;
 
 use crate::body::{self, Body};
 use crate::clock::Clock;
-use crate::config::{Config, RoomState, StoreKind};
+use crate::config::{Config, RoomState};
 use crate::error::{wants_page, GateError};
 use crate::forward::{Forwarded, Upstream};
 use crate::framing::Verdicts;
@@ -84,13 +84,9 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// Build the gate from a validated configuration. `stop` ends feeds, schedulers and
-    /// upgraded tunnels.
-    pub fn new(config: &Config, stop: CancellationToken) -> anyhow::Result<Gate> {
-        let store = match config.store.kind {
-            StoreKind::Memory => Store::memory(),
-            kind => anyhow::bail!("store.kind = {kind:?} is not available in this release; use \"memory\""),
-        };
+    /// Build the gate from a validated configuration and its store. `stop` ends feeds,
+    /// schedulers and upgraded tunnels.
+    pub fn new(config: &Config, store: Store, stop: CancellationToken) -> anyhow::Result<Gate> {
         let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| Arc::new(Room::new(c))).collect();
         let mut guards: Vec<Guard> = config
             .rooms

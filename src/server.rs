@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::framing::{ScannedIo, Scanner, Verdicts};
 use crate::gate::{Connection, Gate};
+use crate::store::Store;
 
 /// A running server.
 pub struct Running {
@@ -57,7 +58,8 @@ impl Running {
 /// Bind the listener and start serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
-    let gate = Arc::new(Gate::new(config, CancellationToken::new())?);
+    let store = Store::from_config(&config.store).await.context("cannot reach the store")?;
+    let gate = Arc::new(Gate::new(config, store, CancellationToken::new())?);
     gate.start_schedulers();
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.server.listen)

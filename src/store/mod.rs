@@ -33,6 +33,23 @@ impl Store {
         Store::Memory(MemoryStore::default())
     }
 
+    /// The store `[store]` names. Redis is reached with bounded timeouts (2 s to connect,
+    /// 1 s per call), so a slow or lost Redis makes a call fail fast rather than hang.
+    pub async fn from_config(config: &crate::config::StoreConfig) -> Result<Store, StoreError> {
+        use crate::config::StoreKind;
+        match config.kind {
+            StoreKind::Memory => Ok(Store::memory()),
+            StoreKind::Redis => {
+                let url = config.url.as_deref().unwrap_or_default();
+                let timeouts = (std::time::Duration::from_secs(2), std::time::Duration::from_secs(1));
+                Ok(Store::Redis(Box::new(RedisStore::connect(url, timeouts.0, timeouts.1).await?)))
+            }
+            StoreKind::RedisCluster => {
+                Err(StoreError::Unavailable("store.kind = \"redis-cluster\" is not available in this release".into()))
+            }
+        }
+    }
+
     /// Take a ticket; admitted at once when `admit_now` and nobody waits and there is room.
     pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
         match self {

@@ -1,0 +1,98 @@
+//! Several instances on one Redis: one FIFO line and one capacity bound across instances,
+//! and tokens minted by one instance pass at another.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::redis_server::RedisServer;
+use common::*;
+use http::StatusCode;
+use vestibule::config::Config;
+use vestibule::server::{self, Running};
+
+async fn instance(redis: &RedisServer, upstream: SocketAddr, key: &Path, dir: &Path) -> Running {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[upstream]\nurl = \"http://{upstream}\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\n[tokens]\nsigning_key = {key:?}\n\
+         [[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\nadmit_per_minute = 600\nmax_active = 1\n",
+        redis.url()
+    );
+    let config = Config::parse(&text, "instance.toml", dir).unwrap();
+    server::start(&config).await.unwrap()
+}
+
+async fn status(addr: SocketAddr, cookie: &str) -> serde_json::Value {
+    let (code, _, body) = get(addr, "/_vestibule/status?room=checkout", &[("cookie", cookie)]).await;
+    assert_eq!(code, StatusCode::OK);
+    serde_json::from_str(&body).unwrap()
+}
+
+fn cookies(headers: &http::HeaderMap) -> String {
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+        .filter(|pair| !pair.ends_with('='))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_line_and_one_capacity() {
+    let redis = RedisServer::start();
+    let (upstream_addr, upstream) = start_upstream().await;
+    let dir = TempDir::new("instances");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+    let one = instance(&redis, upstream_addr, &key, dir.path()).await;
+    let two = instance(&redis, upstream_addr, &key, dir.path()).await;
+
+    // The first visitor, at instance one, takes the only place.
+    let (code, headers, body) = get(one.addr, "/checkout", &[]).await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "upstream saw /checkout"));
+    let first = cookies(&headers);
+    // At instance two the room is full too: the line is shared.
+    let (code, headers, _) = get(two.addr, "/checkout", &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "instance two must not admit past the shared capacity");
+    let second = cookies(&headers);
+    let (_, headers, _) = get(one.addr, "/checkout", &[]).await;
+    let third = cookies(&headers);
+    assert_eq!(upstream.requests().len(), 1);
+
+    // Positions follow the shared join order, whichever instance is asked.
+    wait_for("both snapshots", || {
+        one.gate().rooms()[0].snapshot().cursor == 1 && two.gate().rooms()[0].snapshot().cursor == 1
+    })
+    .await;
+    assert_eq!(status(one.addr, &second).await["position"], 1);
+    assert_eq!(status(two.addr, &third).await["position"], 2);
+
+    // A token minted at instance one passes at instance two.
+    let (code, _, _) = get(two.addr, "/checkout/pay", &[("cookie", &first)]).await;
+    assert_eq!(code, StatusCode::OK);
+
+    // The first visitor leaves at instance two; the second is admitted and redeems at one.
+    let request = http::Request::post("/_vestibule/leave?room=checkout")
+        .header("host", "shop.test")
+        .header("cookie", &first)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(two.addr, request).await.0, StatusCode::OK);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while status(two.addr, &second).await["status"] != "admitted" {
+        assert!(tokio::time::Instant::now() < deadline, "the second visitor was never admitted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (code, _, body) = get(one.addr, "/checkout", &[("cookie", &second)]).await;
+    assert_eq!((code, body.as_str()), (StatusCode::OK, "upstream saw /checkout"));
+    assert_eq!(status(two.addr, &third).await["position"], 1);
+    let stats = one
+        .gate()
+        .store()
+        .stats("checkout", &one.gate().rooms()[0].limits, vestibule::clock::Clock::new().now_ms())
+        .await
+        .unwrap();
+    assert!(stats.active + stats.outstanding <= 1, "{stats:?}");
+}
