@@ -120,11 +120,15 @@ impl Gate {
         })
     }
 
-    /// Start one scheduler per room.
+    /// Start one scheduler per room and, with Redis, the listener for sessions ended at
+    /// other instances.
     pub fn start_schedulers(&self) {
         for room in &self.rooms {
             let task = run_scheduler(room.clone(), self.store.clone(), self.clock, self.stop.clone());
             self.tasks.spawn(task);
+        }
+        if matches!(*self.store, Store::Redis(_)) {
+            self.tasks.spawn(listen_for_revocations(self.store.clone(), self.rooms.clone(), self.stop.clone()));
         }
     }
 
@@ -305,6 +309,11 @@ impl Gate {
     /// End a session: its slot frees at once and its tokens stop passing.
     async fn end_session(&self, room: &Room, admission: &Admission) {
         room.revoke(admission.ticket);
+        if let Store::Redis(store) = &*self.store {
+            if let Err(error) = store.announce_revocation(&room.id, admission.ticket).await {
+                tracing::warn!(room = %room.id, %error, "could not announce an ended session");
+            }
+        }
         if let Err(error) = self.store.release(&room.id, admission.ticket).await {
             tracing::warn!(room = %room.id, %error, "could not release a session");
         }
@@ -600,6 +609,47 @@ impl Gate {
 
     fn clear_cookie(&self, name: &str) -> HeaderValue {
         self.cookie(name, "", 0)
+    }
+}
+
+/// Apply sessions ended at other instances to this one's rooms, until `stop`; on a lost
+/// subscription, resubscribe with backoff.
+async fn listen_for_revocations(store: Arc<Store>, rooms: Vec<Arc<Room>>, stop: CancellationToken) {
+    use futures_util::StreamExt;
+    let Store::Redis(redis) = &*store else { return };
+    let ids: Vec<String> = rooms.iter().map(|room| room.id.clone()).collect();
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let mut messages = match redis.revocations(&ids).await {
+            Ok(messages) => {
+                backoff = Duration::from_millis(100);
+                messages
+            }
+            Err(error) => {
+                tracing::warn!(%error, ?backoff, "cannot subscribe to ended sessions");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                () = stop.cancelled() => return,
+            };
+            let Some(message) = message else { break };
+            let channel = message.get_channel_name().to_owned();
+            let (Some(room), Ok(ticket)) = (
+                rooms.iter().find(|room| crate::store::revocations_channel(&room.id) == channel),
+                message.get_payload::<u64>(),
+            ) else {
+                continue;
+            };
+            room.revoke(ticket);
+        }
     }
 }
 

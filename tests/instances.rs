@@ -87,6 +87,17 @@ async fn two_instances_share_one_line_and_one_capacity() {
     }
     let (code, _, body) = get(one.addr, "/checkout", &[("cookie", &second)]).await;
     assert_eq!((code, body.as_str()), (StatusCode::OK, "upstream saw /checkout"));
+    // The session that ended at instance two stops passing at instance one too.
+    let first_token: String = first.split("; ").find(|c| c.starts_with("vestibule-token-")).unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (code, _, _) = get(one.addr, "/checkout/pay", &[("cookie", &first_token)]).await;
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the ended session still passes at instance one");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(status(two.addr, &third).await["position"], 1);
     let stats = one
         .gate()

@@ -9,7 +9,7 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{revocations_channel, RedisStore};
 
 use crate::line::{Joined, Limits, Redeemed, Stats};
 

@@ -42,8 +42,14 @@ impl Scripts {
 
 /// A line kept in one Redis server.
 pub struct RedisStore {
+    client: redis::Client,
     connection: ConnectionManager,
     scripts: Scripts,
+}
+
+/// The channel on which a room's ended sessions are announced to every instance.
+pub fn revocations_channel(room: &str) -> String {
+    format!("vestibule:{{{room}}}:revoked")
 }
 
 /// The keys of a room, in the order of `lua/common.lua`.
@@ -72,8 +78,27 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
-        let connection = ConnectionManager::new_with_config(client, config).await.map_err(unavailable)?;
-        Ok(RedisStore { connection, scripts: Scripts::new() })
+        let connection = ConnectionManager::new_with_config(client.clone(), config).await.map_err(unavailable)?;
+        Ok(RedisStore { client, connection, scripts: Scripts::new() })
+    }
+
+    /// Tell every instance that the session `ticket` opened in `room` has ended.
+    pub async fn announce_revocation(&self, room: &str, ticket: u64) -> Result<(), StoreError> {
+        redis::cmd("PUBLISH")
+            .arg(revocations_channel(room))
+            .arg(ticket)
+            .exec_async(&mut self.connection.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Subscribe to the revocation channels of `rooms`; each message is `(room, ticket)`.
+    pub async fn revocations(&self, rooms: &[String]) -> Result<redis::aio::PubSubStream, StoreError> {
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        for room in rooms {
+            pubsub.subscribe(revocations_channel(room)).await.map_err(unavailable)?;
+        }
+        Ok(pubsub.into_on_message())
     }
 
     fn invocation<'a>(script: &'a Script, room: &str, limits: &Limits, now: u64) -> redis::ScriptInvocation<'a> {
