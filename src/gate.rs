@@ -71,6 +71,8 @@ pub struct Gate {
     tokens: Tokens,
     upstream: Upstream,
     store: Arc<Store>,
+    /// This instance's id, for the schedulers' leases.
+    instance: String,
     clock: Clock,
     feeds: Arc<FeedLimits>,
     /// Feed sockets and schedulers: owned, ended by `stop`.
@@ -108,6 +110,7 @@ impl Gate {
             tokens: Tokens::new(&config.tokens)?,
             upstream: Upstream::new(&config.upstream, stop.clone()),
             store: Arc::new(store),
+            instance: random_id(),
             clock: Clock::new(),
             feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
             tasks: TaskTracker::new(),
@@ -124,7 +127,8 @@ impl Gate {
     /// other instances.
     pub fn start_schedulers(&self) {
         for room in &self.rooms {
-            let task = run_scheduler(room.clone(), self.store.clone(), self.clock, self.stop.clone());
+            let task =
+                run_scheduler(room.clone(), self.store.clone(), self.instance.clone(), self.clock, self.stop.clone());
             self.tasks.spawn(task);
         }
         if matches!(*self.store, Store::Redis(_)) {

@@ -107,3 +107,46 @@ async fn two_instances_share_one_line_and_one_capacity() {
         .unwrap();
     assert!(stats.active + stats.outstanding <= 1, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leading_instance_dies_another_takes_over_within_five_seconds() {
+    let redis = RedisServer::start();
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let dir = TempDir::new("failover");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+    let a = instance(&redis, upstream_addr, &key, dir.path()).await;
+    let b = instance(&redis, upstream_addr, &key, dir.path()).await;
+
+    // Exactly one instance advances the line.
+    wait_for("a leader", || a.gate().rooms()[0].is_leading() || b.gate().rooms()[0].is_leading()).await;
+    // Over several scheduler steps of both instances, never two leaders at once.
+    for _ in 0..30 {
+        let both = a.gate().rooms()[0].is_leading() && b.gate().rooms()[0].is_leading();
+        assert!(!both, "two instances advance the same line");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (leader, follower) = if a.gate().rooms()[0].is_leading() { (a, b) } else { (b, a) };
+
+    let (_, headers, _) = get(follower.addr, "/checkout", &[]).await;
+    let holder = cookies(&headers);
+    let (code, headers, _) = get(follower.addr, "/checkout", &[]).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    let waiter = cookies(&headers);
+
+    // The leader dies without handing over: its lease must run out.
+    let died = tokio::time::Instant::now();
+    leader.shutdown();
+    leader.stopped().await;
+    let leave = http::Request::post("/_vestibule/leave?room=checkout")
+        .header("host", "shop.test")
+        .header("cookie", &holder)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(follower.addr, leave).await.0, StatusCode::OK);
+    while status(follower.addr, &waiter).await["status"] != "admitted" {
+        assert!(died.elapsed() < std::time::Duration::from_secs(5), "no instance took over within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(follower.gate().rooms()[0].is_leading());
+}

@@ -21,6 +21,9 @@ use crate::store::{Store, StoreError};
 
 /// How often the scheduler advances each room.
 pub const STEP: Duration = Duration::from_millis(100);
+/// How long a scheduler lease lasts without renewal: another instance takes over within this
+/// (plus one step) when the leader dies.
+pub const LEASE: Duration = Duration::from_secs(3);
 /// Most liveness touches buffered between two steps.
 const MAX_PENDING_TOUCHES: usize = 100_000;
 /// Ended sessions remembered per room. Sessions end at most `max_active` at a time per
@@ -48,6 +51,8 @@ pub struct Room {
     touched: Mutex<Vec<u64>>,
     /// Ended sessions by ticket: every token of the session stops passing on this instance.
     revoked: quick_cache::sync::Cache<u64, ()>,
+    /// Whether this instance advanced the line at its last step.
+    leading: std::sync::atomic::AtomicBool,
 }
 
 impl Room {
@@ -69,6 +74,7 @@ impl Room {
             snapshot: watch::Sender::new(snapshot),
             touched: Mutex::new(Vec::new()),
             revoked: quick_cache::sync::Cache::new(MAX_REVOKED),
+            leading: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -130,14 +136,22 @@ impl Room {
         }
     }
 
-    /// One scheduler step: advance the line (when open), flush liveness, publish.
-    pub async fn step(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+    /// Whether this instance is the one advancing the line (it held the lease at its last step).
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// One scheduler step: advance the line (when open, and when this instance holds the
+    /// room's lease), flush liveness, publish.
+    pub async fn step(&self, store: &Store, instance: &str, now: u64) -> Result<(), StoreError> {
         let (state, message) = self.control.read().map(|c| c.clone()).unwrap_or_default();
         let touched = self.touched.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
         if !touched.is_empty() {
             store.touch(&self.id, &touched, now).await?;
         }
-        if state == RoomState::Open {
+        let leading = store.hold_lease(&self.id, instance, LEASE).await?;
+        self.leading.store(leading, std::sync::atomic::Ordering::Relaxed);
+        if state == RoomState::Open && leading {
             store.advance(&self.id, &self.limits, now).await?;
         }
         let stats = store.stats(&self.id, &self.limits, now).await?;
@@ -206,6 +220,7 @@ impl Status {
 pub async fn run_scheduler(
     room: std::sync::Arc<Room>,
     store: std::sync::Arc<Store>,
+    instance: String,
     clock: crate::clock::Clock,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -216,7 +231,7 @@ pub async fn run_scheduler(
             _ = ticks.tick() => {}
             () = stop.cancelled() => return,
         }
-        if let Err(error) = room.step(&store, clock.now_ms()).await {
+        if let Err(error) = room.step(&store, &instance, clock.now_ms()).await {
             tracing::warn!(room = %room.id, %error, "scheduler step failed");
         }
     }
@@ -244,7 +259,7 @@ mod tests {
             store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap();
         }
         let stop = tokio_util::sync::CancellationToken::new();
-        let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), clock, stop.clone()));
+        let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), "test".into(), clock, stop.clone()));
         // Five minutes pass in an instant: tokio's clock is paused and jumps from timer to timer.
         tokio::time::sleep(Duration::from_secs(300)).await;
         stop.cancel();
@@ -269,11 +284,11 @@ mod tests {
         let clock = Clock::new();
         let joined = store.join(&room.id, &room.limits, false, clock.now_ms()).await.unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
-        room.step(&store, clock.now_ms()).await.unwrap();
+        room.step(&store, "test", clock.now_ms()).await.unwrap();
         assert_eq!(room.snapshot().cursor, 0);
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "paused");
         room.set_control(RoomState::Open, None);
-        room.step(&store, clock.now_ms()).await.unwrap();
+        room.step(&store, "test", clock.now_ms()).await.unwrap();
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "admitted");
     }
 }

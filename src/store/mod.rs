@@ -112,6 +112,15 @@ impl Store {
         }
     }
 
+    /// Whether this instance may advance `room` now: always with the memory store; with
+    /// Redis, while it holds the room's lease (taken or renewed by this call).
+    pub async fn hold_lease(&self, room: &str, instance: &str, lease: std::time::Duration) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(true),
+            Store::Redis(store) => store.hold_lease(room, instance, lease).await,
+        }
+    }
+
     pub async fn stats(&self, room: &str, limits: &Limits, now: u64) -> Result<Stats, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.stats(limits, now))),

@@ -22,6 +22,7 @@ struct Scripts {
     release: Script,
     touch: Script,
     renew: Script,
+    lease: Script,
 }
 
 impl Scripts {
@@ -36,6 +37,7 @@ impl Scripts {
             release: Script::new(include_str!("lua/release.lua")),
             touch: Script::new(include_str!("lua/touch.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
+            lease: Script::new(include_str!("lua/lease.lua")),
         }
     }
 }
@@ -191,6 +193,20 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(renewed == 1)
+    }
+
+    /// Take or keep the room's scheduler lease for `lease`; true while this instance holds it.
+    pub async fn hold_lease(&self, room: &str, instance: &str, lease: Duration) -> Result<bool, StoreError> {
+        let held: u8 = self
+            .scripts
+            .lease
+            .key(format!("vestibule:{{{room}}}:leader"))
+            .arg(instance)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(held == 1)
     }
 
     pub async fn stats(&self, room: &str, limits: &Limits, now: u64) -> Result<Stats, StoreError> {
