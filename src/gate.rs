@@ -1,5 +1,6 @@
-//! The gate: one decision per request — `Forward`, `Wait` or `Reject` — and then the step
-//! that carries it out. A reader sees the whole gate in [`Gate::serve`].
+//! The gate: one decision per request — `Forward` or `Wait` (malformed requests are refused
+//! before it) — and then the step that carries it out. A reader sees the whole gate in
+//! [`Gate::serve`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,8 +60,6 @@ pub enum Decision<'a> {
     Forward(Option<(&'a Arc<Room>, Arc<Admission>)>),
     /// Inside a room, without a valid token: the line decides.
     Wait(&'a Arc<Room>),
-    /// Refuse with an error.
-    Reject(GateError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -206,7 +205,6 @@ impl Gate {
                 self.admitted(room, &admission, request, connection, &path).await
             }
             Decision::Wait(room) => self.enter(room, request, connection, &path).await,
-            Decision::Reject(error) => Err(error),
         }
     }
 
@@ -292,7 +290,7 @@ impl Gate {
             return Ok(response); // a token minted outside any session (`vestibule token`)
         }
         if forwarded.session_ended {
-            self.end_session(room, admission).await;
+            self.end_session(room, admission.ticket).await;
             append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
             return Ok(response);
         }
@@ -311,14 +309,14 @@ impl Gate {
     }
 
     /// End a session: its slot frees at once and its tokens stop passing.
-    async fn end_session(&self, room: &Room, admission: &Admission) {
-        room.revoke(admission.ticket);
+    async fn end_session(&self, room: &Room, ticket: u64) {
+        room.revoke(ticket);
         if let Store::Redis(store) = &*self.store {
-            if let Err(error) = store.announce_revocation(&room.id, admission.ticket).await {
+            if let Err(error) = store.announce_revocation(&room.id, ticket).await {
                 tracing::warn!(room = %room.id, %error, "could not announce an ended session");
             }
         }
-        if let Err(error) = self.store.release(&room.id, admission.ticket).await {
+        if let Err(error) = self.store.release(&room.id, ticket).await {
             tracing::warn!(room = %room.id, %error, "could not release a session");
         }
     }
@@ -401,16 +399,7 @@ impl Gate {
             Err(error) => (error.into_response(wants_json), false),
         };
         if session_ended {
-            let admission = Admission {
-                room: room.id.clone(),
-                visitor: visitor.to_owned(),
-                not_before: 0,
-                expires_at: expires_at_ms / 1_000,
-                jti: String::new(),
-                ticket,
-                cursor_at_join: None,
-            };
-            self.end_session(room, &admission).await;
+            self.end_session(room, ticket).await;
         } else {
             let lifetime = room.limits.session_ms / 1_000;
             append_cookie(&mut response, self.cookie(&room.token_cookie, &token, lifetime));
@@ -509,7 +498,7 @@ impl Gate {
             ("leave", Method::POST) => {
                 if let Some(admission) = self.admission(request.headers(), &room) {
                     if admission.ticket != 0 {
-                        self.end_session(&room, &admission).await;
+                        self.end_session(&room, admission.ticket).await;
                     }
                 }
                 if let Some(ticket) = self.ticket(request.headers(), &room) {

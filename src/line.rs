@@ -314,11 +314,6 @@ impl Line {
             rate_per_second,
         }
     }
-
-    /// Whether a session is still active.
-    pub fn is_active(&self, ticket: u64, now: u64) -> bool {
-        self.sessions.get(&ticket).is_some_and(|expires| *expires > now)
-    }
 }
 
 #[cfg(test)]

@@ -127,13 +127,11 @@ impl Listener {
         }
         drop(self.listener);
         tracing::info!(grace = ?self.server.shutdown_grace, "shutting down: finishing in-flight requests");
-        let graceful_done = tokio::time::timeout(self.server.shutdown_grace, graceful.shutdown()).await;
-        if graceful_done.is_err() {
+        if tokio::time::timeout(self.server.shutdown_grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("shutdown grace ran out; closing the remaining connections");
         }
         // Upgraded tunnels and feed sockets outlive their requests: they get the grace above,
         // then the stop token ends them (feeds say goodbye; pages reconnect elsewhere).
-        drop(graceful_done);
         self.gate.stop_token().cancel();
         for tasks in [self.gate.upstream().tunnels(), self.gate.tasks()] {
             tasks.close();

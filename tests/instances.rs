@@ -39,15 +39,40 @@ fn cookies(headers: &http::HeaderMap) -> String {
         .join("; ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_share_one_line_and_one_capacity() {
+/// A redis-server of the test's own, a recording upstream, and two instances sharing both
+/// and one signing key.
+struct TwoInstances {
+    _redis: RedisServer,
+    upstream: Upstream,
+    _dir: TempDir,
+    one: Running,
+    two: Running,
+}
+
+async fn two_instances(name: &str) -> TwoInstances {
     let redis = RedisServer::start();
     let (upstream_addr, upstream) = start_upstream().await;
-    let dir = TempDir::new("instances");
+    let dir = TempDir::new(name);
     let key = dir.path().join("key.pem");
     std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
     let one = instance(&redis, upstream_addr, &key, dir.path()).await;
     let two = instance(&redis, upstream_addr, &key, dir.path()).await;
+    TwoInstances { _redis: redis, upstream, _dir: dir, one, two }
+}
+
+/// `POST /_vestibule/leave` with these cookies.
+async fn leave(addr: SocketAddr, cookie: &str) {
+    let request = http::Request::post("/_vestibule/leave?room=checkout")
+        .header("host", "shop.test")
+        .header("cookie", cookie)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(addr, request).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_line_and_one_capacity() {
+    let TwoInstances { upstream, one, two, .. } = &two_instances("instances").await;
 
     // The first visitor, at instance one, takes the only place.
     let (code, headers, body) = get(one.addr, "/checkout", &[]).await;
@@ -74,12 +99,7 @@ async fn two_instances_share_one_line_and_one_capacity() {
     assert_eq!(code, StatusCode::OK);
 
     // The first visitor leaves at instance two; the second is admitted and redeems at one.
-    let request = http::Request::post("/_vestibule/leave?room=checkout")
-        .header("host", "shop.test")
-        .header("cookie", &first)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    assert_eq!(send(two.addr, request).await.0, StatusCode::OK);
+    leave(two.addr, &first).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while status(two.addr, &second).await["status"] != "admitted" {
         assert!(tokio::time::Instant::now() < deadline, "the second visitor was never admitted");
@@ -110,13 +130,7 @@ async fn two_instances_share_one_line_and_one_capacity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_leading_instance_dies_another_takes_over_within_five_seconds() {
-    let redis = RedisServer::start();
-    let (upstream_addr, _upstream) = start_upstream().await;
-    let dir = TempDir::new("failover");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
-    let a = instance(&redis, upstream_addr, &key, dir.path()).await;
-    let b = instance(&redis, upstream_addr, &key, dir.path()).await;
+    let TwoInstances { _redis, upstream: _upstream, _dir, one: a, two: b } = two_instances("failover").await;
 
     // Exactly one instance advances the line.
     wait_for("a leader", || a.gate().rooms()[0].is_leading() || b.gate().rooms()[0].is_leading()).await;
@@ -138,12 +152,7 @@ async fn when_the_leading_instance_dies_another_takes_over_within_five_seconds()
     let died = tokio::time::Instant::now();
     leader.shutdown();
     leader.stopped().await;
-    let leave = http::Request::post("/_vestibule/leave?room=checkout")
-        .header("host", "shop.test")
-        .header("cookie", &holder)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    assert_eq!(send(follower.addr, leave).await.0, StatusCode::OK);
+    leave(follower.addr, &holder).await;
     while status(follower.addr, &waiter).await["status"] != "admitted" {
         assert!(died.elapsed() < std::time::Duration::from_secs(5), "no instance took over within 5 s");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
