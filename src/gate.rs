@@ -36,6 +36,9 @@ pub const WELL_KNOWN_JWKS: &str = "/.well-known/jwks.json";
 const RETRY_SECONDS: u32 = 20;
 /// How long a ticket cookie holds a place.
 const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The longest an admitted request waits for its session's renewal in the store; a renewal
+/// that does not come in time is tried again on the next request.
+const RENEW_WAIT: Duration = Duration::from_millis(200);
 
 /// One guarded prefix, normalized (lower-case unless the room is case-sensitive).
 struct Guard {
@@ -131,7 +134,7 @@ impl Gate {
             self.tasks.spawn(task);
         }
         if matches!(*self.store, Store::Redis(_)) {
-            self.tasks.spawn(listen_for_revocations(self.store.clone(), self.rooms.clone(), self.stop.clone()));
+            self.tasks.spawn(listen_to_rooms(self.store.clone(), self.rooms.clone(), self.clock, self.stop.clone()));
         }
     }
 
@@ -289,36 +292,25 @@ impl Gate {
         if admission.ticket == 0 {
             return Ok(response); // a token minted outside any session (`vestibule token`)
         }
+        let now = self.clock.now_ms();
         if forwarded.session_ended {
-            self.end_session(room, admission.ticket).await;
+            room.end_session(&self.store, admission.ticket, now).await;
             append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
             return Ok(response);
         }
-        let now = self.clock.now_ms();
         let session_seconds = room.limits.session_ms / 1_000;
         let left = admission.expires_at.saturating_sub(now / 1_000);
-        if left * 2 < session_seconds {
+        // Renewal needs the store; an admitted visitor never waits on a store that is away.
+        if left * 2 < session_seconds && room.is_available() {
             let until = now + room.limits.session_ms;
-            if let Ok(true) = self.store.renew(&room.id, admission.ticket, until).await {
+            let renewal = self.store.renew(&room.id, &room.limits, admission.ticket, until, now);
+            if let Ok(Ok(true)) = tokio::time::timeout(RENEW_WAIT, renewal).await {
                 if let Ok(token) = self.tokens.mint(&room.id, &admission.visitor, admission.ticket, until / 1_000) {
                     append_cookie(&mut response, self.cookie(&room.token_cookie, &token, session_seconds));
                 }
             }
         }
         Ok(response)
-    }
-
-    /// End a session: its slot frees at once and its tokens stop passing.
-    async fn end_session(&self, room: &Room, ticket: u64) {
-        room.revoke(ticket);
-        if let Store::Redis(store) = &*self.store {
-            if let Err(error) = store.announce_revocation(&room.id, ticket).await {
-                tracing::warn!(room = %room.id, %error, "could not announce an ended session");
-            }
-        }
-        if let Err(error) = self.store.release(&room.id, ticket).await {
-            tracing::warn!(room = %room.id, %error, "could not release a session");
-        }
     }
 
     /// A protected request without a valid token: redeem the visitor's ticket, keep them
@@ -333,7 +325,19 @@ impl Gate {
         let now = self.clock.now_ms();
         let mut why = None;
         if let Some(ticket) = self.ticket(request.headers(), room) {
-            match self.store.redeem(&room.id, &room.limits, ticket.ticket, now).await.map_err(unavailable)? {
+            let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
+            // While the store is away, a waiter keeps their place on a paused page.
+            if !room.is_available() {
+                return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
+            }
+            let redeemed = match self.store.redeem(&room.id, &room.limits, ticket.ticket, now).await {
+                Ok(redeemed) => redeemed,
+                Err(error) => {
+                    store_failed(room, &error);
+                    return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
+                }
+            };
+            match redeemed {
                 Redeemed::Admitted { expires_at } => {
                     room.observe_cursor(ticket.ticket);
                     return self
@@ -341,7 +345,6 @@ impl Gate {
                         .await;
                 }
                 Redeemed::Waiting { .. } => {
-                    let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
                     return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
                 }
                 Redeemed::Gone(gone) => why = Some(gone),
@@ -354,9 +357,17 @@ impl Gate {
             append_cookie(&mut response, self.clear_cookie(&room.ticket_cookie));
             return Ok(response);
         }
+        // Nobody joins a line the store cannot keep: come back shortly.
+        if !snapshot.available {
+            return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+        }
         let admit_now = snapshot.state == RoomState::Open;
         let visitor = random_id();
-        match self.store.join(&room.id, &room.limits, admit_now, now).await.map_err(unavailable)? {
+        let joined = self.store.join(&room.id, &room.limits, admit_now, now).await.map_err(|error| {
+            store_failed(room, &error);
+            GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS }
+        })?;
+        match joined {
             Joined::Admitted { ticket, expires_at } => {
                 room.observe_cursor(ticket);
                 self.admit(room, &visitor, ticket, expires_at, request, connection, path).await
@@ -399,7 +410,7 @@ impl Gate {
             Err(error) => (error.into_response(wants_json), false),
         };
         if session_ended {
-            self.end_session(room, ticket).await;
+            room.end_session(&self.store, ticket, self.clock.now_ms()).await;
         } else {
             let lifetime = room.limits.session_ms / 1_000;
             append_cookie(&mut response, self.cookie(&room.token_cookie, &token, lifetime));
@@ -496,14 +507,18 @@ impl Gate {
                 Ok(response)
             }
             ("leave", Method::POST) => {
+                let now = self.clock.now_ms();
                 if let Some(admission) = self.admission(request.headers(), &room) {
                     if admission.ticket != 0 {
-                        self.end_session(&room, admission.ticket).await;
+                        room.end_session(&self.store, admission.ticket, now).await;
                     }
                 }
                 if let Some(ticket) = self.ticket(request.headers(), &room) {
-                    let now = self.clock.now_ms();
-                    self.store.leave(&room.id, &room.limits, ticket.ticket, now).await.map_err(unavailable)?;
+                    // A place given up while the store is away is skipped later anyway: its
+                    // holder is no longer seen.
+                    if let Err(error) = self.store.leave(&room.id, &room.limits, ticket.ticket, now).await {
+                        store_failed(&room, &error);
+                    }
                 }
                 let mut response = json_response(&room.status(Holding::Nothing));
                 append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
@@ -605,21 +620,34 @@ impl Gate {
     }
 }
 
-/// Apply sessions ended at other instances to this one's rooms, until `stop`; on a lost
-/// subscription, resubscribe with backoff.
-async fn listen_for_revocations(store: Arc<Store>, rooms: Vec<Arc<Room>>, stop: CancellationToken) {
+/// Apply what other instances announce to this one's rooms, until `stop`: sessions ended
+/// elsewhere, and the leader's cursor moves (fanned out to this instance's waiters from
+/// memory). On a lost subscription, resubscribe with backoff, then catch up on the sessions
+/// that ended meanwhile.
+async fn listen_to_rooms(store: Arc<Store>, rooms: Vec<Arc<Room>>, clock: Clock, stop: CancellationToken) {
     use futures_util::StreamExt;
     let Store::Redis(redis) = &*store else { return };
     let ids: Vec<String> = rooms.iter().map(|room| room.id.clone()).collect();
+    let revocations: Vec<String> = ids.iter().map(|id| crate::store::revocations_channel(id)).collect();
+    let cursors: Vec<String> = ids.iter().map(|id| crate::store::cursor_channel(id)).collect();
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
-        let mut messages = match redis.revocations(&ids).await {
+        let subscribed = async {
+            let messages = redis.subscribe(&ids).await?;
+            for room in &rooms {
+                for ticket in redis.ended_sessions(&room.id, clock.now_ms()).await? {
+                    room.revoke(ticket);
+                }
+            }
+            Ok::<_, StoreError>(messages)
+        };
+        let mut messages = match subscribed.await {
             Ok(messages) => {
                 backoff = Duration::from_millis(100);
                 messages
             }
             Err(error) => {
-                tracing::warn!(%error, ?backoff, "cannot subscribe to ended sessions");
+                tracing::warn!(%error, ?backoff, "cannot subscribe to the rooms' announcements");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return,
@@ -634,14 +662,13 @@ async fn listen_for_revocations(store: Arc<Store>, rooms: Vec<Arc<Room>>, stop: 
                 () = stop.cancelled() => return,
             };
             let Some(message) = message else { break };
-            let channel = message.get_channel_name().to_owned();
-            let (Some(room), Ok(ticket)) = (
-                rooms.iter().find(|room| crate::store::revocations_channel(&room.id) == channel),
-                message.get_payload::<u64>(),
-            ) else {
-                continue;
-            };
-            room.revoke(ticket);
+            let channel = message.get_channel_name();
+            let Ok(number) = message.get_payload::<u64>() else { continue };
+            if let Some(room) = revocations.iter().position(|c| c == channel) {
+                rooms[room].revoke(number);
+            } else if let Some(room) = cursors.iter().position(|c| c == channel) {
+                rooms[room].observe_cursor(number);
+            }
         }
     }
 }
@@ -669,10 +696,15 @@ fn json_response(value: &impl serde::Serialize) -> Response<Body> {
     response
 }
 
-/// A store that cannot answer: come back shortly.
-fn unavailable(error: StoreError) -> GateError {
-    tracing::warn!(%error, "store unavailable");
-    GateError::Unavailable { retry_after_seconds: 5 }
+/// `Retry-After` when the store cannot take a visitor in line now.
+const STORE_RETRY_SECONDS: u32 = 5;
+
+/// A store call failed: when the store is away, the room pauses until its next step succeeds.
+fn store_failed(room: &Room, error: &StoreError) {
+    if matches!(error, StoreError::Unavailable(_)) {
+        tracing::warn!(room = %room.id, %error, "store unavailable");
+        room.store_failed();
+    }
 }
 
 /// One query parameter, percent-decoded.

@@ -95,6 +95,9 @@ pub struct Stats {
     pub waiting: u64,
     /// Admissions per second observed over the last minute; `None` before any.
     pub rate_per_second: Option<f64>,
+    /// Which life of the line this is: a shared store gives a line a new epoch when it had
+    /// to rebuild it. Always 0 in memory.
+    pub epoch: u64,
 }
 
 /// The position of `ticket` when the cursor stands at `cursor` (1 = next).
@@ -312,6 +315,7 @@ impl Line {
             outstanding: self.grants.len() as u32,
             waiting: self.last_ticket - self.cursor,
             rate_per_second,
+            epoch: 0,
         }
     }
 }

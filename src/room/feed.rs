@@ -31,7 +31,8 @@ use crate::line;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
 const PONG_DEADLINE: Duration = Duration::from_secs(10);
-/// A connected waiter is reported alive this often.
+/// A connected waiter is reported alive this often (or four times per `abandon_seconds`,
+/// if that is more often).
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
 /// At most one position message per socket per this long.
 const MIN_GAP: Duration = Duration::from_secs(1);
@@ -141,8 +142,8 @@ fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<serde_json::Valu
     if ticket <= snapshot.cursor {
         return Some(json!({"type": "admitted"}));
     }
-    Some(match snapshot.state {
-        RoomState::Paused => json!({"type": "paused", "message": snapshot.message}),
+    Some(match snapshot.waiting_state() {
+        RoomState::Paused => json!({"type": "paused", "message": snapshot.notice()}),
         RoomState::Closed => json!({"type": "closed", "message": snapshot.message}),
         RoomState::Open | RoomState::Passthrough => {
             let position = line::position(ticket, snapshot.cursor);
@@ -157,7 +158,9 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
     let mut snapshots = room.subscribe();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut touch = tokio::time::interval(TOUCH_EVERY);
+    let touch_every = TOUCH_EVERY.min(Duration::from_millis(room.limits.abandon_ms / 4));
+    let mut touch = tokio::time::interval(touch_every);
+    let mut generation = snapshots.borrow().generation;
     let mut pong_due: Option<Instant> = None;
     let mut last_sent: Option<serde_json::Value> = None;
     let mut last_message: Option<Option<String>> = None;
@@ -169,6 +172,13 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
     loop {
         if pending {
             let snapshot = snapshots.borrow_and_update().clone();
+            if snapshot.generation != generation {
+                // The line was restored, or the store is back: say at once that we are here.
+                generation = snapshot.generation;
+                if let Holding::Ticket(ticket) = holding {
+                    room.touch(ticket);
+                }
+            }
             let mut outgoing = Vec::new();
             if let Some(next) = message_for(&snapshot, holding) {
                 let position = next["position"].as_u64();
@@ -189,7 +199,7 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
             } else {
                 pending = false;
             }
-            let open = snapshot.state == RoomState::Open;
+            let open = snapshot.waiting_state() == RoomState::Open;
             if open && last_message.as_ref() != Some(&snapshot.message) {
                 if let (Some(_), Some(text)) = (&last_message, &snapshot.message) {
                     outgoing.push(json!({"type": "message", "message": text}));

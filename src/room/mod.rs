@@ -9,6 +9,8 @@
 pub mod feed;
 pub mod page;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -24,8 +26,15 @@ pub const STEP: Duration = Duration::from_millis(100);
 /// How long a scheduler lease lasts without renewal: another instance takes over within this
 /// (plus one step) when the leader dies.
 pub const LEASE: Duration = Duration::from_secs(3);
-/// Most liveness touches buffered between two steps.
+/// How often an instance that does not lead a room reads it from the store, besides the
+/// cursor moves the leader announces: covers announcements lost while a subscription was down.
+pub const READ_EVERY: Duration = Duration::from_secs(1);
+/// Most liveness touches buffered between two steps (or while the store is away).
 const MAX_PENDING_TOUCHES: usize = 100_000;
+/// Most ended sessions held while the store is away, to release when it returns.
+const MAX_PENDING_ENDS: usize = 100_000;
+/// What a waiter reads while the store cannot be reached.
+pub const STORE_AWAY_MESSAGE: &str = "The line is paused for a moment. You keep your place.";
 /// Ended sessions remembered per room. Sessions end at most `max_active` at a time per
 /// session lifetime, so this covers rooms of up to this many simultaneous sessions.
 const MAX_REVOKED: usize = 200_000;
@@ -37,6 +46,29 @@ pub struct Snapshot {
     pub state: RoomState,
     pub message: Option<String>,
     pub rate_per_second: Option<f64>,
+    /// Whether the store answered at the last step; while it does not, the line is paused.
+    pub available: bool,
+    /// Bumped when waiters must be seen again at once: the line was restored, or the store
+    /// is back after an outage. Feed sockets then report their waiter alive.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// The state a waiter sees: paused while the store is away.
+    pub fn waiting_state(&self) -> RoomState {
+        match self.state {
+            RoomState::Open | RoomState::Passthrough if !self.available => RoomState::Paused,
+            state => state,
+        }
+    }
+
+    /// The message a waiter sees.
+    pub fn notice(&self) -> Option<String> {
+        match &self.message {
+            None if !self.available => Some(STORE_AWAY_MESSAGE.to_owned()),
+            message => message.clone(),
+        }
+    }
 }
 
 /// A room: its settings and its live state.
@@ -48,17 +80,30 @@ pub struct Room {
     pub ticket_cookie: String,
     control: RwLock<(RoomState, Option<String>)>,
     snapshot: watch::Sender<Snapshot>,
-    touched: Mutex<Vec<u64>>,
+    /// Waiters seen since the last flush to the store.
+    touched: Mutex<HashSet<u64>>,
+    /// Sessions ended here and not yet released in the store (it was away).
+    ended: Mutex<Vec<u64>>,
     /// Ended sessions by ticket: every token of the session stops passing on this instance.
     revoked: quick_cache::sync::Cache<u64, ()>,
     /// Whether this instance advanced the line at its last step.
-    leading: std::sync::atomic::AtomicBool,
+    leading: AtomicBool,
+    /// When this instance last read the room from the store (ms).
+    read_at: AtomicU64,
+    /// The epoch of the line at the last read.
+    epoch: AtomicU64,
 }
 
 impl Room {
     pub fn new(config: &RoomConfig) -> Room {
-        let snapshot =
-            Snapshot { cursor: 0, state: config.state, message: config.message.clone(), rate_per_second: None };
+        let snapshot = Snapshot {
+            cursor: 0,
+            state: config.state,
+            message: config.message.clone(),
+            rate_per_second: None,
+            available: true,
+            generation: 0,
+        };
         Room {
             id: config.id.clone(),
             limits: Limits {
@@ -72,9 +117,12 @@ impl Room {
             ticket_cookie: format!("vestibule-ticket-{}", config.id),
             control: RwLock::new((config.state, config.message.clone())),
             snapshot: watch::Sender::new(snapshot),
-            touched: Mutex::new(Vec::new()),
+            touched: Mutex::default(),
+            ended: Mutex::default(),
             revoked: quick_cache::sync::Cache::new(MAX_REVOKED),
-            leading: std::sync::atomic::AtomicBool::new(false),
+            leading: AtomicBool::new(false),
+            read_at: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -129,36 +177,126 @@ impl Room {
 
     /// Record that a waiter is still here; sent to the store in one batch per step.
     pub fn touch(&self, ticket: u64) {
+        self.touch_all([ticket]);
+    }
+
+    fn touch_all(&self, tickets: impl IntoIterator<Item = u64>) {
         if let Ok(mut touched) = self.touched.lock() {
-            if touched.len() < MAX_PENDING_TOUCHES {
-                touched.push(ticket);
+            for ticket in tickets {
+                if touched.len() >= MAX_PENDING_TOUCHES {
+                    break;
+                }
+                touched.insert(ticket);
             }
         }
     }
 
     /// Whether this instance is the one advancing the line (it held the lease at its last step).
     pub fn is_leading(&self) -> bool {
-        self.leading.load(std::sync::atomic::Ordering::Relaxed)
+        self.leading.load(Ordering::Relaxed)
     }
 
-    /// One scheduler step: advance the line (when open, and when this instance holds the
-    /// room's lease), flush liveness, publish.
+    /// Whether the store answered at the last step.
+    pub fn is_available(&self) -> bool {
+        self.snapshot.borrow().available
+    }
+
+    /// Note that the store failed a call: waiters see the line paused until a step succeeds.
+    pub fn store_failed(&self) {
+        self.set_available(false);
+    }
+
+    fn set_available(&self, available: bool) {
+        self.snapshot.send_if_modified(|snapshot| {
+            let changed = snapshot.available != available;
+            if changed && available {
+                // Back after an outage: every waiter is seen again before anyone is skipped.
+                snapshot.generation += 1;
+            }
+            snapshot.available = available;
+            changed
+        });
+    }
+
+    /// End a session: its tokens stop passing here at once, and its place frees in the store
+    /// now, or when the store is back.
+    pub async fn end_session(&self, store: &Store, ticket: u64, now: u64) {
+        self.revoke(ticket);
+        if self.is_available() {
+            match store.release(&self.id, &self.limits, ticket, now).await {
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::warn!(room = %self.id, %error, "could not end a session now; held until the store is back");
+                    self.store_failed();
+                }
+            }
+        }
+        if let Ok(mut ended) = self.ended.lock() {
+            if ended.len() < MAX_PENDING_ENDS {
+                ended.push(ticket);
+            }
+        }
+    }
+
+    /// One scheduler step: release sessions ended while the store was away, flush liveness,
+    /// advance the line (when open, and when this instance holds the room's lease), publish.
+    /// A follower reads the room every [`READ_EVERY`]; between reads it learns cursor moves
+    /// from the leader's announcements.
     pub async fn step(&self, store: &Store, instance: &str, now: u64) -> Result<(), StoreError> {
+        let was_available = self.is_available();
+        let result = self.try_step(store, instance, now, was_available).await;
+        self.set_available(result.is_ok());
+        result
+    }
+
+    async fn try_step(&self, store: &Store, instance: &str, now: u64, was_available: bool) -> Result<(), StoreError> {
         let (state, message) = self.control.read().map(|c| c.clone()).unwrap_or_default();
-        let touched = self.touched.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let ended = self.ended.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
+        for (done, ticket) in ended.iter().enumerate() {
+            if let Err(error) = store.release(&self.id, &self.limits, *ticket, now).await {
+                if let Ok(mut pending) = self.ended.lock() {
+                    pending.extend_from_slice(&ended[done..]);
+                }
+                return Err(error);
+            }
+        }
+        let touched: Vec<u64> = self.touched.lock().map(|mut t| t.drain().collect()).unwrap_or_default();
         if !touched.is_empty() {
-            store.touch(&self.id, &touched, now).await?;
+            if let Err(error) = store.touch(&self.id, &self.limits, &touched, now).await {
+                self.touch_all(touched);
+                return Err(error);
+            }
         }
         let leading = store.hold_lease(&self.id, instance, LEASE).await?;
-        self.leading.store(leading, std::sync::atomic::Ordering::Relaxed);
-        if state == RoomState::Open && leading {
-            store.advance(&self.id, &self.limits, now).await?;
+        self.leading.store(leading, Ordering::Relaxed);
+        // Back after an outage, waiters are seen again (this step's snapshot asks them) before
+        // the line moves on.
+        let stats = if state == RoomState::Open && leading && was_available {
+            Some(store.advance(&self.id, &self.limits, now).await?.stats)
+        } else if leading || now >= self.read_at.load(Ordering::Relaxed) + READ_EVERY.as_millis() as u64 {
+            Some(store.stats(&self.id, &self.limits, now).await?)
+        } else {
+            None
+        };
+        let restored = stats.is_some_and(|stats| {
+            let before = self.epoch.swap(stats.epoch, Ordering::Relaxed);
+            before != 0 && before != stats.epoch
+        });
+        if stats.is_some() {
+            self.read_at.store(now, Ordering::Relaxed);
         }
-        let stats = store.stats(&self.id, &self.limits, now).await?;
-        let next = Snapshot { cursor: stats.cursor, state, message, rate_per_second: stats.rate_per_second };
         self.snapshot.send_if_modified(|snapshot| {
-            // The cursor never moves back, whatever order steps finish in.
-            let next = Snapshot { cursor: next.cursor.max(snapshot.cursor), ..next };
+            let mut next = snapshot.clone();
+            next.state = state;
+            next.message = message;
+            if let Some(stats) = stats {
+                // The cursor never moves back, whatever order steps finish in.
+                next.cursor = next.cursor.max(stats.cursor);
+                next.rate_per_second = stats.rate_per_second;
+            }
+            if restored {
+                next.generation += 1; // every waiter is seen again by the restored line
+            }
             let changed = *snapshot != next;
             *snapshot = next;
             changed
@@ -166,10 +304,19 @@ impl Room {
         Ok(())
     }
 
+    /// Give up this instance's lease on the room (a graceful stop).
+    pub async fn resign(&self, store: &Store, instance: &str) {
+        if self.leading.swap(false, Ordering::Relaxed) {
+            if let Err(error) = store.drop_lease(&self.id, instance).await {
+                tracing::warn!(room = %self.id, %error, "could not give up the scheduler lease");
+            }
+        }
+    }
+
     /// What a visitor holding `ticket` (or a token) sees now.
     pub fn status(&self, holding: Holding) -> Status {
         let snapshot = self.snapshot.borrow();
-        let message = snapshot.message.clone();
+        let message = snapshot.notice();
         let ticket = match holding {
             Holding::Token => return Status::of("admitted", None, None, message),
             Holding::Nothing => {
@@ -182,7 +329,7 @@ impl Room {
             return Status::of("admitted", None, None, message);
         }
         let position = line::position(ticket, snapshot.cursor);
-        let status = match snapshot.state {
+        let status = match snapshot.waiting_state() {
             RoomState::Paused => "paused",
             RoomState::Closed => "closed",
             RoomState::Open | RoomState::Passthrough => "waiting",
@@ -216,7 +363,8 @@ impl Status {
     }
 }
 
-/// Advance `room` every [`STEP`] until `stop`. Store errors are logged and retried next step.
+/// Advance `room` every [`STEP`] until `stop`, then give up the lease so that another
+/// instance takes over at once. Store errors are logged and retried next step.
 pub async fn run_scheduler(
     room: std::sync::Arc<Room>,
     store: std::sync::Arc<Store>,
@@ -229,12 +377,18 @@ pub async fn run_scheduler(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
         }
+        let was_available = room.is_available();
         if let Err(error) = room.step(&store, &instance, clock.now_ms()).await {
-            tracing::warn!(room = %room.id, %error, "scheduler step failed");
+            if was_available {
+                tracing::warn!(room = %room.id, %error, "the store is away: the line is paused");
+            }
+        } else if !was_available {
+            tracing::info!(room = %room.id, "the store is back: the line moves again");
         }
     }
+    room.resign(&store, &instance).await;
 }
 
 #[cfg(test)]

@@ -9,15 +9,33 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{revocations_channel, RedisStore};
+pub use redis::{cursor_channel, revocations_channel, RedisStore};
 
 use crate::line::{Joined, Limits, Redeemed, Stats};
 
-/// A store failure. Transient ones (a timeout, a lost connection) are worth retrying.
+/// A store failure.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
+    /// The store cannot answer now (down, slow, refusing); worth retrying shortly.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The room's line is missing from the store (Redis restarted empty); the Redis store
+    /// restores it and tries again, so callers see this only if that fails too.
+    #[error("the line is missing from the store")]
+    Lost,
+    /// The line was just restored: joins wait a moment while every instance merges what it
+    /// knew.
+    #[error("the line is being restored")]
+    Restoring,
+}
+
+/// What a scheduler step of the line did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Advanced {
+    /// Turns granted by this step.
+    pub granted: u32,
+    /// The room after the step.
+    pub stats: Stats,
 }
 
 /// The line's store.
@@ -58,12 +76,14 @@ impl Store {
         }
     }
 
-    /// Grant turns by rate and capacity; returns how many were granted.
-    pub async fn advance(&self, room: &str, limits: &Limits, now: u64) -> Result<u32, StoreError> {
-        match self {
-            Store::Memory(store) => Ok(store.with(room, |line| line.advance(limits, now))),
-            Store::Redis(store) => store.advance(room, limits, now).await,
-        }
+    /// Grant turns by rate and capacity, announce the new cursor to every instance, and
+    /// report the room.
+    pub async fn advance(&self, room: &str, limits: &Limits, now: u64) -> Result<Advanced, StoreError> {
+        let (granted, stats) = match self {
+            Store::Memory(store) => store.with(room, |line| (line.advance(limits, now), line.stats(limits, now))),
+            Store::Redis(store) => store.advance(room, limits, now).await?,
+        };
+        Ok(Advanced { granted, stats })
     }
 
     /// Present a ticket: redeem a granted turn once, or learn the position.
@@ -74,11 +94,11 @@ impl Store {
         }
     }
 
-    /// End a session; its slot frees at once.
-    pub async fn release(&self, room: &str, ticket: u64) -> Result<bool, StoreError> {
+    /// End a session; its slot frees at once (and with Redis, every instance is told).
+    pub async fn release(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<bool, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.release(ticket))),
-            Store::Redis(store) => store.release(room, ticket).await,
+            Store::Redis(store) => store.release(room, limits, ticket, now).await,
         }
     }
 
@@ -94,21 +114,21 @@ impl Store {
     }
 
     /// Record that these waiters are still here (one batch per scheduler step).
-    pub async fn touch(&self, room: &str, tickets: &[u64], now: u64) -> Result<(), StoreError> {
+    pub async fn touch(&self, room: &str, limits: &Limits, tickets: &[u64], now: u64) -> Result<(), StoreError> {
         match self {
             Store::Memory(store) => {
                 store.with(room, |line| line.touch(tickets, now));
                 Ok(())
             }
-            Store::Redis(store) => store.touch(room, tickets, now).await,
+            Store::Redis(store) => store.touch(room, limits, tickets, now).await,
         }
     }
 
     /// Extend an active session (token renewal); false when it has ended.
-    pub async fn renew(&self, room: &str, ticket: u64, until: u64) -> Result<bool, StoreError> {
+    pub async fn renew(&self, room: &str, limits: &Limits, ticket: u64, until: u64, now: u64) -> Result<bool, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.renew(ticket, until))),
-            Store::Redis(store) => store.renew(room, ticket, until).await,
+            Store::Redis(store) => store.renew(room, limits, ticket, until, now).await,
         }
     }
 
@@ -118,6 +138,14 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(true),
             Store::Redis(store) => store.hold_lease(room, instance, lease).await,
+        }
+    }
+
+    /// Give up the lease of `room` if this instance holds it (a graceful stop).
+    pub async fn drop_lease(&self, room: &str, instance: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(store) => store.drop_lease(room, instance).await,
         }
     }
 

@@ -1,7 +1,15 @@
 -- join: take a ticket; admitted at once when the room is open, nobody waits, and there is
 -- room and budget.
 -- KEYS: as in common.lua.  ARGV[7] admit_now (1 or 0).
--- Returns {admitted (1/0), ticket, session expires at (ms) or 0}.
+-- Returns {admitted (1/0), ticket, session expires at (ms) or 0}; the error RESTORING for a
+-- moment after a restore.
+if lost() then
+  return redis.error_reply(LOST)
+end
+local restored_at = redis.call('HGET', KEYS[1], 'restored_at')
+if restored_at and now < tonumber(restored_at) + JOIN_HOLD_MS then
+  return redis.error_reply('RESTORING the line is being restored')
+end
 local budget = refill()
 expire()
 local ticket = redis.call('HINCRBY', KEYS[1], 'last', 1)

@@ -1,6 +1,9 @@
 -- leave: give up a place in line, an unredeemed grant, or a session.
 -- KEYS: as in common.lua.  ARGV[7] ticket.
--- Returns nothing.
+-- Returns 0.
+if lost() then
+  return redis.error_reply(LOST)
+end
 local ticket = tonumber(ARGV[7])
 local last = number(KEYS[1], 'last')
 local cursor = number(KEYS[1], 'cursor')
@@ -9,7 +12,7 @@ if ticket > cursor and ticket <= last then
   redis.call('SADD', KEYS[4], ticket)
 elseif redis.call('ZREM', KEYS[2], ticket) == 1 then
   forget(ticket, 'left')
-else
-  redis.call('ZREM', KEYS[3], ticket)
+elseif redis.call('ZREM', KEYS[3], ticket) == 0 and not redis.call('HGET', KEYS[7], ticket) and adopt(ticket) then
+  forget(ticket, 'left')
 end
 return 0

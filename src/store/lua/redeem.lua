@@ -3,12 +3,28 @@
 -- KEYS: as in common.lua.  ARGV[7] ticket.
 -- Returns {0, expires at} admitted, {1, position} waiting, {2, reason} gone
 -- (reason: lapsed | used | left | unknown).
+if lost() then
+  return redis.error_reply(LOST)
+end
 expire()
 local ticket = tonumber(ARGV[7])
 local last = number(KEYS[1], 'last')
 local cursor = number(KEYS[1], 'cursor')
-if ticket == 0 or ticket > last then
+local restored = redis.call('HEXISTS', KEYS[1], 'restored_at') == 1
+if ticket == 0 then
   return {2, 'unknown'}
+end
+if ticket > last then
+  if not restored then
+    return {2, 'unknown'}
+  end
+  -- Tickets are signed: this one was given out just before the line was lost, and keeps its
+  -- place. The restored line grows to it.
+  redis.call('HSET', KEYS[1], 'last', ticket)
+  if ticket > number(KEYS[1], 'restored_upto') then
+    redis.call('HSET', KEYS[1], 'restored_upto', ticket)
+  end
+  last = ticket
 end
 if ticket > cursor then
   if redis.call('SISMEMBER', KEYS[4], ticket) == 1 then
@@ -23,9 +39,12 @@ if ticket > cursor then
   redis.call('ZADD', KEYS[5], now, ticket)
   return {1, ticket - cursor}
 end
-if redis.call('ZREM', KEYS[2], ticket) == 1 then
+local why = redis.call('HGET', KEYS[7], ticket)
+-- A turn granted by the lost line, redeemed within its grant time, takes a phantom place.
+local restored_grant = not why and restored and now < number(KEYS[1], 'restored_at') + grant_ms
+if redis.call('ZREM', KEYS[2], ticket) == 1 or (restored_grant and adopt(ticket)) then
   redis.call('ZADD', KEYS[3], now + session_ms, ticket)
   forget(ticket, 'used')
   return {0, now + session_ms}
 end
-return {2, redis.call('HGET', KEYS[7], ticket) or 'used'}
+return {2, why or 'used'}

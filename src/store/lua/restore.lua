@@ -1,0 +1,42 @@
+-- restore: create a room's line, or rebuild one Redis lost (restarted empty, failed over
+-- without it) from what an instance knew of it. Every instance that knew the lost line merges
+-- its knowledge: counters by maximum, so nobody loses a place and no ticket is given twice.
+-- KEYS: as in common.lua.  ARGV[7] the epoch the instance knew (0: none), ARGV[8] the last
+-- ticket it knew, ARGV[9] the cursor it knew, ARGV[10] the places it knew taken (sessions
+-- and grants).
+-- Returns the line's epoch.
+local known_epoch = tonumber(ARGV[7])
+local known_last = tonumber(ARGV[8])
+local known_cursor = tonumber(ARGV[9])
+local known_held = tonumber(ARGV[10])
+local epoch = number(KEYS[1], 'epoch')
+if epoch ~= 0 and (epoch == known_epoch or known_last == 0) then
+  return epoch
+end
+if epoch == 0 then
+  local time = redis.call('TIME')
+  epoch = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  redis.call('HSET', KEYS[1], 'epoch', string.format('%d', epoch))
+  if known_last == 0 then
+    return epoch -- a new room
+  end
+end
+if not redis.call('HGET', KEYS[1], 'restored_at') then
+  redis.call('HSET', KEYS[1], 'restored_at', string.format('%d', now),
+    'phantoms_until', string.format('%d', now + session_ms))
+end
+local function raise(field, value)
+  if value > number(KEYS[1], field) then
+    redis.call('HSET', KEYS[1], field, string.format('%d', value))
+  end
+end
+raise('last', known_last)
+raise('cursor', known_cursor)
+raise('restored_cursor', known_cursor)
+raise('restored_upto', known_last)
+-- Sessions and grants the lost line held still take their places until they must have
+-- ended; each is taken over as its holder renews, redeems or leaves.
+if now < number(KEYS[1], 'restored_at') + RESEE_MS then
+  raise('phantoms', known_held)
+end
+return epoch
