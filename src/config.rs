@@ -500,7 +500,10 @@ impl Config {
                 return Err((key("grant_seconds"), "must be at least 1".into()));
             }
             if room.abandon_seconds < 30 {
-                return Err((key("abandon_seconds"), "must be at least 30: a page without JavaScript refreshes every 20 s".into()));
+                return Err((
+                    key("abandon_seconds"),
+                    "must be at least 30: a page without JavaScript refreshes every 20 s".into(),
+                ));
             }
             if room.message.as_ref().is_some_and(|m| m.len() > 500) {
                 return Err((key("message"), "at most 500 characters".into()));

@@ -48,7 +48,7 @@ async fn a_ticket_is_redeemed_once_and_unknown_ones_are_refused(store: Store) {
     let limits = limits(60, 10);
     store.join(ROOM, &limits, true, 0).await.unwrap();
     store.join(ROOM, &limits, true, 0).await.unwrap();
-    store.advance(ROOM, &limits, 1_000).await.unwrap().granted;
+    store.advance(ROOM, &limits, 1_000).await.unwrap();
     assert!(matches!(store.redeem(ROOM, &limits, 2, 1_000).await.unwrap(), Redeemed::Admitted { .. }));
     assert_eq!(store.redeem(ROOM, &limits, 2, 1_001).await.unwrap(), Redeemed::Gone(Gone::Used));
     assert_eq!(store.redeem(ROOM, &limits, 9, 1_001).await.unwrap(), Redeemed::Gone(Gone::Unknown));

@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -16,39 +13,6 @@ const HUNDRED_MB: u64 = 100 * 1024 * 1024;
 /// Peak resident memory allowed to the proxy while 100 MB pass through each way. A build
 /// that buffered a body would need more than 100 MB.
 const MAX_PEAK_RSS_KB: u64 = 48 * 1024;
-
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start the `vestibule` binary; return it and the address it reports.
-fn spawn_proxy(config: &std::path::Path) -> (Proxy, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the vestibule binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("vestibule reports its address before exiting").unwrap();
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        if event["message"] == "listening" {
-            break event["addr"].as_str().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (Proxy(child), addr)
-}
 
 fn peak_rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

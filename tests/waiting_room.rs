@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::visitor::{next_message, Visitor};
 use common::*;
 use http::StatusCode;

@@ -125,7 +125,14 @@ impl Store {
     }
 
     /// Extend an active session (token renewal); false when it has ended.
-    pub async fn renew(&self, room: &str, limits: &Limits, ticket: u64, until: u64, now: u64) -> Result<bool, StoreError> {
+    pub async fn renew(
+        &self,
+        room: &str,
+        limits: &Limits,
+        ticket: u64,
+        until: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.renew(ticket, until))),
             Store::Redis(store) => store.renew(room, limits, ticket, until, now).await,

@@ -319,7 +319,14 @@ impl RedisStore {
         Ok(())
     }
 
-    pub async fn renew(&self, room: &str, limits: &Limits, ticket: u64, until: u64, now: u64) -> Result<bool, StoreError> {
+    pub async fn renew(
+        &self,
+        room: &str,
+        limits: &Limits,
+        ticket: u64,
+        until: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
         let mut invocation = Self::invocation(&self.scripts.renew, room, limits, now);
         invocation.arg(ticket).arg(until);
         let renewed: u8 = self.run(&invocation, room, limits, now).await?;

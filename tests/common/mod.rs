@@ -342,3 +342,47 @@ pub async fn dead_address() -> SocketAddr {
 pub fn executor() -> TokioExecutor {
     TokioExecutor::new()
 }
+
+/// The `vestibule` binary running in a process of its own; killed on drop.
+pub struct Proxy(pub std::process::Child);
+
+impl Proxy {
+    /// Kill the process outright (SIGKILL): no graceful stop, no hand-over.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Start the `vestibule` binary; return it and the address it reports (the configuration
+/// must log as JSON: `[log] format = "json"`).
+pub fn spawn_proxy(config: &Path) -> (Proxy, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the vestibule binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("vestibule reports its address before exiting").unwrap();
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if event["message"] == "listening" {
+            break event["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (Proxy(child), addr)
+}

@@ -1,5 +1,6 @@
 //! A `redis-server` of the test's own, on a free loopback port, killed on drop. Tests never
-//! touch a Redis they did not start.
+//! touch a Redis they did not start; they may pause, kill and restart their own. It keeps
+//! nothing on disk, so a restart comes back empty.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -18,7 +19,14 @@ impl RedisServer {
     pub fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = TempDir::new("redis");
-        let child = Command::new("redis-server")
+        let child = Self::spawn(port, &dir);
+        let server = RedisServer { child, port, _dir: dir };
+        server.wait_until_ready();
+        server
+    }
+
+    fn spawn(port: u16, dir: &TempDir) -> Child {
+        Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir.path())
@@ -28,10 +36,34 @@ impl RedisServer {
                 panic!(
                     "the Redis tests need `redis-server` on the PATH (Redis 7: apt-get install redis-server): {error}"
                 )
-            });
-        let server = RedisServer { child, port, _dir: dir };
-        server.wait_until_ready();
-        server
+            })
+    }
+
+    /// Freeze the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaw a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{name} redis-server");
+    }
+
+    /// Kill the server (SIGKILL); it is down until [`restart`](Self::restart).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start a killed server again on the same port: empty.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.port, &self._dir);
+        self.wait_until_ready();
     }
 
     pub fn url(&self) -> String {

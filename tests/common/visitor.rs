@@ -103,4 +103,3 @@ pub async fn next_message(socket: &mut tokio_tungstenite::WebSocketStream<tokio:
         }
     }
 }
-
