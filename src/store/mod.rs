@@ -42,7 +42,8 @@ pub struct Advanced {
 pub enum Store {
     /// In this process: one instance only.
     Memory(MemoryStore),
-    /// One Redis server, shared by every instance (boxed: it is much larger than the other).
+    /// Redis (one server or a cluster), shared by every instance (boxed: it is much larger
+    /// than the other).
     Redis(Box<RedisStore>),
 }
 
@@ -55,15 +56,16 @@ impl Store {
     /// 1 s per call), so a slow or lost Redis makes a call fail fast rather than hang.
     pub async fn from_config(config: &crate::config::StoreConfig) -> Result<Store, StoreError> {
         use crate::config::StoreKind;
+        let timeouts = (std::time::Duration::from_secs(2), std::time::Duration::from_secs(1));
         match config.kind {
             StoreKind::Memory => Ok(Store::memory()),
             StoreKind::Redis => {
                 let url = config.url.as_deref().unwrap_or_default();
-                let timeouts = (std::time::Duration::from_secs(2), std::time::Duration::from_secs(1));
                 Ok(Store::Redis(Box::new(RedisStore::connect(url, timeouts.0, timeouts.1).await?)))
             }
             StoreKind::RedisCluster => {
-                Err(StoreError::Unavailable("store.kind = \"redis-cluster\" is not available in this release".into()))
+                let store = RedisStore::connect_cluster(&config.urls, timeouts.0, timeouts.1).await?;
+                Ok(Store::Redis(Box::new(store)))
             }
         }
     }

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, RedisError, Script, ScriptInvocation};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
 
 use super::StoreError;
 use crate::line::{Gone, Joined, Limits, Redeemed, Stats};
@@ -64,10 +66,48 @@ struct Knowledge {
     held: u64,
 }
 
-/// A line kept in one Redis server.
+/// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
+/// keys' slot, which the `{room}` hash tag makes one per room, and following failovers).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// A line kept in Redis: one server or a cluster.
 pub struct RedisStore {
-    client: redis::Client,
-    connection: ConnectionManager,
+    /// Where announcements are subscribed to: every node of a cluster relays every message,
+    /// so any one will do; they are tried in turn.
+    subscribe_to: Vec<redis::Client>,
+    connection: Connection,
     scripts: Scripts,
     known: Mutex<HashMap<String, Knowledge>>,
 }
@@ -134,16 +174,51 @@ impl RedisStore {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
         let connection = ConnectionManager::new_with_config(client.clone(), config).await.map_err(classify)?;
-        Ok(RedisStore { client, connection, scripts: Scripts::new(), known: Mutex::default() })
+        Ok(RedisStore::with(vec![client], Connection::Single(connection)))
     }
 
-    /// Subscribe to the ended sessions and cursor moves of `rooms`.
+    /// Connect to a Redis Cluster through any of its nodes `urls`, with the same bounds. A
+    /// call retries twice (a moved slot, a failover under way) and then fails: the room
+    /// pauses rather than hangs while a replica is promoted.
+    pub async fn connect_cluster(
+        urls: &[String],
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let cluster = ClusterClient::builder(urls.iter().map(String::as_str))
+            .connection_timeout(connect_timeout)
+            .response_timeout(response_timeout)
+            .retries(2)
+            .build()
+            .map_err(classify)?;
+        let connection = cluster.get_async_connection().await.map_err(classify)?;
+        let clients = urls.iter().map(|url| redis::Client::open(url.as_str())).collect::<Result<_, _>>();
+        Ok(RedisStore::with(clients.map_err(classify)?, Connection::Cluster(connection)))
+    }
+
+    fn with(subscribe_to: Vec<redis::Client>, connection: Connection) -> RedisStore {
+        RedisStore { subscribe_to, connection, scripts: Scripts::new(), known: Mutex::default() }
+    }
+
+    /// Subscribe to the ended sessions and cursor moves of `rooms`, at the first node that
+    /// answers.
     pub async fn subscribe(&self, rooms: &[String]) -> Result<redis::aio::PubSubStream, StoreError> {
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(classify)?;
-        for room in rooms {
-            pubsub.subscribe(&[revocations_channel(room), cursor_channel(room)]).await.map_err(classify)?;
+        let channels: Vec<String> =
+            rooms.iter().flat_map(|room| [revocations_channel(room), cursor_channel(room)]).collect();
+        let mut failure = StoreError::Unavailable("no redis node to subscribe at".into());
+        for client in &self.subscribe_to {
+            let subscribed = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channels).await?;
+                Ok::<_, RedisError>(pubsub.into_on_message())
+            };
+            match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+                Ok(Ok(messages)) => return Ok(messages),
+                Ok(Err(error)) => failure = classify(error),
+                Err(_) => failure = StoreError::Unavailable("redis subscription timed out".into()),
+            }
         }
-        Ok(pubsub.into_on_message())
+        Err(failure)
     }
 
     /// Sessions of `room` ended and not yet expired: for an instance that may have missed

@@ -70,7 +70,7 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    fn wait_until_ready(&self) {
+    pub fn wait_until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
@@ -92,5 +92,111 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Redis Cluster of the test's own on loopback: three masters, each with one replica,
+/// built with `redis-cli --cluster create`. Killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                let port = free_cluster_port();
+                let dir = TempDir::new("redis-cluster");
+                let child = Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                    // Replicas sync at once, so that one can take over a master soon after start.
+                    .args(["--repl-diskless-sync-delay", "0"])
+                    .arg("--cluster-config-file")
+                    .arg(dir.path().join("nodes.conf"))
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("the cluster tests need `redis-server` on the PATH (Redis 7)");
+                let node = RedisServer { child, port, _dir: dir };
+                node.wait_until_ready();
+                node
+            })
+            .collect();
+        let addresses: Vec<String> = nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("the cluster tests need `redis-cli` on the PATH (Redis 7)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `redis-cli` against the node on `port`.
+    pub fn cli(port: u16, args: &[&str]) -> String {
+        let output = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Wait until every live node reports the cluster healthy and its slots covered, and
+    /// every live replica is in sync with its master (else it could not take over).
+    pub fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = self.nodes.iter().filter(|node| TcpStream::connect(("127.0.0.1", node.port)).is_ok());
+            let ok = live.clone().count() > 0
+                && live.into_iter().all(|node| {
+                    let replication = Self::cli(node.port, &["info", "replication"]);
+                    let synced = replication.contains("role:master") || replication.contains("master_link_status:up");
+                    synced && Self::cli(node.port, &["cluster", "info"]).contains("cluster_state:ok")
+                });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the master serving `key` now, if one does (none while a failover runs).
+    pub fn master_of(&self, key: &str) -> Option<usize> {
+        let live = self.nodes.iter().find(|node| TcpStream::connect(("127.0.0.1", node.port)).is_ok()).unwrap();
+        let slot: u16 = Self::cli(live.port, &["cluster", "keyslot", key]).trim().parse().unwrap();
+        let nodes = Self::cli(live.port, &["cluster", "nodes"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields.get(2).is_some_and(|flags| flags.contains("master")) || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| match range.split_once('-') {
+                Some((low, high)) => (low.parse().unwrap_or(u16::MAX)..=high.parse().unwrap_or(0)).contains(&slot),
+                None => range.parse() == Ok(slot),
+            });
+            if serves {
+                let port: u16 = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                return self.nodes.iter().position(|node| node.port == port);
+            }
+        }
+        None
     }
 }

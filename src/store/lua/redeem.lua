@@ -15,11 +15,9 @@ if ticket == 0 then
   return {2, 'unknown'}
 end
 if ticket > last then
-  if not restored then
-    return {2, 'unknown'}
-  end
-  -- Tickets are signed: this one was given out just before the line was lost, and keeps its
-  -- place. The restored line grows to it.
+  -- Tickets are signed: this one was given out by a line that lost its latest writes (a
+  -- restart, a failover before replication), and keeps its place. The line grows to it;
+  -- tickets in between, never seen, are skipped.
   redis.call('HSET', KEYS[1], 'last', ticket)
   if ticket > number(KEYS[1], 'restored_upto') then
     redis.call('HSET', KEYS[1], 'restored_upto', ticket)
