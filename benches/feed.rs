@@ -9,127 +9,21 @@
 //! before and after, then frees the slot and times how long the cursor move takes to reach
 //! every socket. Loopback only.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::StreamExt;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-struct Instance(Child);
+use support::{call, connect, rss_kib, start_instance, start_shop};
 
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the instance runs");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
-}
-
-/// The demo shop as the upstream; returns it and its address.
-fn start_shop() -> (Instance, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
-        .args(["shop", "--listen", "127.0.0.1:0", "--workers", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the shop starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next().expect("the shop reports its address").unwrap();
-    let addr = line.trim_start_matches("demo shop on http://").trim_end_matches('/').parse().expect("an address");
-    (Instance(child), addr)
-}
-
-fn start_instance(dir: &std::path::Path, upstream: SocketAddr) -> (Instance, SocketAddr) {
-    let binary = env!("CARGO_BIN_EXE_vestibule");
-    let key = Command::new(binary).arg("keygen").output().expect("keygen").stdout;
-    std::fs::write(dir.join("key.pem"), key).unwrap();
-    let config = r#"
-[server]
-listen = "127.0.0.1:0"
-workers = 1
-max_feed_sockets = 100000
-max_feed_sockets_per_address = 100000
-[upstream]
-url = "http://UPSTREAM"
-[tokens]
-signing_key = "key.pem"
-[[rooms]]
-id = "checkout"
-paths = ["/checkout"]
-admit_per_minute = 60000
-max_active = 1
-abandon_seconds = 3600
-[log]
-format = "json"
-level = "warn,vestibule=info"
-"#;
-    std::fs::write(dir.join("proxy.toml"), config.replace("UPSTREAM", &upstream.to_string())).unwrap();
-    let mut child = Command::new(binary)
-        .args(["run", "--config"])
-        .arg(dir.join("proxy.toml"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("vestibule starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("vestibule reports its address").unwrap();
-        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-            if event["message"] == "listening" {
-                break event["addr"].as_str().unwrap().parse().unwrap();
-            }
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (Instance(child), addr)
-}
-
-async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    sender
-}
-
-/// GET or POST over one kept-alive connection; returns the `Set-Cookie` name=value pairs.
-async fn call(
-    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    method: &str,
-    path: &str,
-    cookie: &str,
-) -> Vec<String> {
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "bench.test")
-        .header("accept", "text/html")
-        .header("cookie", cookie)
-        .body(Empty::new())
-        .unwrap();
-    sender.ready().await.expect("the connection stays open");
-    let response = sender.send_request(request).await.expect("a response");
-    let cookies = response
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
-        .collect();
-    response.into_body().collect().await.expect("a body");
-    cookies
-}
+/// One place, taken by the first visitor; everyone else waits.
+const ROOM: &str = "admit_per_minute = 60000\nmax_active = 1\nabandon_seconds = 3600";
 
 #[tokio::main]
 async fn main() {
@@ -137,7 +31,7 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("vestibule-feed-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (_shop, shop_addr) = start_shop();
-    let (instance, addr) = start_instance(&dir, shop_addr);
+    let (instance, addr) = start_instance(&dir, shop_addr, ROOM, "");
     let pid = instance.0.id();
 
     let mut sender = connect(addr).await;

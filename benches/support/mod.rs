@@ -1,0 +1,131 @@
+//! What the benchmarks share: the release binary as the demo shop and as vestibule instances,
+//! and a kept-alive HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+pub struct Instance(pub Child);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the instance runs");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+/// The demo shop as the upstream; returns it and its address.
+pub fn start_shop() -> (Instance, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .args(["shop", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the shop starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("the shop reports its address").unwrap();
+    let addr = line.trim_start_matches("demo shop on http://").trim_end_matches('/').parse().expect("an address");
+    (Instance(child), addr)
+}
+
+/// Start the release binary with `[server]` for one worker and high socket caps, the room
+/// `checkout` configured by `room` (TOML lines), and `store` (a whole `[store]` table, or
+/// nothing for memory). The signing key is shared by every instance started in `dir`.
+pub fn start_instance(dir: &std::path::Path, upstream: SocketAddr, room: &str, store: &str) -> (Instance, SocketAddr) {
+    let binary = env!("CARGO_BIN_EXE_vestibule");
+    if !dir.join("key.pem").exists() {
+        let key = Command::new(binary).arg("keygen").output().expect("keygen").stdout;
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+    }
+    let config = r#"
+[server]
+listen = "127.0.0.1:0"
+workers = 1
+max_feed_sockets = 100000
+max_feed_sockets_per_address = 100000
+[upstream]
+url = "http://UPSTREAM"
+[tokens]
+signing_key = "key.pem"
+[[rooms]]
+id = "checkout"
+paths = ["/checkout"]
+ROOM
+STORE
+[log]
+format = "json"
+level = "warn,vestibule=info"
+"#;
+    let config = config.replace("UPSTREAM", &upstream.to_string()).replace("ROOM", room).replace("STORE", store);
+    let path = dir.join(format!("proxy-{}.toml", rand_suffix()));
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(binary)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("vestibule starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("vestibule reports its address").unwrap();
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+            if event["message"] == "listening" {
+                break event["addr"].as_str().unwrap().parse().unwrap();
+            }
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (Instance(child), addr)
+}
+
+pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// GET or POST over one kept-alive connection; returns the `Set-Cookie` name=value pairs.
+pub async fn call(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    method: &str,
+    path: &str,
+    cookie: &str,
+) -> Vec<String> {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "bench.test")
+        .header("accept", "text/html")
+        .header("cookie", cookie)
+        .body(Empty::new())
+        .unwrap();
+    sender.ready().await.expect("the connection stays open");
+    let response = sender.send_request(request).await.expect("a response");
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+        .collect();
+    response.into_body().collect().await.expect("a body");
+    cookies
+}
