@@ -9,7 +9,8 @@
 //! - [`token`]: the key ring, admission token minting, strict verification, a cache of
 //!   verified tokens, and the JWKS document.
 //! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions.
-//! - [`store`]: the line's atomic operations, kept in memory (one instance) or Redis.
+//! - [`store`]: the line's atomic operations, kept in memory (one instance) or in Redis (one
+//!   server or a cluster), with a lost line restored from what the instances knew.
 //! - [`room`]: rooms at run time: snapshot, scheduler, status, the waiting page and the feed.
 //! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
 //! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use common::redis_server::RedisCluster;
-use common::visitor::{next_message, Visitor};
+use common::visitor::{feed_until, Visitor};
 use common::*;
 use http::StatusCode;
 use vestibule::config::Config;
@@ -23,17 +23,6 @@ async fn instance(cluster: &RedisCluster, upstream: SocketAddr, key: &Path, dir:
     );
     let config = Config::parse(&text, "instance.toml", dir).unwrap();
     server::start(&config).await.unwrap()
-}
-
-type Feed = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-async fn feed_until(feed: &mut Feed, wanted: &str) -> serde_json::Value {
-    loop {
-        let message = next_message(feed).await;
-        if message["type"] == wanted {
-            return message;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

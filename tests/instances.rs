@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::visitor::{next_message, Visitor};
+use common::visitor::{feed_until, Feed, Visitor};
 use common::*;
 use http::StatusCode;
 use vestibule::config::Config;
@@ -182,18 +182,6 @@ async fn wait_for_position(visitor: &mut Visitor, position: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
-
-/// Read feed messages until one of type `wanted`.
-async fn feed_until(feed: &mut Feed, wanted: &str) -> serde_json::Value {
-    loop {
-        let message = next_message(feed).await;
-        if message["type"] == wanted {
-            return message;
-        }
-    }
-}
-
-type Feed = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_outright_loses_nobody_their_place() {

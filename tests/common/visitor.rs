@@ -103,3 +103,16 @@ pub async fn next_message(socket: &mut tokio_tungstenite::WebSocketStream<tokio:
         }
     }
 }
+
+/// A visitor's feed socket.
+pub type Feed = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Read feed messages until one of type `wanted`.
+pub async fn feed_until(feed: &mut Feed, wanted: &str) -> Value {
+    loop {
+        let message = next_message(feed).await;
+        if message["type"] == wanted {
+            return message;
+        }
+    }
+}
