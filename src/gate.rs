@@ -344,7 +344,8 @@ impl Gate {
                         .admit(room, &ticket.visitor, ticket.ticket, expires_at, request, connection, path)
                         .await;
                 }
-                Redeemed::Waiting { .. } => {
+                Redeemed::Waiting { position } => {
+                    room.observe_cursor(ticket.ticket.saturating_sub(position));
                     return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
                 }
                 Redeemed::Gone(gone) => why = Some(gone),
@@ -537,6 +538,7 @@ impl Gate {
                     .ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
                 if let Holding::Ticket(ticket) = holding {
                     room.touch(ticket);
+                    room.refresh(&self.store, self.clock.now_ms()).await;
                 }
                 let on_upgrade = hyper::upgrade::on(&mut request);
                 let stop = self.stop.clone();

@@ -92,6 +92,9 @@ pub struct Room {
     read_at: AtomicU64,
     /// The epoch of the line at the last read.
     epoch: AtomicU64,
+    /// Held while reading the room for a visitor arriving between reads: one read serves all
+    /// who arrive together.
+    reading: tokio::sync::Mutex<()>,
 }
 
 impl Room {
@@ -123,6 +126,7 @@ impl Room {
             leading: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            reading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -302,6 +306,25 @@ impl Room {
             changed
         });
         Ok(())
+    }
+
+    /// Make sure the snapshot is at most one step old before a waiter arriving here is shown
+    /// a place: an instance that does not lead reads the room only every [`READ_EVERY`], and a
+    /// waiter coming over from another instance must not see their place go back. One read
+    /// serves every waiter arriving meanwhile; a failed read leaves the snapshot as it was.
+    pub async fn refresh(&self, store: &Store, now: u64) {
+        let fresh = |room: &Room| now < room.read_at.load(Ordering::Relaxed) + STEP.as_millis() as u64;
+        if fresh(self) || !self.is_available() {
+            return;
+        }
+        let _reading = self.reading.lock().await;
+        if fresh(self) {
+            return;
+        }
+        if let Ok(stats) = store.stats(&self.id, &self.limits, now).await {
+            self.read_at.store(now, Ordering::Relaxed);
+            self.observe_cursor(stats.cursor);
+        }
     }
 
     /// Give up this instance's lease on the room (a graceful stop).
