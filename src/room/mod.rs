@@ -287,7 +287,7 @@ impl Room {
             before != 0 && before != stats.epoch
         });
         if stats.is_some() {
-            self.read_at.store(now, Ordering::Relaxed);
+            self.read_at.fetch_max(now, Ordering::Relaxed);
         }
         self.snapshot.send_if_modified(|snapshot| {
             let mut next = snapshot.clone();
@@ -308,21 +308,22 @@ impl Room {
         Ok(())
     }
 
-    /// Make sure the snapshot is at most one step old before a waiter arriving here is shown
-    /// a place: an instance that does not lead reads the room only every [`READ_EVERY`], and a
-    /// waiter coming over from another instance must not see their place go back. One read
-    /// serves every waiter arriving meanwhile; a failed read leaves the snapshot as it was.
-    pub async fn refresh(&self, store: &Store, now: u64) {
-        let fresh = |room: &Room| now < room.read_at.load(Ordering::Relaxed) + STEP.as_millis() as u64;
-        if fresh(self) || !self.is_available() {
+    /// Read the room before a waiter arriving here at `arrived` is shown a place, unless this
+    /// instance leads it (its snapshot is the line's own) or a read began since: an instance
+    /// that does not lead reads the room only every [`READ_EVERY`], and a waiter coming over
+    /// from another instance must not see their place go back. Waiters arriving together share
+    /// reads; a failed read leaves the snapshot as it was.
+    pub async fn refresh(&self, store: &Store, arrived: u64) {
+        let read_since = |room: &Room| room.read_at.load(Ordering::Relaxed) >= arrived;
+        if self.is_leading() || !self.is_available() || read_since(self) {
             return;
         }
         let _reading = self.reading.lock().await;
-        if fresh(self) {
+        if read_since(self) {
             return;
         }
-        if let Ok(stats) = store.stats(&self.id, &self.limits, now).await {
-            self.read_at.store(now, Ordering::Relaxed);
+        if let Ok(stats) = store.stats(&self.id, &self.limits, arrived).await {
+            self.read_at.fetch_max(arrived, Ordering::Relaxed);
             self.observe_cursor(stats.cursor);
         }
     }
