@@ -514,9 +514,9 @@ impl Gate {
                         room.end_session(&self.store, admission.ticket, now).await;
                     }
                 }
-                if let Some(ticket) = self.ticket(request.headers(), &room) {
-                    // A place given up while the store is away is skipped later anyway: its
-                    // holder is no longer seen.
+                // A place given up while the store is away is skipped later anyway: its holder
+                // is no longer seen. Nobody waits on a store known to be away.
+                if let Some(ticket) = self.ticket(request.headers(), &room).filter(|_| room.is_available()) {
                     if let Err(error) = self.store.leave(&room.id, &room.limits, ticket.ticket, now).await {
                         store_failed(&room, &error);
                     }
