@@ -107,6 +107,8 @@ pub struct RedisStore {
     /// Where announcements are subscribed to: every node of a cluster relays every message,
     /// so any one will do; they are tried in turn.
     subscribe_to: Vec<redis::Client>,
+    /// How long connecting (or subscribing) may take.
+    connect_timeout: Duration,
     connection: Connection,
     scripts: Scripts,
     known: Mutex<HashMap<String, Knowledge>>,
@@ -174,7 +176,7 @@ impl RedisStore {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
         let connection = ConnectionManager::new_with_config(client.clone(), config).await.map_err(classify)?;
-        Ok(RedisStore::with(vec![client], Connection::Single(connection)))
+        Ok(RedisStore::with(vec![client], connect_timeout, Connection::Single(connection)))
     }
 
     /// Connect to a Redis Cluster through any of its nodes `urls`, with the same bounds. A
@@ -193,11 +195,11 @@ impl RedisStore {
             .map_err(classify)?;
         let connection = cluster.get_async_connection().await.map_err(classify)?;
         let clients = urls.iter().map(|url| redis::Client::open(url.as_str())).collect::<Result<_, _>>();
-        Ok(RedisStore::with(clients.map_err(classify)?, Connection::Cluster(connection)))
+        Ok(RedisStore::with(clients.map_err(classify)?, connect_timeout, Connection::Cluster(connection)))
     }
 
-    fn with(subscribe_to: Vec<redis::Client>, connection: Connection) -> RedisStore {
-        RedisStore { subscribe_to, connection, scripts: Scripts::new(), known: Mutex::default() }
+    fn with(subscribe_to: Vec<redis::Client>, connect_timeout: Duration, connection: Connection) -> RedisStore {
+        RedisStore { subscribe_to, connect_timeout, connection, scripts: Scripts::new(), known: Mutex::default() }
     }
 
     /// Subscribe to the ended sessions and cursor moves of `rooms`, at the first node that
@@ -212,7 +214,7 @@ impl RedisStore {
                 pubsub.subscribe(&channels).await?;
                 Ok::<_, RedisError>(pubsub.into_on_message())
             };
-            match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+            match tokio::time::timeout(self.connect_timeout, subscribed).await {
                 Ok(Ok(messages)) => return Ok(messages),
                 Ok(Err(error)) => failure = classify(error),
                 Err(_) => failure = StoreError::Unavailable("redis subscription timed out".into()),
