@@ -62,41 +62,7 @@ enum Command {
         ttl: Option<u64>,
     },
     /// An open-loop crowd against a running vestibule: joins, feeds, admissions, a report.
-    Loadtest {
-        /// The vestibule to load (host:port on this machine, e.g. 127.0.0.1:8080).
-        #[arg(long)]
-        target: SocketAddr,
-        /// A path inside the room.
-        #[arg(long, default_value = "/checkout")]
-        path: String,
-        /// The room's id.
-        #[arg(long, default_value = "checkout")]
-        room: String,
-        /// How many visitors arrive.
-        #[arg(long, default_value_t = 1000)]
-        visitors: u64,
-        /// Arrivals per second.
-        #[arg(long, default_value_t = 100.0)]
-        arrival_rate: f64,
-        /// How long a visitor waits for admission before it counts as an error.
-        #[arg(long, default_value = "10m", value_parser = humantime_serde::re::humantime::parse_duration)]
-        patience: Duration,
-        /// Leave after the forwarded request, freeing the place for the next visitor.
-        #[arg(long)]
-        leave: bool,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Fail (exit 1) when the forwarded requests' p99 exceeds this many milliseconds.
-        #[arg(long)]
-        max_p99_ms: Option<f64>,
-        /// Fail when more pairs than this are admitted out of join order.
-        #[arg(long, default_value_t = 0)]
-        max_inversions: u64,
-        /// Fail when more visitors than this end in an error.
-        #[arg(long, default_value_t = 0)]
-        max_errors: u64,
-    },
+    Loadtest(Box<loadtest::cli::Args>),
     /// Serve the demo shop alone, as an upstream (for trying the gate and for benchmarks).
     Shop {
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -151,42 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", tokens.mint(&room, &visitor, 0, unix_now() + lifetime.as_secs())?);
             Ok(())
         }
-        Command::Loadtest {
-            target,
-            path,
-            room,
-            visitors,
-            arrival_rate,
-            patience,
-            leave,
-            report,
-            max_p99_ms,
-            max_inversions,
-            max_errors,
-        } => {
-            let options = loadtest::Options { target, path, room, visitors, arrival_rate, patience, leave };
-            let result = runtime(None)?.block_on(loadtest::run(options))?;
-            loadtest::print(&result);
-            if let Some(path) = report {
-                loadtest::write_json(&result, &path)?;
-            }
-            let mut failed = Vec::new();
-            if max_p99_ms.is_some_and(|max| result.forwarded_latency_ms.p99 > max) {
-                failed.push(format!(
-                    "forwarded p99 {:.1} ms > {:.1} ms",
-                    result.forwarded_latency_ms.p99,
-                    max_p99_ms.unwrap_or_default()
-                ));
-            }
-            if result.fifo_inversions > max_inversions {
-                failed.push(format!("{} FIFO inversions > {max_inversions}", result.fifo_inversions));
-            }
-            if result.error_count() > max_errors {
-                failed.push(format!("{} errors > {max_errors}", result.error_count()));
-            }
-            anyhow::ensure!(failed.is_empty(), "limits missed: {}", failed.join("; "));
-            Ok(())
-        }
+        Command::Loadtest(args) => runtime(None)?.block_on(args.run()),
         Command::Shop { listen, workers } => runtime(workers)?.block_on(async move {
             let stop = CancellationToken::new();
             let addr = demo::start_shop(listen, stop.clone()).await?;

@@ -262,11 +262,16 @@ pub async fn start_gate(upstream: SocketAddr, server_extra: &str, upstream_extra
 /// A gate in front of `upstream` with one room `checkout` on `/checkout`, configured by
 /// `room` (TOML keys of `[[rooms]]` besides id and paths).
 pub async fn start_room(upstream: SocketAddr, room: &str) -> Harness {
+    start_room_with(upstream, "", room).await
+}
+
+/// [`start_room`] with `server_extra` appended to `[server]`.
+pub async fn start_room_with(upstream: SocketAddr, server_extra: &str, room: &str) -> Harness {
     let dir = TempDir::new("room");
     let key_path = dir.path().join("signing.pem");
     std::fs::write(&key_path, generate_key(KeyKind::Eddsa)).unwrap();
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[upstream]\nurl = \"http://{upstream}\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{server_extra}\n[upstream]\nurl = \"http://{upstream}\"\n\
          [tokens]\nsigning_key = {key_path:?}\n[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n{room}\n"
     );
     let config = Config::parse(&text, "test.toml", dir.path()).unwrap();

@@ -1,0 +1,366 @@
+//! What a run measured: counts, HDR latency percentiles, fairness, the admission rate and the
+//! peak of admitted sessions against the room's configuration, and a per-second timeline for
+//! the plots. Built from every visitor's story once the run is over.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::arrivals::Curve;
+use super::Outcome;
+
+/// Two admissions closer than one scheduler step are simultaneous: a step grants several
+/// turns at once, and their messages reach the crowd in any order.
+const SAME_STEP: Duration = crate::room::STEP;
+
+/// The room's settings the run is held against (from `--config` or the command line).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct RoomLimits {
+    pub admit_per_minute: u32,
+    pub max_active: u32,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(histogram: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            count: histogram.len(),
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p90: ms(histogram.value_at_quantile(0.90)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            max: ms(histogram.max()),
+        }
+    }
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1_000.0
+}
+
+/// Microseconds from 1 µs to one hour (longer values saturate), 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+/// One second of the run, for the plots.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Second {
+    pub second: u64,
+    /// The planned arrival rate at the start of the second.
+    pub planned_rate: f64,
+    pub arrivals: u64,
+    pub admissions: u64,
+    pub errors: u64,
+    /// Visitors holding a ticket and not yet admitted, at the end of the second.
+    pub waiting: u64,
+    /// Admitted sessions not yet left, at the end of the second.
+    pub sessions: u64,
+    /// Joins of the visitors who arrived in this second.
+    pub join_p50_ms: Option<f64>,
+    pub join_p99_ms: Option<f64>,
+    /// Forwarded requests of the visitors admitted in this second.
+    pub forwarded_p99_ms: Option<f64>,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Visitors who arrived.
+    pub visitors: u64,
+    /// Visitors who got a ticket or were admitted at once.
+    pub joined: u64,
+    /// Visitors whose forwarded request reached the upstream.
+    pub admitted: u64,
+    pub seconds: f64,
+    pub joins_per_second: f64,
+    /// The first request of each visitor.
+    pub join_latency_ms: Percentiles,
+    /// The request forwarded with the token.
+    pub forwarded_latency_ms: Percentiles,
+    /// From the first request to the turn.
+    pub time_to_admission_ms: Percentiles,
+    /// Admissions per minute of visitors who waited, from the first such admission to the
+    /// last (the room's rate while the crowd outruns it).
+    pub admissions_per_minute: Option<f64>,
+    /// The room's settings, when known.
+    pub configured: Option<RoomLimits>,
+    /// `admissions_per_minute` against the configured rate, in percent.
+    pub admission_rate_error_percent: Option<f64>,
+    /// The most sessions admitted and not yet left at one time, as the crowd saw them: from the
+    /// turn to the leave request (or to the end of the run without `--leave`).
+    pub peak_sessions: u64,
+    /// How far `peak_sessions` went over `max_active` (0 when it never did).
+    pub capacity_overshoot: Option<u64>,
+    /// Pairs admitted out of join (ticket) order, by more than one scheduler step.
+    pub fifo_inversions: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub timeline: Vec<Second>,
+}
+
+impl Report {
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    pub(crate) fn new(outcomes: &[Outcome], seconds: f64, curve: &Curve, configured: Option<RoomLimits>) -> Report {
+        let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
+        let mut errors = BTreeMap::new();
+        for outcome in outcomes {
+            if let Some(us) = outcome.join_us {
+                join.saturating_record(us);
+            }
+            if let Some(us) = outcome.forwarded_us {
+                forwarded.saturating_record(us);
+            }
+            if let Some(admitted) = outcome.admitted {
+                admission.saturating_record((admitted - outcome.arrived).as_micros() as u64);
+            }
+            if let Some(error) = outcome.error {
+                *errors.entry(error.to_owned()).or_insert(0) += 1;
+            }
+        }
+        let mut order: Vec<(u64, Duration)> = outcomes.iter().filter_map(|o| Some((o.ticket?, o.admitted?))).collect();
+        order.sort_by_key(|(ticket, _)| *ticket);
+        let joined = outcomes.iter().filter(|o| o.ticket.is_some()).count() as u64;
+        let admissions_per_minute = admission_rate(outcomes);
+        let end = Duration::from_secs_f64(seconds);
+        let peak_sessions = peak(outcomes.iter().filter_map(|o| Some((o.admitted?, o.released.unwrap_or(end)))));
+        Report {
+            visitors: outcomes.len() as u64,
+            joined,
+            admitted: outcomes.iter().filter(|o| o.forwarded_us.is_some()).count() as u64,
+            seconds,
+            joins_per_second: joined as f64 / seconds.max(f64::EPSILON),
+            join_latency_ms: Percentiles::of(&join),
+            forwarded_latency_ms: Percentiles::of(&forwarded),
+            time_to_admission_ms: Percentiles::of(&admission),
+            admissions_per_minute,
+            configured,
+            admission_rate_error_percent: configured
+                .zip(admissions_per_minute)
+                .map(|(room, measured)| (measured / room.admit_per_minute as f64 - 1.0) * 100.0),
+            peak_sessions,
+            capacity_overshoot: configured.map(|room| peak_sessions.saturating_sub(room.max_active.into())),
+            fifo_inversions: inversions(&order),
+            errors,
+            timeline: timeline(outcomes, end, curve),
+        }
+    }
+}
+
+/// Admissions per minute among visitors who waited for their turn: n - 1 gaps between the
+/// first and the last.
+fn admission_rate(outcomes: &[Outcome]) -> Option<f64> {
+    let mut turns: Vec<Duration> = outcomes.iter().filter(|o| o.waited.is_some()).filter_map(|o| o.admitted).collect();
+    turns.sort();
+    let (first, last) = (turns.first()?, turns.last()?);
+    let span = (*last - *first).as_secs_f64();
+    (turns.len() >= 2 && span > 0.0).then(|| (turns.len() - 1) as f64 * 60.0 / span)
+}
+
+/// The most intervals open at once; an interval closing at the instant another opens does
+/// not overlap it.
+fn peak(intervals: impl Iterator<Item = (Duration, Duration)>) -> u64 {
+    let mut events: Vec<(Duration, i64)> = intervals.flat_map(|(from, to)| [(from, 1), (to, -1)]).collect();
+    events.sort();
+    let (mut open, mut most) = (0i64, 0i64);
+    for (_, change) in events {
+        open += change;
+        most = most.max(open);
+    }
+    most as u64
+}
+
+/// Pairs where a later ticket was admitted more than one step before an earlier one.
+fn inversions(by_ticket: &[(u64, Duration)]) -> u64 {
+    let mut count = 0;
+    for (i, (_, earlier_at)) in by_ticket.iter().enumerate() {
+        count += by_ticket[i + 1..].iter().filter(|(_, later_at)| *later_at + SAME_STEP < *earlier_at).count() as u64;
+    }
+    count
+}
+
+fn timeline(outcomes: &[Outcome], end: Duration, curve: &Curve) -> Vec<Second> {
+    let seconds = end.as_secs_f64().ceil().max(1.0) as usize;
+    let bucket = |at: Duration| (at.as_secs() as usize).min(seconds - 1);
+    let mut rows: Vec<Second> = (0..seconds)
+        .map(|s| Second {
+            second: s as u64,
+            planned_rate: curve.rate_at(Duration::from_secs(s as u64)),
+            arrivals: 0,
+            admissions: 0,
+            errors: 0,
+            waiting: 0,
+            sessions: 0,
+            join_p50_ms: None,
+            join_p99_ms: None,
+            forwarded_p99_ms: None,
+        })
+        .collect();
+    let (mut joins, mut forwards) = (vec![histogram(); seconds], vec![histogram(); seconds]);
+    // Changes of the line and of the sessions held, at the end of each second.
+    // Index s + 1 holds what changed during second s; what never ends lands past the last row.
+    let (mut waiting, mut sessions) = (vec![0i64; seconds + 2], vec![0i64; seconds + 2]);
+    let after = |at: Duration| (at.as_secs() as usize + 1).min(seconds + 1);
+    for outcome in outcomes {
+        let arrived = bucket(outcome.arrived);
+        rows[arrived].arrivals += 1;
+        if let Some(us) = outcome.join_us {
+            joins[arrived].saturating_record(us);
+        }
+        if let Some(admitted) = outcome.admitted {
+            rows[bucket(admitted)].admissions += 1;
+            if let Some(us) = outcome.forwarded_us {
+                forwards[bucket(admitted)].saturating_record(us);
+            }
+            sessions[after(admitted)] += 1;
+            sessions[after(outcome.released.unwrap_or(end))] -= 1;
+        }
+        if outcome.error.is_some() {
+            rows[bucket(outcome.ended)].errors += 1;
+        }
+        if let Some((from, to)) = outcome.waited {
+            waiting[after(from)] += 1;
+            waiting[after(to)] -= 1;
+        }
+    }
+    let (mut in_line, mut held) = (0i64, 0i64);
+    for (s, row) in rows.iter_mut().enumerate() {
+        in_line += waiting[s + 1];
+        held += sessions[s + 1];
+        row.waiting = in_line.max(0) as u64;
+        row.sessions = held.max(0) as u64;
+        let quantile = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| ms(h.value_at_quantile(q)));
+        row.join_p50_ms = quantile(&joins[s], 0.5);
+        row.join_p99_ms = quantile(&joins[s], 0.99);
+        row.forwarded_p99_ms = quantile(&forwards[s], 0.99);
+    }
+    rows
+}
+
+/// Print the report for a terminal.
+pub fn print(report: &Report) {
+    let p = |name: &str, p: &Percentiles| {
+        println!(
+            "  {name:<20} n={:<6} p50 {:>8.1}  p90 {:>8.1}  p99 {:>8.1}  max {:>8.1} ms",
+            p.count, p.p50, p.p90, p.p99, p.max
+        )
+    };
+    println!(
+        "{} visitors in {:.1} s: {} joined ({:.0}/s), {} admitted, {} FIFO inversions, {} errors",
+        report.visitors,
+        report.seconds,
+        report.joined,
+        report.joins_per_second,
+        report.admitted,
+        report.fifo_inversions,
+        report.error_count()
+    );
+    p("join", &report.join_latency_ms);
+    p("forwarded", &report.forwarded_latency_ms);
+    p("time to admission", &report.time_to_admission_ms);
+    let rate = report.admissions_per_minute.map_or("-".to_owned(), |r| format!("{r:.1}"));
+    match (report.configured, report.admission_rate_error_percent) {
+        (Some(room), Some(error)) => {
+            println!("  admissions per minute {rate} vs {} configured ({error:+.2} %)", room.admit_per_minute)
+        }
+        (Some(room), None) => println!("  admissions per minute {rate} vs {} configured", room.admit_per_minute),
+        (None, _) => println!("  admissions per minute {rate}"),
+    }
+    match report.configured {
+        Some(room) => println!(
+            "  peak admitted sessions {} (max_active {}, overshoot {})",
+            report.peak_sessions,
+            room.max_active,
+            report.capacity_overshoot.unwrap_or_default()
+        ),
+        None => println!("  peak admitted sessions {}", report.peak_sessions),
+    }
+    for (kind, count) in &report.errors {
+        println!("  error: {kind}: {count}");
+    }
+}
+
+/// Write the report as JSON.
+pub fn write_json(report: &Report, path: &std::path::Path) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn inversions_count_only_admissions_more_than_a_step_apart() {
+        assert_eq!(inversions(&[(1, ms(0)), (2, ms(500)), (3, ms(1000))]), 0);
+        assert_eq!(inversions(&[(1, ms(50)), (2, ms(0))]), 0, "one step grants both");
+        assert_eq!(inversions(&[(1, ms(1000)), (2, ms(0)), (3, ms(500))]), 2);
+    }
+
+    #[test]
+    fn the_peak_counts_overlapping_sessions_only() {
+        assert_eq!(peak([(ms(0), ms(10)), (ms(10), ms(20)), (ms(20), ms(30))].into_iter()), 1, "back to back");
+        assert_eq!(peak([(ms(0), ms(15)), (ms(10), ms(20)), (ms(12), ms(30))].into_iter()), 3);
+        assert_eq!(peak(std::iter::empty()), 0);
+    }
+
+    fn waited(admitted: u64) -> Outcome {
+        Outcome { waited: Some((ms(0), ms(admitted))), admitted: Some(ms(admitted)), ..Outcome::default() }
+    }
+
+    #[test]
+    fn the_admission_rate_is_taken_between_the_first_and_last_waiting_turns() {
+        // Turns every 100 ms: 600 a minute. A visitor admitted at once does not count.
+        let mut outcomes: Vec<Outcome> = (0..11).map(|n| waited(1_000 + n * 100)).collect();
+        outcomes.push(Outcome { admitted: Some(ms(0)), ..Outcome::default() });
+        let rate = admission_rate(&outcomes).unwrap();
+        assert!((rate - 600.0).abs() < 1e-6, "{rate}");
+        assert_eq!(admission_rate(&outcomes[..1]), None);
+    }
+
+    #[test]
+    fn the_timeline_counts_the_line_and_the_sessions_at_each_second_end() {
+        let outcomes = vec![
+            // Waits 0.5 s -> 2.5 s, holds a session to 3.2 s.
+            Outcome {
+                arrived: ms(400),
+                join_us: Some(2_000),
+                waited: Some((ms(500), ms(2_500))),
+                admitted: Some(ms(2_500)),
+                forwarded_us: Some(1_500),
+                released: Some(ms(3_200)),
+                ..Outcome::default()
+            },
+            // Fails at 1.5 s.
+            Outcome { arrived: ms(1_100), error: Some("x"), ended: ms(1_500), ..Outcome::default() },
+        ];
+        let curve = Curve::constant(1.0).unwrap();
+        let rows = timeline(&outcomes, ms(4_000), &curve);
+        let column = |f: fn(&Second) -> u64| rows.iter().map(f).collect::<Vec<_>>();
+        assert_eq!(column(|r| r.arrivals), [1, 1, 0, 0]);
+        assert_eq!(column(|r| r.waiting), [1, 1, 0, 0]);
+        assert_eq!(column(|r| r.sessions), [0, 0, 1, 0]);
+        assert_eq!(column(|r| r.admissions), [0, 0, 1, 0]);
+        assert_eq!(column(|r| r.errors), [0, 1, 0, 0]);
+        assert_eq!(rows[0].join_p99_ms, Some(2.0));
+        assert_eq!(rows[2].forwarded_p99_ms, Some(1.5));
+        assert_eq!(rows[1].join_p99_ms, None);
+    }
+}
