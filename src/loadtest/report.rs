@@ -114,7 +114,14 @@ impl Report {
         self.errors.values().sum()
     }
 
-    pub(crate) fn new(outcomes: &[Outcome], seconds: f64, curve: &Curve, configured: Option<RoomLimits>) -> Report {
+    /// `planned_end`: when the schedule stops arrivals (the duration or the crowd's size).
+    pub(crate) fn new(
+        outcomes: &[Outcome],
+        seconds: f64,
+        curve: &Curve,
+        planned_end: Option<Duration>,
+        configured: Option<RoomLimits>,
+    ) -> Report {
         let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
         let mut errors = BTreeMap::new();
         for outcome in outcomes {
@@ -155,7 +162,10 @@ impl Report {
             capacity_overshoot: configured.map(|room| peak_sessions.saturating_sub(room.max_active.into())),
             fifo_inversions: inversions(&order),
             errors,
-            timeline: timeline(outcomes, end, curve),
+            timeline: timeline(outcomes, end, &|at| match planned_end {
+                Some(planned_end) if at >= planned_end => 0.0,
+                _ => curve.rate_at(at),
+            }),
         }
     }
 }
@@ -192,13 +202,14 @@ fn inversions(by_ticket: &[(u64, Duration)]) -> u64 {
     count
 }
 
-fn timeline(outcomes: &[Outcome], end: Duration, curve: &Curve) -> Vec<Second> {
+/// `planned`: the arrival rate the schedule meant at a time.
+fn timeline(outcomes: &[Outcome], end: Duration, planned: &dyn Fn(Duration) -> f64) -> Vec<Second> {
     let seconds = end.as_secs_f64().ceil().max(1.0) as usize;
     let bucket = |at: Duration| (at.as_secs() as usize).min(seconds - 1);
     let mut rows: Vec<Second> = (0..seconds)
         .map(|s| Second {
             second: s as u64,
-            planned_rate: curve.rate_at(Duration::from_secs(s as u64)),
+            planned_rate: planned(Duration::from_secs(s as u64)),
             arrivals: 0,
             admissions: 0,
             errors: 0,
@@ -351,14 +362,14 @@ mod tests {
             // Fails at 1.5 s.
             Outcome { arrived: ms(1_100), error: Some("x"), ended: ms(1_500), ..Outcome::default() },
         ];
-        let curve = Curve::constant(1.0).unwrap();
-        let rows = timeline(&outcomes, ms(4_000), &curve);
+        let rows = timeline(&outcomes, ms(4_000), &|at| if at < ms(2_000) { 1.0 } else { 0.0 });
         let column = |f: fn(&Second) -> u64| rows.iter().map(f).collect::<Vec<_>>();
         assert_eq!(column(|r| r.arrivals), [1, 1, 0, 0]);
         assert_eq!(column(|r| r.waiting), [1, 1, 0, 0]);
         assert_eq!(column(|r| r.sessions), [0, 0, 1, 0]);
         assert_eq!(column(|r| r.admissions), [0, 0, 1, 0]);
         assert_eq!(column(|r| r.errors), [0, 1, 0, 0]);
+        assert_eq!(rows.iter().map(|r| r.planned_rate).collect::<Vec<_>>(), [1.0, 1.0, 0.0, 0.0]);
         assert_eq!(rows[0].join_p99_ms, Some(2.0));
         assert_eq!(rows[2].forwarded_p99_ms, Some(1.5));
         assert_eq!(rows[1].join_p99_ms, None);
