@@ -41,6 +41,24 @@ async fn a_crowd_goes_through_the_line_in_order_and_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visitors_who_stay_fill_the_room_and_no_more() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, "admit_per_minute = 6000\nmax_active = 3\n").await;
+    let mut options = Options::new(gate.addr, 15, 200.0).unwrap();
+    options.patience = Duration::from_secs(20);
+    options.leave = true;
+    options.hold = Duration::from_millis(300);
+    options.configured = Some(RoomLimits { admit_per_minute: 6000, max_active: 3 });
+    let report = loadtest::run(options).await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.admitted, 15);
+    // The first three overlap for 300 ms: the room is full, and the rest wait for a place.
+    assert_eq!(report.peak_sessions, 3);
+    assert_eq!(report.capacity_overshoot, Some(0));
+    assert!(report.seconds > 1.2, "five rounds of 300 ms: {}", report.seconds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admission_rate_is_measured_against_the_room() {
     let (upstream_addr, _upstream) = start_upstream().await;
     // Ten turns a second and room for everyone: the rate alone paces the crowd.

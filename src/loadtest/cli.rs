@@ -55,6 +55,9 @@ pub struct Args {
     /// Leave after the forwarded request, freeing the place for the next visitor.
     #[arg(long)]
     leave: bool,
+    /// With --leave: stay this long after the forwarded request (shopping), holding the place.
+    #[arg(long, default_value = "0s", value_parser = parse_duration, requires = "leave")]
+    hold: Duration,
     /// Spread visitors over source addresses of this range (e.g. 127.0.0.0/8), so that
     /// per-address limits apply as they would to real visitors.
     #[arg(long, value_name = "CIDR")]
@@ -168,6 +171,7 @@ impl Args {
             arrivals,
             patience: self.patience,
             leave: self.leave,
+            hold: self.hold,
             sources: self.sources,
             configured,
             progress: !self.quiet,

@@ -55,6 +55,8 @@ pub struct Options {
     pub patience: Duration,
     /// Leave after the forwarded request, freeing the place for the next visitor.
     pub leave: bool,
+    /// How long an admitted visitor stays (shops, pays) before leaving.
+    pub hold: Duration,
     /// Give visitors source addresses from this range (e.g. `127.0.0.0/8`), one each in turn.
     pub sources: Option<Ipv4Net>,
     /// The room's rate and capacity, to hold the run against.
@@ -75,6 +77,7 @@ impl Options {
             arrivals: Curve::constant(arrival_rate)?,
             patience: Duration::from_secs(600),
             leave: false,
+            hold: Duration::ZERO,
             sources: None,
             configured: None,
             progress: false,
@@ -275,6 +278,7 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
     }
     live.admitted.fetch_add(1, Ordering::Relaxed);
     if options.leave {
+        tokio::time::sleep(options.hold).await;
         visitor.outcome.released = Some(visitor.now());
         live.sessions.fetch_sub(1, Ordering::Relaxed);
         let (status, _) =
