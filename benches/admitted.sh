@@ -48,7 +48,7 @@ wait_port() {
 }
 
 "${pin_rest[@]}" "$bin" shop --listen "127.0.0.1:$UPSTREAM_PORT" --workers 1 >/dev/null &
-pids+=($!)
+pids+=($!); shop_pid=$!
 
 "$bin" keygen > "$work/key.pem"
 cat > "$work/proxy.toml" <<TOML
@@ -70,7 +70,7 @@ state = "paused"
 level = "warn"
 TOML
 "${pin_proxy[@]}" "$bin" run --config "$work/proxy.toml" &
-pids+=($!)
+pids+=($!); vestibule_pid=$!
 token=$("$bin" token --config "$work/proxy.toml" --room checkout --ttl 3600)
 
 cat > "$work/nginx.conf" <<NGINX
@@ -96,7 +96,7 @@ http {
 }
 NGINX
 "${pin_proxy[@]}" nginx -c "$work/nginx.conf" -g 'daemon off;' &
-pids+=($!)
+pids+=($!); nginx_pid=$!
 
 for port in $UPSTREAM_PORT $VESTIBULE_PORT $NGINX_PORT; do wait_port "$port"; done
 curl -fsS -H "Vestibule-Token: $token" "http://127.0.0.1:$VESTIBULE_PORT/checkout/ping" >/dev/null \
@@ -105,39 +105,56 @@ if curl -fsS -H "Accept: application/json" "http://127.0.0.1:$VESTIBULE_PORT/che
   echo "vestibule let a request without a token through" >&2; exit 1
 fi
 
-# One wrk run: prints "<requests per second> <p99 in ms>".
+# CPU time (user + system, clock ticks) a process has used.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+ticks_per_second=$(getconf CLK_TCK)
+
+# One wrk run against a port, whose serving process is $2: prints "<requests per second>
+# <p99 in ms> <CPU microseconds per request>". CPU per request is steadier than requests per
+# second on a busy machine: it does not depend on how much of a core the proxy got.
 measure() {
+  local before; before=$(cpu_ticks "$2")
   "${pin_rest[@]}" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -H "Vestibule-Token: $token" \
-    "http://127.0.0.1:$1/checkout/ping" | awk '
+    "http://127.0.0.1:$1/checkout/ping" | awk -v before="$before" -v after_file="/proc/$2/stat" -v hz="$ticks_per_second" '
+      / requests in / { requests = $1 }
       /Requests\/sec:/ { rps = $2 }
       /^ +99%/ { v = $2; unit = v; sub(/[0-9.]+/, "", unit); sub(/[a-z]+$/, "", v);
                  ms = (unit == "us") ? v / 1000 : (unit == "s") ? v * 1000 : v }
       /Non-2xx/ { bad = $NF }
-      END { if (bad > 0) { print "errors", bad > "/dev/stderr"; exit 1 } printf "%s %.3f\n", rps, ms }'
+      END { if (bad > 0) { print "errors", bad > "/dev/stderr"; exit 1 }
+            getline stat < after_file; split(stat, f, " ")
+            printf "%s %.3f %.1f\n", rps, ms, (f[14] + f[15] - before) / hz * 1e6 / requests }'
 }
 
-declare -A rps p99
-for target in direct nginx vestibule; do rps[$target]=""; p99[$target]=""; done
+# nginx serves from its worker process, the master's only child.
+nginx_worker=$(pgrep -P "$nginx_pid" | head -1)
+declare -A rps p99 cpu
+for target in direct nginx vestibule; do rps[$target]=""; p99[$target]=""; cpu[$target]=""; done
 for round in $(seq "$ROUNDS"); do
   for target in direct nginx vestibule; do
     case $target in
-      direct) port=$UPSTREAM_PORT ;; nginx) port=$NGINX_PORT ;; vestibule) port=$VESTIBULE_PORT ;;
+      direct) port=$UPSTREAM_PORT pid=$shop_pid ;;
+      nginx) port=$NGINX_PORT pid=$nginx_worker ;;
+      vestibule) port=$VESTIBULE_PORT pid=$vestibule_pid ;;
     esac
-    read -r r p < <(measure "$port")
-    echo "round $round  $target: $r req/s, p99 $p ms"
-    rps[$target]+="$r "; p99[$target]+="$p "
+    read -r r p c < <(measure "$port" "$pid")
+    echo "round $round  $target: $r req/s, p99 $p ms, $c µs CPU per request"
+    rps[$target]+="$r "; p99[$target]+="$p "; cpu[$target]+="$c "
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 echo
 echo "median of $ROUNDS rounds, $DURATION each, $CONNECTIONS connections, one worker per process:"
-printf '| %-10s | %12s | %9s | %14s | %14s |\n' target "req/s" "p99 ms" "req/s vs nginx" "p99 vs nginx"
-printf '|%s|%s|%s|%s|%s|\n' ------------ -------------- ----------- ---------------- ----------------
+printf '| %-10s | %12s | %9s | %14s | %14s | %12s | %12s |\n' target "req/s" "p99 ms" "req/s vs nginx" \
+  "p99 vs nginx" "CPU µs/req" "CPU vs nginx"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------ -------------- ----------- ---------------- ---------------- \
+  -------------- --------------
 nginx_rps=$(echo "${rps[nginx]}" | median); nginx_p99=$(echo "${p99[nginx]}" | median)
+nginx_cpu=$(echo "${cpu[nginx]}" | median)
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 for target in direct nginx vestibule; do
-  r=$(echo "${rps[$target]}" | median); p=$(echo "${p99[$target]}" | median)
-  printf '| %-10s | %12.0f | %9.3f | %14s | %14s |\n' "$target" "$r" "$p" \
-    "$(awk -v a="$r" -v b="$nginx_rps" 'BEGIN { printf "%.2f", a / b }')" \
-    "$(awk -v a="$p" -v b="$nginx_p99" 'BEGIN { printf "%.2f", a / b }')"
+  r=$(echo "${rps[$target]}" | median); p=$(echo "${p99[$target]}" | median); c=$(echo "${cpu[$target]}" | median)
+  printf '| %-10s | %12.0f | %9.3f | %14s | %14s | %12.1f | %12s |\n' "$target" "$r" "$p" \
+    "$(ratio "$r" "$nginx_rps")" "$(ratio "$p" "$nginx_p99")" "$c" "$(ratio "$c" "$nginx_cpu")"
 done
