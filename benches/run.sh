@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The benchmark suite, in one go on this machine, each figure a ratio against a reference
+# measured in the same run:
+#   1. admitted path: vestibule vs nginx proxy_pass vs the upstream direct (benches/admitted.sh)
+#   2. joins per second, memory store vs Redis store; Redis calls per join (cargo bench --bench line)
+#   3. waiting sockets per instance, memory per socket, fan-out delay (cargo bench --bench feed)
+#   4. crowds through `vestibule loadtest`, three instances on one Redis: admission rate vs
+#      configured, FIFO inversions, capacity overshoot (HTML reports with plots)
+#
+#   bash benches/run.sh                      # about 15 minutes
+#   CROWD_SECONDS=300 bash benches/run.sh    # longer crowds (rate accuracy over more minutes)
+#
+# Installs nginx and wrk from apt when missing; starts its own redis-server on a free port.
+# Results (text, JSON, HTML) go to target/bench-results/. Only loopback addresses are used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CROWD_SECONDS=${CROWD_SECONDS:-120}
+LINE_SECONDS=${LINE_SECONDS:-60}
+SOCKETS=${SOCKETS:-10000}
+out=target/bench-results
+mkdir -p "$out"
+command -v redis-server >/dev/null || { echo "redis-server is not on the PATH (apt-get install redis-server)" >&2; exit 1; }
+
+echo "== 1/4 admitted path"
+bash benches/admitted.sh | tee "$out/admitted.txt"
+
+echo; echo "== 2/4 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
+DURATION=$LINE_SECONDS cargo bench --quiet --bench line | tee "$out/line.txt"
+
+echo; echo "== 3/4 waiting sockets (${SOCKETS})"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+cargo bench --quiet --bench feed -- "$SOCKETS" | tee "$out/feed.txt"
+
+echo; echo "== 4/4 crowds, three instances on one Redis"
+cargo build --release --quiet
+bin=target/release/vestibule
+dir=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+source tests/lib.sh
+
+port=$(free_port)
+redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no > "$dir/redis.log" &
+pids+=($!)
+until redis-cli -p "$port" ping 2>/dev/null | grep -q PONG; do sleep 0.1; done
+start_shop 1
+"$bin" keygen > "$dir/key.pem"
+# Two rooms: `checkout`, paced by its rate (room for everyone); `capacity`, where visitors
+# stay 2 s and 50 places bind before the rate does.
+cat > "$dir/proxy.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+workers = 1
+[upstream]
+url = "http://$shop"
+[store]
+kind = "redis"
+url = "redis://127.0.0.1:$port/"
+[tokens]
+signing_key = "key.pem"
+[[rooms]]
+id = "checkout"
+paths = ["/checkout"]
+admit_per_minute = 1200
+max_active = 100000
+[[rooms]]
+id = "capacity"
+paths = ["/product"]
+admit_per_minute = 6000
+max_active = 50
+[log]
+format = "json"
+level = "warn,vestibule=info"
+TOML
+targets=()
+for n in 1 2 3; do
+  start_vestibule "$dir/proxy.toml" "$dir/vestibule-$n.log"
+  targets+=(--target "$addr")
+done
+
+crowd() {
+  local name=$1; shift
+  echo "-- $name"
+  if "$bin" loadtest --config "$dir/proxy.toml" "${targets[@]}" --sources 127.0.0.0/8 --leave --patience 20m \
+      --report "$out/crowd-$name.json" --html "$out/crowd-$name.html" "$@" 2>&1 | tee "$out/crowd-$name.txt"; then
+    echo "   limits met"
+  else
+    echo "   LIMITS MISSED (see above)"
+  fi
+}
+# 30 arrivals a second against 20 admissions a second: the line grows, the rate paces it.
+crowd rate --room checkout --arrival-rate 30 --duration "${CROWD_SECONDS}s" \
+  --max-rate-error 1 --max-inversions 0 --max-errors 0 --max-overshoot 0
+# 40 a second, each staying 2 s, into 50 places (25 a second at most): the places bind.
+crowd capacity --room capacity --path /product --arrival-rate 40 --hold 2s --duration "$((CROWD_SECONDS / 2))s" \
+  --max-inversions 0 --max-errors 0 --max-overshoot 0
+
+echo; echo "== summary (full output in $out/)"
+grep -A4 "^| target" "$out/admitted.txt" || true
+grep -E "memory store|redis store|redis per join|admissions," "$out/line.txt" || true
+grep -Ei "sockets|per socket|fan-out" "$out/feed.txt" || true
+for name in rate capacity; do
+  echo "crowd $name: $(grep -E 'visitors in' "$out/crowd-$name.txt")"
+  grep -E "admissions per minute|peak admitted" "$out/crowd-$name.txt" || true
+done
