@@ -181,6 +181,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             break;
         }
         tokio::time::sleep_until(started + at).await;
+        // Reap the visitors done so far: a long run keeps only those still going.
+        while visitors.try_join_next().is_some() {}
         live.arrived.fetch_add(1, Ordering::Relaxed);
         let (options, outcomes, live) = (options.clone(), outcomes.clone(), live.clone());
         visitors.spawn(async move {
