@@ -72,6 +72,8 @@ async fn the_admission_rate_is_measured_against_the_room() {
     // Some 30 turns over 3 s: the client's view of the first and last is within a step.
     assert!((450.0..750.0).contains(&measured), "{measured} per minute");
     assert!(report.admission_rate_error_percent.unwrap().abs() < 25.0);
+    // Nobody left: when their sessions end is out of the crowd's sight, so no overshoot figure.
+    assert_eq!(report.capacity_overshoot, None);
 }
 
 /// Run the binary against `gate` with `args`; (exit code, stdout, stderr).
@@ -114,9 +116,10 @@ async fn the_command_writes_json_and_html_reports_and_fails_on_a_missed_limit() 
     assert!(page.contains("Line length and admitted sessions") && page.contains("waiting in line"));
     assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));
 
-    // Three visitors who stay take the three places, held against a claimed max_active of 1.
+    // Three visitors who stay a second take the three places, held against a claimed
+    // max_active of 1.
     let mut args = strings(&["--target", &target, "--visitors", "3", "--admit-per-minute", "1200"]);
-    args.extend(strings(&["--max-active", "1", "--max-p99-ms", "0"]));
+    args.extend(strings(&["--leave", "--hold", "1s", "--max-active", "1", "--max-p99-ms", "0"]));
     let (code, stdout, stderr) = loadtest_command(args).await;
     assert!(stdout.contains("peak admitted sessions 3 (max_active 1, overshoot 2)"), "{stdout}");
     assert_eq!(code, Some(1));

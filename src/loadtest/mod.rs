@@ -206,7 +206,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
     let crowd_end = options.visitors.and_then(|n| options.arrivals.arrival(n));
     let planned_end = [options.duration, crowd_end].into_iter().flatten().min();
-    Ok(Report::new(&outcomes, seconds, &options.arrivals, planned_end, options.configured))
+    Ok(Report::new(&outcomes, seconds, &options.arrivals, planned_end, options.configured, options.leave))
 }
 
 /// A progress line on stderr: rewritten in place on a terminal, every 5 s otherwise.

@@ -101,7 +101,8 @@ pub struct Report {
     /// The most sessions admitted and not yet left at one time, as the crowd saw them: from the
     /// turn to the leave request (or to the end of the run without `--leave`).
     pub peak_sessions: u64,
-    /// How far `peak_sessions` went over `max_active` (0 when it never did).
+    /// How far `peak_sessions` went over `max_active` (0 when it never did); measured only
+    /// when visitors leave (otherwise sessions end out of the crowd's sight, when they expire).
     pub capacity_overshoot: Option<u64>,
     /// Pairs admitted out of join (ticket) order, by more than one scheduler step.
     pub fifo_inversions: u64,
@@ -121,6 +122,7 @@ impl Report {
         curve: &Curve,
         planned_end: Option<Duration>,
         configured: Option<RoomLimits>,
+        visitors_leave: bool,
     ) -> Report {
         let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
         let mut errors = BTreeMap::new();
@@ -159,7 +161,9 @@ impl Report {
                 .zip(admissions_per_minute)
                 .map(|(room, measured)| (measured / room.admit_per_minute as f64 - 1.0) * 100.0),
             peak_sessions,
-            capacity_overshoot: configured.map(|room| peak_sessions.saturating_sub(room.max_active.into())),
+            capacity_overshoot: configured
+                .filter(|_| visitors_leave)
+                .map(|room| peak_sessions.saturating_sub(room.max_active.into())),
             fifo_inversions: inversions(&order),
             errors,
             timeline: timeline(outcomes, end, &|at| match planned_end {
@@ -295,7 +299,7 @@ pub fn print(report: &Report) {
             "  peak admitted sessions {} (max_active {}, overshoot {})",
             report.peak_sessions,
             room.max_active,
-            report.capacity_overshoot.unwrap_or_default()
+            report.capacity_overshoot.map_or("not measured without --leave".to_owned(), |o| o.to_string())
         ),
         None => println!("  peak admitted sessions {}", report.peak_sessions),
     }
