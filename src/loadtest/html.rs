@@ -1,6 +1,6 @@
 //! `--html FILE.html`: the report as one self-contained page (inline SVG plots drawn with
 //! plotters, no script, no network): the line and the sessions held, arrivals and admissions
-//! per second against plan and configuration, latency over time, and the summary.
+//! per second against plan and configuration, latency over time, and the figures in tables.
 
 use anyhow::Context;
 use minijinja::{context, Environment};
@@ -42,17 +42,11 @@ pub fn render(report: &Report, title: &str) -> anyhow::Result<String> {
         plot("Arrivals and admissions per second", "per second", &flow)?,
         plot("Latency by second", "ms", &latency)?,
     ];
-    let summary = serde_json::to_string_pretty(&serde_json::json!({
-        "visitors": report.visitors, "joined": report.joined, "admitted": report.admitted,
-        "fifo_inversions": report.fifo_inversions, "errors": report.errors,
-        "admissions_per_minute": report.admissions_per_minute, "configured": report.configured,
-        "peak_sessions": report.peak_sessions, "capacity_overshoot": report.capacity_overshoot,
-    }))?;
     let mut environment = Environment::new();
     environment.add_template("report.html", TEMPLATE)?;
     let page = environment
         .get_template("report.html")?
-        .render(context! { title, report => minijinja::value::Serde(report), plots, summary })?;
+        .render(context! { title, report => minijinja::value::Serde(report), plots })?;
     Ok(page)
 }
 

@@ -84,6 +84,13 @@ impl Options {
         })
     }
 
+    /// When the schedule stops arrivals: the duration, or the crowd's size (`None`: at the
+    /// curve's end, or never).
+    fn arrivals_end(&self) -> Option<Duration> {
+        let crowd_end = self.visitors.and_then(|n| self.arrivals.arrival(n));
+        [self.duration, crowd_end].into_iter().flatten().min()
+    }
+
     /// The source address of visitor `n`: hosts of the range in turn (the network and
     /// broadcast addresses left out when the range has more than two).
     fn source(&self, n: u64) -> Option<IpAddr> {
@@ -204,9 +211,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         eprintln!();
     }
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
-    let crowd_end = options.visitors.and_then(|n| options.arrivals.arrival(n));
-    let planned_end = [options.duration, crowd_end].into_iter().flatten().min();
-    Ok(Report::new(&outcomes, seconds, &options.arrivals, planned_end, options.configured, options.leave))
+    Ok(Report::new(&outcomes, seconds, &options))
 }
 
 /// A progress line on stderr: rewritten in place on a terminal, every 5 s otherwise.
@@ -244,11 +249,11 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
     let options = visitor.options;
     let live = visitor.live;
     let mut jar: BTreeMap<String, String> = BTreeMap::new();
-    let (status, _) = request(visitor, "GET", &options.path, &mut jar).await?;
+    let status = request(visitor, "GET", &options.path, &mut jar).await?;
     let joined = visitor.now();
     visitor.outcome.join_us = Some((joined - visitor.outcome.arrived).as_micros() as u64);
-    let ticket_cookie = format!("vestibule-ticket-{}", options.room);
-    let token_cookie = format!("vestibule-token-{}", options.room);
+    let ticket_cookie = crate::room::ticket_cookie(&options.room);
+    let token_cookie = crate::room::token_cookie(&options.room);
     // A waiter's ticket is in the ticket cookie; a visitor admitted at once has it in the token.
     visitor.outcome.ticket = jar.get(&ticket_cookie).or(jar.get(&token_cookie)).and_then(|t| ticket_of(t));
     if status == StatusCode::OK && jar.contains_key(&token_cookie) {
@@ -272,7 +277,7 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
         turn.map_err(|_| "not admitted in time")??;
         visitor.outcome.admitted = Some(now);
         live.sessions.fetch_add(1, Ordering::Relaxed);
-        let (status, _) = request(visitor, "GET", &options.path, &mut jar).await?;
+        let status = request(visitor, "GET", &options.path, &mut jar).await?;
         if status != StatusCode::OK || !jar.contains_key(&token_cookie) {
             return Err("admitted, but the forwarded request failed");
         }
@@ -283,8 +288,7 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
         tokio::time::sleep(options.hold).await;
         visitor.outcome.released = Some(visitor.now());
         live.sessions.fetch_sub(1, Ordering::Relaxed);
-        let (status, _) =
-            request(visitor, "POST", &format!("/_vestibule/leave?room={}", options.room), &mut jar).await?;
+        let status = request(visitor, "POST", &format!("/_vestibule/leave?room={}", options.room), &mut jar).await?;
         if status != StatusCode::OK {
             return Err("leave failed");
         }
@@ -315,13 +319,13 @@ fn cookie_header(jar: &BTreeMap<String, String>) -> String {
 }
 
 /// One request on its own connection, as a browser's first request might be; cookies in and
-/// out of `jar`.
+/// out of `jar`. The body is read whole (its time counts), then dropped.
 async fn request(
     visitor: &mut Visitor<'_>,
     method: &str,
     path: &str,
     jar: &mut BTreeMap<String, String>,
-) -> Result<(StatusCode, Bytes), &'static str> {
+) -> Result<StatusCode, &'static str> {
     let (target, stream) = visitor.connect().await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|_| "handshake failed")?;
@@ -348,8 +352,8 @@ async fn request(
         }
     }
     let status = response.status();
-    let body = response.into_body().collect().await.map_err(|_| "body failed")?.to_bytes();
-    Ok((status, body))
+    response.into_body().collect().await.map_err(|_| "body failed")?;
+    Ok(status)
 }
 
 #[cfg(test)]

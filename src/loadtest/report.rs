@@ -9,8 +9,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::arrivals::Curve;
-use super::Outcome;
+use super::{Options, Outcome};
 
 /// Two admissions closer than one scheduler step are simultaneous: a step grants several
 /// turns at once, and their messages reach the crowd in any order.
@@ -115,15 +114,9 @@ impl Report {
         self.errors.values().sum()
     }
 
-    /// `planned_end`: when the schedule stops arrivals (the duration or the crowd's size).
-    pub(crate) fn new(
-        outcomes: &[Outcome],
-        seconds: f64,
-        curve: &Curve,
-        planned_end: Option<Duration>,
-        configured: Option<RoomLimits>,
-        visitors_leave: bool,
-    ) -> Report {
+    /// The report of a run of `options` that took `seconds`.
+    pub(crate) fn new(outcomes: &[Outcome], seconds: f64, options: &Options) -> Report {
+        let configured = options.configured;
         let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
         let mut errors = BTreeMap::new();
         for outcome in outcomes {
@@ -145,6 +138,7 @@ impl Report {
         let joined = outcomes.iter().filter(|o| o.ticket.is_some()).count() as u64;
         let admissions_per_minute = admission_rate(outcomes);
         let end = Duration::from_secs_f64(seconds);
+        let arrivals_end = options.arrivals_end();
         let peak_sessions = peak(outcomes.iter().filter_map(|o| Some((o.admitted?, o.released.unwrap_or(end)))));
         Report {
             visitors: outcomes.len() as u64,
@@ -162,13 +156,13 @@ impl Report {
                 .map(|(room, measured)| (measured / room.admit_per_minute as f64 - 1.0) * 100.0),
             peak_sessions,
             capacity_overshoot: configured
-                .filter(|_| visitors_leave)
+                .filter(|_| options.leave)
                 .map(|room| peak_sessions.saturating_sub(room.max_active.into())),
             fifo_inversions: inversions(&order),
             errors,
-            timeline: timeline(outcomes, end, &|at| match planned_end {
-                Some(planned_end) if at >= planned_end => 0.0,
-                _ => curve.rate_at(at),
+            timeline: timeline(outcomes, end, &|at| match arrivals_end {
+                Some(arrivals_end) if at >= arrivals_end => 0.0,
+                _ => options.arrivals.rate_at(at),
             }),
         }
     }

@@ -97,6 +97,16 @@ pub struct Room {
     reading: tokio::sync::Mutex<()>,
 }
 
+/// The name of the cookie that carries a room's admission token.
+pub fn token_cookie(room: &str) -> String {
+    format!("vestibule-token-{room}")
+}
+
+/// The name of the cookie that carries a room's signed ticket (a place in line).
+pub fn ticket_cookie(room: &str) -> String {
+    format!("vestibule-ticket-{room}")
+}
+
 impl Room {
     pub fn new(config: &RoomConfig) -> Room {
         let snapshot = Snapshot {
@@ -116,8 +126,8 @@ impl Room {
                 session_ms: config.session_seconds * 1_000,
                 abandon_ms: config.abandon_seconds * 1_000,
             },
-            token_cookie: format!("vestibule-token-{}", config.id),
-            ticket_cookie: format!("vestibule-ticket-{}", config.id),
+            token_cookie: token_cookie(&config.id),
+            ticket_cookie: ticket_cookie(&config.id),
             control: RwLock::new((config.state, config.message.clone())),
             snapshot: watch::Sender::new(snapshot),
             touched: Mutex::default(),
