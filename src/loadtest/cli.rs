@@ -68,6 +68,10 @@ pub struct Args {
     /// The room's max_active (overrides --config).
     #[arg(long)]
     max_active: Option<u32>,
+    /// Moments to time the line's recovery from: a file of `unix_ms label` lines, appended
+    /// while the run goes (e.g. by a chaos script, each time a fault ends) and read at its end.
+    #[arg(long, value_name = "FILE")]
+    marks: Option<PathBuf>,
     /// Write the report as JSON here.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
@@ -86,6 +90,13 @@ pub struct Args {
     /// Fail when more pairs than this are admitted out of join order.
     #[arg(long, default_value_t = 0)]
     max_inversions: u64,
+    /// Fail when more visitors than this lose their place (a shown position that goes up, a
+    /// turn refused, or never admitted).
+    #[arg(long, default_value_t = 0)]
+    max_lost: u64,
+    /// Fail when a turn comes more than this many seconds after a mark of --marks.
+    #[arg(long, value_name = "SECONDS")]
+    max_recovery: Option<f64>,
     /// Fail when more visitors than this end in an error.
     #[arg(long, default_value_t = 0)]
     max_errors: u64,
@@ -175,6 +186,7 @@ impl Args {
             sources: self.sources,
             configured,
             progress: !self.quiet,
+            marks: self.marks.clone(),
         };
         Ok((options, title))
     }
@@ -190,6 +202,18 @@ impl Args {
         }
         if report.fifo_inversions > self.max_inversions {
             failed.push(format!("{} FIFO inversions > {}", report.fifo_inversions, self.max_inversions));
+        }
+        if report.places_lost > self.max_lost {
+            failed.push(format!("{} places lost > {}", report.places_lost, self.max_lost));
+        }
+        if let Some(max) = self.max_recovery {
+            match report.slowest_recovery() {
+                Some(slowest) if slowest > max => {
+                    failed.push(format!("a turn came {slowest:.2} s after a mark (> {max} s)"))
+                }
+                Some(_) => {}
+                None => failed.push("no recovery measured (no marks in the run)".into()),
+            }
         }
         if report.error_count() > self.max_errors {
             failed.push(format!("{} errors > {}", report.error_count(), self.max_errors));

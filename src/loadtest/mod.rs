@@ -63,6 +63,9 @@ pub struct Options {
     pub configured: Option<RoomLimits>,
     /// Show progress on stderr while running.
     pub progress: bool,
+    /// A file of moments to measure the line's recovery from (`unix_ms label` a line, e.g.
+    /// when a fault ended), read when the run ends.
+    pub marks: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -81,6 +84,7 @@ impl Options {
             sources: None,
             configured: None,
             progress: false,
+            marks: None,
         })
     }
 
@@ -106,15 +110,24 @@ impl Options {
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
     pub arrived: Duration,
+    /// The ticket the visitor was admitted with (their last, if they were sent to the back).
     pub ticket: Option<u64>,
     pub join_us: Option<u64>,
     /// In line: from the join's answer to the turn (or the error).
     pub waited: Option<(Duration, Duration)>,
     /// When the visitor learned of the turn.
     pub admitted: Option<Duration>,
+    /// The earliest the turn can have come: `admitted`, or when the feed went down if the
+    /// visitor learned of it on reconnecting.
+    pub turn_from: Option<Duration>,
     pub forwarded_us: Option<u64>,
     /// When the leave was sent (the session then ends at the latest).
     pub released: Option<Duration>,
+    /// How the visitor lost their place, if they did: their shown position went up, or their
+    /// turn was refused and they were sent to the back.
+    pub lost: Option<&'static str>,
+    /// What went wrong and was retried, as a browser retries it.
+    pub retries: Vec<&'static str>,
     pub error: Option<&'static str>,
     pub ended: Duration,
 }
@@ -129,14 +142,28 @@ struct Live {
     errors: AtomicU64,
 }
 
-/// One visitor as it runs: its number, the clock, the live counts and its story.
+/// One visitor as it runs: its number, the clock, the live counts, its cookies and its story.
 struct Visitor<'a> {
     options: &'a Options,
     n: u64,
     started: Instant,
     live: &'a Live,
     requests: usize,
+    jar: BTreeMap<String, String>,
     outcome: Outcome,
+}
+
+/// What a browser does after a failed request: the user reloads a second later.
+const RELOAD_AFTER: Duration = Duration::from_secs(1);
+/// The longest `Retry-After` honoured; a longer one is waited for this long.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// The waiting page's feed reconnects after 1 s, doubling up to 30 s, with jitter.
+const FEED_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// A proxy's answer, as much as the visitor needs.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
 }
 
 impl Visitor<'_> {
@@ -144,7 +171,7 @@ impl Visitor<'_> {
         self.started.elapsed()
     }
 
-    /// The next target: successive requests go to successive instances.
+    /// The next target: successive connections go to successive instances.
     fn next_target(&mut self) -> SocketAddr {
         let targets = &self.options.targets;
         let target = targets[(self.n as usize + self.requests) % targets.len()];
@@ -152,17 +179,38 @@ impl Visitor<'_> {
         target
     }
 
+    /// Connect to the next target; a refused connection (an instance down) goes on to the
+    /// next, as a load balancer would.
     async fn connect(&mut self) -> Result<(SocketAddr, TcpStream), &'static str> {
-        let target = self.next_target();
-        let stream = match self.options.source(self.n) {
-            Some(source) => {
-                let socket = TcpSocket::new_v4().map_err(|_| "connect failed")?;
-                socket.bind(SocketAddr::new(source, 0)).map_err(|_| "cannot bind the source address")?;
-                socket.connect(target).await
+        let mut failure = "connect failed";
+        for _ in 0..self.options.targets.len() {
+            let target = self.next_target();
+            let stream = match self.options.source(self.n) {
+                Some(source) => {
+                    let socket = TcpSocket::new_v4().map_err(|_| "connect failed")?;
+                    socket.bind(SocketAddr::new(source, 0)).map_err(|_| "cannot bind the source address")?;
+                    socket.connect(target).await
+                }
+                None => TcpStream::connect(target).await,
+            };
+            match stream {
+                Ok(stream) => return Ok((target, stream)),
+                Err(_) => failure = "connect failed",
             }
-            None => TcpStream::connect(target).await,
-        };
-        Ok((target, stream.map_err(|_| "connect failed")?))
+        }
+        Err(failure)
+    }
+
+    fn retried(&mut self, what: &'static str) {
+        self.outcome.retries.push(what);
+    }
+
+    fn lost(&mut self, how: &'static str) {
+        self.outcome.lost.get_or_insert(how);
+    }
+
+    fn cookie(&self, name: &str) -> Option<&String> {
+        self.jar.get(name)
     }
 }
 
@@ -177,6 +225,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let live = Arc::new(Live::default());
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
+    let started_unix_ms = unix_ms();
     let progress = options.progress.then(|| tokio::spawn(show_progress(live.clone(), started)));
     let mut visitors = tokio::task::JoinSet::new();
     for n in 0.. {
@@ -193,8 +242,15 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         live.arrived.fetch_add(1, Ordering::Relaxed);
         let (options, outcomes, live) = (options.clone(), outcomes.clone(), live.clone());
         visitors.spawn(async move {
-            let mut visitor =
-                Visitor { options: &options, n, started, live: &live, requests: 0, outcome: Outcome::default() };
+            let mut visitor = Visitor {
+                options: &options,
+                n,
+                started,
+                live: &live,
+                requests: 0,
+                jar: BTreeMap::new(),
+                outcome: Outcome::default(),
+            };
             visitor.outcome.arrived = at;
             if let Err(error) = try_visit(&mut visitor).await {
                 visitor.outcome.error = Some(error);
@@ -210,8 +266,33 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         progress.abort();
         eprintln!();
     }
+    let marks = match &options.marks {
+        Some(path) => read_marks(path, started_unix_ms)?,
+        None => Vec::new(),
+    };
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
-    Ok(Report::new(&outcomes, seconds, &options))
+    Ok(Report::new(&outcomes, seconds, &options, &marks))
+}
+
+fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    since.as_millis() as u64
+}
+
+/// Moments of the run named in a marks file (`unix_ms label` a line, written while the run
+/// goes, e.g. by a chaos script when a fault ends), as times from the start of the run.
+fn read_marks(path: &std::path::Path, started_unix_ms: u64) -> anyhow::Result<Vec<(Duration, String)>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut marks = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
+        let (at, label) = line.trim().split_once(char::is_whitespace).unwrap_or((line.trim(), ""));
+        let at: u64 = at.parse().with_context(|| format!("{}:{}: not `unix_ms label`", path.display(), n + 1))?;
+        if at >= started_unix_ms {
+            marks.push((Duration::from_millis(at - started_unix_ms), label.trim().to_owned()));
+        }
+    }
+    Ok(marks)
 }
 
 /// A progress line on stderr: rewritten in place on a terminal, every 5 s otherwise.
@@ -244,74 +325,193 @@ fn ticket_of(cookie: &str) -> Option<u64> {
     serde_json::from_slice::<serde_json::Value>(&json).ok()?["tkt"].as_u64()
 }
 
-/// One visitor, from the first request to the leave. Counts move as the story does.
+/// One visitor, from the first request to the leave, behaving as the waiting page does on a
+/// fault: a 503 page is loaded again after its `Retry-After`, a failed request a second
+/// later, a dropped feed reconnects with backoff. Counts move as the story does.
 async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
     let options = visitor.options;
     let live = visitor.live;
-    let mut jar: BTreeMap<String, String> = BTreeMap::new();
-    let status = request(visitor, "GET", &options.path, &mut jar).await?;
-    let joined = visitor.now();
-    visitor.outcome.join_us = Some((joined - visitor.outcome.arrived).as_micros() as u64);
     let ticket_cookie = crate::room::ticket_cookie(&options.room);
     let token_cookie = crate::room::token_cookie(&options.room);
+    let patience = Instant::now() + options.patience;
+    let joined = join(visitor, patience).await?;
     // A waiter's ticket is in the ticket cookie; a visitor admitted at once has it in the token.
-    visitor.outcome.ticket = jar.get(&ticket_cookie).or(jar.get(&token_cookie)).and_then(|t| ticket_of(t));
-    if status == StatusCode::OK && jar.contains_key(&token_cookie) {
+    let held = visitor.cookie(&ticket_cookie).or(visitor.cookie(&token_cookie));
+    visitor.outcome.ticket = held.and_then(|t| ticket_of(t));
+    if visitor.cookie(&token_cookie).is_some() {
         // Admitted at once: the join was the forwarded request.
         visitor.outcome.admitted = Some(joined);
+        visitor.outcome.turn_from = Some(joined);
         visitor.outcome.forwarded_us = visitor.outcome.join_us;
         live.sessions.fetch_add(1, Ordering::Relaxed);
     } else {
-        if visitor.outcome.ticket.is_none() {
-            return Err(if status.is_server_error() {
-                "join refused (5xx without a ticket)"
-            } else {
-                "join: no ticket"
-            });
-        }
         live.waiting.fetch_add(1, Ordering::Relaxed);
-        let turn = tokio::time::timeout(options.patience, wait_for_turn(visitor, &jar)).await;
+        let turn = tokio::time::timeout_at(patience, wait_in_line(visitor)).await;
         live.waiting.fetch_sub(1, Ordering::Relaxed);
-        let now = visitor.now();
-        visitor.outcome.waited = Some((joined, now));
+        visitor.outcome.waited = Some((joined, visitor.now()));
         turn.map_err(|_| "not admitted in time")??;
-        visitor.outcome.admitted = Some(now);
-        live.sessions.fetch_add(1, Ordering::Relaxed);
-        let status = request(visitor, "GET", &options.path, &mut jar).await?;
-        if status != StatusCode::OK || !jar.contains_key(&token_cookie) {
-            return Err("admitted, but the forwarded request failed");
-        }
-        visitor.outcome.forwarded_us = Some((visitor.now() - now).as_micros() as u64);
     }
     live.admitted.fetch_add(1, Ordering::Relaxed);
     if options.leave {
         tokio::time::sleep(options.hold).await;
         visitor.outcome.released = Some(visitor.now());
         live.sessions.fetch_sub(1, Ordering::Relaxed);
-        let status = request(visitor, "POST", &format!("/_vestibule/leave?room={}", options.room), &mut jar).await?;
-        if status != StatusCode::OK {
+        let leave = format!("/_vestibule/leave?room={}", options.room);
+        if until_answered(visitor, "POST", &leave, patience + options.hold).await?.status != StatusCode::OK {
             return Err("leave failed");
         }
     }
     Ok(())
 }
 
-/// Hold the feed socket open until `admitted`.
-async fn wait_for_turn(visitor: &mut Visitor<'_>, jar: &BTreeMap<String, String>) -> Result<(), &'static str> {
-    let (target, stream) = visitor.connect().await.map_err(|_| "feed: connect failed")?;
-    let url = format!("ws://{target}/_vestibule/ws?room={}", visitor.options.room);
-    let mut request = url.into_client_request().map_err(|_| "feed: bad url")?;
-    let cookie = cookie_header(jar).parse().map_err(|_| "feed: bad cookie")?;
-    request.headers_mut().insert(http::header::COOKIE, cookie);
-    let (mut socket, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|_| "feed: refused")?;
-    while let Some(frame) = socket.next().await {
-        match frame.map_err(|_| "feed: broken")? {
-            Message::Text(text) if text.contains("\"admitted\"") => return Ok(()),
-            Message::Text(text) if text.contains("\"closed\"") => return Err("room closed"),
-            _ => {}
+/// The first request, until it gives a ticket or a token: a 503 without either (the line
+/// cannot take anyone now) is tried again after its `Retry-After`. Returns when it was answered.
+async fn join(visitor: &mut Visitor<'_>, patience: Instant) -> Result<Duration, &'static str> {
+    let ticket_cookie = crate::room::ticket_cookie(&visitor.options.room);
+    let token_cookie = crate::room::token_cookie(&visitor.options.room);
+    loop {
+        let sent = visitor.now();
+        let answer = until_answered(visitor, "GET", &visitor.options.path, patience).await?;
+        let answered = visitor.now();
+        visitor.outcome.join_us = Some((answered - sent).as_micros() as u64);
+        if visitor.cookie(&ticket_cookie).is_some() || visitor.cookie(&token_cookie).is_some() {
+            return Ok(answered);
+        }
+        if !answer.status.is_server_error() {
+            return Err("join: no ticket");
+        }
+        visitor.retried("join answered 5xx without a ticket");
+        let wait = answer.retry_after.unwrap_or(RELOAD_AFTER).min(MAX_RETRY_AFTER);
+        if Instant::now() + wait >= patience {
+            return Err("join refused until patience ran out");
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One request, sent again a second later while it fails outright (an instance down, a
+/// connection cut), as a visitor reloads an error page.
+async fn until_answered(
+    visitor: &mut Visitor<'_>,
+    method: &str,
+    path: &str,
+    patience: Instant,
+) -> Result<Answer, &'static str> {
+    loop {
+        match request(visitor, method, path).await {
+            Ok(answer) => return Ok(answer),
+            Err(error) if error == "cannot bind the source address" => return Err(error),
+            Err(_) if Instant::now() + RELOAD_AFTER < patience => {
+                visitor.retried("request failed, sent again");
+                tokio::time::sleep(RELOAD_AFTER).await;
+            }
+            Err(error) => return Err(error),
         }
     }
-    Err("feed: closed before admission")
+}
+
+/// In line until admitted: the feed until `admitted`, then the forwarded request with the
+/// ticket. A turn the proxy does not honour yet (it says wait) sends the visitor back to the
+/// feed; a new ticket instead means the place was lost and the visitor waits again at the back.
+async fn wait_in_line(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
+    let ticket_cookie = crate::room::ticket_cookie(&visitor.options.room);
+    let token_cookie = crate::room::token_cookie(&visitor.options.room);
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    loop {
+        wait_for_turn(visitor).await?;
+        let learned = visitor.now();
+        // A turn not honoured at once keeps the moment it was first learned of.
+        visitor.outcome.admitted.get_or_insert(learned);
+        visitor.live.sessions.fetch_add(1, Ordering::Relaxed);
+        let answer = until_answered(visitor, "GET", &visitor.options.path, far).await?;
+        if visitor.cookie(&token_cookie).is_some() {
+            if answer.status != StatusCode::OK {
+                return Err("admitted, but the forwarded request failed");
+            }
+            visitor.outcome.forwarded_us = Some((visitor.now() - learned).as_micros() as u64);
+            return Ok(());
+        }
+        visitor.live.sessions.fetch_sub(1, Ordering::Relaxed);
+        let ticket = visitor.cookie(&ticket_cookie).and_then(|t| ticket_of(t));
+        match ticket {
+            Some(ticket) if Some(ticket) == visitor.outcome.ticket => {
+                visitor.retried("turn not honoured yet, waited again");
+                tokio::time::sleep(RELOAD_AFTER).await;
+            }
+            Some(ticket) => {
+                visitor.lost("turn refused, sent to the back");
+                visitor.outcome.ticket = Some(ticket);
+                visitor.outcome.admitted = None;
+                visitor.outcome.turn_from = None;
+            }
+            None => return Err("admitted, but neither a token nor a ticket came back"),
+        }
+    }
+}
+
+/// Hold the feed socket open until `admitted`, reconnecting as the page does when it drops
+/// or is refused. A shown position that goes up is a place lost.
+async fn wait_for_turn(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
+    let mut backoff = FEED_BACKOFF.0;
+    let mut lowest = u64::MAX;
+    // While the feed is down the turn may come unseen: from when it went down.
+    let mut down_since: Option<Duration> = None;
+    loop {
+        match open_feed(visitor).await {
+            Ok(mut socket) => {
+                backoff = FEED_BACKOFF.0;
+                while let Some(frame) = socket.next().await {
+                    let Ok(Message::Text(text)) = frame else {
+                        if frame.is_err() {
+                            break;
+                        }
+                        continue;
+                    };
+                    let Ok(message) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+                    match message["type"].as_str() {
+                        Some("admitted") => {
+                            let from = down_since.unwrap_or_else(|| visitor.now());
+                            visitor.outcome.turn_from.get_or_insert(from);
+                            return Ok(());
+                        }
+                        Some("closed") => return Err("room closed"),
+                        Some("position") => {
+                            let position = message["position"].as_u64().unwrap_or(u64::MAX);
+                            if position > lowest {
+                                visitor.lost("shown position went up");
+                            }
+                            lowest = lowest.min(position);
+                            down_since = None;
+                        }
+                        _ => down_since = None,
+                    }
+                }
+                visitor.retried("feed dropped, reconnected");
+            }
+            Err(error) if error == "cannot bind the source address" => return Err(error),
+            Err(error) => visitor.retried(error),
+        }
+        down_since.get_or_insert_with(|| visitor.now());
+        let jitter = 0.5 + rand::random::<f64>();
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(FEED_BACKOFF.1);
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+async fn open_feed(visitor: &mut Visitor<'_>) -> Result<Socket, &'static str> {
+    let (target, stream) = visitor.connect().await.map_err(|error| match error {
+        "cannot bind the source address" => error,
+        _ => "feed: connect failed, reconnected",
+    })?;
+    let url = format!("ws://{target}/_vestibule/ws?room={}", visitor.options.room);
+    let mut request = url.into_client_request().map_err(|_| "feed: bad url")?;
+    let cookie = cookie_header(&visitor.jar).parse().map_err(|_| "feed: bad cookie")?;
+    request.headers_mut().insert(http::header::COOKIE, cookie);
+    let (socket, _) =
+        tokio_tungstenite::client_async(request, stream).await.map_err(|_| "feed: refused, reconnected")?;
+    Ok(socket)
 }
 
 fn cookie_header(jar: &BTreeMap<String, String>) -> String {
@@ -319,13 +519,8 @@ fn cookie_header(jar: &BTreeMap<String, String>) -> String {
 }
 
 /// One request on its own connection, as a browser's first request might be; cookies in and
-/// out of `jar`. The body is read whole (its time counts), then dropped.
-async fn request(
-    visitor: &mut Visitor<'_>,
-    method: &str,
-    path: &str,
-    jar: &mut BTreeMap<String, String>,
-) -> Result<StatusCode, &'static str> {
+/// out of the visitor's jar. The body is read whole (its time counts), then dropped.
+async fn request(visitor: &mut Visitor<'_>, method: &str, path: &str) -> Result<Answer, &'static str> {
     let (target, stream) = visitor.connect().await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|_| "handshake failed")?;
@@ -335,7 +530,7 @@ async fn request(
         .uri(path)
         .header(http::header::HOST, target.to_string())
         .header(http::header::ACCEPT, "application/json")
-        .header(http::header::COOKIE, cookie_header(jar))
+        .header(http::header::COOKIE, cookie_header(&visitor.jar))
         .body(Empty::<Bytes>::new())
         .map_err(|_| "bad request")?;
     let response = sender.send_request(request).await.map_err(|_| "request failed")?;
@@ -345,15 +540,20 @@ async fn request(
         };
         if let Some((name, value)) = pair.split_once('=') {
             if attributes.contains("Max-Age=0") {
-                jar.remove(name);
+                visitor.jar.remove(name);
             } else {
-                jar.insert(name.to_owned(), value.to_owned());
+                visitor.jar.insert(name.to_owned(), value.to_owned());
             }
         }
     }
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     response.into_body().collect().await.map_err(|_| "body failed")?;
-    Ok(status)
+    Ok(Answer { status, retry_after })
 }
 
 #[cfg(test)]

@@ -105,8 +105,34 @@ pub struct Report {
     pub capacity_overshoot: Option<u64>,
     /// Pairs admitted out of join (ticket) order, by more than one scheduler step.
     pub fifo_inversions: u64,
+    /// Visitors who lost their place: their shown position went up, their turn was refused
+    /// and they were sent to the back, or they joined and were never admitted.
+    pub places_lost: u64,
+    /// The same, by how.
+    pub lost: BTreeMap<String, u64>,
+    /// What went wrong and was retried as a browser retries it (not lost, not errors).
+    pub retries: BTreeMap<String, u64>,
+    /// For each mark of `--marks` (e.g. the end of a fault): how long until the next turn.
+    pub recoveries: Vec<Recovery>,
     pub errors: BTreeMap<String, u64>,
     pub timeline: Vec<Second>,
+}
+
+/// The next turn after a marked moment.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Recovery {
+    pub label: String,
+    /// The mark, in seconds from the start of the run.
+    pub at: f64,
+    /// Seconds from the mark to the first turn that certainly came after it (`None`: none did).
+    pub next_admission_after: Option<f64>,
+}
+
+impl Report {
+    /// The slowest recovery; `None` without marks, infinite when a mark saw no turn after it.
+    pub fn slowest_recovery(&self) -> Option<f64> {
+        self.recoveries.iter().map(|r| r.next_admission_after.unwrap_or(f64::INFINITY)).reduce(f64::max)
+    }
 }
 
 impl Report {
@@ -115,11 +141,18 @@ impl Report {
     }
 
     /// The report of a run of `options` that took `seconds`.
-    pub(crate) fn new(outcomes: &[Outcome], seconds: f64, options: &Options) -> Report {
+    pub(crate) fn new(outcomes: &[Outcome], seconds: f64, options: &Options, marks: &[(Duration, String)]) -> Report {
         let configured = options.configured;
         let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
-        let mut errors = BTreeMap::new();
+        let (mut errors, mut lost, mut retries) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for outcome in outcomes {
+            let never_admitted = outcome.ticket.is_some() && outcome.admitted.is_none();
+            if let Some(how) = outcome.lost.or(never_admitted.then_some("joined, never admitted")) {
+                *lost.entry(how.to_owned()).or_insert(0) += 1;
+            }
+            for retry in &outcome.retries {
+                *retries.entry((*retry).to_owned()).or_insert(0) += 1;
+            }
             if let Some(us) = outcome.join_us {
                 join.saturating_record(us);
             }
@@ -133,8 +166,11 @@ impl Report {
                 *errors.entry(error.to_owned()).or_insert(0) += 1;
             }
         }
-        let mut order: Vec<(u64, Duration)> = outcomes.iter().filter_map(|o| Some((o.ticket?, o.admitted?))).collect();
-        order.sort_by_key(|(ticket, _)| *ticket);
+        let mut order: Vec<Turn> = outcomes
+            .iter()
+            .filter_map(|o| Some(Turn { ticket: o.ticket?, from: o.turn_from.or(o.admitted)?, learned: o.admitted? }))
+            .collect();
+        order.sort_by_key(|turn| turn.ticket);
         let joined = outcomes.iter().filter(|o| o.ticket.is_some()).count() as u64;
         let admissions_per_minute = admission_rate(outcomes);
         let end = Duration::from_secs_f64(seconds);
@@ -159,6 +195,10 @@ impl Report {
                 .filter(|_| options.leave)
                 .map(|room| peak_sessions.saturating_sub(room.max_active.into())),
             fifo_inversions: inversions(&order),
+            places_lost: lost.values().sum(),
+            lost,
+            retries,
+            recoveries: marks.iter().map(|(at, label)| recovery(&order, *at, label)).collect(),
             errors,
             timeline: timeline(outcomes, end, &|at| match arrivals_end {
                 Some(arrivals_end) if at >= arrivals_end => 0.0,
@@ -191,13 +231,34 @@ fn peak(intervals: impl Iterator<Item = (Duration, Duration)>) -> u64 {
     most as u64
 }
 
-/// Pairs where a later ticket was admitted more than one step before an earlier one.
-fn inversions(by_ticket: &[(u64, Duration)]) -> u64 {
+/// A visitor's turn as the crowd saw it: learned at `learned`, and come no earlier than
+/// `from` (the same, unless the visitor's feed was down when it came).
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    ticket: u64,
+    from: Duration,
+    learned: Duration,
+}
+
+/// Pairs where a later ticket's turn was learned of more than one step before an earlier
+/// ticket's turn can have come.
+fn inversions(by_ticket: &[Turn]) -> u64 {
     let mut count = 0;
-    for (i, (_, earlier_at)) in by_ticket.iter().enumerate() {
-        count += by_ticket[i + 1..].iter().filter(|(_, later_at)| *later_at + SAME_STEP < *earlier_at).count() as u64;
+    for (i, earlier) in by_ticket.iter().enumerate() {
+        count += by_ticket[i + 1..].iter().filter(|later| later.learned + SAME_STEP < earlier.from).count() as u64;
     }
     count
+}
+
+/// The first turn that certainly came after the mark `at` (its earliest possible moment is
+/// at or after it), and how long after the mark it was learned of.
+fn recovery(turns: &[Turn], at: Duration, label: &str) -> Recovery {
+    let next = turns.iter().filter(|turn| turn.from >= at).map(|turn| turn.learned).min();
+    Recovery {
+        label: label.to_owned(),
+        at: at.as_secs_f64(),
+        next_admission_after: next.map(|learned| (learned - at).as_secs_f64()),
+    }
 }
 
 /// `planned`: the arrival rate the schedule meant at a time.
@@ -297,6 +358,17 @@ pub fn print(report: &Report) {
         ),
         None => println!("  peak admitted sessions {}", report.peak_sessions),
     }
+    println!("  places lost {}", report.places_lost);
+    for (how, count) in &report.lost {
+        println!("    lost: {how}: {count}");
+    }
+    for recovery in &report.recoveries {
+        let after = recovery.next_admission_after.map_or("no turn after it".to_owned(), |s| format!("{s:.2} s"));
+        println!("  recovery {:<24} at {:>7.2} s: next turn after {after}", recovery.label, recovery.at);
+    }
+    for (kind, count) in &report.retries {
+        println!("  retried: {kind}: {count}");
+    }
     for (kind, count) in &report.errors {
         println!("  error: {kind}: {count}");
     }
@@ -316,11 +388,32 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn turns(learned: &[(u64, u64)]) -> Vec<Turn> {
+        learned.iter().map(|(ticket, at)| Turn { ticket: *ticket, from: ms(*at), learned: ms(*at) }).collect()
+    }
+
     #[test]
     fn inversions_count_only_admissions_more_than_a_step_apart() {
-        assert_eq!(inversions(&[(1, ms(0)), (2, ms(500)), (3, ms(1000))]), 0);
-        assert_eq!(inversions(&[(1, ms(50)), (2, ms(0))]), 0, "one step grants both");
-        assert_eq!(inversions(&[(1, ms(1000)), (2, ms(0)), (3, ms(500))]), 2);
+        assert_eq!(inversions(&turns(&[(1, 0), (2, 500), (3, 1000)])), 0);
+        assert_eq!(inversions(&turns(&[(1, 50), (2, 0)])), 0, "one step grants both");
+        assert_eq!(inversions(&turns(&[(1, 1000), (2, 0), (3, 500)])), 2);
+        // Ticket 1's feed was down from 200 ms to 1 s: its turn may have come first.
+        let mut reconnected = turns(&[(1, 1000), (2, 500)]);
+        reconnected[0].from = ms(200);
+        assert_eq!(inversions(&reconnected), 0);
+        reconnected[0].from = ms(700);
+        assert_eq!(inversions(&reconnected), 1, "its feed came back after ticket 2 was in");
+    }
+
+    #[test]
+    fn a_recovery_is_timed_to_the_first_turn_certainly_after_the_mark() {
+        let mut order = turns(&[(1, 900), (2, 2_000), (3, 3_500)]);
+        // Ticket 2 learned of its turn at 2 s on reconnecting: it may have come before the mark.
+        order[1].from = ms(500);
+        let recovered = recovery(&order, ms(1_000), "redis back");
+        assert_eq!((recovered.label.as_str(), recovered.at), ("redis back", 1.0));
+        assert_eq!(recovered.next_admission_after, Some(2.5));
+        assert_eq!(recovery(&order, ms(4_000), "late").next_admission_after, None);
     }
 
     #[test]
