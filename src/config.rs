@@ -223,6 +223,9 @@ pub struct RoomConfig {
     /// A waiter not seen for this long (no feed, no page or status request) leaves the line.
     #[serde(default = "defaults::abandon_seconds")]
     pub abandon_seconds: u64,
+    /// A session not used for this long (no admitted request) ends and frees its place.
+    #[serde(default = "defaults::session_idle_seconds")]
+    pub session_idle_seconds: u64,
     /// `open`, `paused` (everyone holds their place), `closed` (newcomers turned away), or
     /// `passthrough` (the gate is off).
     #[serde(default)]
@@ -328,6 +331,9 @@ mod defaults {
     }
     pub fn grant_seconds() -> u64 {
         120
+    }
+    pub fn session_idle_seconds() -> u64 {
+        300
     }
     pub fn abandon_seconds() -> u64 {
         120
@@ -503,6 +509,13 @@ impl Config {
                 return Err((
                     key("abandon_seconds"),
                     "must be at least 30: a page without JavaScript refreshes every 20 s".into(),
+                ));
+            }
+            if room.session_idle_seconds < 30 {
+                return Err((
+                    key("session_idle_seconds"),
+                    "must be at least 30: an admitted session is reported in use every few seconds, not every request"
+                        .into(),
                 ));
             }
             if room.message.as_ref().is_some_and(|m| m.len() > 500) {

@@ -134,7 +134,14 @@ impl Gate {
             self.tasks.spawn(task);
         }
         if matches!(*self.store, Store::Redis(_)) {
-            self.tasks.spawn(listen_to_rooms(self.store.clone(), self.rooms.clone(), self.clock, self.stop.clone()));
+            let listener = listen_to_rooms(
+                self.store.clone(),
+                self.rooms.clone(),
+                self.instance.clone(),
+                self.clock,
+                self.stop.clone(),
+            );
+            self.tasks.spawn(listener);
         }
     }
 
@@ -293,11 +300,13 @@ impl Gate {
             return Ok(response); // a token minted outside any session (`vestibule token`)
         }
         let now = self.clock.now_ms();
+        let expires_at = admission.expires_at * 1_000;
         if forwarded.session_ended {
-            room.end_session(&self.store, admission.ticket, now).await;
+            room.end_session(admission.ticket, expires_at);
             append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
             return Ok(response);
         }
+        room.session_used(admission.ticket, expires_at, &admission.used, now);
         let session_seconds = room.limits.session_ms / 1_000;
         let left = admission.expires_at.saturating_sub(now / 1_000);
         // Renewal needs the store; an admitted visitor never waits on a store that is away.
@@ -330,7 +339,8 @@ impl Gate {
             if !room.is_available() {
                 return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
             }
-            let redeemed = match self.store.redeem(&room.id, &room.limits, ticket.ticket, now).await {
+            let absence = room.absence(now);
+            let redeemed = match self.store.redeem(&room.id, &room.limits, ticket.ticket, now, absence).await {
                 Ok(redeemed) => redeemed,
                 Err(error) => {
                     store_failed(room, &error);
@@ -406,12 +416,14 @@ impl Gate {
         let wants_json = !wants_page(&request);
         // The session exists from here on: even when the upstream fails, the visitor keeps
         // the token (and their slot) rather than losing both with the error page.
+        // Confirmed at once: the visitor holds the token from here on.
+        room.session_in_use(ticket, expires_at_ms);
         let (mut response, session_ended) = match self.forward(request, connection, path, Some((room, visitor))).await {
             Ok(forwarded) => (forwarded.response, forwarded.session_ended),
             Err(error) => (error.into_response(wants_json), false),
         };
         if session_ended {
-            room.end_session(&self.store, ticket, self.clock.now_ms()).await;
+            room.end_session(ticket, expires_at_ms);
         } else {
             let lifetime = room.limits.session_ms / 1_000;
             append_cookie(&mut response, self.cookie(&room.token_cookie, &token, lifetime));
@@ -508,18 +520,13 @@ impl Gate {
                 Ok(response)
             }
             ("leave", Method::POST) => {
-                let now = self.clock.now_ms();
+                // Answered at once, whatever the store is doing: the room tells it at its next
+                // step, or when it is back.
                 if let Some(admission) = self.admission(request.headers(), &room) {
-                    if admission.ticket != 0 {
-                        room.end_session(&self.store, admission.ticket, now).await;
-                    }
+                    room.end_session(admission.ticket, admission.expires_at * 1_000);
                 }
-                // A place given up while the store is away is skipped later anyway: its holder
-                // is no longer seen. Nobody waits on a store known to be away.
-                if let Some(ticket) = self.ticket(request.headers(), &room).filter(|_| room.is_available()) {
-                    if let Err(error) = self.store.leave(&room.id, &room.limits, ticket.ticket, now).await {
-                        store_failed(&room, &error);
-                    }
+                if let Some(ticket) = self.ticket(request.headers(), &room) {
+                    room.give_up(ticket.ticket);
                 }
                 let mut response = json_response(&room.status(Holding::Nothing));
                 append_cookie(&mut response, self.clear_cookie(&room.token_cookie));
@@ -622,23 +629,36 @@ impl Gate {
     }
 }
 
+/// How often the listener publishes a beat on its own channel, and how long it may go unheard
+/// before the subscription counts as dead (a half-open connection delivers nothing and never
+/// says so).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(3);
+
 /// Apply what other instances announce to this one's rooms, until `stop`: sessions ended
 /// elsewhere, and the leader's cursor moves (fanned out to this instance's waiters from
-/// memory). On a lost subscription, resubscribe with backoff, then catch up on the sessions
-/// that ended meanwhile.
-async fn listen_to_rooms(store: Arc<Store>, rooms: Vec<Arc<Room>>, clock: Clock, stop: CancellationToken) {
+/// memory). A subscription lost, or silent on this instance's own heartbeat, is made again
+/// with backoff, then the sessions that ended meanwhile are caught up on.
+async fn listen_to_rooms(
+    store: Arc<Store>,
+    rooms: Vec<Arc<Room>>,
+    instance: String,
+    clock: Clock,
+    stop: CancellationToken,
+) {
     use futures_util::StreamExt;
     let Store::Redis(redis) = &*store else { return };
     let ids: Vec<String> = rooms.iter().map(|room| room.id.clone()).collect();
     let revocations: Vec<String> = ids.iter().map(|id| crate::store::revocations_channel(id)).collect();
     let cursors: Vec<String> = ids.iter().map(|id| crate::store::cursor_channel(id)).collect();
+    let heartbeat = format!("vestibule:heartbeat:{instance}");
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         let subscribed = async {
-            let messages = redis.subscribe(&ids).await?;
+            let messages = redis.subscribe(&ids, &heartbeat).await?;
             for room in &rooms {
-                for ticket in redis.ended_sessions(&room.id, clock.now_ms()).await? {
-                    room.revoke(ticket);
+                for (ticket, until) in redis.ended_sessions(&room.id, clock.now_ms()).await? {
+                    room.revoke(ticket, until);
                 }
             }
             Ok::<_, StoreError>(messages)
@@ -654,22 +674,46 @@ async fn listen_to_rooms(store: Arc<Store>, rooms: Vec<Arc<Room>>, clock: Clock,
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
+        let mut beats = tokio::time::interval(HEARTBEAT_EVERY);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first beat published since the last one heard: the subscription must hear it.
+        let mut unheard: Option<tokio::time::Instant> = None;
         loop {
             let message = tokio::select! {
                 message = messages.next() => message,
+                _ = beats.tick() => {
+                    if unheard.is_some_and(|since| since.elapsed() > HEARTBEAT_DEADLINE) {
+                        tracing::warn!("the rooms' announcements went silent; subscribing again");
+                        break;
+                    }
+                    // A beat Redis did not take says nothing of the subscription.
+                    if redis.publish(&heartbeat, "beat").await.is_ok() && unheard.is_none() {
+                        unheard = Some(tokio::time::Instant::now());
+                    }
+                    continue;
+                }
                 () = stop.cancelled() => return,
             };
             let Some(message) = message else { break };
             let channel = message.get_channel_name();
-            let Ok(number) = message.get_payload::<u64>() else { continue };
+            if channel == heartbeat {
+                unheard = None;
+                continue;
+            }
+            let Ok(payload) = message.get_payload::<String>() else { continue };
             if let Some(room) = revocations.iter().position(|c| c == channel) {
-                rooms[room].revoke(number);
+                if let Some((ticket, until)) = crate::store::parse_ended(&payload) {
+                    rooms[room].revoke(ticket, until);
+                }
             } else if let Some(room) = cursors.iter().position(|c| c == channel) {
-                rooms[room].observe_cursor(number);
+                if let Ok(cursor) = payload.parse::<u64>() {
+                    redis.observe_cursor(&rooms[room].id, cursor);
+                    rooms[room].observe_cursor(cursor);
+                }
             }
         }
     }

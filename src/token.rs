@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,7 +62,38 @@ pub struct Admission {
     pub jti: String,
     pub ticket: u64,
     pub cursor_at_join: Option<u64>,
+    /// When this token's session was last reported in use (kept with the verified token, so
+    /// that an admitted request reports it without a lookup of its own).
+    pub used: UseMark,
 }
+
+/// When something was last reported (ms), to report it again only after a while. Not part of
+/// what a token says: two admissions compare equal whatever their marks.
+#[derive(Debug, Default)]
+pub struct UseMark(AtomicU64);
+
+impl UseMark {
+    /// Whether a report is due at `now`, `every` ms after the last; if so, it counts as made.
+    pub fn due(&self, now: u64, every: u64) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        (last == 0 || now >= last + every)
+            && self.0.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+impl Clone for UseMark {
+    fn clone(&self) -> UseMark {
+        UseMark(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+impl PartialEq for UseMark {
+    fn eq(&self, _: &UseMark) -> bool {
+        true
+    }
+}
+
+impl Eq for UseMark {}
 
 /// The audience of a room's tickets.
 pub fn ticket_audience(room: &str) -> String {
@@ -380,6 +412,7 @@ impl Tokens {
                     jti: claims.jti,
                     ticket: claims.tkt,
                     cursor_at_join: claims.c0,
+                    used: UseMark::default(),
                 });
                 // Only tokens that verified are remembered, so garbage cannot fill the cache.
                 self.verified.insert(token.into(), admission.clone());

@@ -6,13 +6,32 @@ mod common;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use vestibule::line::{Gone, Joined, Limits, Redeemed};
+use vestibule::line::{Absence, Gone, Joined, Limits, Redeemed, CONFIRM_MS, MAX_SKIPS, RESEE_MS};
 use vestibule::store::{RedisStore, Store, StoreError};
 
 const ROOM: &str = "checkout";
+const JUDGE: Absence = Absence::Judge;
 
 fn limits(admit_per_minute: u32, max_active: u32) -> Limits {
-    Limits { admit_per_minute, max_active, grant_ms: 120_000, session_ms: 600_000, abandon_ms: 120_000 }
+    Limits {
+        admit_per_minute,
+        max_active,
+        grant_ms: 120_000,
+        session_ms: 600_000,
+        abandon_ms: 120_000,
+        idle_ms: 300_000,
+    }
+}
+
+/// Join `count` visitors, each confirmed at once by its instance (as the gate does when it
+/// answers a join); their tickets.
+async fn join_confirmed(store: &Store, limits: &Limits, count: usize, now: u64) -> Vec<u64> {
+    let mut tickets = Vec::new();
+    for _ in 0..count {
+        tickets.push(store.join(ROOM, limits, true, now).await.unwrap().ticket());
+    }
+    store.touch(ROOM, limits, &tickets, &[], now).await.unwrap();
+    tickets
 }
 
 async fn idle_admission_then_join_order(store: Store) {
@@ -20,7 +39,7 @@ async fn idle_admission_then_join_order(store: Store) {
     assert!(matches!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Admitted { ticket: 1, .. }));
     assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 2 });
     assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 3 });
-    assert_eq!(store.redeem(ROOM, &limits, 3, 0).await.unwrap(), Redeemed::Waiting { position: 2 });
+    assert_eq!(store.redeem(ROOM, &limits, 3, 0, JUDGE).await.unwrap(), Redeemed::Waiting { position: 2 });
     // A paused room admits nobody at join, even when idle.
     let other = limits;
     assert_eq!(store.join("other", &other, false, 0).await.unwrap(), Joined::Waiting { ticket: 1 });
@@ -28,55 +47,92 @@ async fn idle_admission_then_join_order(store: Store) {
 
 async fn rate_and_capacity_bound_grants(store: Store) {
     let limits = limits(60, 2);
-    store.join(ROOM, &limits, true, 0).await.unwrap(); // ticket 1, a session
-    for _ in 0..3 {
-        store.join(ROOM, &limits, true, 0).await.unwrap(); // tickets 2, 3, 4 wait
-    }
-    assert_eq!(store.advance(ROOM, &limits, 500).await.unwrap().granted, 0, "no budget yet");
-    assert_eq!(store.advance(ROOM, &limits, 1_000).await.unwrap().granted, 1, "one turn a second");
-    assert!(matches!(store.redeem(ROOM, &limits, 2, 1_000).await.unwrap(), Redeemed::Admitted { .. }));
-    store.touch(ROOM, &limits, &[3, 4], 5_000).await.unwrap();
-    assert_eq!(store.advance(ROOM, &limits, 5_000).await.unwrap().granted, 0, "two sessions fill the room");
-    assert!(store.release(ROOM, &limits, 1, 100).await.unwrap());
-    assert!(!store.release(ROOM, &limits, 1, 100).await.unwrap(), "a session ends once");
-    assert_eq!(store.advance(ROOM, &limits, 5_000).await.unwrap().granted, 1, "the freed place goes to ticket 3");
+    join_confirmed(&store, &limits, 4, 0).await; // ticket 1 a session; 2, 3, 4 wait
+    assert_eq!(store.advance(ROOM, &limits, 500, JUDGE).await.unwrap().granted, 0, "no budget yet");
+    assert_eq!(store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap().granted, 1, "one turn a second");
+    assert!(matches!(store.redeem(ROOM, &limits, 2, 1_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+    store.touch(ROOM, &limits, &[3, 4], &[], 5_000).await.unwrap();
+    assert_eq!(store.advance(ROOM, &limits, 5_000, JUDGE).await.unwrap().granted, 0, "two sessions fill the room");
+    assert!(store.release(ROOM, &limits, 1, 600_000, 100).await.unwrap());
+    assert!(!store.release(ROOM, &limits, 1, 600_000, 100).await.unwrap(), "a session ends once");
+    assert_eq!(store.advance(ROOM, &limits, 5_000, JUDGE).await.unwrap().granted, 1, "the freed place goes to 3");
     let stats = store.stats(ROOM, &limits, 5_000).await.unwrap();
     assert_eq!((stats.cursor, stats.last_ticket, stats.active, stats.outstanding), (3, 4, 1, 1));
 }
 
 async fn a_ticket_is_redeemed_once_and_unknown_ones_are_refused(store: Store) {
     let limits = limits(60, 10);
-    store.join(ROOM, &limits, true, 0).await.unwrap();
-    store.join(ROOM, &limits, true, 0).await.unwrap();
-    store.advance(ROOM, &limits, 1_000).await.unwrap();
-    assert!(matches!(store.redeem(ROOM, &limits, 2, 1_000).await.unwrap(), Redeemed::Admitted { .. }));
-    assert_eq!(store.redeem(ROOM, &limits, 2, 1_001).await.unwrap(), Redeemed::Gone(Gone::Used));
-    assert_eq!(store.redeem(ROOM, &limits, 0, 1_001).await.unwrap(), Redeemed::Gone(Gone::Unknown));
+    join_confirmed(&store, &limits, 2, 0).await;
+    store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap();
+    assert!(matches!(store.redeem(ROOM, &limits, 2, 1_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+    assert_eq!(store.redeem(ROOM, &limits, 2, 1_001, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Used));
+    assert_eq!(store.redeem(ROOM, &limits, 0, 1_001, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Unknown));
 }
 
 async fn unredeemed_grants_lapse(store: Store) {
     let limits = limits(600, 1);
-    store.join(ROOM, &limits, true, 0).await.unwrap();
-    store.join(ROOM, &limits, true, 0).await.unwrap();
-    store.release(ROOM, &limits, 1, 100).await.unwrap();
-    assert_eq!(store.advance(ROOM, &limits, 100).await.unwrap().granted, 1);
+    join_confirmed(&store, &limits, 2, 0).await;
+    store.release(ROOM, &limits, 1, 600_000, 100).await.unwrap();
+    assert_eq!(store.advance(ROOM, &limits, 100, JUDGE).await.unwrap().granted, 1);
     let later = 100 + limits.grant_ms;
-    assert_eq!(store.redeem(ROOM, &limits, 2, later).await.unwrap(), Redeemed::Gone(Gone::Lapsed));
+    assert_eq!(store.redeem(ROOM, &limits, 2, later, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Lapsed));
     assert_eq!(store.stats(ROOM, &limits, later).await.unwrap().outstanding, 0, "the place is free again");
 }
 
 async fn leavers_and_absent_waiters_are_skipped(store: Store) {
     let limits = limits(60, 10);
-    store.join(ROOM, &limits, true, 0).await.unwrap();
-    for _ in 0..3 {
-        store.join(ROOM, &limits, true, 0).await.unwrap(); // 2, 3, 4
-    }
+    join_confirmed(&store, &limits, 4, 0).await; // 1 a session; 2, 3, 4 wait
     store.leave(ROOM, &limits, 2, 0).await.unwrap();
-    store.touch(ROOM, &limits, &[4], 100_000).await.unwrap();
-    assert_eq!(store.advance(ROOM, &limits, 130_000).await.unwrap().granted, 1, "only ticket 4 is granted");
-    assert_eq!(store.redeem(ROOM, &limits, 2, 130_000).await.unwrap(), Redeemed::Gone(Gone::Left));
-    assert_eq!(store.redeem(ROOM, &limits, 3, 130_000).await.unwrap(), Redeemed::Gone(Gone::Left));
-    assert!(matches!(store.redeem(ROOM, &limits, 4, 130_000).await.unwrap(), Redeemed::Admitted { .. }));
+    store.touch(ROOM, &limits, &[4], &[], 100_000).await.unwrap();
+    assert_eq!(store.advance(ROOM, &limits, 130_000, JUDGE).await.unwrap().granted, 1, "only ticket 4 is granted");
+    assert_eq!(store.redeem(ROOM, &limits, 2, 130_000, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Left));
+    assert_eq!(store.redeem(ROOM, &limits, 3, 130_000, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Left));
+    assert!(matches!(store.redeem(ROOM, &limits, 4, 130_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+}
+
+async fn absence_is_excused_while_the_instances_catch_up(store: Store) {
+    let limits = limits(60, 10);
+    join_confirmed(&store, &limits, 3, 0).await; // 1 a session; 2, 3 wait, last seen at 0
+    store.touch(ROOM, &limits, &[3], &[], 100_000).await.unwrap();
+    // At 130 s ticket 2 looks gone, but the store was away until a moment ago: it may yet be
+    // reported. The line waits for it rather than skip it.
+    let excused = store.advance(ROOM, &limits, 130_000, Absence::Excuse).await.unwrap();
+    assert_eq!((excused.granted, excused.stats.cursor), (0, 1));
+    assert!(matches!(
+        store.redeem(ROOM, &limits, 2, 130_000, Absence::Excuse).await.unwrap(),
+        Redeemed::Waiting { .. }
+    ));
+    // Presenting it was being seen: ticket 2 is granted once absence is judged.
+    assert_eq!(store.advance(ROOM, &limits, 131_000, JUDGE).await.unwrap().granted, 1);
+    assert!(matches!(store.redeem(ROOM, &limits, 2, 131_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+}
+
+async fn a_ticket_nobody_confirmed_is_skipped(store: Store) {
+    let limits = limits(60, 10);
+    store.join(ROOM, &limits, true, 0).await.unwrap(); // a session
+                                                       // Ticket 2's join ran in the store but its answer never reached anyone; 3 was answered.
+    store.join(ROOM, &limits, true, 0).await.unwrap();
+    let third = store.join(ROOM, &limits, true, 0).await.unwrap().ticket();
+    store.touch(ROOM, &limits, &[third], &[], 0).await.unwrap();
+    assert_eq!(store.advance(ROOM, &limits, CONFIRM_MS, JUDGE).await.unwrap().granted, 1);
+    assert_eq!(store.redeem(ROOM, &limits, 2, CONFIRM_MS, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Left));
+    assert!(matches!(store.redeem(ROOM, &limits, third, CONFIRM_MS, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+}
+
+async fn idle_sessions_end_and_free_their_place(store: Store) {
+    let limits = Limits { idle_ms: 60_000, ..limits(60, 2) };
+    let [first, second] = join_confirmed(&store, &limits, 2, 0).await[..] else { unreachable!() };
+    store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap();
+    assert!(matches!(store.redeem(ROOM, &limits, second, 1_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+    let waiter = join_confirmed(&store, &limits, 1, 1_000).await[0];
+    // The second session is in use; the first was never used again.
+    store.touch(ROOM, &limits, &[waiter], &[(second, 601_000)], 50_000).await.unwrap();
+    let step = store.advance(ROOM, &limits, 61_000, JUDGE).await.unwrap();
+    assert_eq!(step.ended, vec![(first, limits.session_ms)], "the idle session ends, with its expiry");
+    assert_eq!(step.granted, 1, "and its place goes to the waiter");
+    // Not while absence is excused.
+    let step = store.advance(ROOM, &limits, 200_000, Absence::Excuse).await.unwrap();
+    assert!(step.ended.is_empty(), "{step:?}");
 }
 
 async fn sessions_renew_and_expire(store: Store) {
@@ -90,18 +146,61 @@ async fn sessions_renew_and_expire(store: Store) {
 
 async fn five_minutes_of_admissions_follow_the_rate(store: Store) {
     let limits = Limits { abandon_ms: u64::MAX / 4, ..limits(120, 100_000) };
-    for _ in 0..700 {
-        store.join(ROOM, &limits, true, 0).await.unwrap();
-    }
+    join_confirmed(&store, &limits, 700, 0).await;
     let mut granted = 0;
     for step in 1..=3_000u64 {
-        granted += store.advance(ROOM, &limits, step * 100).await.unwrap().granted;
+        granted += store.advance(ROOM, &limits, step * 100, JUDGE).await.unwrap().granted;
     }
     // The bucket started with two turns, one spent at join; then 2 a second for 300 s.
     let expected = 1 + 2 * 300;
     assert!(granted.abs_diff(expected) <= expected / 100, "{granted} vs {expected}");
     let rate = store.stats(ROOM, &limits, 300_000).await.unwrap().rate_per_second.unwrap();
     assert!((rate - 2.0).abs() < 0.1, "{rate}");
+}
+
+async fn a_lagging_clock_credits_no_extra_turns(store: Store) {
+    let limits = Limits { abandon_ms: u64::MAX / 4, ..limits(600, 100_000) };
+    join_confirmed(&store, &limits, 2_000, 0).await;
+    let mut granted = 0;
+    for step in 1..=100u64 {
+        let now = 10_000 + step * 100;
+        granted += store.advance(ROOM, &limits, now, JUDGE).await.unwrap().granted;
+        // Between two steps of the leader, a join at an instance whose clock is 5 s behind.
+        store.join(ROOM, &limits, true, now - 5_000).await.unwrap();
+    }
+    // 10 s at 10 a second (the bucket, full from the wait, adds one second's worth).
+    assert!(granted <= 100 + 10 + 1, "{granted} turns in 10 s at 600 a minute");
+}
+
+async fn a_step_skips_a_bounded_number_of_leavers(store: Store) {
+    let limits = limits(60, 10);
+    let tickets = join_confirmed(&store, &limits, MAX_SKIPS * 2 + 2, 0).await;
+    for ticket in &tickets[1..tickets.len() - 1] {
+        store.leave(ROOM, &limits, *ticket, 0).await.unwrap();
+    }
+    let first = store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap();
+    assert_eq!((first.granted, first.stats.cursor), (0, 1 + MAX_SKIPS as u64), "one bounded step");
+    store.advance(ROOM, &limits, 1_100, JUDGE).await.unwrap();
+    let third = store.advance(ROOM, &limits, 1_200, JUDGE).await.unwrap();
+    assert_eq!(third.granted, 1, "the next steps carry on to the last visitor");
+    assert_eq!(third.stats.cursor, *tickets.last().unwrap());
+}
+
+async fn a_ticket_beyond_the_last_keeps_its_place(store: Store) {
+    let limits = limits(60, 10);
+    join_confirmed(&store, &limits, 2, 0).await; // 1 a session, 2 waits
+                                                 // Ticket 6 was given out by an earlier life of the line (it is signed): it keeps its place.
+    assert_eq!(store.redeem(ROOM, &limits, 6, 100, JUDGE).await.unwrap(), Redeemed::Waiting { position: 5 });
+    assert_eq!(store.join(ROOM, &limits, true, 100).await.unwrap(), Joined::Waiting { ticket: 7 });
+    // A holder of a ticket in between, reported seen, keeps theirs; the others are skipped once
+    // they have had the time to be reported.
+    store.touch(ROOM, &limits, &[4], &[], 200).await.unwrap();
+    store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap(); // ticket 2
+    assert!(matches!(store.redeem(ROOM, &limits, 4, 1_000, JUDGE).await.unwrap(), Redeemed::Waiting { .. }));
+    let cursor = store.advance(ROOM, &limits, 2_000, JUDGE).await.unwrap().stats.cursor;
+    assert_eq!(cursor, 2, "tickets 3 and 5 may still be reported: the line waits");
+    let step = store.advance(ROOM, &limits, 100 + RESEE_MS, JUDGE).await.unwrap();
+    assert_eq!((step.granted, step.stats.cursor), (1, 4), "3 skipped, 4 granted");
 }
 
 async fn redis_store(server: &RedisServer) -> Store {
@@ -122,11 +221,9 @@ async fn flush(server: &RedisServer) {
 async fn a_line_redis_lost_is_restored_without_losing_places_or_capacity() {
     let server = RedisServer::start();
     let store = redis_store(&server).await;
-    let limits = Limits { abandon_ms: 600_000, ..limits(60, 1) };
-    assert!(matches!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Admitted { ticket: 1, .. }));
-    for _ in 2..=5 {
-        store.join(ROOM, &limits, true, 0).await.unwrap();
-    }
+    let limits = Limits { abandon_ms: 600_000, ..limits(600, 1) };
+    let tickets = join_confirmed(&store, &limits, 5, 0).await; // 1 a session; 2 to 5 wait
+    assert_eq!(tickets, [1, 2, 3, 4, 5]);
     let before = store.stats(ROOM, &limits, 10).await.unwrap();
     flush(&server).await;
 
@@ -135,28 +232,72 @@ async fn a_line_redis_lost_is_restored_without_losing_places_or_capacity() {
     let after = store.stats(ROOM, &limits, 1_000).await.unwrap();
     assert_ne!(after.epoch, before.epoch, "a restored line has a new epoch");
     assert_eq!((after.cursor, after.last_ticket, after.active), (1, 5, 1), "counters and the taken place are back");
-    assert_eq!(store.join(ROOM, &limits, true, 3_000).await.unwrap(), Joined::Waiting { ticket: 6 }, "after everyone");
-    assert_eq!(store.redeem(ROOM, &limits, 3, 3_000).await.unwrap(), Redeemed::Waiting { position: 2 });
-
-    store.touch(ROOM, &limits, &[2], 4_000).await.unwrap(); // ticket 2's page is still open
+    assert_eq!(join_confirmed(&store, &limits, 1, 3_000).await, [6], "after everyone");
+    assert_eq!(store.redeem(ROOM, &limits, 3, 3_000, JUDGE).await.unwrap(), Redeemed::Waiting { position: 2 });
+    store.touch(ROOM, &limits, &[2], &[], 4_000).await.unwrap(); // ticket 2's page is still open
 
     // The session of the lost line still holds its place: no mass admission.
-    assert_eq!(store.advance(ROOM, &limits, 5_000).await.unwrap().granted, 0, "the room is still full");
+    assert_eq!(store.advance(ROOM, &limits, 5_000, JUDGE).await.unwrap().granted, 0, "the room is still full");
     assert!(store.renew(ROOM, &limits, 1, 600_000, 5_000).await.unwrap(), "its holder renews it");
     assert_eq!(store.stats(ROOM, &limits, 5_000).await.unwrap().active, 1, "taken over, not counted twice");
-    assert!(store.release(ROOM, &limits, 1, 6_000).await.unwrap());
-    assert_eq!(store.advance(ROOM, &limits, 7_000).await.unwrap().granted, 1, "ticket 2, seen again, is next");
-    assert!(matches!(store.redeem(ROOM, &limits, 2, 7_000).await.unwrap(), Redeemed::Admitted { .. }));
-    assert!(store.release(ROOM, &limits, 2, 8_000).await.unwrap());
-    assert_eq!(store.advance(ROOM, &limits, 9_000).await.unwrap().granted, 1, "then ticket 3");
-    assert!(matches!(store.redeem(ROOM, &limits, 3, 9_000).await.unwrap(), Redeemed::Admitted { .. }));
-    assert!(store.release(ROOM, &limits, 3, 9_000).await.unwrap());
-    // Tickets 4 and 5 have not been seen since the loss: the line waits for them a while...
-    assert_eq!(store.advance(ROOM, &limits, 10_000).await.unwrap().granted, 0);
+    assert!(store.release(ROOM, &limits, 1, 600_000, 5_100).await.unwrap());
+    for (ticket, at) in [(2, 5_200), (3, 5_400)] {
+        assert_eq!(store.advance(ROOM, &limits, at, JUDGE).await.unwrap().granted, 1, "ticket {ticket}, seen again");
+        assert!(matches!(store.redeem(ROOM, &limits, ticket, at, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+        assert!(store.release(ROOM, &limits, ticket, 600_000, at + 50).await.unwrap());
+    }
+    // Tickets 4 and 5 have not been reported since the loss: the line waits for them a while...
+    assert_eq!(store.advance(ROOM, &limits, 5_600, JUDGE).await.unwrap().granted, 0);
     // ...then skips them; ticket 6 (joined after the loss) is next.
-    assert_eq!(store.advance(ROOM, &limits, 40_000).await.unwrap().granted, 1);
-    assert_eq!(store.redeem(ROOM, &limits, 4, 40_000).await.unwrap(), Redeemed::Gone(Gone::Left));
-    assert!(matches!(store.redeem(ROOM, &limits, 6, 40_000).await.unwrap(), Redeemed::Admitted { .. }));
+    assert_eq!(store.advance(ROOM, &limits, 1_000 + RESEE_MS, JUDGE).await.unwrap().granted, 1);
+    assert_eq!(store.redeem(ROOM, &limits, 4, 6_000, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Left));
+    assert!(matches!(store.redeem(ROOM, &limits, 6, 6_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+}
+
+#[tokio::test]
+async fn the_places_of_a_lost_line_end_once_their_holders_are_known_gone() {
+    let server = RedisServer::start();
+    let (one, two) = (redis_store(&server).await, redis_store(&server).await);
+    let limits = Limits { idle_ms: 60_000, ..limits(600, 3) };
+    // Three sessions (admitted at once: nobody waited), known to both instances; one waiter.
+    let tickets = join_confirmed(&one, &limits, 4, 0).await;
+    assert_eq!(one.stats(ROOM, &limits, 0).await.unwrap().active, 3, "{tickets:?}");
+    one.stats(ROOM, &limits, 100).await.unwrap();
+    two.stats(ROOM, &limits, 100).await.unwrap();
+    flush(&server).await;
+    // Both instances restore what they knew: three places taken, by sessions it does not know.
+    assert_eq!(one.stats(ROOM, &limits, 1_000).await.unwrap().active, 3);
+    assert_eq!(two.stats(ROOM, &limits, 1_100).await.unwrap().active, 3, "merged by maximum, not added");
+    // Session 1 is seen in use at instance two, session 2 ends at instance one; session 3's
+    // holder is gone without a word.
+    two.touch(ROOM, &limits, &[4], &[(1, 600_000)], 2_000).await.unwrap();
+    one.release(ROOM, &limits, 2, 600_000, 2_000).await.unwrap();
+    let stats = one.stats(ROOM, &limits, 2_000).await.unwrap();
+    assert_eq!(stats.active, 2, "session 1 taken over, session 2 ended: {stats:?}");
+    assert_eq!(one.advance(ROOM, &limits, 3_000, JUDGE).await.unwrap().granted, 1, "the freed place goes on");
+    // Nobody reported session 3 within idle_ms: its place ends then, not at session_ms.
+    one.touch(ROOM, &limits, &[], &[(1, 600_000)], 60_000).await.unwrap();
+    let stats = one.stats(ROOM, &limits, 1_000 + limits.idle_ms).await.unwrap();
+    assert_eq!((stats.active, stats.outstanding), (1, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_call_that_reaches_redis_after_its_caller_gave_up_changes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), Duration::from_secs(2), Duration::from_millis(500))
+        .await
+        .expect("connect to the test's redis-server");
+    let limits = limits(60, 10);
+    store.keep_time().await; // learn Redis's clock
+    store.join(ROOM, &limits, true, 0).await.unwrap();
+    // Redis freezes with a join on its way: the instance gives up on it after 500 ms...
+    server.pause();
+    assert!(matches!(store.join(ROOM, &limits, true, 0).await, Err(StoreError::Unavailable(_))));
+    // ...and when Redis thaws and reads it, it refuses it: no ticket held by nobody.
+    server.resume();
+    let stats = store.stats(ROOM, &limits, 0).await.unwrap();
+    assert_eq!(stats.last_ticket, 1, "{stats:?}");
+    assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 2 });
 }
 
 #[tokio::test]
@@ -174,7 +315,7 @@ async fn every_instance_merges_what_it_knew_into_a_restored_line() {
     assert_eq!(one.stats(ROOM, &limits, 100).await.unwrap().last_ticket, 1, "one restores what it knew");
     assert_eq!(two.stats(ROOM, &limits, 200).await.unwrap().last_ticket, 3, "two merges what it knew");
     // A ticket handed out just before the loss, known to no instance, keeps its place too.
-    assert_eq!(one.redeem(ROOM, &limits, 4, 300).await.unwrap(), Redeemed::Waiting { position: 4 });
+    assert_eq!(one.redeem(ROOM, &limits, 4, 300, JUDGE).await.unwrap(), Redeemed::Waiting { position: 4 });
     assert_eq!(one.join(ROOM, &limits, false, 3_000).await.unwrap(), Joined::Waiting { ticket: 5 });
 }
 
@@ -185,8 +326,9 @@ async fn an_ended_session_is_kept_for_instances_that_missed_its_announcement() {
     let Store::Redis(redis) = &store else { unreachable!() };
     let limits = limits(60, 10);
     store.join(ROOM, &limits, true, 0).await.unwrap();
-    assert!(store.release(ROOM, &limits, 1, 1_000).await.unwrap());
-    assert_eq!(redis.ended_sessions(ROOM, 2_000).await.unwrap(), vec![1], "until the session would have expired");
+    assert!(store.release(ROOM, &limits, 1, 600_000, 1_000).await.unwrap());
+    let ended = redis.ended_sessions(ROOM, 2_000).await.unwrap();
+    assert_eq!(ended, [(1, limits.session_ms)], "until the session would have expired");
     assert!(redis.ended_sessions(ROOM, limits.session_ms + 1).await.unwrap().is_empty(), "then forgotten");
 }
 
@@ -219,6 +361,12 @@ on_every_store!(
     a_ticket_is_redeemed_once_and_unknown_ones_are_refused,
     unredeemed_grants_lapse,
     leavers_and_absent_waiters_are_skipped,
+    absence_is_excused_while_the_instances_catch_up,
+    a_ticket_nobody_confirmed_is_skipped,
+    idle_sessions_end_and_free_their_place,
     sessions_renew_and_expire,
     five_minutes_of_admissions_follow_the_rate,
+    a_lagging_clock_credits_no_extra_turns,
+    a_step_skips_a_bounded_number_of_leavers,
+    a_ticket_beyond_the_last_keeps_its_place,
 );

@@ -31,6 +31,8 @@ use crate::line;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
 const PONG_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a message may take to leave: a peer that stops reading is let go.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
 /// A connected waiter is reported alive this often (or four times per `abandon_seconds`,
 /// if that is more often).
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
@@ -139,7 +141,9 @@ fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<serde_json::Valu
         Holding::Nothing => return None,
         Holding::Ticket(ticket) => ticket,
     };
-    if ticket <= snapshot.cursor {
+    // A turn granted is redeemed through the store: while it is away, the page waits too
+    // (rather than reload to a page that cannot let it in yet).
+    if ticket <= snapshot.cursor && snapshot.available {
         return Some(json!({"type": "admitted"}));
     }
     Some(match snapshot.waiting_state() {
@@ -153,8 +157,16 @@ fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<serde_json::Valu
 }
 
 /// Serve one feed socket until the visitor is admitted, leaves, stops answering, or `stop`.
-pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: CancellationToken, _slot: SocketSlot) {
-    let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config())).await;
+pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: CancellationToken, slot: SocketSlot) {
+    serve_on(TokioIo::new(upgraded), room, holding, stop, slot).await
+}
+
+/// [`serve`] on any byte stream.
+pub async fn serve_on<S>(io: S, room: Arc<Room>, holding: Holding, stop: CancellationToken, _slot: SocketSlot)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
     let mut snapshots = room.subscribe();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -208,11 +220,11 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
             }
             for message in outgoing {
                 let admitted = message["type"] == "admitted";
-                if socket.send(Message::text(message.to_string())).await.is_err() {
+                if !send(&mut socket, Message::text(message.to_string()), &stop).await {
                     return;
                 }
                 if admitted {
-                    let _ = socket.close(None).await;
+                    let _ = tokio::time::timeout(SEND_DEADLINE, socket.close(None)).await;
                     return;
                 }
             }
@@ -235,7 +247,7 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
                 if pong_due.is_some_and(|due| Instant::now() >= due) {
                     return;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if !send(&mut socket, Message::Ping(Default::default()), &stop).await {
                     return;
                 }
                 pong_due.get_or_insert(Instant::now() + PONG_DEADLINE);
@@ -246,9 +258,21 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
                 }
             }
             () = stop.cancelled() => {
-                let _ = socket.close(None).await;
+                let _ = tokio::time::timeout(SEND_DEADLINE, socket.close(None)).await;
                 return;
             }
         }
+    }
+}
+
+/// Send one message within [`SEND_DEADLINE`], giving up at once on `stop`; false when the
+/// socket is to be dropped (broken, stuck, or stopping).
+async fn send<S>(socket: &mut WebSocketStream<S>, message: Message, stop: &CancellationToken) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        sent = tokio::time::timeout(SEND_DEADLINE, socket.send(message)) => matches!(sent, Ok(Ok(()))),
+        () = stop.cancelled() => false,
     }
 }

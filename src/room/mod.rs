@@ -9,7 +9,7 @@
 pub mod feed;
 pub mod page;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{RoomConfig, RoomState};
-use crate::line::{self, Limits};
+use crate::line::{self, Absence, Limits};
 use crate::store::{Store, StoreError};
 
 /// How often the scheduler advances each room.
@@ -29,15 +29,33 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// How often an instance that does not lead a room reads it from the store, besides the
 /// cursor moves the leader announces: covers announcements lost while a subscription was down.
 pub const READ_EVERY: Duration = Duration::from_secs(1);
-/// Most liveness touches buffered between two steps (or while the store is away).
+/// Most waiters and sessions seen, buffered between two steps (or while the store is away).
 const MAX_PENDING_TOUCHES: usize = 100_000;
-/// Most ended sessions held while the store is away, to release when it returns.
-const MAX_PENDING_ENDS: usize = 100_000;
+/// Most waiters and sessions reported to the store by one step; the rest go with the next.
+const TOUCH_BATCH: usize = 1_000;
+/// Most departures (sessions ended, places given up) held for the store, and sent by one step.
+const MAX_PENDING_DEPARTURES: usize = 100_000;
+const DEPARTURES_PER_STEP: usize = 200;
+/// Waiters seen lately, told again to a line Redis had to rebuild.
+const MAX_RECENT_WAITERS: usize = 200_000;
+/// After the store is back, how long absent holders are excused: the instances are still
+/// reporting who they saw while it was away.
+pub const GRACE: Duration = Duration::from_secs(3);
+/// A session in use is reported at most this often per token (and four times per
+/// `session_idle_seconds`, if that is more often).
+const USE_EVERY: Duration = Duration::from_secs(30);
 /// What a waiter reads while the store cannot be reached.
 pub const STORE_AWAY_MESSAGE: &str = "The line is paused for a moment. You keep your place.";
-/// Ended sessions remembered per room. Sessions end at most `max_active` at a time per
-/// session lifetime, so this covers rooms of up to this many simultaneous sessions.
-const MAX_REVOKED: usize = 200_000;
+
+/// Something a visitor did that the store must hear of, kept until it has: a leave is never
+/// lost to an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    /// A session ended (its token expires at `expires_at`, ms).
+    SessionEnded { ticket: u64, expires_at: u64 },
+    /// A place in line (or a turn not yet used) given up.
+    PlaceGivenUp { ticket: u64 },
+}
 
 /// What every waiter of a room needs to know, published once per step.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,12 +98,21 @@ pub struct Room {
     pub ticket_cookie: String,
     control: RwLock<(RoomState, Option<String>)>,
     snapshot: watch::Sender<Snapshot>,
-    /// Waiters seen since the last flush to the store.
+    /// Waiters seen since the last report to the store.
     touched: Mutex<HashSet<u64>>,
-    /// Sessions ended here and not yet released in the store (it was away).
-    ended: Mutex<Vec<u64>>,
-    /// Ended sessions by ticket: every token of the session stops passing on this instance.
-    revoked: quick_cache::sync::Cache<u64, ()>,
+    /// Sessions in use since the last report: ticket → token expiry (ms).
+    used: Mutex<HashMap<u64, u64>>,
+    /// Waiters seen lately: ticket → when (ms); told again to a rebuilt line.
+    recent: Mutex<HashMap<u64, u64>>,
+    /// Sessions ended and places given up here, not yet told to the store, in order.
+    departures: Mutex<VecDeque<Departure>>,
+    /// Ended sessions: ticket → when their tokens would have expired (ms). Every token of the
+    /// session stops passing on this instance; kept exactly until then.
+    revoked: RwLock<HashMap<u64, u64>>,
+    /// When this instance last saw the store answer after an outage (ms).
+    available_since: AtomicU64,
+    /// When revocations and recent waiters were last pruned (ms).
+    pruned_at: AtomicU64,
     /// Whether this instance advanced the line at its last step.
     leading: AtomicBool,
     /// When this instance last read the room from the store (ms).
@@ -125,14 +152,19 @@ impl Room {
                 grant_ms: config.grant_seconds * 1_000,
                 session_ms: config.session_seconds * 1_000,
                 abandon_ms: config.abandon_seconds * 1_000,
+                idle_ms: config.session_idle_seconds * 1_000,
             },
             token_cookie: token_cookie(&config.id),
             ticket_cookie: ticket_cookie(&config.id),
             control: RwLock::new((config.state, config.message.clone())),
             snapshot: watch::Sender::new(snapshot),
             touched: Mutex::default(),
-            ended: Mutex::default(),
-            revoked: quick_cache::sync::Cache::new(MAX_REVOKED),
+            used: Mutex::default(),
+            recent: Mutex::default(),
+            departures: Mutex::default(),
+            revoked: RwLock::default(),
+            available_since: AtomicU64::new(0),
+            pruned_at: AtomicU64::new(0),
             leading: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
@@ -167,16 +199,20 @@ impl Room {
         });
     }
 
-    /// Stop every token of the session that `ticket` opened (ticket 0 is no session).
-    pub fn revoke(&self, ticket: u64) {
+    /// Stop every token of the session that `ticket` opened (ticket 0 is no session), until
+    /// `until` (ms), when they expire anyway.
+    pub fn revoke(&self, ticket: u64, until: u64) {
         if ticket != 0 {
-            self.revoked.insert(ticket, ());
+            if let Ok(mut revoked) = self.revoked.write() {
+                let kept = revoked.entry(ticket).or_insert(until);
+                *kept = (*kept).max(until);
+            }
         }
     }
 
-    /// Whether the session that `ticket` opened has ended here.
+    /// Whether the session that `ticket` opened has ended.
     pub fn is_revoked(&self, ticket: u64) -> bool {
-        ticket != 0 && self.revoked.get(&ticket).is_some()
+        ticket != 0 && self.revoked.read().is_ok_and(|revoked| revoked.contains_key(&ticket))
     }
 
     /// Publish a cursor learned from the store between steps (an admission at join or
@@ -189,7 +225,7 @@ impl Room {
         });
     }
 
-    /// Record that a waiter is still here; sent to the store in one batch per step.
+    /// Record that a waiter is still here; sent to the store in a batch by the next step.
     pub fn touch(&self, ticket: u64) {
         self.touch_all([ticket]);
     }
@@ -205,6 +241,36 @@ impl Room {
         }
     }
 
+    /// Record that the session `ticket` (token expiring at `expires_at`, ms) is in use, at
+    /// most once per [`USE_EVERY`] for one token (`mark`): an admitted request costs no store
+    /// call, and the next step reports the batch.
+    pub fn session_used(&self, ticket: u64, expires_at: u64, mark: &crate::token::UseMark, now: u64) {
+        let every = (USE_EVERY.as_millis() as u64).min(self.limits.idle_ms / 4);
+        if ticket != 0 && mark.due(now, every) {
+            self.session_in_use(ticket, expires_at);
+        }
+    }
+
+    /// Record that the session `ticket` is in use now (it was just opened or redeemed: this
+    /// confirms it).
+    pub fn session_in_use(&self, ticket: u64, expires_at: u64) {
+        if let Ok(mut used) = self.used.lock() {
+            if used.len() < MAX_PENDING_TOUCHES || used.contains_key(&ticket) {
+                used.insert(ticket, expires_at);
+            }
+        }
+    }
+
+    /// Whether a step may take absent holders as gone now: not in the first [`GRACE`] after
+    /// the store came back.
+    pub fn absence(&self, now: u64) -> Absence {
+        if now >= self.available_since.load(Ordering::Relaxed) + GRACE.as_millis() as u64 {
+            Absence::Judge
+        } else {
+            Absence::Excuse
+        }
+    }
+
     /// Whether this instance is the one advancing the line (it held the lease at its last step).
     pub fn is_leading(&self) -> bool {
         self.leading.load(Ordering::Relaxed)
@@ -217,38 +283,133 @@ impl Room {
 
     /// Note that the store failed a call: waiters see the line paused until a step succeeds.
     pub fn store_failed(&self) {
-        self.set_available(false);
+        self.set_available(false, 0);
     }
 
-    fn set_available(&self, available: bool) {
+    fn set_available(&self, available: bool, now: u64) {
         self.snapshot.send_if_modified(|snapshot| {
             let changed = snapshot.available != available;
             if changed && available {
                 // Back after an outage: every waiter is seen again before anyone is skipped.
                 snapshot.generation += 1;
+                self.available_since.store(now, Ordering::Relaxed);
             }
             snapshot.available = available;
             changed
         });
     }
 
-    /// End a session: its tokens stop passing here at once, and its place frees in the store
-    /// now, or when the store is back.
-    pub async fn end_session(&self, store: &Store, ticket: u64, now: u64) {
-        self.revoke(ticket);
-        if self.is_available() {
-            match store.release(&self.id, &self.limits, ticket, now).await {
-                Ok(_) => return,
-                Err(error) => {
-                    tracing::warn!(room = %self.id, %error, "could not end a session now; held until the store is back");
-                    self.store_failed();
+    /// End a session (its token expires at `expires_at`, ms): its tokens stop passing here at
+    /// once, and the store hears of it at the next step, or when it is back. Never waits.
+    pub fn end_session(&self, ticket: u64, expires_at: u64) {
+        if ticket != 0 {
+            self.revoke(ticket, expires_at);
+            self.depart(Departure::SessionEnded { ticket, expires_at });
+        }
+    }
+
+    /// Give up a place in line (or a turn not yet used); the store hears of it at the next
+    /// step, or when it is back. Never waits.
+    pub fn give_up(&self, ticket: u64) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.remove(&ticket);
+        }
+        self.depart(Departure::PlaceGivenUp { ticket });
+    }
+
+    fn depart(&self, departure: Departure) {
+        if let Ok(mut departures) = self.departures.lock() {
+            if departures.len() < MAX_PENDING_DEPARTURES {
+                departures.push_back(departure);
+            } else {
+                // Beyond the bound, the store learns of it later anyway: the holder is no
+                // longer seen (idle, abandoned).
+                tracing::warn!(room = %self.id, "too many departures held for the store; one is left to idleness");
+            }
+        }
+    }
+
+    /// Tell the store what visitors did since the last step: departures first (in order),
+    /// then who was seen. Each bounded per step; what fails is kept for the next.
+    async fn report(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let departures: Vec<Departure> = match self.departures.lock() {
+            Ok(mut pending) => {
+                let count = pending.len().min(DEPARTURES_PER_STEP);
+                pending.drain(..count).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for (done, departure) in departures.iter().enumerate() {
+            let sent = match *departure {
+                Departure::SessionEnded { ticket, expires_at } => {
+                    store.release(&self.id, &self.limits, ticket, expires_at, now).await.map(drop)
+                }
+                Departure::PlaceGivenUp { ticket } => store.leave(&self.id, &self.limits, ticket, now).await,
+            };
+            if let Err(error) = sent {
+                if let Ok(mut pending) = self.departures.lock() {
+                    for departure in departures[done..].iter().rev() {
+                        pending.push_front(*departure);
+                    }
+                }
+                return Err(error);
+            }
+        }
+        let waiters: Vec<u64> = match self.touched.lock() {
+            Ok(mut touched) => {
+                let batch: Vec<u64> = touched.iter().take(TOUCH_BATCH).copied().collect();
+                for ticket in &batch {
+                    touched.remove(ticket);
+                }
+                batch
+            }
+            Err(_) => Vec::new(),
+        };
+        let sessions: Vec<(u64, u64)> = match self.used.lock() {
+            Ok(mut used) => {
+                let room = TOUCH_BATCH.saturating_sub(waiters.len()).max(1);
+                let batch: Vec<(u64, u64)> = used.iter().take(room).map(|(t, e)| (*t, *e)).collect();
+                for (ticket, _) in &batch {
+                    used.remove(ticket);
+                }
+                batch
+            }
+            Err(_) => Vec::new(),
+        };
+        if waiters.is_empty() && sessions.is_empty() {
+            return Ok(());
+        }
+        if let Ok(mut recent) = self.recent.lock() {
+            for ticket in &waiters {
+                if recent.len() < MAX_RECENT_WAITERS || recent.contains_key(ticket) {
+                    recent.insert(*ticket, now);
                 }
             }
         }
-        if let Ok(mut ended) = self.ended.lock() {
-            if ended.len() < MAX_PENDING_ENDS {
-                ended.push(ticket);
+        if let Err(error) = store.touch(&self.id, &self.limits, &waiters, &sessions, now).await {
+            self.touch_all(waiters);
+            for (ticket, expires_at) in sessions {
+                self.session_in_use(ticket, expires_at);
             }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Forget, once a second, revocations whose tokens have expired and waiters not seen for
+    /// `abandon_seconds`.
+    fn prune(&self, now: u64) {
+        let pruned = self.pruned_at.load(Ordering::Relaxed);
+        if now < pruned + 1_000
+            || self.pruned_at.compare_exchange(pruned, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        if let Ok(mut revoked) = self.revoked.write() {
+            revoked.retain(|_, until| *until > now);
+        }
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.retain(|_, seen| *seen + self.limits.abandon_ms > now);
         }
     }
 
@@ -257,36 +418,27 @@ impl Room {
     /// A follower reads the room every [`READ_EVERY`]; between reads it learns cursor moves
     /// from the leader's announcements.
     pub async fn step(&self, store: &Store, instance: &str, now: u64) -> Result<(), StoreError> {
+        store.keep_time().await;
+        self.prune(now);
         let was_available = self.is_available();
         let result = self.try_step(store, instance, now, was_available).await;
-        self.set_available(result.is_ok());
+        self.set_available(result.is_ok(), now);
         result
     }
 
     async fn try_step(&self, store: &Store, instance: &str, now: u64, was_available: bool) -> Result<(), StoreError> {
         let (state, message) = self.control.read().map(|c| c.clone()).unwrap_or_default();
-        let ended = self.ended.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default();
-        for (done, ticket) in ended.iter().enumerate() {
-            if let Err(error) = store.release(&self.id, &self.limits, *ticket, now).await {
-                if let Ok(mut pending) = self.ended.lock() {
-                    pending.extend_from_slice(&ended[done..]);
-                }
-                return Err(error);
-            }
-        }
-        let touched: Vec<u64> = self.touched.lock().map(|mut t| t.drain().collect()).unwrap_or_default();
-        if !touched.is_empty() {
-            if let Err(error) = store.touch(&self.id, &self.limits, &touched, now).await {
-                self.touch_all(touched);
-                return Err(error);
-            }
-        }
+        self.report(store, now).await?;
         let leading = store.hold_lease(&self.id, instance, LEASE).await?;
         self.leading.store(leading, Ordering::Relaxed);
         // Back after an outage, waiters are seen again (this step's snapshot asks them) before
-        // the line moves on.
+        // the line moves on, and for a moment nobody is taken as gone.
         let stats = if state == RoomState::Open && leading && was_available {
-            Some(store.advance(&self.id, &self.limits, now).await?.stats)
+            let advanced = store.advance(&self.id, &self.limits, now, self.absence(now)).await?;
+            for (ticket, until) in advanced.ended {
+                self.revoke(ticket, until);
+            }
+            Some(advanced.stats)
         } else if leading || now >= self.read_at.load(Ordering::Relaxed) + READ_EVERY.as_millis() as u64 {
             Some(store.stats(&self.id, &self.limits, now).await?)
         } else {
@@ -296,6 +448,12 @@ impl Room {
             let before = self.epoch.swap(stats.epoch, Ordering::Relaxed);
             before != 0 && before != stats.epoch
         });
+        if restored {
+            // The rebuilt line never saw its waiters: tell it those seen here lately (pages
+            // without a feed come back only every 20 s).
+            let recent: Vec<u64> = self.recent.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+            self.touch_all(recent);
+        }
         if stats.is_some() {
             self.read_at.fetch_max(now, Ordering::Relaxed);
         }
@@ -359,10 +517,10 @@ impl Room {
             }
             Holding::Ticket(ticket) => ticket,
         };
-        if ticket <= snapshot.cursor {
+        if ticket <= snapshot.cursor && snapshot.available {
             return Status::of("admitted", None, None, message);
         }
-        let position = line::position(ticket, snapshot.cursor);
+        let position = line::position(ticket, snapshot.cursor).max(1);
         let status = match snapshot.waiting_state() {
             RoomState::Paused => "paused",
             RoomState::Closed => "closed",
@@ -444,7 +602,8 @@ mod tests {
         let store = Arc::new(Store::memory());
         let clock = Clock::new();
         for _ in 0..2_000 {
-            store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap();
+            let joined = store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap();
+            room.touch(joined.ticket()); // as the gate does when it answers the join
         }
         let stop = tokio_util::sync::CancellationToken::new();
         let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), "test".into(), clock, stop.clone()));

@@ -5,8 +5,8 @@ use std::sync::Mutex;
 
 use crate::line::Line;
 
-/// Lines by room id. A `std` mutex, not an async one: it is held for a few microseconds and
-/// never across an `.await`.
+/// Lines by room id. A `std` mutex, not an async one: it is held for a bounded step of the
+/// line (see [`MAX_SKIPS`](crate::line::MAX_SKIPS)) and never across an `.await`.
 #[derive(Default)]
 pub struct MemoryStore {
     rooms: Mutex<HashMap<String, Line>>,

@@ -9,9 +9,9 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{cursor_channel, revocations_channel, RedisStore};
+pub use redis::{cursor_channel, parse_ended, revocations_channel, RedisStore};
 
-use crate::line::{Joined, Limits, Redeemed, Stats};
+use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -30,10 +30,13 @@ pub enum StoreError {
 }
 
 /// What a scheduler step of the line did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Advanced {
     /// Turns granted by this step.
     pub granted: u32,
+    /// Sessions ended for idleness (ticket, when they would have expired): every instance is
+    /// told, and their tokens stop passing.
+    pub ended: Vec<(u64, u64)>,
     /// The room after the step.
     pub stats: Stats,
 }
@@ -78,29 +81,53 @@ impl Store {
         }
     }
 
-    /// Grant turns by rate and capacity, announce the new cursor to every instance, and
-    /// report the room.
-    pub async fn advance(&self, room: &str, limits: &Limits, now: u64) -> Result<Advanced, StoreError> {
-        let (granted, stats) = match self {
-            Store::Memory(store) => store.with(room, |line| (line.advance(limits, now), line.stats(limits, now))),
-            Store::Redis(store) => store.advance(room, limits, now).await?,
-        };
-        Ok(Advanced { granted, stats })
-    }
-
-    /// Present a ticket: redeem a granted turn once, or learn the position.
-    pub async fn redeem(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<Redeemed, StoreError> {
+    /// Grant turns by rate and capacity (skipping, when `absence` is judged, those who left
+    /// without a word, and ending idle sessions), announce the new cursor to every instance,
+    /// and report the room.
+    pub async fn advance(
+        &self,
+        room: &str,
+        limits: &Limits,
+        now: u64,
+        absence: Absence,
+    ) -> Result<Advanced, StoreError> {
         match self {
-            Store::Memory(store) => Ok(store.with(room, |line| line.redeem(limits, ticket, now))),
-            Store::Redis(store) => store.redeem(room, limits, ticket, now).await,
+            Store::Memory(store) => Ok(store.with(room, |line| {
+                let step = line.advance(limits, now, absence);
+                Advanced { granted: step.granted, ended: step.ended, stats: line.stats(limits, now) }
+            })),
+            Store::Redis(store) => store.advance(room, limits, now, absence).await,
         }
     }
 
-    /// End a session; its slot frees at once (and with Redis, every instance is told).
-    pub async fn release(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<bool, StoreError> {
+    /// Present a ticket: redeem a granted turn once, or learn the position.
+    pub async fn redeem(
+        &self,
+        room: &str,
+        limits: &Limits,
+        ticket: u64,
+        now: u64,
+        absence: Absence,
+    ) -> Result<Redeemed, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.redeem(limits, ticket, now, absence))),
+            Store::Redis(store) => store.redeem(room, limits, ticket, now, absence).await,
+        }
+    }
+
+    /// End a session whose token expires at `expires_at`; its slot frees at once (and with
+    /// Redis, every instance is told).
+    pub async fn release(
+        &self,
+        room: &str,
+        limits: &Limits,
+        ticket: u64,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.release(ticket))),
-            Store::Redis(store) => store.release(room, limits, ticket, now).await,
+            Store::Redis(store) => store.release(room, limits, ticket, expires_at, now).await,
         }
     }
 
@@ -115,14 +142,22 @@ impl Store {
         }
     }
 
-    /// Record that these waiters are still here (one batch per scheduler step).
-    pub async fn touch(&self, room: &str, limits: &Limits, tickets: &[u64], now: u64) -> Result<(), StoreError> {
+    /// Record that these waiters are still here and these sessions (ticket, token expiry) in
+    /// use: one bounded batch per scheduler step.
+    pub async fn touch(
+        &self,
+        room: &str,
+        limits: &Limits,
+        waiters: &[u64],
+        sessions: &[(u64, u64)],
+        now: u64,
+    ) -> Result<(), StoreError> {
         match self {
             Store::Memory(store) => {
-                store.with(room, |line| line.touch(tickets, now));
+                store.with(room, |line| line.touch(waiters, sessions, now));
                 Ok(())
             }
-            Store::Redis(store) => store.touch(room, limits, tickets, now).await,
+            Store::Redis(store) => store.touch(room, limits, waiters, sessions, now).await,
         }
     }
 
@@ -136,8 +171,16 @@ impl Store {
         now: u64,
     ) -> Result<bool, StoreError> {
         match self {
-            Store::Memory(store) => Ok(store.with(room, |line| line.renew(ticket, until))),
+            Store::Memory(store) => Ok(store.with(room, |line| line.renew(ticket, until, now))),
             Store::Redis(store) => store.renew(room, limits, ticket, until, now).await,
+        }
+    }
+
+    /// Keep the estimate of the store's clock fresh (once a second at most): Redis refuses a
+    /// call that reaches it after its caller gave up on it.
+    pub async fn keep_time(&self) {
+        if let Store::Redis(store) = self {
+            store.keep_time().await;
         }
     }
 

@@ -9,6 +9,7 @@
 //! report and merge what they knew (`lua/restore.lua`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
 
-use super::StoreError;
-use crate::line::{Gone, Joined, Limits, Redeemed, Stats};
+use super::{Advanced, StoreError};
+use crate::clock::Clock;
+use crate::line::{Absence, Gone, Joined, Limits, Redeemed, Stats};
 
 const PRELUDE: &str = include_str!("lua/common.lua");
 
@@ -62,8 +64,9 @@ struct Knowledge {
     epoch: u64,
     last: u64,
     cursor: u64,
-    /// Sessions and grants (places taken) at the last report.
-    held: u64,
+    /// Sessions, and turns granted not yet redeemed, at the last report.
+    sessions: u64,
+    grants: u64,
 }
 
 /// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
@@ -102,6 +105,22 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// How long before its caller gives up a call must reach Redis to be carried out: covers
+/// the error of the clock estimate and the reply's way back.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
+/// How often the estimate of Redis's clock is checked; the best of the last half minute counts.
+const CLOCK_CHECK_EVERY_MS: u64 = 1_000;
+const CLOCK_SAMPLE_LIFE_MS: u64 = 30_000;
+
+/// Redis's clock as seen from here: its time minus ours, from the `TIME` round trip with the
+/// shortest delay lately (the estimate is off by at most half that delay).
+#[derive(Debug, Clone, Copy)]
+struct ClockSample {
+    offset_ms: i64,
+    round_trip_ms: u64,
+    at: u64,
+}
+
 /// A line kept in Redis: one server or a cluster.
 pub struct RedisStore {
     /// Where announcements are subscribed to: every node of a cluster relays every message,
@@ -109,9 +128,14 @@ pub struct RedisStore {
     subscribe_to: Vec<redis::Client>,
     /// How long connecting (or subscribing) may take.
     connect_timeout: Duration,
+    /// How long a call may take before it fails (and Redis must refuse to carry it out).
+    response_timeout: Duration,
     connection: Connection,
     scripts: Scripts,
     known: Mutex<HashMap<String, Knowledge>>,
+    clock: Clock,
+    redis_clock: Mutex<Option<ClockSample>>,
+    clock_checked_at: AtomicU64,
 }
 
 /// The channel on which a room's ended sessions are announced to every instance.
@@ -125,9 +149,15 @@ pub fn cursor_channel(room: &str) -> String {
 }
 
 /// The keys of a room, in the order of `lua/common.lua`.
-fn keys(room: &str) -> [String; 9] {
-    ["line", "grants", "sessions", "left", "seen", "gone", "reasons", "admitted", "revoked"]
+fn keys(room: &str) -> [String; 11] {
+    ["line", "grants", "sessions", "left", "seen", "gone", "reasons", "admitted", "revoked", "unconfirmed", "used"]
         .map(|part| format!("vestibule:{{{room}}}:{part}"))
+}
+
+/// A session ended, as announced on a room's channel: `ticket:until` (ms).
+pub fn parse_ended(payload: &str) -> Option<(u64, u64)> {
+    let (ticket, until) = payload.split_once(':')?;
+    Some((ticket.parse().ok()?, until.parse().ok()?))
 }
 
 /// The store's view of a failed call: the line was lost, is being restored, or Redis cannot
@@ -137,6 +167,7 @@ fn classify(error: RedisError) -> StoreError {
     match error.code() {
         Some("LOST") => StoreError::Lost,
         Some("RESTORING") => StoreError::Restoring,
+        Some("EXPIRED") => StoreError::Unavailable("redis: the call reached it after it was given up".into()),
         _ => {
             let kind = if error.is_timeout() || error.is_connection_dropped() || error.is_io_error() {
                 "transient"
@@ -176,7 +207,7 @@ impl RedisStore {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
         let connection = ConnectionManager::new_with_config(client.clone(), config).await.map_err(classify)?;
-        Ok(RedisStore::with(vec![client], connect_timeout, Connection::Single(connection)))
+        Ok(RedisStore::with(vec![client], (connect_timeout, response_timeout), Connection::Single(connection)))
     }
 
     /// Connect to a Redis Cluster through any of its nodes `urls`, with the same bounds. A
@@ -195,18 +226,78 @@ impl RedisStore {
             .map_err(classify)?;
         let connection = cluster.get_async_connection().await.map_err(classify)?;
         let clients = urls.iter().map(|url| redis::Client::open(url.as_str())).collect::<Result<_, _>>();
-        Ok(RedisStore::with(clients.map_err(classify)?, connect_timeout, Connection::Cluster(connection)))
+        let timeouts = (connect_timeout, response_timeout);
+        Ok(RedisStore::with(clients.map_err(classify)?, timeouts, Connection::Cluster(connection)))
     }
 
-    fn with(subscribe_to: Vec<redis::Client>, connect_timeout: Duration, connection: Connection) -> RedisStore {
-        RedisStore { subscribe_to, connect_timeout, connection, scripts: Scripts::new(), known: Mutex::default() }
+    fn with(subscribe_to: Vec<redis::Client>, timeouts: (Duration, Duration), connection: Connection) -> RedisStore {
+        RedisStore {
+            subscribe_to,
+            connect_timeout: timeouts.0,
+            response_timeout: timeouts.1,
+            connection,
+            scripts: Scripts::new(),
+            known: Mutex::default(),
+            clock: Clock::new(),
+            redis_clock: Mutex::default(),
+            clock_checked_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Check Redis's clock (at most once a second, one `TIME` round trip), so that every call
+    /// can carry the Redis time after which its caller has given up on it.
+    pub async fn keep_time(&self) {
+        let started = self.clock.now_ms();
+        let checked = self.clock_checked_at.load(Ordering::Relaxed);
+        if started < checked + CLOCK_CHECK_EVERY_MS
+            || self.clock_checked_at.compare_exchange(checked, started, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let time = redis::cmd("TIME").query_async::<(u64, u64)>(&mut self.connection.clone()).await;
+        let Ok((seconds, micros)) = time else { return };
+        let ended = self.clock.now_ms();
+        let redis_ms = (seconds * 1_000 + micros / 1_000) as i64;
+        let sample = ClockSample {
+            offset_ms: redis_ms - ((started + ended) / 2) as i64,
+            round_trip_ms: ended - started,
+            at: ended,
+        };
+        if let Ok(mut best) = self.redis_clock.lock() {
+            let better = best.is_none_or(|best| {
+                sample.round_trip_ms <= best.round_trip_ms || best.at + CLOCK_SAMPLE_LIFE_MS <= sample.at
+            });
+            if better {
+                *best = Some(sample);
+            }
+        }
+    }
+
+    /// The Redis time after which a call made now has been given up (0: not known, no limit).
+    fn deadline(&self) -> u64 {
+        let sample = self.redis_clock.lock().ok().and_then(|sample| *sample);
+        let Some(sample) = sample.filter(|s| s.round_trip_ms < DEADLINE_MARGIN.as_millis() as u64) else {
+            return 0;
+        };
+        let allowed = self.response_timeout.saturating_sub(DEADLINE_MARGIN).as_millis() as i64;
+        let error = (sample.round_trip_ms / 2 + 1) as i64;
+        (self.clock.now_ms() as i64 + sample.offset_ms + allowed - error).max(1) as u64
+    }
+
+    /// A cursor move this instance heard announced: what it knows of the line, should Redis
+    /// lose it.
+    pub fn observe_cursor(&self, room: &str, cursor: u64) {
+        self.learn(room, |k| k.cursor = k.cursor.max(cursor));
     }
 
     /// Subscribe to the ended sessions and cursor moves of `rooms`, at the first node that
     /// answers.
-    pub async fn subscribe(&self, rooms: &[String]) -> Result<redis::aio::PubSubStream, StoreError> {
-        let channels: Vec<String> =
+    /// Also subscribe to `heartbeat`, this instance's own channel: a subscription that hears
+    /// nothing on it is dead even when its connection looks open (half-open).
+    pub async fn subscribe(&self, rooms: &[String], heartbeat: &str) -> Result<redis::aio::PubSubStream, StoreError> {
+        let mut channels: Vec<String> =
             rooms.iter().flat_map(|room| [revocations_channel(room), cursor_channel(room)]).collect();
+        channels.push(heartbeat.to_owned());
         let mut failure = StoreError::Unavailable("no redis node to subscribe at".into());
         for client in &self.subscribe_to {
             let subscribed = async {
@@ -223,21 +314,42 @@ impl RedisStore {
         Err(failure)
     }
 
-    /// Sessions of `room` ended and not yet expired: for an instance that may have missed
-    /// their announcement (its subscription was down).
-    pub async fn ended_sessions(&self, room: &str, now: u64) -> Result<Vec<u64>, StoreError> {
-        let [.., revoked] = keys(room);
+    /// Publish `message` on `channel` (through the connection the line's calls take).
+    pub async fn publish(&self, channel: &str, message: &str) -> Result<(), StoreError> {
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(message)
+            .query_async::<u64>(&mut self.connection.clone())
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    /// Sessions of `room` ended and not yet expired, with when they would have: for an
+    /// instance that may have missed their announcement (its subscription was down).
+    pub async fn ended_sessions(&self, room: &str, now: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let [.., revoked, _, _] = keys(room);
         redis::cmd("ZRANGE")
             .arg(revoked)
             .arg(now)
             .arg("+inf")
             .arg("BYSCORE")
+            .arg("WITHSCORES")
             .query_async(&mut self.connection.clone())
             .await
             .map_err(classify)
     }
 
-    fn invocation<'a>(script: &'a Script, room: &str, limits: &Limits, now: u64) -> ScriptInvocation<'a> {
+    /// A line script's invocation with the arguments of `lua/common.lua`; the script's own
+    /// follow. Made as the call is sent: it carries the call's deadline.
+    fn invocation<'a>(
+        &self,
+        script: &'a Script,
+        room: &str,
+        limits: &Limits,
+        now: u64,
+        absence: Absence,
+    ) -> ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
         for key in keys(room) {
             invocation.key(key);
@@ -248,23 +360,30 @@ impl RedisStore {
             .arg(limits.max_active)
             .arg(limits.grant_ms)
             .arg(limits.session_ms)
-            .arg(limits.abandon_ms);
+            .arg(limits.abandon_ms)
+            .arg(limits.idle_ms)
+            .arg(self.deadline())
+            .arg(u8::from(absence == Absence::Judge));
         invocation
     }
 
-    /// Run a line script; when the line is lost, restore it from what this instance knows
-    /// and run the script again.
+    fn invocation_of_stats(&self, room: &str, limits: &Limits, now: u64) -> ScriptInvocation<'_> {
+        self.invocation(&self.scripts.stats, room, limits, now, Absence::Excuse)
+    }
+
+    /// Run a line script (`call` names it and adds its own arguments); when the line is lost,
+    /// restore it from what this instance knows and run the script again.
     async fn run<T: FromRedisValue>(
         &self,
-        invocation: &ScriptInvocation<'_>,
         room: &str,
         limits: &Limits,
         now: u64,
+        call: impl Fn(&Self) -> ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        match invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify) {
+        match call(self).invoke_async(&mut self.connection.clone()).await.map_err(classify) {
             Err(StoreError::Lost) => {
                 self.restore(room, limits, now).await?;
-                invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)
+                call(self).invoke_async(&mut self.connection.clone()).await.map_err(classify)
             }
             result => result,
         }
@@ -273,15 +392,16 @@ impl RedisStore {
     /// Create the line of `room`, or rebuild a lost one from what this instance knew.
     async fn restore(&self, room: &str, limits: &Limits, now: u64) -> Result<(), StoreError> {
         let known = self.knowledge(room);
-        let mut invocation = Self::invocation(&self.scripts.restore, room, limits, now);
-        invocation.arg(known.epoch).arg(known.last).arg(known.cursor).arg(known.held);
+        let mut invocation = self.invocation(&self.scripts.restore, room, limits, now, Absence::Excuse);
+        invocation.arg(known.epoch).arg(known.last).arg(known.cursor).arg(known.sessions).arg(known.grants);
         let epoch: u64 = invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)?;
         if known.last > 0 && epoch != known.epoch {
             tracing::warn!(
                 room,
                 last = known.last,
                 cursor = known.cursor,
-                held = known.held,
+                sessions = known.sessions,
+                grants = known.grants,
                 "the line was lost by the store; restored it from what this instance knew"
             );
         }
@@ -309,47 +429,70 @@ impl RedisStore {
         let known = self.knowledge(room);
         if known.epoch != 0 && stats.epoch != known.epoch {
             self.restore(room, limits, now).await?;
-            let invocation = Self::invocation(&self.scripts.stats, room, limits, now);
-            stats = stats_of(self.run(&invocation, room, limits, now).await?, now);
+            let report = self.run(room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
+            stats = stats_of(report, now);
         }
         self.learn(room, |k| {
             k.epoch = stats.epoch;
             k.last = k.last.max(stats.last_ticket);
             k.cursor = k.cursor.max(stats.cursor);
-            k.held = u64::from(stats.active + stats.outstanding);
+            k.sessions = u64::from(stats.active);
+            k.grants = u64::from(stats.outstanding);
         });
         Ok(stats)
     }
 
     pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.join, room, limits, now);
-        invocation.arg(u8::from(admit_now));
-        let (admitted, ticket, expires_at): (u8, u64, u64) = self.run(&invocation, room, limits, now).await?;
+        let (admitted, ticket, expires_at): (u8, u64, u64) = self
+            .run(room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.join, room, limits, now, Absence::Excuse);
+                invocation.arg(u8::from(admit_now));
+                invocation
+            })
+            .await?;
         self.learn(room, |k| k.last = k.last.max(ticket));
         Ok(if admitted == 1 { Joined::Admitted { ticket, expires_at } } else { Joined::Waiting { ticket } })
     }
 
-    pub async fn advance(&self, room: &str, limits: &Limits, now: u64) -> Result<(u32, Stats), StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.advance, room, limits, now);
-        invocation.arg(cursor_channel(room));
-        let (granted, cursor, last, active, outstanding, admitted, first, epoch): (
-            u32,
-            u64,
-            u64,
-            u32,
-            u32,
-            u64,
-            i64,
-            u64,
-        ) = self.run(&invocation, room, limits, now).await?;
-        let report = (cursor, last, active, outstanding, admitted, first, epoch);
-        Ok((granted, self.reported(room, limits, now, report).await?))
+    pub async fn advance(
+        &self,
+        room: &str,
+        limits: &Limits,
+        now: u64,
+        absence: Absence,
+    ) -> Result<Advanced, StoreError> {
+        let reply: Vec<i64> = self
+            .run(room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.advance, room, limits, now, absence);
+                invocation.arg(cursor_channel(room)).arg(revocations_channel(room));
+                invocation
+            })
+            .await?;
+        let malformed = || StoreError::Unavailable("unexpected redis reply to advance".into());
+        let (head, ended) = reply.split_at_checked(8).ok_or_else(malformed)?;
+        let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
+        let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
+        let report = (number(1)?, number(2)?, count(3)?, count(4)?, number(5)?, head[6], number(7)?);
+        let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
+        let stats = self.reported(room, limits, now, report).await?;
+        Ok(Advanced { granted: count(0)?, ended, stats })
     }
 
-    pub async fn redeem(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<Redeemed, StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.redeem, room, limits, now);
-        invocation.arg(ticket);
-        let (kind, value): (u8, redis::Value) = self.run(&invocation, room, limits, now).await?;
+    pub async fn redeem(
+        &self,
+        room: &str,
+        limits: &Limits,
+        ticket: u64,
+        now: u64,
+        absence: Absence,
+    ) -> Result<Redeemed, StoreError> {
+        let (kind, value): (u8, redis::Value) = self
+            .run(room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.redeem, room, limits, now, absence);
+                invocation.arg(ticket);
+                invocation
+            })
+            .await?;
         let reply = |error: redis::ParsingError| StoreError::Unavailable(format!("unexpected redis reply: {error}"));
         let number = || redis::from_redis_value::<u64>(value.clone()).map_err(reply);
         Ok(match kind {
@@ -372,27 +515,52 @@ impl RedisStore {
     }
 
     /// End a session: free its place, announce it to every instance, keep it for those that
-    /// miss the announcement.
-    pub async fn release(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<bool, StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.release, room, limits, now);
-        invocation.arg(ticket).arg(revocations_channel(room));
-        let ended: u8 = self.run(&invocation, room, limits, now).await?;
+    /// miss the announcement (until `expires_at`, when its token would have expired).
+    pub async fn release(
+        &self,
+        room: &str,
+        limits: &Limits,
+        ticket: u64,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let ended: u8 = self
+            .run(room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.release, room, limits, now, Absence::Excuse);
+                invocation.arg(ticket).arg(revocations_channel(room)).arg(expires_at);
+                invocation
+            })
+            .await?;
         Ok(ended == 1)
     }
 
     pub async fn leave(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.leave, room, limits, now);
-        invocation.arg(ticket);
-        self.run::<u8>(&invocation, room, limits, now).await?;
+        self.run::<u8>(room, limits, now, |store| {
+            let mut invocation = store.invocation(&store.scripts.leave, room, limits, now, Absence::Excuse);
+            invocation.arg(ticket);
+            invocation
+        })
+        .await?;
         Ok(())
     }
 
-    pub async fn touch(&self, room: &str, limits: &Limits, tickets: &[u64], now: u64) -> Result<(), StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.touch, room, limits, now);
-        for ticket in tickets {
-            invocation.arg(*ticket);
-        }
-        self.run::<u64>(&invocation, room, limits, now).await?;
+    pub async fn touch(
+        &self,
+        room: &str,
+        limits: &Limits,
+        waiters: &[u64],
+        sessions: &[(u64, u64)],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.run::<u64>(room, limits, now, |store| {
+            let mut invocation = store.invocation(&store.scripts.touch, room, limits, now, Absence::Excuse);
+            invocation.arg(waiters.len()).arg(waiters);
+            for (ticket, expires_at) in sessions {
+                invocation.arg(*ticket).arg(*expires_at);
+            }
+            invocation
+        })
+        .await?;
         Ok(())
     }
 
@@ -404,9 +572,13 @@ impl RedisStore {
         until: u64,
         now: u64,
     ) -> Result<bool, StoreError> {
-        let mut invocation = Self::invocation(&self.scripts.renew, room, limits, now);
-        invocation.arg(ticket).arg(until);
-        let renewed: u8 = self.run(&invocation, room, limits, now).await?;
+        let renewed: u8 = self
+            .run(room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.renew, room, limits, now, Absence::Excuse);
+                invocation.arg(ticket).arg(until);
+                invocation
+            })
+            .await?;
         Ok(renewed == 1)
     }
 
@@ -431,8 +603,7 @@ impl RedisStore {
     }
 
     pub async fn stats(&self, room: &str, limits: &Limits, now: u64) -> Result<Stats, StoreError> {
-        let invocation = Self::invocation(&self.scripts.stats, room, limits, now);
-        let report: Report = self.run(&invocation, room, limits, now).await?;
+        let report: Report = self.run(room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
         self.reported(room, limits, now, report).await
     }
 }

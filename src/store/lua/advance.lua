@@ -1,33 +1,67 @@
--- advance: grant turns in ticket order within budget and capacity; skip leavers and waiters
--- not seen for abandon_ms; announce the new cursor.
--- KEYS: as in common.lua.  ARGV[7] the channel on which cursor moves are published.
--- Returns {granted, then the report of common.lua}.
+-- advance: a scheduler step. Grant turns in ticket order within budget and capacity; skip
+-- leavers and, when absence is judged, waiters not seen for abandon_ms or unconfirmed for
+-- CONFIRM_MS, and end sessions not used for idle_ms. At most MAX_SKIPS tickets skipped and
+-- MAX_ENDS sessions ended per call; the next steps carry on.
+-- KEYS: as in common.lua.  ARGV[10] the channel of cursor moves, ARGV[11] the channel of
+-- ended sessions.
+-- Returns {granted, the report of common.lua..., ended sessions as ticket, until, ...}.
 if lost() then
   return redis.error_reply(LOST)
 end
 local budget = refill()
 expire()
+local ended = {}
+if judge then
+  local idle = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', now - idle_ms, 'LIMIT', 0, MAX_ENDS)
+  for _, ticket in ipairs(idle) do
+    local expires = redis.call('ZSCORE', KEYS[3], ticket)
+    drop_session(ticket)
+    if expires then
+      revoke(ticket, expires, ARGV[11])
+      table.insert(ended, tonumber(ticket))
+      table.insert(ended, tonumber(expires))
+    end
+  end
+end
 local last = number(KEYS[1], 'last')
 local start = number(KEYS[1], 'cursor')
 local cursor = start
 local restored_upto = number(KEYS[1], 'restored_upto')
-local resee_until = number(KEYS[1], 'restored_at') + RESEE_MS
+-- Tickets up to restored_upto may never have been seen by this line (it was rebuilt, or grew
+-- to a ticket beyond its last): their holders have RESEE_MS from then to be reported.
+local resee_until = math.max(number(KEYS[1], 'restored_at'), number(KEYS[1], 'grown_at')) + RESEE_MS
 local room_left = free()
 local granted = 0
-while cursor < last and budget >= TURN and room_left > 0 do
+local skipped = 0
+while cursor < last and budget >= TURN and room_left > 0 and skipped < MAX_SKIPS do
   local ticket = cursor + 1
-  local seen = redis.call('ZSCORE', KEYS[5], ticket)
-  local has_left = redis.call('SISMEMBER', KEYS[4], ticket) == 1
-  -- A waiter of a restored line not seen since: wait for them a while, then skip them.
-  local unseen = not seen and not has_left and ticket <= restored_upto
-  if unseen and now < resee_until then
-    break
+  local skip = redis.call('SISMEMBER', KEYS[4], ticket) == 1
+  if not skip then
+    local seen = redis.call('ZSCORE', KEYS[5], ticket)
+    local absent
+    if seen then
+      local taken = redis.call('ZSCORE', KEYS[10], ticket)
+      absent = tonumber(seen) + abandon_ms <= now
+      if taken and tonumber(taken) + CONFIRM_MS <= now then
+        absent = true
+      end
+    elseif ticket <= restored_upto and now < resee_until then
+      absent = nil -- a waiter of a restored line not reported yet: wait for them a while
+    else
+      absent = true
+    end
+    if absent and judge then
+      skip = true
+    elseif absent ~= false then
+      break -- wait a moment for them to be reported
+    end
   end
   cursor = ticket
   redis.call('ZREM', KEYS[5], ticket)
   redis.call('SREM', KEYS[4], ticket)
-  local abandoned = unseen or (seen and (tonumber(seen) + abandon_ms <= now))
-  if has_left or abandoned then
+  redis.call('ZREM', KEYS[10], ticket)
+  if skip then
+    skipped = skipped + 1
     forget(ticket, 'left')
   else
     redis.call('ZADD', KEYS[2], now, ticket)
@@ -40,8 +74,11 @@ end
 redis.call('HSET', KEYS[1], 'cursor', cursor)
 save_budget(budget)
 if cursor > start then
-  redis.call('PUBLISH', ARGV[7], cursor)
+  redis.call('PUBLISH', ARGV[10], cursor)
 end
 local reply = report()
 table.insert(reply, 1, granted)
+for _, value in ipairs(ended) do
+  table.insert(reply, value)
+end
 return reply

@@ -1,40 +1,66 @@
--- Shared prelude of every line script: the same rules as src/line.rs, in Lua, plus what
--- only a shared store needs (the epoch, restoring a line Redis lost, the revoked sessions).
+-- Shared prelude of every line script: the same rules as src/line/mod.rs, in Lua, plus what
+-- only a shared store needs (the epoch, restoring a line Redis lost, the revoked sessions,
+-- refusing a call that arrives after its caller gave up).
 -- Every key of a room carries the hash tag {room}, so the scripts also run on Redis Cluster.
 --
--- KEYS[1] line      hash: last (last ticket given), cursor (last ticket granted),
---                         budget (units of 1/60000 turn), budget_at (ms),
---                         epoch (set when the line is created: a line without one was lost),
---                         restored_at (ms), restored_cursor, restored_upto (the line was
---                         rebuilt from what the instances knew), phantoms, phantoms_until
---                         (places presumed taken by sessions the lost line held)
--- KEYS[2] grants    zset: ticket -> granted at (ms); granted turns not yet redeemed
--- KEYS[3] sessions  zset: ticket -> expires at (ms); active sessions
--- KEYS[4] left      set:  tickets after the cursor whose holders left
--- KEYS[5] seen      zset: waiting ticket -> last seen (ms)
--- KEYS[6] gone      zset: ticket -> ticket, spent tickets in order (bounded)
--- KEYS[7] reasons   hash: ticket -> lapsed | used | left
--- KEYS[8] admitted  list: admission times (ms) over the last minute
--- KEYS[9] revoked   zset: ticket -> until (ms); ended sessions, for instances that missed
---                         the announcement
+-- KEYS[1]  line        hash: last (last ticket given), cursor (last ticket granted),
+--                            budget (units of 1/60000 turn), budget_at (ms, never moves back),
+--                            epoch (set when the line is created: a line without one was lost),
+--                            restored_at (ms), restored_cursor, restored_upto (the line was
+--                            rebuilt from what the instances knew), phantom_sessions,
+--                            phantom_grants, adopted_sessions, adopted_grants (places presumed
+--                            taken by what the lost line held, and how many were taken over
+--                            since), grown_at (ms: the line grew to a ticket beyond its last)
+-- KEYS[2]  grants      zset: ticket -> granted at (ms); granted turns not yet redeemed
+-- KEYS[3]  sessions    zset: ticket -> expires at (ms); active sessions
+-- KEYS[4]  left        set:  tickets after the cursor whose holders left
+-- KEYS[5]  seen        zset: waiting ticket -> last seen (ms)
+-- KEYS[6]  gone        zset: ticket -> ticket, spent tickets in order (bounded)
+-- KEYS[7]  reasons     hash: ticket -> lapsed | used | left
+-- KEYS[8]  admitted    list: admission times (ms) over the last minute
+-- KEYS[9]  revoked     zset: ticket -> until (ms); ended sessions, for instances that missed
+--                            the announcement
+-- KEYS[10] unconfirmed zset: ticket -> joined at (ms); waiting tickets nobody has been seen
+--                            holding since the join (its answer may have been lost)
+-- KEYS[11] used        zset: session ticket -> last used (ms)
 -- ARGV[1] now (ms)  ARGV[2] admit_per_minute  ARGV[3] max_active  ARGV[4] grant_ms
--- ARGV[5] session_ms  ARGV[6] abandon_ms; each script's own arguments follow.
+-- ARGV[5] session_ms  ARGV[6] abandon_ms  ARGV[7] idle_ms
+-- ARGV[8] deadline: Redis time (ms) after which the caller has given up on this call, 0 for
+--         none; a call that arrives later (Redis was frozen, the network slow) is refused
+--         with the error EXPIRED, so that no answer is lost after its effect was made
+-- ARGV[9] 1 when absence may be judged now, 0 when absent holders are excused a moment
+-- Each script's own arguments follow, from ARGV[10].
 --
 -- A script finding no epoch answers the error LOST before changing anything: the instance
 -- then restores the line (restore.lua) from what it knows and tries again.
+local deadline = tonumber(ARGV[8])
+if deadline > 0 then
+  local time = redis.call('TIME')
+  if tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) > deadline then
+    return redis.error_reply('EXPIRED the call arrived after its caller gave up')
+  end
+end
 local now = tonumber(ARGV[1])
 local per_minute = tonumber(ARGV[2])
 local max_active = tonumber(ARGV[3])
 local grant_ms = tonumber(ARGV[4])
 local session_ms = tonumber(ARGV[5])
 local abandon_ms = tonumber(ARGV[6])
+local idle_ms = tonumber(ARGV[7])
+local judge = ARGV[9] == '1'
 local TURN = 60000
 local MAX_GONE = 65536
 local RATE_WINDOW_MS = 60000
+-- Bounds on one call's work (src/line/mod.rs: MAX_SKIPS, MAX_ENDS); the rest is done by the
+-- next calls.
+local MAX_SKIPS = 1000
+local MAX_ENDS = 1000
+-- How long a new ticket may go unconfirmed by its holder (src/line/mod.rs).
+local CONFIRM_MS = 10000
 -- After a restore: joins wait this long, so that every instance merges what it knows first.
 local JOIN_HOLD_MS = 2000
--- After a restore: waiters the restored line never saw get this long to show up.
-local RESEE_MS = 25000
+-- After a restore: waiters the restored line never saw get this long to be reported again.
+local RESEE_MS = 5000
 local LOST = 'LOST the line of this room is missing from the store'
 
 local function number(key, field)
@@ -45,7 +71,8 @@ local function lost()
   return redis.call('HEXISTS', KEYS[1], 'epoch') == 0
 end
 
--- The rate budget refilled up to now; a new line starts with a full bucket.
+-- The rate budget refilled up to now; a new line starts with a full bucket. Its time never
+-- moves back: a caller whose clock lags neither gets nor gives credit.
 local function refill()
   local burst = math.max(per_minute * 1000, TURN)
   local stored = redis.call('HGET', KEYS[1], 'budget')
@@ -57,7 +84,8 @@ local function refill()
 end
 
 local function save_budget(budget)
-  redis.call('HSET', KEYS[1], 'budget', string.format('%d', budget), 'budget_at', string.format('%d', now))
+  local at = math.max(now, number(KEYS[1], 'budget_at'))
+  redis.call('HSET', KEYS[1], 'budget', string.format('%d', budget), 'budget_at', string.format('%d', at))
 end
 
 local function forget(ticket, why)
@@ -69,10 +97,19 @@ local function forget(ticket, why)
   end
 end
 
--- End sessions and grants whose time is up; forget old admissions and revocations.
+-- A session's place is free: it leaves every set that knew it.
+local function drop_session(ticket)
+  redis.call('ZREM', KEYS[11], ticket)
+  return redis.call('ZREM', KEYS[3], ticket)
+end
+
+-- End sessions and grants whose time is up (at most MAX_ENDS each); forget old admissions.
 local function expire()
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - grant_ms)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, MAX_ENDS)
+  for _, ticket in ipairs(expired) do
+    drop_session(ticket)
+  end
+  local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - grant_ms, 'LIMIT', 0, MAX_ENDS)
   for _, ticket in ipairs(lapsed) do
     redis.call('ZREM', KEYS[2], ticket)
     forget(ticket, 'lapsed')
@@ -87,28 +124,46 @@ local function expire()
   end
 end
 
--- Places presumed taken by the sessions and grants of a lost line, until they must have ended.
-local function phantoms()
-  if number(KEYS[1], 'phantoms_until') <= now then
+-- A session ended before its time (left, ended by the upstream, idle): kept until it would
+-- have expired, and announced on `channel` as "ticket:until" to every instance.
+local function revoke(ticket, expires, channel)
+  local until_ms = tonumber(expires) or (now + session_ms)
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+  redis.call('ZADD', KEYS[9], until_ms, ticket)
+  redis.call('PUBLISH', channel, string.format('%d:%d', ticket, until_ms))
+end
+
+-- Places presumed taken by what a lost line held, as many as the instances knew (merged by
+-- maximum) less those taken over since: its sessions until idle_ms after the restore (one in
+-- use is reported by then), its turns granted until grant_ms (one is redeemed by then).
+local function phantom(kind)
+  local restored_at = redis.call('HGET', KEYS[1], 'restored_at')
+  local lasts = kind == 'sessions' and idle_ms or grant_ms
+  if not restored_at or tonumber(restored_at) + lasts <= now then
     return 0
   end
-  return number(KEYS[1], 'phantoms')
+  return math.max(0, number(KEYS[1], 'phantom_' .. kind) - number(KEYS[1], 'adopted_' .. kind))
+end
+
+local function phantoms()
+  return phantom('sessions') + phantom('grants')
 end
 
 local function free()
   return math.max(0, max_active - redis.call('ZCARD', KEYS[3]) - redis.call('ZCARD', KEYS[2]) - phantoms())
 end
 
--- A ticket granted before a restore and unknown since holds one of the phantom places; take
--- it over (for a renewal, a redemption or an end). False when it cannot be its.
-local function adopt(ticket)
-  if ticket > number(KEYS[1], 'restored_cursor') or phantoms() == 0 then
+-- A ticket given out before a restore and unknown since, whose holder shows a token (kind
+-- 'sessions') or redeems a turn ('grants'): it holds one of the phantom places of its kind;
+-- take it over. False when it cannot.
+local function adopt(ticket, kind)
+  if ticket > number(KEYS[1], 'restored_upto') or phantom(kind) == 0 then
     return false
   end
   if redis.call('ZSCORE', KEYS[9], ticket) then
     return false
   end
-  redis.call('HINCRBY', KEYS[1], 'phantoms', -1)
+  redis.call('HINCRBY', KEYS[1], 'adopted_' .. kind, 1)
   return true
 end
 
@@ -119,8 +174,8 @@ local function report()
   return {
     number(KEYS[1], 'cursor'),
     number(KEYS[1], 'last'),
-    redis.call('ZCARD', KEYS[3]) + phantoms(),
-    redis.call('ZCARD', KEYS[2]),
+    redis.call('ZCARD', KEYS[3]) + phantom('sessions'),
+    redis.call('ZCARD', KEYS[2]) + phantom('grants'),
     redis.call('LLEN', KEYS[8]),
     first and tonumber(first) or -1,
     number(KEYS[1], 'epoch'),

@@ -1,6 +1,6 @@
 -- join: take a ticket; admitted at once when the room is open, nobody waits, and there is
--- room and budget.
--- KEYS: as in common.lua.  ARGV[7] admit_now (1 or 0).
+-- room and budget. A waiting ticket stays unconfirmed until its holder is seen.
+-- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0).
 -- Returns {admitted (1/0), ticket, session expires at (ms) or 0}; the error RESTORING for a
 -- moment after a restore.
 if lost() then
@@ -14,13 +14,15 @@ local budget = refill()
 expire()
 local ticket = redis.call('HINCRBY', KEYS[1], 'last', 1)
 local cursor = number(KEYS[1], 'cursor')
-if ARGV[7] == '1' and cursor + 1 == ticket and free() > 0 and budget >= TURN then
+if ARGV[10] == '1' and cursor + 1 == ticket and free() > 0 and budget >= TURN then
   redis.call('HSET', KEYS[1], 'cursor', ticket)
   save_budget(budget - TURN)
   redis.call('RPUSH', KEYS[8], now)
   redis.call('ZADD', KEYS[3], now + session_ms, ticket)
+  redis.call('ZADD', KEYS[11], now, ticket)
   return {1, ticket, now + session_ms}
 end
 save_budget(budget)
 redis.call('ZADD', KEYS[5], now, ticket)
+redis.call('ZADD', KEYS[10], now, ticket)
 return {0, ticket, 0}

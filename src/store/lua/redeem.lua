@@ -1,13 +1,13 @@
 -- redeem: present a ticket; a granted turn becomes a session (once), a waiting one reports
--- its position.
--- KEYS: as in common.lua.  ARGV[7] ticket.
+-- its position (and is seen).
+-- KEYS: as in common.lua.  ARGV[10] ticket.
 -- Returns {0, expires at} admitted, {1, position} waiting, {2, reason} gone
 -- (reason: lapsed | used | left | unknown).
 if lost() then
   return redis.error_reply(LOST)
 end
 expire()
-local ticket = tonumber(ARGV[7])
+local ticket = tonumber(ARGV[10])
 local last = number(KEYS[1], 'last')
 local cursor = number(KEYS[1], 'cursor')
 local restored = redis.call('HEXISTS', KEYS[1], 'restored_at') == 1
@@ -17,8 +17,8 @@ end
 if ticket > last then
   -- Tickets are signed: this one was given out by a line that lost its latest writes (a
   -- restart, a failover before replication), and keeps its place. The line grows to it;
-  -- tickets in between, never seen, are skipped.
-  redis.call('HSET', KEYS[1], 'last', ticket)
+  -- tickets in between, never seen, are skipped unless reported within RESEE_MS.
+  redis.call('HSET', KEYS[1], 'last', ticket, 'grown_at', string.format('%d', now))
   if ticket > number(KEYS[1], 'restored_upto') then
     redis.call('HSET', KEYS[1], 'restored_upto', ticket)
   end
@@ -29,19 +29,22 @@ if ticket > cursor then
     return {2, 'left'}
   end
   local seen = redis.call('ZSCORE', KEYS[5], ticket)
-  if seen and tonumber(seen) + abandon_ms <= now then
+  local confirmed = not redis.call('ZSCORE', KEYS[10], ticket)
+  if judge and confirmed and seen and tonumber(seen) + abandon_ms <= now then
     redis.call('ZREM', KEYS[5], ticket)
     redis.call('SADD', KEYS[4], ticket)
     return {2, 'left'}
   end
   redis.call('ZADD', KEYS[5], now, ticket)
+  redis.call('ZREM', KEYS[10], ticket)
   return {1, ticket - cursor}
 end
 local why = redis.call('HGET', KEYS[7], ticket)
 -- A turn granted by the lost line, redeemed within its grant time, takes a phantom place.
 local restored_grant = not why and restored and now < number(KEYS[1], 'restored_at') + grant_ms
-if redis.call('ZREM', KEYS[2], ticket) == 1 or (restored_grant and adopt(ticket)) then
+if redis.call('ZREM', KEYS[2], ticket) == 1 or (restored_grant and adopt(ticket, 'grants')) then
   redis.call('ZADD', KEYS[3], now + session_ms, ticket)
+  redis.call('ZADD', KEYS[11], now, ticket)
   forget(ticket, 'used')
   return {0, now + session_ms}
 end

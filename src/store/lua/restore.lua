@@ -1,14 +1,15 @@
 -- restore: create a room's line, or rebuild one Redis lost (restarted empty, failed over
 -- without it) from what an instance knew of it. Every instance that knew the lost line merges
 -- its knowledge: counters by maximum, so nobody loses a place and no ticket is given twice.
--- KEYS: as in common.lua.  ARGV[7] the epoch the instance knew (0: none), ARGV[8] the last
--- ticket it knew, ARGV[9] the cursor it knew, ARGV[10] the places it knew taken (sessions
--- and grants).
+-- KEYS: as in common.lua.  ARGV[10] the epoch the instance knew (0: none), ARGV[11] the last
+-- ticket it knew, ARGV[12] the cursor it knew, ARGV[13] the sessions and ARGV[14] the
+-- turns granted (not yet redeemed) it knew.
 -- Returns the line's epoch.
-local known_epoch = tonumber(ARGV[7])
-local known_last = tonumber(ARGV[8])
-local known_cursor = tonumber(ARGV[9])
-local known_held = tonumber(ARGV[10])
+local known_epoch = tonumber(ARGV[10])
+local known_last = tonumber(ARGV[11])
+local known_cursor = tonumber(ARGV[12])
+local known_sessions = tonumber(ARGV[13])
+local known_grants = tonumber(ARGV[14])
 local epoch = number(KEYS[1], 'epoch')
 if epoch ~= 0 and (epoch == known_epoch or known_last == 0) then
   return epoch
@@ -22,8 +23,7 @@ if epoch == 0 then
   end
 end
 if not redis.call('HGET', KEYS[1], 'restored_at') then
-  redis.call('HSET', KEYS[1], 'restored_at', string.format('%d', now),
-    'phantoms_until', string.format('%d', now + session_ms))
+  redis.call('HSET', KEYS[1], 'restored_at', string.format('%d', now))
 end
 local function raise(field, value)
   if value > number(KEYS[1], field) then
@@ -35,8 +35,10 @@ raise('cursor', known_cursor)
 raise('restored_cursor', known_cursor)
 raise('restored_upto', known_last)
 -- Sessions and grants the lost line held still take their places until they must have
--- ended; each is taken over as its holder renews, redeems or leaves.
+-- ended (see phantom() in common.lua); each is taken over as its holder is seen, renews,
+-- redeems or leaves.
 if now < number(KEYS[1], 'restored_at') + RESEE_MS then
-  raise('phantoms', known_held)
+  raise('phantom_sessions', known_sessions)
+  raise('phantom_grants', known_grants)
 end
 return epoch

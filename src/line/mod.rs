@@ -1,14 +1,30 @@
 //! The line: pure admission logic with no I/O. Time is passed in (milliseconds), so rate and
 //! expiry are tested without waiting.
 //!
-//! A room's line is two counters and a few small sets, after the virtual-line systems DESIGN
-//! cites: `last_ticket` is the last turn given out, `cursor` the last turn granted; every
-//! ticket up to the cursor has been granted or skipped. Turns are granted in ticket order
-//! (FIFO), by a token bucket refilled at `admit_per_minute` and holding at most one second's
-//! worth, and never beyond the free capacity (`max_active` minus sessions active and grants
-//! outstanding). The Redis store runs the same rules in Lua; the memory store runs this code.
+//! A room's line is two counters and a few sets, after the virtual-line systems DESIGN cites:
+//! `last_ticket` is the last turn given out, `cursor` the last turn granted; every ticket up
+//! to the cursor has been granted or skipped. Turns are granted in ticket order (FIFO), by a
+//! token bucket refilled at `admit_per_minute` and holding at most one second's worth, and
+//! never beyond the free capacity (`max_active` minus sessions active and grants outstanding).
+//! The Redis store runs the same rules in Lua (`store/lua/`); the memory store runs this code,
+//! on the same sorted sets ([`sorted`]).
+//!
+//! Nobody holds a place for nobody:
+//! - a ticket is *unconfirmed* until its holder is seen after the join (the instance that
+//!   answered reports it in its next batch). An answer can be lost on the way (a store call
+//!   that ran after its instance gave up on it): an unconfirmed ticket that reaches the front
+//!   more than [`CONFIRM_MS`] after its join is skipped;
+//! - a waiter not seen for `abandon_ms` is skipped at the front; a session not used for
+//!   `idle_ms` ends and frees its place;
+//! - absence is judged only when the caller says every instance has had the time to report
+//!   who it saw ([`Absence::Judge`]): not in the first seconds after a store outage, when
+//!   what the instances saw meanwhile is still on its way.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+mod sorted;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use sorted::Sorted;
 
 /// How a room admits, in the line's own units.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,12 +37,30 @@ pub struct Limits {
     pub session_ms: u64,
     /// A waiter not seen for this long has left.
     pub abandon_ms: u64,
+    /// A session not used for this long has ended.
+    pub idle_ms: u64,
 }
 
 /// The rate budget counts in 1/60000ths of a turn, so that one millisecond refills exactly
 /// `admit_per_minute` units: integer arithmetic, no drift (ten refills of 0.1 turn in floating
 /// point fall just short of one turn).
 const TURN: u64 = 60_000;
+
+/// How long a new ticket may go unconfirmed by its holder before it counts as held by nobody. Its instance confirms it within a scheduler step; a holder whose instance died
+/// first reconnects to another within a few seconds.
+pub const CONFIRM_MS: u64 = 10_000;
+
+/// How long the tickets of a line that had to be rebuilt (or that grew to a ticket it never
+/// gave out) wait to be seen again before they are skipped: every instance reports the waiters
+/// it saw well within it.
+pub const RESEE_MS: u64 = 5_000;
+
+/// Most tickets skipped (left, absent) by one step: the rest are skipped by the next steps, so
+/// that a step's work is bounded however many left.
+pub const MAX_SKIPS: usize = 1_000;
+
+/// Most sessions ended for idleness, or expired, by one call.
+pub const MAX_ENDS: usize = 1_000;
 
 impl Limits {
     /// Budget units refilled per millisecond.
@@ -38,6 +72,16 @@ impl Limits {
     fn burst(&self) -> u64 {
         (u64::from(self.admit_per_minute) * 1_000).max(TURN)
     }
+}
+
+/// Whether a step may take absent holders as gone now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Absence {
+    /// Yes: waiters not seen and sessions not used for long have left.
+    Judge,
+    /// Not yet (the store was away until a moment ago, and the instances are still reporting
+    /// who they saw meanwhile): an absent waiter at the front holds the line a moment.
+    Excuse,
 }
 
 /// The result of joining the line.
@@ -100,6 +144,16 @@ pub struct Stats {
     pub epoch: u64,
 }
 
+/// What a scheduler step did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Step {
+    /// Turns granted.
+    pub granted: u32,
+    /// Sessions ended for idleness (ticket, when they would have expired): their tokens must
+    /// stop passing.
+    pub ended: Vec<(u64, u64)>,
+}
+
 /// The position of `ticket` when the cursor stands at `cursor` (1 = next).
 pub fn position(ticket: u64, cursor: u64) -> u64 {
     ticket.saturating_sub(cursor)
@@ -135,17 +189,24 @@ const RATE_WINDOW_MS: u64 = 60_000;
 pub struct Line {
     last_ticket: u64,
     cursor: u64,
-    /// Rate budget in units of 1/60000 turn, as of `budget_at`.
+    /// Rate budget in units of 1/60000 turn, as of `budget_at` (which never moves back).
     budget: u64,
     budget_at: u64,
     /// Granted turns not yet redeemed: ticket → granted at.
-    grants: BTreeMap<u64, u64>,
+    grants: Sorted,
     /// Active sessions: ticket → expires at.
-    sessions: HashMap<u64, u64>,
+    sessions: Sorted,
+    /// Active sessions: ticket → last used.
+    used: Sorted,
+    /// Waiting tickets → last seen.
+    seen: Sorted,
+    /// Waiting tickets nobody has been seen holding since the join: ticket → joined at.
+    unconfirmed: Sorted,
     /// Tickets after the cursor whose holders left.
     left: BTreeSet<u64>,
-    /// Waiting tickets → last seen.
-    seen: HashMap<u64, u64>,
+    /// When the line last grew to a ticket it never gave out (one beyond the last was
+    /// presented): the tickets in between wait [`RESEE_MS`] from then for their holders.
+    grown_at: u64,
     /// Tickets at or before the cursor that were used, skipped or lapsed: presenting them
     /// again says why. The most recent [`MAX_GONE`] only; older ones count as used.
     gone: BTreeMap<u64, Gone>,
@@ -163,25 +224,35 @@ impl Line {
         }
     }
 
+    /// Refill the budget up to `now`. Its time never moves back: a caller whose clock lags
+    /// (another instance, a call that started earlier) neither gets nor gives credit.
     fn refill(&mut self, limits: &Limits, now: u64) {
         self.start(limits, now);
         let elapsed = now.saturating_sub(self.budget_at);
         self.budget = self.budget.saturating_add(elapsed.saturating_mul(limits.refill_per_ms())).min(limits.burst());
-        self.budget_at = now;
+        self.budget_at = self.budget_at.max(now);
     }
 
     /// End sessions and grants whose time is up; forget old admissions.
     fn expire(&mut self, limits: &Limits, now: u64) {
-        self.sessions.retain(|_, expires| *expires > now);
-        let lapsed: Vec<u64> =
-            self.grants.iter().filter(|(_, at)| **at + limits.grant_ms <= now).map(|(t, _)| *t).collect();
-        for ticket in lapsed {
-            self.grants.remove(&ticket);
-            self.forget(ticket, Gone::Lapsed);
+        for (ticket, _) in self.sessions.pop_until(now, MAX_ENDS) {
+            self.used.remove(ticket);
+        }
+        if let Some(granted_before) = now.checked_sub(limits.grant_ms) {
+            for (ticket, _) in self.grants.pop_until(granted_before, MAX_ENDS) {
+                self.forget(ticket, Gone::Lapsed);
+            }
         }
         while self.admitted.front().is_some_and(|at| *at + RATE_WINDOW_MS <= now) {
             self.admitted.pop_front();
         }
+    }
+
+    /// End sessions not used for `idle_ms`; returns them with their expiry.
+    fn end_idle(&mut self, limits: &Limits, now: u64) -> Vec<(u64, u64)> {
+        let Some(used_before) = now.checked_sub(limits.idle_ms) else { return Vec::new() };
+        let idle = self.used.pop_until(used_before, MAX_ENDS);
+        idle.into_iter().filter_map(|(ticket, _)| Some((ticket, self.sessions.remove(ticket)?))).collect()
     }
 
     /// Remember why `ticket` no longer holds a place, forgetting the oldest beyond MAX_GONE.
@@ -197,6 +268,13 @@ impl Line {
         limits.max_active.saturating_sub(used)
     }
 
+    fn open_session(&mut self, limits: &Limits, ticket: u64, now: u64) -> u64 {
+        let expires_at = now + limits.session_ms;
+        self.sessions.add(ticket, expires_at);
+        self.used.add(ticket, now);
+        expires_at
+    }
+
     /// Take a ticket. When `admit_now` (the room is open) and nobody waits and there is room
     /// and budget, the ticket is granted and redeemed at once.
     pub fn join(&mut self, limits: &Limits, admit_now: bool, now: u64) -> Joined {
@@ -209,59 +287,96 @@ impl Line {
             self.cursor = ticket;
             self.budget -= TURN;
             self.admitted.push_back(now);
-            let expires_at = now + limits.session_ms;
-            self.sessions.insert(ticket, expires_at);
+            let expires_at = self.open_session(limits, ticket, now);
             return Joined::Admitted { ticket, expires_at };
         }
-        self.seen.insert(ticket, now);
+        self.seen.add(ticket, now);
+        self.unconfirmed.add(ticket, now);
         Joined::Waiting { ticket }
     }
 
-    /// Grant turns in ticket order, within budget and capacity; skip leavers and waiters not
-    /// seen for `abandon_ms`. Returns the number of turns granted.
-    pub fn advance(&mut self, limits: &Limits, now: u64) -> u32 {
+    /// Whether the waiting `ticket` is absent now: not seen for `abandon_ms`, unconfirmed for
+    /// [`CONFIRM_MS`], or never seen by this line since it grew to it [`RESEE_MS`] ago.
+    /// `None` while it may still show up.
+    fn absent(&self, limits: &Limits, ticket: u64, now: u64) -> Option<bool> {
+        match self.seen.score(ticket) {
+            Some(seen) => Some(
+                seen + limits.abandon_ms <= now
+                    || self.unconfirmed.score(ticket).is_some_and(|at| at + CONFIRM_MS <= now),
+            ),
+            None if now < self.grown_at + RESEE_MS => None,
+            None => Some(true),
+        }
+    }
+
+    /// Grant turns in ticket order, within budget and capacity; skip leavers and, when
+    /// absence is judged, waiters who are absent, and end idle sessions. At most
+    /// [`MAX_SKIPS`] tickets are skipped per step.
+    pub fn advance(&mut self, limits: &Limits, now: u64, absence: Absence) -> Step {
         self.refill(limits, now);
         self.expire(limits, now);
-        let mut granted = 0;
-        while self.cursor < self.last_ticket && self.budget >= TURN && self.free(limits) > 0 {
+        let mut step = Step::default();
+        if absence == Absence::Judge {
+            step.ended = self.end_idle(limits, now);
+        }
+        let mut skipped = 0;
+        while self.cursor < self.last_ticket && self.budget >= TURN && self.free(limits) > 0 && skipped < MAX_SKIPS {
             let ticket = self.cursor + 1;
+            let skip = if self.left.remove(&ticket) {
+                true
+            } else {
+                match self.absent(limits, ticket, now) {
+                    Some(true) if absence == Absence::Judge => true,
+                    Some(true) | None => break, // wait a moment for them to show up
+                    Some(false) => false,
+                }
+            };
             self.cursor = ticket;
-            let last_seen = self.seen.remove(&ticket);
-            let abandoned = last_seen.is_some_and(|seen| seen + limits.abandon_ms <= now);
-            if self.left.remove(&ticket) || abandoned {
+            self.seen.remove(ticket);
+            self.unconfirmed.remove(ticket);
+            if skip {
+                skipped += 1;
                 self.forget(ticket, Gone::Left);
                 continue;
             }
-            self.grants.insert(ticket, now);
+            self.grants.add(ticket, now);
             self.budget -= TURN;
             self.admitted.push_back(now);
-            granted += 1;
+            step.granted += 1;
         }
-        granted
+        step
     }
 
-    /// Present a ticket: redeem a granted turn (once), or learn the position.
-    pub fn redeem(&mut self, limits: &Limits, ticket: u64, now: u64) -> Redeemed {
+    /// Present a ticket: redeem a granted turn (once), or learn the position. Presenting a
+    /// waiting ticket is being seen. A ticket beyond the last keeps its place: it was given
+    /// out by this line in an earlier life (tickets are signed), and the line grows to it.
+    pub fn redeem(&mut self, limits: &Limits, ticket: u64, now: u64, absence: Absence) -> Redeemed {
         self.expire(limits, now);
-        if ticket == 0 || ticket > self.last_ticket {
+        if ticket == 0 {
             return Redeemed::Gone(Gone::Unknown);
+        }
+        if ticket > self.last_ticket {
+            self.last_ticket = ticket;
+            self.grown_at = now;
         }
         if ticket > self.cursor {
             if self.left.contains(&ticket) {
                 return Redeemed::Gone(Gone::Left);
             }
-            if self.seen.get(&ticket).is_some_and(|seen| seen + limits.abandon_ms <= now) {
+            let confirmed = !self.unconfirmed.contains(ticket);
+            let stale = self.seen.score(ticket).is_some_and(|seen| seen + limits.abandon_ms <= now);
+            if absence == Absence::Judge && confirmed && stale {
                 // Not seen for too long: the place is given up now rather than at the front.
-                self.seen.remove(&ticket);
+                self.seen.remove(ticket);
                 self.left.insert(ticket);
                 return Redeemed::Gone(Gone::Left);
             }
-            self.seen.insert(ticket, now);
+            self.seen.add(ticket, now);
+            self.unconfirmed.remove(ticket);
             return Redeemed::Waiting { position: position(ticket, self.cursor) };
         }
-        if self.grants.remove(&ticket).is_some() {
-            let expires_at = now + limits.session_ms;
-            self.sessions.insert(ticket, expires_at);
+        if self.grants.remove(ticket).is_some() {
+            let expires_at = self.open_session(limits, ticket, now);
             self.forget(ticket, Gone::Used);
             return Redeemed::Admitted { expires_at };
         }
@@ -270,35 +385,45 @@ impl Line {
 
     /// End the session that `ticket` opened; its slot frees at once.
     pub fn release(&mut self, ticket: u64) -> bool {
-        self.sessions.remove(&ticket).is_some()
+        self.used.remove(ticket);
+        self.sessions.remove(ticket).is_some()
     }
 
     /// Give up a place in line (or an unredeemed grant, or a session).
     pub fn leave(&mut self, ticket: u64) {
         if ticket > self.cursor && ticket <= self.last_ticket {
-            self.seen.remove(&ticket);
+            self.seen.remove(ticket);
+            self.unconfirmed.remove(ticket);
             self.left.insert(ticket);
-        } else if self.grants.remove(&ticket).is_some() {
+        } else if self.grants.remove(ticket).is_some() {
             self.forget(ticket, Gone::Left);
         } else {
-            self.sessions.remove(&ticket);
+            self.release(ticket);
         }
     }
 
-    /// Waiters still here (a feed connected, a page or status request).
-    pub fn touch(&mut self, tickets: &[u64], now: u64) {
-        for ticket in tickets {
-            if let Some(seen) = self.seen.get_mut(ticket) {
-                *seen = now;
+    /// Holders seen since the last report: waiters (a feed, a page, a status call) and
+    /// sessions in use (an admitted request), each with its token's expiry.
+    pub fn touch(&mut self, waiters: &[u64], sessions: &[(u64, u64)], now: u64) {
+        for ticket in waiters {
+            if *ticket > self.cursor && *ticket <= self.last_ticket && !self.left.contains(ticket) {
+                self.seen.raise(*ticket, now);
+                self.unconfirmed.remove(*ticket);
+            }
+        }
+        for (ticket, _) in sessions {
+            if self.sessions.contains(*ticket) {
+                self.used.raise(*ticket, now);
             }
         }
     }
 
-    /// Extend an active session to `until` (token renewal).
-    pub fn renew(&mut self, ticket: u64, until: u64) -> bool {
-        match self.sessions.get_mut(&ticket) {
+    /// Extend an active session to `until` (token renewal, which is a use too).
+    pub fn renew(&mut self, ticket: u64, until: u64, now: u64) -> bool {
+        match self.sessions.score(ticket) {
             Some(expires) => {
-                *expires = until.max(*expires);
+                self.sessions.add(ticket, until.max(expires));
+                self.used.raise(ticket, now);
                 true
             }
             None => false,
@@ -326,7 +451,14 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn limits(per_minute: u32, max_active: u32) -> Limits {
-        Limits { admit_per_minute: per_minute, max_active, grant_ms: 120_000, session_ms: 600_000, abandon_ms: 120_000 }
+        Limits {
+            admit_per_minute: per_minute,
+            max_active,
+            grant_ms: 120_000,
+            session_ms: 600_000,
+            abandon_ms: 120_000,
+            idle_ms: 300_000,
+        }
     }
 
     #[test]
@@ -337,10 +469,10 @@ mod tests {
         // The one-second budget is spent: the next visitors wait, in join order.
         assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 2 });
         assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 3 });
-        assert_eq!(line.redeem(&limits, 3, 0), Redeemed::Waiting { position: 2 });
-        assert_eq!(line.advance(&limits, 1_000), 1);
-        assert!(matches!(line.redeem(&limits, 2, 1_000), Redeemed::Admitted { .. }));
-        assert_eq!(line.redeem(&limits, 3, 1_000), Redeemed::Waiting { position: 1 });
+        assert_eq!(line.redeem(&limits, 3, 0, Absence::Judge), Redeemed::Waiting { position: 2 });
+        assert_eq!(line.advance(&limits, 1_000, Absence::Judge).granted, 1);
+        assert!(matches!(line.redeem(&limits, 2, 1_000, Absence::Judge), Redeemed::Admitted { .. }));
+        assert_eq!(line.redeem(&limits, 3, 1_000, Absence::Judge), Redeemed::Waiting { position: 1 });
         // Somebody waiting means no newcomer is admitted ahead of them, budget or not.
         assert_eq!(line.join(&limits, true, 5_000), Joined::Waiting { ticket: 4 });
     }
@@ -351,10 +483,10 @@ mod tests {
         let mut line = Line::default();
         line.join(&limits, true, 0);
         assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 2 });
-        line.advance(&limits, 1_000);
-        assert!(matches!(line.redeem(&limits, 2, 1_000), Redeemed::Admitted { .. }));
-        assert_eq!(line.redeem(&limits, 2, 1_001), Redeemed::Gone(Gone::Used));
-        assert_eq!(line.redeem(&limits, 99, 1_001), Redeemed::Gone(Gone::Unknown));
+        line.advance(&limits, 1_000, Absence::Judge);
+        assert!(matches!(line.redeem(&limits, 2, 1_000, Absence::Judge), Redeemed::Admitted { .. }));
+        assert_eq!(line.redeem(&limits, 2, 1_001, Absence::Judge), Redeemed::Gone(Gone::Used));
+        assert_eq!(line.redeem(&limits, 0, 1_001, Absence::Judge), Redeemed::Gone(Gone::Unknown));
     }
 
     #[test]
@@ -364,12 +496,16 @@ mod tests {
         line.join(&limits, true, 0); // session 1 holds the only slot
         line.join(&limits, true, 0);
         line.release(1);
-        assert_eq!(line.advance(&limits, 100), 1); // ticket 2 granted, not redeemed
+        assert_eq!(line.advance(&limits, 100, Absence::Judge).granted, 1); // ticket 2 granted, not redeemed
         line.join(&limits, true, 100);
-        assert_eq!(line.advance(&limits, 200), 0, "the outstanding grant holds the slot");
-        line.touch(&[3], 100_000); // ticket 3 is still watching its page
-        assert_eq!(line.advance(&limits, 100 + limits.grant_ms), 1, "lapsed: ticket 3 gets the slot");
-        assert_eq!(line.redeem(&limits, 2, 100 + limits.grant_ms), Redeemed::Gone(Gone::Lapsed));
+        assert_eq!(line.advance(&limits, 200, Absence::Judge).granted, 0, "the outstanding grant holds the slot");
+        line.touch(&[3], &[], 100_000); // ticket 3 is still watching its page
+        assert_eq!(
+            line.advance(&limits, 100 + limits.grant_ms, Absence::Judge).granted,
+            1,
+            "lapsed: ticket 3 gets the slot"
+        );
+        assert_eq!(line.redeem(&limits, 2, 100 + limits.grant_ms, Absence::Judge), Redeemed::Gone(Gone::Lapsed));
     }
 
     #[test]
@@ -381,12 +517,12 @@ mod tests {
             line.join(&limits, true, 0); // tickets 2, 3, 4
         }
         line.leave(2);
-        line.touch(&[4], 100_000);
+        line.touch(&[4], &[], 100_000);
         // At 130 s ticket 3 has not been seen for 130 s: abandoned; 4 was seen at 100 s.
-        assert_eq!(line.advance(&limits, 130_000), 1);
-        assert_eq!(line.redeem(&limits, 2, 130_000), Redeemed::Gone(Gone::Left));
-        assert_eq!(line.redeem(&limits, 3, 130_000), Redeemed::Gone(Gone::Left));
-        assert!(matches!(line.redeem(&limits, 4, 130_000), Redeemed::Admitted { .. }));
+        assert_eq!(line.advance(&limits, 130_000, Absence::Judge).granted, 1);
+        assert_eq!(line.redeem(&limits, 2, 130_000, Absence::Judge), Redeemed::Gone(Gone::Left));
+        assert_eq!(line.redeem(&limits, 3, 130_000, Absence::Judge), Redeemed::Gone(Gone::Left));
+        assert!(matches!(line.redeem(&limits, 4, 130_000, Absence::Judge), Redeemed::Admitted { .. }));
     }
 
     #[test]
@@ -397,13 +533,14 @@ mod tests {
             let mut line = Line::default();
             // The first visitor is admitted at once, at 0.
             let mut times = vec![0];
-            // A crowd far larger than can be admitted, joining before the first step.
-            for _ in 0..(per_minute as u64 * 10 + 10) {
-                line.join(&limits, true, 0);
-            }
+            // A crowd far larger than can be admitted, joining before the first step (and
+            // confirmed by their instance).
+            let crowd: Vec<u64> =
+                (0..(per_minute as u64 * 10 + 10)).map(|_| line.join(&limits, true, 0).ticket()).collect();
+            line.touch(&crowd, &[], 0);
             let mut now = 0;
             while now <= 300_000 {
-                for _ in 0..line.advance(&limits, now) {
+                for _ in 0..line.advance(&limits, now, Absence::Judge).granted {
                     times.push(now);
                 }
                 now += 100;
@@ -440,11 +577,11 @@ mod tests {
                     holders.push(line.join(&limits, true, now).ticket());
                 }
                 4 => {
-                    line.advance(&limits, now);
+                    line.advance(&limits, now, Absence::Judge);
                 }
                 5..=6 if !holders.is_empty() => {
                     let ticket = holders[rng.random_range(0..holders.len())];
-                    line.redeem(&limits, ticket, now);
+                    line.redeem(&limits, ticket, now, Absence::Judge);
                 }
                 7 if !holders.is_empty() => {
                     let ticket = holders.swap_remove(rng.random_range(0..holders.len()));
@@ -454,7 +591,10 @@ mod tests {
                     let ticket = holders.swap_remove(rng.random_range(0..holders.len()));
                     line.leave(ticket);
                 }
-                _ => line.touch(&holders, now),
+                _ => {
+                    let sessions: Vec<(u64, u64)> = holders.iter().map(|ticket| (*ticket, 0)).collect();
+                    line.touch(&holders, &sessions, now)
+                }
             }
             let stats = line.stats(&limits, now);
             assert!(stats.active + stats.outstanding <= limits.max_active, "{stats:?}");
@@ -468,12 +608,12 @@ mod tests {
         let mut line = Line::default();
         for now in 0..(MAX_GONE as u64 + 10_000) {
             let ticket = line.join(&limits, true, now).ticket();
-            line.advance(&limits, now);
-            line.redeem(&limits, ticket, now);
+            line.advance(&limits, now, Absence::Judge);
+            line.redeem(&limits, ticket, now, Absence::Judge);
             line.release(ticket);
         }
         assert!(line.gone.len() <= MAX_GONE);
-        assert!(line.sessions.is_empty() && line.grants.is_empty());
+        assert!(line.sessions.len() == 0 && line.grants.len() == 0);
     }
 
     #[test]
@@ -494,14 +634,15 @@ mod tests {
                 break;
             }
             now += 250;
-            line.advance(&limits, now);
+            line.advance(&limits, now, Absence::Judge);
             for ticket in &tickets {
-                if !admitted.contains(ticket) && matches!(line.redeem(&limits, *ticket, now), Redeemed::Admitted { .. })
+                if !admitted.contains(ticket)
+                    && matches!(line.redeem(&limits, *ticket, now, Absence::Judge), Redeemed::Admitted { .. })
                 {
                     admitted.push(*ticket);
                 }
             }
-            line.touch(&tickets, now);
+            line.touch(&tickets, &[], now);
         }
         assert_eq!(admitted.len(), 50, "everyone got in");
         assert!(admitted.windows(2).all(|w| w[0] < w[1]), "FIFO: {admitted:?}");
@@ -516,8 +657,8 @@ mod tests {
         }
         assert_eq!(line.stats(&limits, 0).rate_per_second, None, "one admission is no rate yet");
         for now in (1_000..=30_000).step_by(1_000) {
-            line.advance(&limits, now);
-            line.touch(&(1..=100).collect::<Vec<_>>(), now);
+            line.advance(&limits, now, Absence::Judge);
+            line.touch(&(1..=100).collect::<Vec<_>>(), &[], now);
         }
         let rate = line.stats(&limits, 30_000).rate_per_second.unwrap();
         assert!((rate - 1.0).abs() < 0.1, "{rate}");
