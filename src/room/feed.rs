@@ -276,3 +276,59 @@ where
         () = stop.cancelled() => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RoomConfig;
+
+    fn room() -> Arc<Room> {
+        let config: RoomConfig =
+            toml::from_str("id = \"checkout\"\npaths = [\"/checkout\"]\nadmit_per_minute = 60\nmax_active = 1")
+                .unwrap();
+        Arc::new(Room::new(&config))
+    }
+
+    /// A feed socket on an in-memory stream of `capacity` bytes whose client never reads.
+    fn stuck_feed(room: &Arc<Room>, stop: &CancellationToken) -> (Arc<FeedLimits>, tokio::task::JoinHandle<()>) {
+        let (server, client) = tokio::io::duplex(64);
+        let limits = FeedLimits::new(10, 10);
+        let slot = limits.admit("127.0.0.1".parse().unwrap()).unwrap();
+        let serving = tokio::spawn(serve_on(server, room.clone(), Holding::Ticket(5), stop.clone(), slot));
+        // The client keeps its end open and reads nothing.
+        tokio::spawn(async move {
+            let _client = client;
+            std::future::pending::<()>().await
+        });
+        (limits, serving)
+    }
+
+    /// Messages enough to fill the stream: each new room message is pushed to the waiter.
+    async fn flood(room: &Room) {
+        for n in 0..10 {
+            room.set_control(RoomState::Open, Some(format!("message number {n} for everyone waiting")));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_is_let_go_within_the_send_deadline() {
+        let room = room();
+        let stop = CancellationToken::new();
+        let (limits, serving) = stuck_feed(&room, &stop);
+        flood(&room).await;
+        assert_eq!(limits.open(), 1, "stuck on a full stream");
+        tokio::time::timeout(SEND_DEADLINE + Duration::from_secs(1), serving).await.expect("let go").unwrap();
+        assert_eq!(limits.open(), 0, "its place under the caps is free");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_peer_does_not_hold_up_a_stop() {
+        let room = room();
+        let stop = CancellationToken::new();
+        let (_limits, serving) = stuck_feed(&room, &stop);
+        flood(&room).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_millis(100), serving).await.expect("stopped at once").unwrap();
+    }
+}

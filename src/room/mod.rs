@@ -589,6 +589,7 @@ mod tests {
 
     use super::*;
     use crate::clock::Clock;
+    use crate::line::Joined;
 
     fn room(text: &str) -> Arc<Room> {
         let config: RoomConfig =
@@ -637,5 +638,69 @@ mod tests {
         room.set_control(RoomState::Open, None);
         room.step(&store, "test", clock.now_ms()).await.unwrap();
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "admitted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_nobody_uses_ends_after_session_idle_seconds_and_its_place_goes_on() {
+        let room = room("admit_per_minute = 600\nmax_active = 1\nsession_idle_seconds = 30");
+        let store = Store::memory();
+        let clock = Clock::new();
+        let mark = crate::token::UseMark::default();
+        // Two sessions one after the other: the first is used every 10 s, the second never.
+        let Joined::Admitted { ticket: used, expires_at } =
+            store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap()
+        else {
+            panic!("an idle room admits at once");
+        };
+        let waiter = store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap().ticket();
+        for _ in 0..6 {
+            room.session_used(used, expires_at, &mark, clock.now_ms());
+            room.touch(waiter);
+            tokio::time::advance(Duration::from_secs(10)).await;
+            room.step(&store, "test", clock.now_ms()).await.unwrap();
+        }
+        assert!(!room.is_revoked(used), "a session in use stays");
+        assert_eq!(room.snapshot().cursor, 1, "and holds the only place");
+        // Its holder goes quiet: 30 s later the session ends, its token stops passing here,
+        // and the place goes to the waiter.
+        for _ in 0..4 {
+            room.touch(waiter);
+            tokio::time::advance(Duration::from_secs(10)).await;
+            room.step(&store, "test", clock.now_ms()).await.unwrap();
+        }
+        assert!(room.is_revoked(used));
+        assert_eq!(room.snapshot().cursor, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_sessions_are_kept_exactly_until_their_tokens_expire() {
+        let room = room("admit_per_minute = 600\nmax_active = 10");
+        let clock = Clock::new();
+        let now = clock.now_ms();
+        // Far more than any cache would hold: none is forgotten early.
+        for ticket in 1..=300_000 {
+            room.revoke(ticket, now + if ticket % 2 == 0 { 60_000 } else { 600_000 });
+        }
+        assert!((1..=300_000).all(|ticket| room.is_revoked(ticket)));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        room.step(&Store::memory(), "test", clock.now_ms()).await.unwrap();
+        assert!(!room.is_revoked(2) && room.is_revoked(1), "forgotten once the token has expired");
+        assert_eq!(room.revoked.read().unwrap().len(), 150_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_reports_a_bounded_batch_and_the_next_ones_the_rest() {
+        let room = room("admit_per_minute = 600\nmax_active = 10");
+        let store = Store::memory();
+        let clock = Clock::new();
+        for ticket in 1..=5_000 {
+            room.touch(ticket);
+        }
+        room.step(&store, "test", clock.now_ms()).await.unwrap();
+        assert_eq!(room.touched.lock().unwrap().len(), 5_000 - TOUCH_BATCH);
+        for _ in 0..4 {
+            room.step(&store, "test", clock.now_ms()).await.unwrap();
+        }
+        assert!(room.touched.lock().unwrap().is_empty());
     }
 }
