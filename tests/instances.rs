@@ -320,3 +320,69 @@ async fn a_redis_restarted_empty_keeps_every_place_and_admits_nobody_extra() {
     feed_until(&mut first_feed, "admitted").await;
     assert_eq!(second.status().await["position"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_gone_silent_is_noticed_and_made_again() {
+    let redis = RedisServer::start();
+    let relay = common::relay::Relay::start(([127, 0, 0, 1], redis.port).into()).await;
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let dir = TempDir::new("half-open");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+    let one = instance(&redis, upstream_addr, &key, dir.path()).await;
+    // Instance two reaches Redis through the relay.
+    let text = config_text(&redis, upstream_addr, &key).replace(&redis.url(), &format!("redis://{}/", relay.addr));
+    let two = server::start(&Config::parse(&text, "two.toml", dir.path()).unwrap()).await.unwrap();
+
+    let mut inside = Visitor::new(one.addr);
+    assert_eq!(inside.open("/checkout").await.0, StatusCode::OK);
+    inside.addr = two.addr;
+    assert_eq!(inside.open("/checkout/pay").await.0, StatusCode::OK, "the token passes at instance two");
+    let token = inside.jar["vestibule-token-checkout"].clone();
+
+    // Instance two's subscription goes half-open: nothing arrives, nothing says so.
+    wait_for("instance two subscribed", || relay.silence_subscriptions() > 0).await;
+    // The visitor leaves at instance one: the end is announced, and instance two misses it...
+    inside.addr = one.addr;
+    inside.leave().await;
+    // ...until it notices the silence, subscribes again and catches up on ended sessions.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (code, _, _) =
+            get(two.addr, "/checkout/pay", &[("cookie", &format!("vestibule-token-checkout={token}"))]).await;
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the ended session still passes at instance two");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaves_during_an_outage_are_answered_at_once_and_never_lost() {
+    let TwoInstances { _redis: redis, one, two, .. } = two_instances("leaves").await;
+    let mut inside = Visitor::new(one.addr);
+    assert_eq!(inside.open("/checkout").await.0, StatusCode::OK);
+    let mut leaver = Visitor::new(two.addr);
+    leaver.open("/checkout").await;
+    let mut next = Visitor::new(one.addr);
+    next.open("/checkout").await;
+    wait_for_position(&mut next, 2).await;
+    let mut feed = next.feed().await;
+    feed_until(&mut feed, "position").await;
+
+    redis.pause();
+    // The first in line gives up their place, the visitor inside leaves: each hears back at
+    // once, whatever the store is doing.
+    for visitor in [&mut leaver, &mut inside] {
+        let started = tokio::time::Instant::now();
+        visitor.leave().await;
+        assert!(started.elapsed() < Duration::from_millis(300), "a leave waited {:?}", started.elapsed());
+    }
+    feed_until(&mut feed, "paused").await;
+    redis.resume();
+    // Both are applied when Redis is back: the freed place goes to the next in line, not to
+    // the one who gave it up.
+    feed_until(&mut feed, "admitted").await;
+    assert_eq!(next.open("/checkout").await.0, StatusCode::OK);
+}

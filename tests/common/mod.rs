@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+pub mod relay;
 pub mod visitor;
 
 use std::convert::Infallible;
