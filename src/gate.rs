@@ -73,8 +73,6 @@ pub struct Gate {
     tokens: Tokens,
     upstream: Upstream,
     store: Arc<Store>,
-    /// This instance's id, for the schedulers' leases.
-    instance: String,
     clock: Clock,
     feeds: Arc<FeedLimits>,
     /// Feed sockets and schedulers: owned, ended by `stop`.
@@ -112,7 +110,6 @@ impl Gate {
             tokens: Tokens::new(&config.tokens)?,
             upstream: Upstream::new(&config.upstream, stop.clone()),
             store: Arc::new(store),
-            instance: random_id(),
             clock: Clock::new(),
             feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
             tasks: TaskTracker::new(),
@@ -129,19 +126,11 @@ impl Gate {
     /// other instances.
     pub fn start_schedulers(&self) {
         for room in &self.rooms {
-            let task =
-                run_scheduler(room.clone(), self.store.clone(), self.instance.clone(), self.clock, self.stop.clone());
+            let task = run_scheduler(room.clone(), self.store.clone(), self.clock, self.stop.clone());
             self.tasks.spawn(task);
         }
         if matches!(*self.store, Store::Redis(_)) {
-            let listener = listen_to_rooms(
-                self.store.clone(),
-                self.rooms.clone(),
-                self.instance.clone(),
-                self.clock,
-                self.stop.clone(),
-            );
-            self.tasks.spawn(listener);
+            self.tasks.spawn(listen_to_rooms(self.store.clone(), self.rooms.clone(), self.clock, self.stop.clone()));
         }
     }
 
@@ -344,10 +333,20 @@ impl Gate {
                 Ok(redeemed) => redeemed,
                 Err(error) => {
                     store_failed(room, &error);
+                    // If the store carried it out, nobody got the token: say so when it is back.
+                    room.unanswered(ticket.ticket);
                     return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
                 }
             };
             match redeemed {
+                Redeemed::Pending => {
+                    // Redeemed a moment ago and not used yet: its holder whose answer was lost
+                    // (the session is theirs again once that is known), or a copy. Either way,
+                    // ask again in a moment.
+                    let mut response = self.waiting(room, ticket.ticket, start, None, &request, None);
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(PENDING_RETRY_SECONDS));
+                    return Ok(response);
+                }
                 Redeemed::Admitted { expires_at } => {
                     room.observe_cursor(ticket.ticket);
                     return self
@@ -639,19 +638,13 @@ const HEARTBEAT_DEADLINE: Duration = Duration::from_secs(3);
 /// elsewhere, and the leader's cursor moves (fanned out to this instance's waiters from
 /// memory). A subscription lost, or silent on this instance's own heartbeat, is made again
 /// with backoff, then the sessions that ended meanwhile are caught up on.
-async fn listen_to_rooms(
-    store: Arc<Store>,
-    rooms: Vec<Arc<Room>>,
-    instance: String,
-    clock: Clock,
-    stop: CancellationToken,
-) {
+async fn listen_to_rooms(store: Arc<Store>, rooms: Vec<Arc<Room>>, clock: Clock, stop: CancellationToken) {
     use futures_util::StreamExt;
     let Store::Redis(redis) = &*store else { return };
     let ids: Vec<String> = rooms.iter().map(|room| room.id.clone()).collect();
     let revocations: Vec<String> = ids.iter().map(|id| crate::store::revocations_channel(id)).collect();
     let cursors: Vec<String> = ids.iter().map(|id| crate::store::cursor_channel(id)).collect();
-    let heartbeat = format!("vestibule:heartbeat:{instance}");
+    let heartbeat = format!("vestibule:heartbeat:{}", redis.instance());
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         let subscribed = async {
@@ -744,6 +737,8 @@ fn json_response(value: &impl serde::Serialize) -> Response<Body> {
 
 /// `Retry-After` when the store cannot take a visitor in line now.
 const STORE_RETRY_SECONDS: u32 = 5;
+/// `Retry-After` for a turn being settled (redeemed a moment ago, not used yet).
+const PENDING_RETRY_SECONDS: u32 = 1;
 
 /// A store call failed: when the store is away, the room pauses until its next step succeeds.
 fn store_failed(room: &Room, error: &StoreError) {

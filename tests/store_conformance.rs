@@ -65,6 +65,10 @@ async fn a_ticket_is_redeemed_once_and_unknown_ones_are_refused(store: Store) {
     join_confirmed(&store, &limits, 2, 0).await;
     store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap();
     assert!(matches!(store.redeem(ROOM, &limits, 2, 1_000, JUDGE).await.unwrap(), Redeemed::Admitted { .. }));
+    // Until the session is used, a second presentation waits (it may be the holder whose
+    // answer was lost); then the ticket is spent.
+    assert_eq!(store.redeem(ROOM, &limits, 2, 1_000, JUDGE).await.unwrap(), Redeemed::Pending);
+    store.touch(ROOM, &limits, &[], &[(2, 601_000)], 1_000).await.unwrap();
     assert_eq!(store.redeem(ROOM, &limits, 2, 1_001, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Used));
     assert_eq!(store.redeem(ROOM, &limits, 0, 1_001, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Unknown));
 }
@@ -207,7 +211,10 @@ async fn redis_store(server: &RedisServer) -> Store {
     let store = RedisStore::connect(&server.url(), Duration::from_secs(2), Duration::from_secs(2))
         .await
         .expect("connect to the test's redis-server");
-    Store::Redis(Box::new(store))
+    let store = Store::Redis(Box::new(store));
+    // An instance alive for the test's length, as its scheduler keeps it.
+    store.hold_lease(ROOM, Duration::from_secs(60)).await.unwrap();
+    store
 }
 
 /// Empty the test's own Redis, as a restart without persistence would.
@@ -298,6 +305,43 @@ async fn a_call_that_reaches_redis_after_its_caller_gave_up_changes_nothing() {
     let stats = store.stats(ROOM, &limits, 0).await.unwrap();
     assert_eq!(stats.last_ticket, 1, "{stats:?}");
     assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 2 });
+}
+
+async fn redeemed(store: &Store, ticket: u64) -> Redeemed {
+    store.redeem(ROOM, &limits(600, 10), ticket, 1_000, JUDGE).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_redemption_whose_answer_was_lost_is_given_again_to_its_holder_only() {
+    let server = RedisServer::start();
+    let (one, two) = (redis_store(&server).await, redis_store(&server).await);
+    let limits = limits(600, 10);
+    let lease = Duration::from_millis(300);
+    for store in [&one, &two] {
+        store.hold_lease(ROOM, lease).await.unwrap(); // both instances alive
+    }
+    // Three in line (the room was paused when they came), then three turns.
+    for _ in 0..3 {
+        one.join(ROOM, &limits, false, 0).await.unwrap();
+    }
+    one.touch(ROOM, &limits, &[1, 2, 3], &[], 0).await.unwrap();
+    assert_eq!(one.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap().granted, 3);
+    // Instance one redeems ticket 2, and its answer is lost (its call failed): it says so.
+    let first = redeemed(&one, 2).await;
+    assert!(matches!(first, Redeemed::Admitted { .. }));
+    assert_eq!(redeemed(&two, 2).await, Redeemed::Pending, "instance one may still answer: wait");
+    one.unanswered(ROOM, &limits, 2, 1_000).await.unwrap();
+    assert_eq!(redeemed(&two, 2).await, first, "the holder, trying again, gets the session");
+    two.touch(ROOM, &limits, &[], &[(2, 601_000)], 1_000).await.unwrap();
+    assert_eq!(redeemed(&one, 2).await, Redeemed::Gone(Gone::Used), "once used, the ticket is spent");
+
+    // Instance one redeems ticket 3 and dies before answering: once it is no longer alive,
+    // the holder gets the session at instance two.
+    assert!(matches!(redeemed(&one, 3).await, Redeemed::Admitted { .. }));
+    assert_eq!(redeemed(&two, 3).await, Redeemed::Pending);
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert!(matches!(redeemed(&two, 3).await, Redeemed::Admitted { .. }));
+    assert_eq!(one.stats(ROOM, &limits, 1_000).await.unwrap().active, 2, "one session each, not two");
 }
 
 #[tokio::test]

@@ -89,12 +89,22 @@ async fn the_feed_pushes_the_position_then_admission_and_the_turn_is_redeemed_on
     assert!(second.jar.contains_key("vestibule-token-checkout"));
     assert!(!second.jar.contains_key("vestibule-ticket-checkout"), "the ticket is spent");
 
-    // A copy of the spent ticket admits nobody else; it joins at the back and is told why.
+    // A copy of the spent ticket admits nobody else: while the session is not yet known to
+    // be in use it is asked to wait a moment; then it joins at the back and is told why.
     let seen = upstream.requests().len();
-    let mut copier = Visitor::new(gate.addr);
-    copier.jar.insert("vestibule-ticket-checkout".into(), copied_ticket);
-    let (_, _, page) = copier.open("/checkout").await;
-    assert!(page.contains("already used"), "{page}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut copier = Visitor::new(gate.addr);
+        copier.jar.insert("vestibule-ticket-checkout".into(), copied_ticket.clone());
+        let (status, headers, page) = copier.open("/checkout").await;
+        assert_eq!(upstream.requests().len(), seen, "a copy never reaches the upstream");
+        if page.contains("already used") {
+            break;
+        }
+        assert_eq!((status, headers["retry-after"].to_str().unwrap()), (StatusCode::OK, "1"), "to wait: {page}");
+        assert!(tokio::time::Instant::now() < deadline, "the copy was never told the ticket is spent");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // The ended session's token is refused.
     let mut stale = Visitor::new(gate.addr);
     stale.jar.insert("vestibule-token-checkout".into(), stale_token);

@@ -125,6 +125,9 @@ pub enum Redeemed {
     Waiting {
         position: u64,
     },
+    /// The turn was redeemed a moment ago and its session not used yet: this may be its
+    /// holder again, whose answer was lost, or a copy of the ticket. Ask again in a moment.
+    Pending,
     Gone(Gone),
 }
 
@@ -198,6 +201,8 @@ pub struct Line {
     sessions: Sorted,
     /// Active sessions: ticket → last used.
     used: Sorted,
+    /// Sessions nobody has been seen using yet: ticket → opened at.
+    fresh: Sorted,
     /// Waiting tickets → last seen.
     seen: Sorted,
     /// Waiting tickets nobody has been seen holding since the join: ticket → joined at.
@@ -237,6 +242,7 @@ impl Line {
     fn expire(&mut self, limits: &Limits, now: u64) {
         for (ticket, _) in self.sessions.pop_until(now, MAX_ENDS) {
             self.used.remove(ticket);
+            self.fresh.remove(ticket);
         }
         if let Some(granted_before) = now.checked_sub(limits.grant_ms) {
             for (ticket, _) in self.grants.pop_until(granted_before, MAX_ENDS) {
@@ -252,7 +258,12 @@ impl Line {
     fn end_idle(&mut self, limits: &Limits, now: u64) -> Vec<(u64, u64)> {
         let Some(used_before) = now.checked_sub(limits.idle_ms) else { return Vec::new() };
         let idle = self.used.pop_until(used_before, MAX_ENDS);
-        idle.into_iter().filter_map(|(ticket, _)| Some((ticket, self.sessions.remove(ticket)?))).collect()
+        idle.into_iter()
+            .filter_map(|(ticket, _)| {
+                self.fresh.remove(ticket);
+                Some((ticket, self.sessions.remove(ticket)?))
+            })
+            .collect()
     }
 
     /// Remember why `ticket` no longer holds a place, forgetting the oldest beyond MAX_GONE.
@@ -272,6 +283,7 @@ impl Line {
         let expires_at = now + limits.session_ms;
         self.sessions.add(ticket, expires_at);
         self.used.add(ticket, now);
+        self.fresh.add(ticket, now);
         expires_at
     }
 
@@ -380,12 +392,16 @@ impl Line {
             self.forget(ticket, Gone::Used);
             return Redeemed::Admitted { expires_at };
         }
+        if self.fresh.contains(ticket) {
+            return Redeemed::Pending;
+        }
         Redeemed::Gone(self.gone.get(&ticket).copied().unwrap_or(Gone::Used))
     }
 
     /// End the session that `ticket` opened; its slot frees at once.
     pub fn release(&mut self, ticket: u64) -> bool {
         self.used.remove(ticket);
+        self.fresh.remove(ticket);
         self.sessions.remove(ticket).is_some()
     }
 
@@ -414,6 +430,7 @@ impl Line {
         for (ticket, _) in sessions {
             if self.sessions.contains(*ticket) {
                 self.used.raise(*ticket, now);
+                self.fresh.remove(*ticket);
             }
         }
     }
@@ -424,6 +441,7 @@ impl Line {
             Some(expires) => {
                 self.sessions.add(ticket, until.max(expires));
                 self.used.raise(ticket, now);
+                self.fresh.remove(ticket);
                 true
             }
             None => false,
@@ -485,6 +503,9 @@ mod tests {
         assert_eq!(line.join(&limits, true, 0), Joined::Waiting { ticket: 2 });
         line.advance(&limits, 1_000, Absence::Judge);
         assert!(matches!(line.redeem(&limits, 2, 1_000, Absence::Judge), Redeemed::Admitted { .. }));
+        // A copy presented before the session is used waits; once it is, it is refused.
+        assert_eq!(line.redeem(&limits, 2, 1_000, Absence::Judge), Redeemed::Pending);
+        line.touch(&[], &[(2, 601_000)], 1_000);
         assert_eq!(line.redeem(&limits, 2, 1_001, Absence::Judge), Redeemed::Gone(Gone::Used));
         assert_eq!(line.redeem(&limits, 0, 1_001, Absence::Judge), Redeemed::Gone(Gone::Unknown));
     }

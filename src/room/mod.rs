@@ -55,6 +55,9 @@ enum Departure {
     SessionEnded { ticket: u64, expires_at: u64 },
     /// A place in line (or a turn not yet used) given up.
     PlaceGivenUp { ticket: u64 },
+    /// A redemption here failed: if it ran, nobody got its answer, and the ticket's holder
+    /// may take the session again.
+    Unanswered { ticket: u64 },
 }
 
 /// What every waiter of a room needs to know, published once per step.
@@ -317,6 +320,13 @@ impl Room {
         self.depart(Departure::PlaceGivenUp { ticket });
     }
 
+    /// A redemption of `ticket` failed here: if the store carried it out, the holder never
+    /// got its token. The store hears of it at the next step, so that the holder may take
+    /// the session again.
+    pub fn unanswered(&self, ticket: u64) {
+        self.depart(Departure::Unanswered { ticket });
+    }
+
     fn depart(&self, departure: Departure) {
         if let Ok(mut departures) = self.departures.lock() {
             if departures.len() < MAX_PENDING_DEPARTURES {
@@ -345,6 +355,7 @@ impl Room {
                     store.release(&self.id, &self.limits, ticket, expires_at, now).await.map(drop)
                 }
                 Departure::PlaceGivenUp { ticket } => store.leave(&self.id, &self.limits, ticket, now).await,
+                Departure::Unanswered { ticket } => store.unanswered(&self.id, &self.limits, ticket, now).await,
             };
             if let Err(error) = sent {
                 if let Ok(mut pending) = self.departures.lock() {
@@ -417,19 +428,19 @@ impl Room {
     /// advance the line (when open, and when this instance holds the room's lease), publish.
     /// A follower reads the room every [`READ_EVERY`]; between reads it learns cursor moves
     /// from the leader's announcements.
-    pub async fn step(&self, store: &Store, instance: &str, now: u64) -> Result<(), StoreError> {
+    pub async fn step(&self, store: &Store, now: u64) -> Result<(), StoreError> {
         store.keep_time().await;
         self.prune(now);
         let was_available = self.is_available();
-        let result = self.try_step(store, instance, now, was_available).await;
+        let result = self.try_step(store, now, was_available).await;
         self.set_available(result.is_ok(), now);
         result
     }
 
-    async fn try_step(&self, store: &Store, instance: &str, now: u64, was_available: bool) -> Result<(), StoreError> {
+    async fn try_step(&self, store: &Store, now: u64, was_available: bool) -> Result<(), StoreError> {
         let (state, message) = self.control.read().map(|c| c.clone()).unwrap_or_default();
         self.report(store, now).await?;
-        let leading = store.hold_lease(&self.id, instance, LEASE).await?;
+        let leading = store.hold_lease(&self.id, LEASE).await?;
         self.leading.store(leading, Ordering::Relaxed);
         // Back after an outage, waiters are seen again (this step's snapshot asks them) before
         // the line moves on, and for a moment nobody is taken as gone.
@@ -497,9 +508,9 @@ impl Room {
     }
 
     /// Give up this instance's lease on the room (a graceful stop).
-    pub async fn resign(&self, store: &Store, instance: &str) {
+    pub async fn resign(&self, store: &Store) {
         if self.leading.swap(false, Ordering::Relaxed) {
-            if let Err(error) = store.drop_lease(&self.id, instance).await {
+            if let Err(error) = store.drop_lease(&self.id).await {
                 tracing::warn!(room = %self.id, %error, "could not give up the scheduler lease");
             }
         }
@@ -560,7 +571,6 @@ impl Status {
 pub async fn run_scheduler(
     room: std::sync::Arc<Room>,
     store: std::sync::Arc<Store>,
-    instance: String,
     clock: crate::clock::Clock,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -572,7 +582,7 @@ pub async fn run_scheduler(
             () = stop.cancelled() => break,
         }
         let was_available = room.is_available();
-        if let Err(error) = room.step(&store, &instance, clock.now_ms()).await {
+        if let Err(error) = room.step(&store, clock.now_ms()).await {
             if was_available {
                 tracing::warn!(room = %room.id, %error, "the store is away: the line is paused");
             }
@@ -580,7 +590,7 @@ pub async fn run_scheduler(
             tracing::info!(room = %room.id, "the store is back: the line moves again");
         }
     }
-    room.resign(&store, &instance).await;
+    room.resign(&store).await;
 }
 
 #[cfg(test)]
@@ -607,7 +617,7 @@ mod tests {
             room.touch(joined.ticket()); // as the gate does when it answers the join
         }
         let stop = tokio_util::sync::CancellationToken::new();
-        let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), "test".into(), clock, stop.clone()));
+        let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), clock, stop.clone()));
         // Five minutes pass in an instant: tokio's clock is paused and jumps from timer to timer.
         tokio::time::sleep(Duration::from_secs(300)).await;
         stop.cancel();
@@ -632,11 +642,11 @@ mod tests {
         let clock = Clock::new();
         let joined = store.join(&room.id, &room.limits, false, clock.now_ms()).await.unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
-        room.step(&store, "test", clock.now_ms()).await.unwrap();
+        room.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.snapshot().cursor, 0);
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "paused");
         room.set_control(RoomState::Open, None);
-        room.step(&store, "test", clock.now_ms()).await.unwrap();
+        room.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "admitted");
     }
 
@@ -657,7 +667,7 @@ mod tests {
             room.session_used(used, expires_at, &mark, clock.now_ms());
             room.touch(waiter);
             tokio::time::advance(Duration::from_secs(10)).await;
-            room.step(&store, "test", clock.now_ms()).await.unwrap();
+            room.step(&store, clock.now_ms()).await.unwrap();
         }
         assert!(!room.is_revoked(used), "a session in use stays");
         assert_eq!(room.snapshot().cursor, 1, "and holds the only place");
@@ -666,7 +676,7 @@ mod tests {
         for _ in 0..4 {
             room.touch(waiter);
             tokio::time::advance(Duration::from_secs(10)).await;
-            room.step(&store, "test", clock.now_ms()).await.unwrap();
+            room.step(&store, clock.now_ms()).await.unwrap();
         }
         assert!(room.is_revoked(used));
         assert_eq!(room.snapshot().cursor, 2);
@@ -683,7 +693,7 @@ mod tests {
         }
         assert!((1..=300_000).all(|ticket| room.is_revoked(ticket)));
         tokio::time::advance(Duration::from_secs(61)).await;
-        room.step(&Store::memory(), "test", clock.now_ms()).await.unwrap();
+        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
         assert!(!room.is_revoked(2) && room.is_revoked(1), "forgotten once the token has expired");
         assert_eq!(room.revoked.read().unwrap().len(), 150_000);
     }
@@ -696,10 +706,10 @@ mod tests {
         for ticket in 1..=5_000 {
             room.touch(ticket);
         }
-        room.step(&store, "test", clock.now_ms()).await.unwrap();
+        room.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.touched.lock().unwrap().len(), 5_000 - TOUCH_BATCH);
         for _ in 0..4 {
-            room.step(&store, "test", clock.now_ms()).await.unwrap();
+            room.step(&store, clock.now_ms()).await.unwrap();
         }
         assert!(room.touched.lock().unwrap().is_empty());
     }

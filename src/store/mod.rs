@@ -186,18 +186,37 @@ impl Store {
 
     /// Whether this instance may advance `room` now: always with the memory store; with
     /// Redis, while it holds the room's lease (taken or renewed by this call).
-    pub async fn hold_lease(&self, room: &str, instance: &str, lease: std::time::Duration) -> Result<bool, StoreError> {
+    pub async fn hold_lease(&self, room: &str, lease: std::time::Duration) -> Result<bool, StoreError> {
         match self {
             Store::Memory(_) => Ok(true),
-            Store::Redis(store) => store.hold_lease(room, instance, lease).await,
+            Store::Redis(store) => store.hold_lease(room, lease).await,
         }
     }
 
     /// Give up the lease of `room` if this instance holds it (a graceful stop).
-    pub async fn drop_lease(&self, room: &str, instance: &str) -> Result<(), StoreError> {
+    pub async fn drop_lease(&self, room: &str) -> Result<(), StoreError> {
         match self {
             Store::Memory(_) => Ok(()),
-            Store::Redis(store) => store.drop_lease(room, instance).await,
+            Store::Redis(store) => store.drop_lease(room).await,
+        }
+    }
+
+    /// This instance's call opening `ticket`'s session failed (it may have run, its answer
+    /// lost): the ticket's holder may take that session again. The memory store never loses
+    /// an answer.
+    pub async fn unanswered(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(store) => store.unanswered(room, limits, ticket, now).await,
+        }
+    }
+
+    /// This instance's id (a new one each run): the leases and sessions it holds are known
+    /// by it.
+    pub fn instance(&self) -> &str {
+        match self {
+            Store::Memory(_) => "memory",
+            Store::Redis(store) => store.instance(),
         }
     }
 

@@ -35,6 +35,7 @@ struct Scripts {
     touch: Script,
     renew: Script,
     restore: Script,
+    unanswered: Script,
     lease: Script,
     unlease: Script,
 }
@@ -52,6 +53,7 @@ impl Scripts {
             touch: with_prelude(include_str!("lua/touch.lua")),
             renew: with_prelude(include_str!("lua/renew.lua")),
             restore: with_prelude(include_str!("lua/restore.lua")),
+            unanswered: with_prelude(include_str!("lua/unanswered.lua")),
             lease: Script::new(include_str!("lua/lease.lua")),
             unlease: Script::new(include_str!("lua/unlease.lua")),
         }
@@ -136,6 +138,8 @@ pub struct RedisStore {
     clock: Clock,
     redis_clock: Mutex<Option<ClockSample>>,
     clock_checked_at: AtomicU64,
+    /// This instance's id: it holds leases and opens sessions under it.
+    instance: String,
 }
 
 /// The channel on which a room's ended sessions are announced to every instance.
@@ -149,9 +153,24 @@ pub fn cursor_channel(room: &str) -> String {
 }
 
 /// The keys of a room, in the order of `lua/common.lua`.
-fn keys(room: &str) -> [String; 11] {
-    ["line", "grants", "sessions", "left", "seen", "gone", "reasons", "admitted", "revoked", "unconfirmed", "used"]
-        .map(|part| format!("vestibule:{{{room}}}:{part}"))
+fn keys(room: &str) -> [String; 14] {
+    [
+        "line",
+        "grants",
+        "sessions",
+        "left",
+        "seen",
+        "gone",
+        "reasons",
+        "admitted",
+        "revoked",
+        "unconfirmed",
+        "used",
+        "fresh",
+        "openers",
+        "instances",
+    ]
+    .map(|part| format!("vestibule:{{{room}}}:{part}"))
 }
 
 /// A session ended, as announced on a room's channel: `ticket:until` (ms).
@@ -241,7 +260,13 @@ impl RedisStore {
             clock: Clock::new(),
             redis_clock: Mutex::default(),
             clock_checked_at: AtomicU64::new(0),
+            instance: crate::token::random_id(),
         }
+    }
+
+    /// This instance's id.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Check Redis's clock (at most once a second, one `TIME` round trip), so that every call
@@ -328,7 +353,7 @@ impl RedisStore {
     /// Sessions of `room` ended and not yet expired, with when they would have: for an
     /// instance that may have missed their announcement (its subscription was down).
     pub async fn ended_sessions(&self, room: &str, now: u64) -> Result<Vec<(u64, u64)>, StoreError> {
-        let [.., revoked, _, _] = keys(room);
+        let revoked = format!("vestibule:{{{room}}}:revoked");
         redis::cmd("ZRANGE")
             .arg(revoked)
             .arg(now)
@@ -446,7 +471,7 @@ impl RedisStore {
         let (admitted, ticket, expires_at): (u8, u64, u64) = self
             .run(room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.join, room, limits, now, Absence::Excuse);
-                invocation.arg(u8::from(admit_now));
+                invocation.arg(u8::from(admit_now)).arg(&store.instance);
                 invocation
             })
             .await?;
@@ -489,7 +514,7 @@ impl RedisStore {
         let (kind, value): (u8, redis::Value) = self
             .run(room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.redeem, room, limits, now, absence);
-                invocation.arg(ticket);
+                invocation.arg(ticket).arg(&store.instance);
                 invocation
             })
             .await?;
@@ -505,6 +530,7 @@ impl RedisStore {
                 });
                 Redeemed::Waiting { position }
             }
+            3 => Redeemed::Pending,
             _ => Redeemed::Gone(match redis::from_redis_value::<String>(value).map_err(reply)?.as_str() {
                 "lapsed" => Gone::Lapsed,
                 "left" => Gone::Left,
@@ -532,6 +558,18 @@ impl RedisStore {
             })
             .await?;
         Ok(ended == 1)
+    }
+
+    /// This instance's call opening `ticket`'s session failed: if it ran, its answer was lost,
+    /// and the ticket's holder may take the session again.
+    pub async fn unanswered(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
+        self.run::<u8>(room, limits, now, |store| {
+            let mut invocation = store.invocation(&store.scripts.unanswered, room, limits, now, Absence::Excuse);
+            invocation.arg(ticket).arg(&store.instance);
+            invocation
+        })
+        .await?;
+        Ok(())
     }
 
     pub async fn leave(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
@@ -582,22 +620,25 @@ impl RedisStore {
         Ok(renewed == 1)
     }
 
-    fn leader_key(room: &str) -> String {
-        format!("vestibule:{{{room}}}:leader")
+    fn lease_keys(room: &str) -> [String; 2] {
+        [format!("vestibule:{{{room}}}:leader"), format!("vestibule:{{{room}}}:instances")]
     }
 
     /// Take or keep the room's scheduler lease for `lease`; true while this instance holds it.
-    pub async fn hold_lease(&self, room: &str, instance: &str, lease: Duration) -> Result<bool, StoreError> {
-        let mut invocation = self.scripts.lease.key(Self::leader_key(room));
-        invocation.arg(instance).arg(lease.as_millis() as u64);
+    /// This also says, for as long, that the instance is alive.
+    pub async fn hold_lease(&self, room: &str, lease: Duration) -> Result<bool, StoreError> {
+        let [leader, instances] = Self::lease_keys(room);
+        let mut invocation = self.scripts.lease.key(leader);
+        invocation.key(instances).arg(&self.instance).arg(lease.as_millis() as u64);
         let held: u8 = invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)?;
         Ok(held == 1)
     }
 
     /// Give the lease up (a graceful stop), so that another instance takes over at once.
-    pub async fn drop_lease(&self, room: &str, instance: &str) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.unlease.key(Self::leader_key(room));
-        invocation.arg(instance);
+    pub async fn drop_lease(&self, room: &str) -> Result<(), StoreError> {
+        let [leader, instances] = Self::lease_keys(room);
+        let mut invocation = self.scripts.unlease.key(leader);
+        invocation.key(instances).arg(&self.instance);
         invocation.invoke_async::<u8>(&mut self.connection.clone()).await.map_err(classify)?;
         Ok(())
     }

@@ -23,6 +23,11 @@
 -- KEYS[10] unconfirmed zset: ticket -> joined at (ms); waiting tickets nobody has been seen
 --                            holding since the join (its answer may have been lost)
 -- KEYS[11] used        zset: session ticket -> last used (ms)
+-- KEYS[12] fresh       zset: session ticket -> opened at (ms); sessions nobody has been seen
+--                            using yet (the token may not have reached its holder)
+-- KEYS[13] openers     hash: fresh session ticket -> the instance that opened it ('' once that
+--                            instance knows its answer was lost)
+-- KEYS[14] instances   hash: instance id -> alive until (ms of Redis time; lease.lua)
 -- ARGV[1] now (ms)  ARGV[2] admit_per_minute  ARGV[3] max_active  ARGV[4] grant_ms
 -- ARGV[5] session_ms  ARGV[6] abandon_ms  ARGV[7] idle_ms
 -- ARGV[8] deadline: Redis time (ms) after which the caller has given up on this call, 0 for
@@ -100,7 +105,25 @@ end
 -- A session's place is free: it leaves every set that knew it.
 local function drop_session(ticket)
   redis.call('ZREM', KEYS[11], ticket)
+  redis.call('ZREM', KEYS[12], ticket)
+  redis.call('HDEL', KEYS[13], ticket)
   return redis.call('ZREM', KEYS[3], ticket)
+end
+
+-- A session opened by `instance` (a redemption, or an admission at join): fresh until used.
+local function open_session(ticket, instance)
+  redis.call('ZADD', KEYS[3], now + session_ms, ticket)
+  redis.call('ZADD', KEYS[11], now, ticket)
+  redis.call('ZADD', KEYS[12], now, ticket)
+  redis.call('HSET', KEYS[13], ticket, instance)
+  return now + session_ms
+end
+
+-- A session is in use: no longer fresh.
+local function session_used(ticket)
+  redis.call('ZADD', KEYS[11], 'GT', now, ticket)
+  redis.call('ZREM', KEYS[12], ticket)
+  redis.call('HDEL', KEYS[13], ticket)
 end
 
 -- End sessions and grants whose time is up (at most MAX_ENDS each); forget old admissions.

@@ -1,6 +1,6 @@
 -- join: take a ticket; admitted at once when the room is open, nobody waits, and there is
 -- room and budget. A waiting ticket stays unconfirmed until its holder is seen.
--- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0).
+-- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0), ARGV[11] this instance's id.
 -- Returns {admitted (1/0), ticket, session expires at (ms) or 0}; the error RESTORING for a
 -- moment after a restore.
 if lost() then
@@ -18,9 +18,7 @@ if ARGV[10] == '1' and cursor + 1 == ticket and free() > 0 and budget >= TURN th
   redis.call('HSET', KEYS[1], 'cursor', ticket)
   save_budget(budget - TURN)
   redis.call('RPUSH', KEYS[8], now)
-  redis.call('ZADD', KEYS[3], now + session_ms, ticket)
-  redis.call('ZADD', KEYS[11], now, ticket)
-  return {1, ticket, now + session_ms}
+  return {1, ticket, open_session(ticket, ARGV[11])}
 end
 save_budget(budget)
 redis.call('ZADD', KEYS[5], now, ticket)

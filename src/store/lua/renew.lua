@@ -12,5 +12,5 @@ if not redis.call('ZSCORE', KEYS[3], ticket) then
   end
 end
 redis.call('ZADD', KEYS[3], 'GT', ARGV[11], ticket)
-redis.call('ZADD', KEYS[11], 'GT', now, ticket)
+session_used(ticket)
 return 1

@@ -28,7 +28,7 @@ for i = 11 + waiters, #ARGV - 1, 2 do
     known = true
   end
   if known then
-    redis.call('ZADD', KEYS[11], 'GT', now, ticket)
+    session_used(ticket)
     updated = updated + 1
   end
 end
