@@ -82,7 +82,9 @@ TOML
   }
   rm -f "$out"/chaos-"$seed".instance-*.log
   for n in 0 1 2; do start_instance "$n"; done
-  mark() { echo "$(date +%s%3N) $1" >> "$dir/marks"; echo "   [$(( $(date +%s) - started ))s] $1"; }
+  # A moment the line must recover from: recorded for the report's recovery times.
+  mark() { echo "$(date +%s%3N) $1" >> "$dir/marks"; say "$1"; }
+  say() { echo "   [$(( $(date +%s) - started ))s] $1"; }
 
   echo "== chaos seed $seed: ${DURATION} s of $RATE arrivals/s, three instances on one Redis"
   "$bin" loadtest --config "$dir/proxy-0.toml" "${targets[@]}" --sources 127.0.0.0/8 \
@@ -102,13 +104,12 @@ TOML
     local kind=$((RANDOM % 3)) length=$((RANDOM % 5 + 1)) victim=$((RANDOM % 3)) gap=$((RANDOM % 9 + 6))
     sleep $((started + at - $(date +%s))) 2>/dev/null || true
     case $kind in
-      0) mark "freeze-${length}s"; kill -STOP "$redis_pid"; sleep "$length"; kill -CONT "$redis_pid"
+      0) say "redis frozen for ${length} s"; kill -STOP "$redis_pid"; sleep "$length"; kill -CONT "$redis_pid"
          mark "redis-thawed" ;;
-      1) mark "redis-killed"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
+      1) say "redis killed"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
          sleep $((length % 4)); start_redis; mark "redis-restarted-empty" ;;
       2) kill -9 "${instance_pids[victim]}"; wait "${instance_pids[victim]}" 2>/dev/null || true
-         mark "instance-$victim-killed"; sleep "$length"; start_instance "$victim"
-         echo "   [$(( $(date +%s) - started ))s] instance $victim back" ;;
+         mark "instance-$victim-killed"; sleep "$length"; start_instance "$victim"; say "instance $victim back" ;;
     esac
     at=$((at + length + gap))
   done

@@ -647,6 +647,8 @@ async fn listen_to_rooms(store: Arc<Store>, rooms: Vec<Arc<Room>>, clock: Clock,
     let heartbeat = format!("vestibule:heartbeat:{}", redis.instance());
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
+        // Until subscribed, the rooms read the store every step instead.
+        rooms.iter().for_each(|room| room.set_hearing(false));
         let subscribed = async {
             let messages = redis.subscribe(&ids, &heartbeat).await?;
             for room in &rooms {
@@ -659,15 +661,19 @@ async fn listen_to_rooms(store: Arc<Store>, rooms: Vec<Arc<Room>>, clock: Clock,
         let mut messages = match subscribed.await {
             Ok(messages) => {
                 backoff = Duration::from_millis(100);
+                rooms.iter().for_each(|room| room.set_hearing(true));
                 messages
             }
             Err(error) => {
-                tracing::warn!(%error, ?backoff, "cannot subscribe to the rooms' announcements");
+                if backoff == Duration::from_millis(100) {
+                    tracing::warn!(%error, "cannot subscribe to the rooms' announcements; trying again");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // Soon: while unsubscribed, every room reads the store every step.
+                backoff = (backoff * 2).min(Duration::from_millis(500));
                 continue;
             }
         };

@@ -105,6 +105,9 @@ pub struct Report {
     pub capacity_overshoot: Option<u64>,
     /// Pairs admitted out of join (ticket) order, by more than one scheduler step.
     pub fifo_inversions: u64,
+    /// The first few of them: the earlier ticket, when its turn can have come at the
+    /// earliest (s), the later ticket, and when it learned of its turn (s).
+    pub inversion_examples: Vec<(u64, f64, u64, f64)>,
     /// Visitors who lost their place: their shown position went up, their turn was refused
     /// and they were sent to the back, or they joined and were never admitted.
     pub places_lost: u64,
@@ -195,6 +198,10 @@ impl Report {
                 .filter(|_| options.leave)
                 .map(|room| peak_sessions.saturating_sub(room.max_active.into())),
             fifo_inversions: inversions(&order),
+            inversion_examples: inverted(&order)
+                .take(10)
+                .map(|(e, l)| (e.ticket, e.from.as_secs_f64(), l.ticket, l.learned.as_secs_f64()))
+                .collect(),
             places_lost: lost.values().sum(),
             lost,
             retries,
@@ -242,12 +249,17 @@ struct Turn {
 
 /// Pairs where a later ticket's turn was learned of more than one step before an earlier
 /// ticket's turn can have come.
+fn inverted(by_ticket: &[Turn]) -> impl Iterator<Item = (&Turn, &Turn)> {
+    by_ticket.iter().enumerate().flat_map(move |(i, earlier)| {
+        by_ticket[i + 1..]
+            .iter()
+            .filter(move |later| later.learned + SAME_STEP < earlier.from)
+            .map(move |later| (earlier, later))
+    })
+}
+
 fn inversions(by_ticket: &[Turn]) -> u64 {
-    let mut count = 0;
-    for (i, earlier) in by_ticket.iter().enumerate() {
-        count += by_ticket[i + 1..].iter().filter(|later| later.learned + SAME_STEP < earlier.from).count() as u64;
-    }
-    count
+    inverted(by_ticket).count() as u64
 }
 
 /// The first turn that certainly came after the mark `at` (its earliest possible moment is

@@ -118,6 +118,8 @@ pub struct Room {
     pruned_at: AtomicU64,
     /// Whether this instance advanced the line at its last step.
     leading: AtomicBool,
+    /// Whether this instance hears the leader's announcements (its subscription is up).
+    hearing: AtomicBool,
     /// When this instance last read the room from the store (ms).
     read_at: AtomicU64,
     /// The epoch of the line at the last read.
@@ -169,6 +171,7 @@ impl Room {
             available_since: AtomicU64::new(0),
             pruned_at: AtomicU64::new(0),
             leading: AtomicBool::new(false),
+            hearing: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             reading: tokio::sync::Mutex::new(()),
@@ -271,6 +274,22 @@ impl Room {
             Absence::Judge
         } else {
             Absence::Excuse
+        }
+    }
+
+    /// Note whether this instance hears the leader's announcements of cursor moves.
+    pub fn set_hearing(&self, hearing: bool) {
+        self.hearing.store(hearing, Ordering::Relaxed);
+    }
+
+    /// How often a follower reads the room: every [`READ_EVERY`] while it hears the leader's
+    /// announcements, every step while it does not (a waiter must not learn of a turn
+    /// seconds after the one behind them).
+    fn read_every(&self) -> Duration {
+        if self.hearing.load(Ordering::Relaxed) {
+            READ_EVERY
+        } else {
+            STEP
         }
     }
 
@@ -426,8 +445,8 @@ impl Room {
 
     /// One scheduler step: release sessions ended while the store was away, flush liveness,
     /// advance the line (when open, and when this instance holds the room's lease), publish.
-    /// A follower reads the room every [`READ_EVERY`]; between reads it learns cursor moves
-    /// from the leader's announcements.
+    /// A follower reads the room every [`READ_EVERY`] (every step while it does not hear the
+    /// leader); between reads it learns cursor moves from the leader's announcements.
     pub async fn step(&self, store: &Store, now: u64) -> Result<(), StoreError> {
         store.keep_time().await;
         self.prune(now);
@@ -450,7 +469,7 @@ impl Room {
                 self.revoke(ticket, until);
             }
             Some(advanced.stats)
-        } else if leading || now >= self.read_at.load(Ordering::Relaxed) + READ_EVERY.as_millis() as u64 {
+        } else if leading || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64 {
             Some(store.stats(&self.id, &self.limits, now).await?)
         } else {
             None
