@@ -55,13 +55,16 @@ async fn the_line_runs_on_a_cluster_and_survives_a_master_failover() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     cluster.wait_until_ok();
+    let answering = tokio::time::Instant::now();
 
     // The line is still there: places kept, the token still passes, and the next turn goes
-    // to the first in line when the place frees.
+    // to the first in line when the place frees, within seconds of the store answering.
     inside.addr = two.addr;
     assert_eq!(inside.open("/checkout/pay").await.0, StatusCode::OK);
     inside.leave().await;
     feed_until(&mut feed, "admitted").await;
+    let moved = answering.elapsed();
+    assert!(moved < std::time::Duration::from_secs(5), "the line moved {moved:?} after the failover");
     assert_eq!(first.open("/checkout").await.0, StatusCode::OK);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while second.status().await["position"] != 1 {

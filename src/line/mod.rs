@@ -624,6 +624,24 @@ mod tests {
     }
 
     #[test]
+    fn after_an_outage_the_line_resumes_at_its_rate_with_no_burst_to_catch_up() {
+        let limits = Limits { abandon_ms: u64::MAX / 4, ..limits(1_200, u32::MAX) };
+        let mut line = Line::default();
+        let crowd: Vec<u64> = (0..5_000).map(|_| line.join(&limits, true, 0).ticket()).collect();
+        line.touch(&crowd, &[], 0);
+        let granted_by = |from: u64, to: u64, line: &mut Line| {
+            (from..to).step_by(100).map(|now| line.advance(&limits, now, Absence::Judge).granted).sum::<u32>()
+        };
+        granted_by(100, 10_000, &mut line);
+        // No step for 60 s (the store was away), then a minute of steps: one second's worth
+        // at once (the bucket's size), then 20 a second.
+        let first = line.advance(&limits, 70_000, Absence::Judge).granted;
+        assert_eq!(first, 20, "the bucket holds one second, not the minute missed");
+        let minute = granted_by(70_100, 130_000, &mut line);
+        assert!(minute.abs_diff(1_200) <= 12, "{minute} in the minute after");
+    }
+
+    #[test]
     fn spent_tickets_are_remembered_within_a_bound() {
         let limits = Limits { abandon_ms: u64::MAX / 4, ..limits(6_000_000, u32::MAX) };
         let mut line = Line::default();

@@ -418,6 +418,35 @@ mod tests {
     }
 
     #[test]
+    fn places_lost_count_positions_gone_up_turns_refused_and_visitors_never_admitted() {
+        let admitted = |ticket: u64, lost: Option<&'static str>| Outcome {
+            ticket: Some(ticket),
+            admitted: Some(ms(ticket * 100)),
+            lost,
+            ..Outcome::default()
+        };
+        let outcomes = vec![
+            admitted(1, None),
+            admitted(2, Some("shown position went up")),
+            admitted(3, Some("turn refused, sent to the back")),
+            Outcome { ticket: Some(4), error: Some("not admitted in time"), ..Outcome::default() },
+            // A join refused until patience ran out never held a place.
+            Outcome { error: Some("join refused until patience ran out"), ..Outcome::default() },
+            Outcome { retries: vec!["feed dropped, reconnected"; 2], ..admitted(5, None) },
+        ];
+        let options = Options::new("127.0.0.1:1".parse().unwrap(), 6, 1.0).unwrap();
+        let report = Report::new(&outcomes, 1.0, &options, &[]);
+        assert_eq!(report.places_lost, 3);
+        let lost: Vec<(&str, u64)> = report.lost.iter().map(|(how, n)| (how.as_str(), *n)).collect();
+        assert_eq!(
+            lost,
+            [("joined, never admitted", 1), ("shown position went up", 1), ("turn refused, sent to the back", 1)]
+        );
+        assert_eq!(report.retries.get("feed dropped, reconnected"), Some(&2));
+        assert_eq!(report.error_count(), 2);
+    }
+
+    #[test]
     fn a_recovery_is_timed_to_the_first_turn_certainly_after_the_mark() {
         let mut order = turns(&[(1, 900), (2, 2_000), (3, 3_500)]);
         // Ticket 2 learned of its turn at 2 s on reconnecting: it may have come before the mark.

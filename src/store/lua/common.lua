@@ -158,10 +158,11 @@ end
 
 -- Places presumed taken by what a lost line held, as many as the instances knew (merged by
 -- maximum) less those taken over since: its sessions until idle_ms after the restore (one in
--- use is reported by then), its turns granted until grant_ms (one is redeemed by then).
+-- use is reported by then; none outlives session_ms), its turns granted until grant_ms (one
+-- is redeemed by then).
 local function phantom(kind)
   local restored_at = redis.call('HGET', KEYS[1], 'restored_at')
-  local lasts = kind == 'sessions' and idle_ms or grant_ms
+  local lasts = kind == 'sessions' and math.min(idle_ms, session_ms) or grant_ms
   if not restored_at or tonumber(restored_at) + lasts <= now then
     return 0
   end
