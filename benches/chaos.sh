@@ -9,6 +9,10 @@
 #   SEED=42 bash benches/chaos.sh            # replay a seed
 #   SEEDS="1 2 3 4 5 6 7 8 9 10" bash benches/chaos.sh   # several seeds, a summary table
 #   DURATION=40 bash benches/chaos.sh        # shorter (CI runs this)
+#   VESTIBULE=/path/to/vestibule bash benches/chaos.sh   # another build
+#   SCHEDULE="8:freeze:3 19:restart:0" DURATION=30 bash benches/chaos.sh
+#                                            # faults at set times (seconds:kind:length; kinds
+#                                            # freeze, restart, kill-0, kill-1, kill-2)
 #
 # Results (text, JSON, HTML, logs) go to target/bench-results/chaos-<seed>.*. Needs
 # redis-server; only loopback addresses are used.
@@ -21,8 +25,11 @@ out=target/bench-results
 mkdir -p "$out"
 command -v redis-server >/dev/null || { echo "redis-server is not on the PATH (apt-get install redis-server)" >&2; exit 1; }
 
-cargo build --release --locked --quiet
-bin=target/release/vestibule
+# VESTIBULE=path/to/vestibule runs another build (an older commit, for a before and after).
+if [ -z "${VESTIBULE:-}" ]; then
+  cargo build --release --locked --quiet
+fi
+bin=${VESTIBULE:-target/release/vestibule}
 source tests/lib.sh
 
 # One run for one seed; its report in $out/chaos-$seed.*.
@@ -97,21 +104,38 @@ TOML
 
   # The fault schedule: from 5 s on, a fault every 6 to 14 s until 10 s before the arrivals
   # end, each drawn from the seed: Redis frozen 1-5 s, Redis killed and restarted empty after
-  # 0-3 s, or an instance killed and restarted after 1-5 s.
-  RANDOM=$seed
-  local at=5
-  while [ $((at + 10)) -le "$DURATION" ]; do
-    local kind=$((RANDOM % 3)) length=$((RANDOM % 5 + 1)) victim=$((RANDOM % 3)) gap=$((RANDOM % 9 + 6))
+  # 0-3 s, or an instance killed and restarted after 1-5 s. Or the faults of $SCHEDULE.
+  local schedule=()
+  if [ -n "${SCHEDULE:-}" ]; then
+    read -r -a schedule <<< "$SCHEDULE"
+  else
+    RANDOM=$seed
+    local at=5
+    while [ $((at + 10)) -le "$DURATION" ]; do
+      local kind=$((RANDOM % 3)) length=$((RANDOM % 5 + 1)) victim=$((RANDOM % 3)) gap=$((RANDOM % 9 + 6))
+      case $kind in
+        0) schedule+=("$at:freeze:$length") ;;
+        1) schedule+=("$at:restart:$((length % 4))") ;;
+        2) schedule+=("$at:kill-$victim:$length") ;;
+      esac
+      at=$((at + length + gap))
+    done
+  fi
+  echo "   faults: ${schedule[*]}"
+  local fault at kind length
+  for fault in "${schedule[@]}"; do
+    IFS=: read -r at kind length <<< "$fault"
     sleep $((started + at - $(date +%s))) 2>/dev/null || true
     case $kind in
-      0) say "redis frozen for ${length} s"; kill -STOP "$redis_pid"; sleep "$length"; kill -CONT "$redis_pid"
+      freeze) say "redis frozen for ${length} s"; kill -STOP "$redis_pid"; sleep "$length"; kill -CONT "$redis_pid"
          mark "redis-thawed" ;;
-      1) say "redis killed"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
-         sleep $((length % 4)); start_redis; mark "redis-restarted-empty" ;;
-      2) kill -9 "${instance_pids[victim]}"; wait "${instance_pids[victim]}" 2>/dev/null || true
+      restart) say "redis killed"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
+         sleep "$length"; start_redis; mark "redis-restarted-empty" ;;
+      kill-[012]) local victim=${kind#kill-}
+         kill -9 "${instance_pids[victim]}"; wait "${instance_pids[victim]}" 2>/dev/null || true
          mark "instance-$victim-killed"; sleep "$length"; start_instance "$victim"; say "instance $victim back" ;;
+      *) echo "unknown fault $fault" >&2; return 1 ;;
     esac
-    at=$((at + length + gap))
   done
   local status=0
   wait "$loadtest_pid" || status=$?

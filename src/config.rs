@@ -594,6 +594,17 @@ mod tests {
     }
 
     #[test]
+    fn session_idle_seconds_defaults_to_five_minutes_and_takes_30_and_more() {
+        let room = |extra: &str| {
+            format!("{MINIMAL}[[rooms]]\nid = \"c\"\npaths = [\"/c\"]\nadmit_per_minute = 6\nmax_active = 1\n{extra}")
+        };
+        assert_eq!(parse(&room("")).unwrap().rooms[0].session_idle_seconds, 300);
+        assert_eq!(parse(&room("session_idle_seconds = 30")).unwrap().rooms[0].session_idle_seconds, 30);
+        let message = error_of(&room("session_idle_seconds = 29"));
+        assert!(message.starts_with("proxy.toml: rooms[0].session_idle_seconds: must be at least 30"), "{message}");
+    }
+
+    #[test]
     fn syntax_errors_name_the_file() {
         let message = error_of("[server\nlisten = 1");
         assert!(message.starts_with("proxy.toml: "), "{message}");
