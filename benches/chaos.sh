@@ -37,7 +37,7 @@ chaos() {
   local seed=$1
   dir=$(mktemp -d)
   pids=()
-  local redis_pid="" loadtest_pid=""
+  local redis_pid="" redis_port="" loadtest_pid=""
   local instance_pids=(0 0 0)
   cleanup() {
     [ -n "$redis_pid" ] && kill -CONT "$redis_pid" 2>/dev/null
@@ -46,13 +46,8 @@ chaos() {
     rm -rf "$dir"
   }
   trap cleanup RETURN
-  local port; port=$(free_port)
-  start_redis() {
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >> "$dir/redis.log" 2>&1 &
-    redis_pid=$!
-    until redis-cli -p "$port" ping 2>/dev/null | grep -q PONG; do sleep 0.05; done
-  }
   start_redis
+  local port=$redis_port
   start_shop 1
   "$bin" keygen > "$dir/key.pem"
   local ports=() targets=()

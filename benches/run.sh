@@ -40,10 +40,8 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm 
 trap cleanup EXIT
 source tests/lib.sh
 
-port=$(free_port)
-redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no > "$dir/redis.log" &
-pids+=($!)
-until redis-cli -p "$port" ping 2>/dev/null | grep -q PONG; do sleep 0.1; done
+start_redis
+port=$redis_port
 start_shop 1
 "$bin" keygen > "$dir/key.pem"
 # Two rooms: `checkout`, paced by its rate (room for everyone); `capacity`, where visitors

@@ -26,3 +26,13 @@ start_vestibule() {
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# Start a redis-server of our own on a free loopback port (nothing kept on disk, so a restart
+# comes back empty); sets `redis_port` (kept across restarts) and `redis_pid`.
+start_redis() {
+  redis_port=${redis_port:-$(free_port)}
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >> "$dir/redis.log" 2>&1 &
+  redis_pid=$!
+  pids+=($redis_pid)
+  until redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG; do sleep 0.05; done
+}
