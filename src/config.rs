@@ -226,6 +226,9 @@ pub struct RoomConfig {
     /// A session not used for this long (no admitted request) ends and frees its place.
     #[serde(default = "defaults::session_idle_seconds")]
     pub session_idle_seconds: u64,
+    /// Joins (new tickets) per client address per minute; beyond it, 429 and no ticket.
+    #[serde(default = "defaults::joins_per_address_per_minute")]
+    pub joins_per_address_per_minute: NonZeroU32,
     /// `open`, `paused` (everyone holds their place), `closed` (newcomers turned away), or
     /// `passthrough` (the gate is off).
     #[serde(default)]
@@ -331,6 +334,9 @@ mod defaults {
     }
     pub fn grant_seconds() -> u64 {
         120
+    }
+    pub fn joins_per_address_per_minute() -> std::num::NonZeroU32 {
+        std::num::NonZeroU32::new(60).expect("not zero")
     }
     pub fn session_idle_seconds() -> u64 {
         300

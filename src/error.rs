@@ -32,6 +32,9 @@ pub enum GateError {
     /// The room cannot let the visitor in now; try again later.
     #[error("service unavailable")]
     Unavailable { retry_after_seconds: u32 },
+    /// This client address has joined the line as often as the room allows for now.
+    #[error("too many joins from this address")]
+    TooManyJoins { retry_after_seconds: u64 },
 }
 
 impl GateError {
@@ -46,6 +49,7 @@ impl GateError {
             GateError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             GateError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GateError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GateError::TooManyJoins { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -60,6 +64,9 @@ impl GateError {
             GateError::UpstreamUnreachable => "The site cannot be reached right now.",
             GateError::UpstreamTimeout => "The site took too long to answer.",
             GateError::Unavailable { .. } => "The site is busy. Please try again shortly.",
+            GateError::TooManyJoins { .. } => {
+                "Many visitors from your network have joined the line just now. Please try again in a moment."
+            }
         }
     }
 
@@ -80,8 +87,14 @@ impl GateError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let GateError::Unavailable { retry_after_seconds } = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+        match self {
+            GateError::Unavailable { retry_after_seconds } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+            }
+            GateError::TooManyJoins { retry_after_seconds } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+            }
+            _ => {}
         }
         if status == StatusCode::BAD_REQUEST {
             // After a framing error the rest of the connection cannot be trusted.
@@ -126,6 +139,7 @@ mod tests {
             (GateError::MethodNotAllowed, 405),
             (GateError::PayloadTooLarge, 413),
             (GateError::HeaderTooLarge, 431),
+            (GateError::TooManyJoins { retry_after_seconds: 1 }, 429),
             (GateError::UpstreamUnreachable, 502),
             (GateError::Unavailable { retry_after_seconds: 5 }, 503),
             (GateError::UpstreamTimeout, 504),

@@ -144,6 +144,15 @@ impl Gate {
         &self.tasks
     }
 
+    /// The client's address for a request on `connection` (DESIGN §6): the peer, or what a
+    /// trusted proxy says of it. Every per-address limit and log line uses it.
+    pub fn client(&self, headers: &HeaderMap, connection: &Connection) -> std::net::IpAddr {
+        if !connection.forwarded.trusted {
+            return connection.peer.ip();
+        }
+        hop::client_address(connection.peer.ip(), &self.trusted_proxies, headers)
+    }
+
     /// The per-connection state for a client at `peer`.
     pub fn connection(&self, peer: SocketAddr, tls: bool, verdicts: Verdicts) -> Connection {
         let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
@@ -174,18 +183,24 @@ impl Gate {
     /// Handle one request; every failure becomes a response here.
     pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<Body> {
         let wants_json = !wants_page(&request);
-        match self.serve(request, connection).await {
+        let client = self.client(request.headers(), connection);
+        match self.serve(request, connection, client).await {
             Ok(response) => response,
             Err(error) => {
-                if error.status().is_server_error() {
-                    tracing::info!(peer = %connection.peer, status = error.status().as_u16(), "request not forwarded");
+                if error.status().is_server_error() || error.status() == StatusCode::TOO_MANY_REQUESTS {
+                    tracing::info!(%client, status = error.status().as_u16(), "request not forwarded");
                 }
                 error.into_response(wants_json)
             }
         }
     }
 
-    async fn serve(&self, request: Request<Incoming>, connection: &Connection) -> Result<Response<Body>, GateError> {
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        connection: &Connection,
+        client: std::net::IpAddr,
+    ) -> Result<Response<Body>, GateError> {
         if request.version() <= Version::HTTP_11 && connection.verdicts.next_is_ambiguous() {
             return Err(GateError::BadRequest("The request framing is ambiguous."));
         }
@@ -193,17 +208,17 @@ impl Gate {
         let path =
             canonicalize(request.uri().path()).map_err(|_| GateError::BadRequest("The request path is not valid."))?;
         if let Some(endpoint) = path.decoded.strip_prefix(RESERVED_PREFIX) {
-            return self.reserved(endpoint.to_owned(), request, connection).await;
+            return self.reserved(endpoint.to_owned(), request, client).await;
         }
         if path.decoded == WELL_KNOWN_JWKS {
-            return self.reserved("jwks.json".to_owned(), request, connection).await;
+            return self.reserved("jwks.json".to_owned(), request, client).await;
         }
         match self.decide(request.headers(), &path) {
             Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
             Decision::Forward(Some((room, admission))) => {
                 self.admitted(room, &admission, request, connection, &path).await
             }
-            Decision::Wait(room) => self.enter(room, request, connection, &path).await,
+            Decision::Wait(room) => self.enter(room, request, connection, client, &path).await,
         }
     }
 
@@ -318,6 +333,7 @@ impl Gate {
         room: &Arc<Room>,
         request: Request<Incoming>,
         connection: &Connection,
+        client: std::net::IpAddr,
         path: &CanonicalPath,
     ) -> Result<Response<Body>, GateError> {
         let now = self.clock.now_ms();
@@ -371,6 +387,8 @@ impl Gate {
         if !snapshot.available {
             return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
         }
+        // A new ticket: at most `joins_per_address_per_minute` from one client address.
+        room.joins.take(client, now).map_err(|retry_after_seconds| GateError::TooManyJoins { retry_after_seconds })?;
         let admit_now = snapshot.state == RoomState::Open;
         let visitor = random_id();
         let joined = self.store.join(&room.id, &room.limits, admit_now, now).await.map_err(|error| {
@@ -490,7 +508,7 @@ impl Gate {
         &self,
         endpoint: String,
         mut request: Request<Incoming>,
-        connection: &Connection,
+        client: std::net::IpAddr,
     ) -> Result<Response<Body>, GateError> {
         let method = request.method().clone();
         if endpoint == "jwks.json" {
@@ -538,10 +556,8 @@ impl Gate {
                 }
                 let response = feed::switching_protocols(request.headers())?;
                 let holding = self.holding(request.headers(), &room);
-                let slot = self
-                    .feeds
-                    .admit(connection.peer.ip())
-                    .ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
+                let slot =
+                    self.feeds.admit(client).ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
                 if let Holding::Ticket(ticket) = holding {
                     room.touch(ticket);
                     room.refresh(&self.store, self.clock.now_ms()).await;

@@ -90,6 +90,54 @@ impl Peer {
     }
 }
 
+/// The client's address (DESIGN §6): the TCP peer; or, when the peer is one of the trusted
+/// proxies, the right-most `X-Forwarded-For` entry that is not itself a trusted proxy (later
+/// header lines are further right). An entry that is not an address stops the walk: the hop
+/// that sent it is taken as the client, so a garbled chain can never name somebody else.
+pub fn client_address(peer: IpAddr, trusted: &[ipnet::IpNet], headers: &HeaderMap) -> IpAddr {
+    let is_trusted = |addr: &IpAddr| trusted.iter().any(|net| net.contains(addr));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let lines: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+    let mut client = peer;
+    for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+        match parse_forwarded_for(entry.trim()) {
+            Some(addr) => {
+                client = addr;
+                if !is_trusted(&addr) {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).
+fn parse_forwarded_for(entry: &str) -> Option<IpAddr> {
+    if let Ok(addr) = entry.parse::<IpAddr>() {
+        return Some(addr);
+    }
+    entry.parse::<std::net::SocketAddr>().ok().map(|socket| socket.ip())
+}
+
+/// The key under which per-address limits count a client: the address itself for IPv4 (and
+/// IPv4-mapped IPv6), its /64 network for IPv6, since one IPv6 host can hold a whole /64.
+pub fn address_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
 /// Drop client-set forwarding and `Vestibule-*` headers (keeping a trusted proxy's chain) and
 /// set ours. `host` is the host the client asked for.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
@@ -179,6 +227,35 @@ mod tests {
         for gone in ["x-forwarded-port", "forwarded", "vestibule-room", "vestibule-visitor"] {
             assert!(!map.contains_key(gone), "{gone} should be dropped");
         }
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_says_otherwise() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.1/32".parse().unwrap()];
+        let at = |peer: &str, pairs: &[(&str, &str)]| {
+            client_address(peer.parse().unwrap(), &trusted, &headers(pairs)).to_string()
+        };
+        // An untrusted peer is the client, whatever it says.
+        assert_eq!(at("203.0.113.9", &[("x-forwarded-for", "1.2.3.4")]), "203.0.113.9");
+        // A trusted peer: the right-most entry that is not a trusted proxy.
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "1.2.3.4")]), "1.2.3.4");
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 192.168.1.1")]), "1.2.3.4");
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "1.2.3.4:443")]), "1.2.3.4");
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "[2001:db8::1]:80, 10.1.1.1")]), "2001:db8::1");
+        // Only trusted hops: the left-most; none: the peer; garbage: the hop that sent it.
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "10.9.9.9, 192.168.1.1")]), "10.9.9.9");
+        assert_eq!(at("10.0.0.2", &[]), "10.0.0.2");
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "1.2.3.4, unknown, 10.3.3.3")]), "10.3.3.3");
+        assert_eq!(at("10.0.0.2", &[("x-forwarded-for", "1.2.3.4, not-an-address")]), "10.0.0.2");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let key = |addr: &str| address_key(addr.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::");
+        assert_eq!(key("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(key("203.0.113.9"), "203.0.113.9");
     }
 
     #[test]

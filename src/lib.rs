@@ -18,7 +18,8 @@
 //!   reserved `/_vestibule/` endpoints.
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
-//! - [`hop`]: hop-by-hop and forwarding headers.
+//! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
+//! - [`limit`]: joins per client address, in bounded memory.
 //! - [`error`]: the request-path error type and the one place it maps to HTTP statuses.
 //! - [`body`]: the one body type of the proxy, with `empty()` and `full()`.
 //! - [`server`]: listeners, TLS, the connection cap and graceful shutdown.
@@ -35,6 +36,7 @@ pub mod forward;
 pub mod framing;
 pub mod gate;
 pub mod hop;
+pub mod limit;
 pub mod line;
 pub mod loadtest;
 pub mod path;

@@ -68,6 +68,8 @@ signing_key = "key.pem"
 [[rooms]]
 id = "checkout"
 paths = ["/checkout"]
+# The benchmarks join from one address: its limit is out of reach (but still checked).
+joins_per_address_per_minute = 4000000000
 ROOM
 STORE
 [log]

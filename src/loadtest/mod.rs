@@ -377,10 +377,15 @@ async fn join(visitor: &mut Visitor<'_>, patience: Instant) -> Result<Duration, 
         if visitor.cookie(&ticket_cookie).is_some() || visitor.cookie(&token_cookie).is_some() {
             return Ok(answered);
         }
-        if !answer.status.is_server_error() {
+        let too_many = answer.status == StatusCode::TOO_MANY_REQUESTS;
+        if !answer.status.is_server_error() && !too_many {
             return Err("join: no ticket");
         }
-        visitor.retried("join answered 5xx without a ticket");
+        visitor.retried(if too_many {
+            "join answered 429 (too many from this address)"
+        } else {
+            "join answered 5xx without a ticket"
+        });
         let wait = answer.retry_after.unwrap_or(RELOAD_AFTER).min(MAX_RETRY_AFTER);
         if Instant::now() + wait >= patience {
             return Err("join refused until patience ran out");

@@ -55,6 +55,7 @@ impl FeedLimits {
 
     /// A slot for one more socket from `address`, or `None` at a cap.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<SocketSlot> {
+        let address = crate::hop::address_key(address);
         let mut per_address = self.per_address.lock().ok()?;
         let count = per_address.entry(address).or_insert(0);
         if *count >= self.max_per_address || self.total.load(Ordering::Relaxed) >= self.max_total {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::{RoomConfig, RoomState};
+use crate::limit::JoinLimiter;
 use crate::line::{self, Absence, Limits};
 use crate::store::{Store, StoreError};
 
@@ -92,11 +93,16 @@ impl Snapshot {
     }
 }
 
+/// Client addresses whose joins a room counts at once (see [`JoinLimiter`]).
+const MAX_JOINING_ADDRESSES: usize = 100_000;
+
 /// A room: its settings and its live state.
 #[derive(Debug)]
 pub struct Room {
     pub id: String,
     pub limits: Limits,
+    /// Joins per client address.
+    pub joins: JoinLimiter,
     pub token_cookie: String,
     pub ticket_cookie: String,
     control: RwLock<(RoomState, Option<String>)>,
@@ -159,6 +165,7 @@ impl Room {
                 abandon_ms: config.abandon_seconds * 1_000,
                 idle_ms: config.session_idle_seconds * 1_000,
             },
+            joins: JoinLimiter::new(config.joins_per_address_per_minute.get(), MAX_JOINING_ADDRESSES),
             token_cookie: token_cookie(&config.id),
             ticket_cookie: ticket_cookie(&config.id),
             control: RwLock::new((config.state, config.message.clone())),

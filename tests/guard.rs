@@ -1,0 +1,90 @@
+//! The room against hostile clients: real client addresses behind trusted proxies, joins per
+//! address, and requests built to slip past the gate.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+/// An idle room of 500 places: every join is admitted at once, unless refused.
+const OPEN_ROOM: &str = "admit_per_minute = 60000\nmax_active = 500\njoins_per_address_per_minute = 10\n";
+
+/// GET `/checkout` without cookies from `source`, with an `X-Forwarded-For` if given: status,
+/// whether a cookie of the room was set, and `Retry-After`.
+async fn join_from(
+    source: IpAddr,
+    gate: SocketAddr,
+    forwarded_for: Option<&str>,
+) -> (StatusCode, bool, Option<String>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(gate).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = Request::get("/checkout").header("host", "shop.test").header("accept", "application/json");
+    if let Some(chain) = forwarded_for {
+        request = request.header("x-forwarded-for", chain);
+    }
+    let response = sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let cookie = response.headers().get_all("set-cookie").iter().any(|c| c.to_str().unwrap().starts_with("vestibule-"));
+    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    let status = response.status();
+    response.into_body().collect().await.unwrap();
+    (status, cookie, retry_after)
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+#[tokio::test]
+async fn cookieless_requests_from_one_address_take_no_more_than_its_share() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    let mut admitted = 0;
+    for n in 0..30 {
+        let (status, cookie, retry_after) = join_from(ip("127.0.0.1"), gate.addr, None).await;
+        if n < 10 {
+            assert_eq!((status, cookie), (StatusCode::OK, true), "join {n} is within the limit");
+            admitted += 1;
+        } else {
+            assert_eq!((status, cookie), (StatusCode::TOO_MANY_REQUESTS, false), "join {n}: 429 and no ticket");
+            let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
+            assert!((1..=6).contains(&seconds), "{seconds}");
+        }
+    }
+    assert_eq!(upstream.requests().len(), admitted, "only the admitted reached the upstream");
+    // Another address is not held back by the first.
+    assert_eq!(join_from(ip("127.0.0.2"), gate.addr, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_real_address_has_its_own_limit() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gate = start_room_with(upstream_addr, "trusted_proxies = [\"127.0.0.1/32\"]", OPEN_ROOM).await;
+    // Thirty visitors behind the proxy, from thirty addresses: all let in.
+    for n in 1..=30 {
+        let chain = format!("198.51.100.{n}");
+        let (status, cookie, _) = join_from(ip("127.0.0.1"), gate.addr, Some(&chain)).await;
+        assert_eq!((status, cookie), (StatusCode::OK, true), "visitor {n}");
+    }
+    // One of them joining again and again meets their own limit, not the proxy's.
+    for n in 0..9 {
+        let (status, _, _) = join_from(ip("127.0.0.1"), gate.addr, Some("6.6.6.6, 198.51.100.7")).await;
+        assert_eq!(status, StatusCode::OK, "join {} of 198.51.100.7", n + 2);
+    }
+    let (status, _, _) = join_from(ip("127.0.0.1"), gate.addr, Some("198.51.100.7")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // A peer that is not a trusted proxy cannot dodge its limit by naming other addresses.
+    for n in 0..15 {
+        let chain = format!("203.0.113.{n}");
+        let (status, _, _) = join_from(ip("127.0.0.3"), gate.addr, Some(&chain)).await;
+        let expected = if n < 10 { StatusCode::OK } else { StatusCode::TOO_MANY_REQUESTS };
+        assert_eq!(status, expected, "join {n} from 127.0.0.3 naming {chain}");
+    }
+}
