@@ -255,11 +255,12 @@ impl Gate {
         self.rooms.iter().find(|room| room.id == id)
     }
 
-    /// A valid admission for `room` from the `Vestibule-Token` header or the room's cookie.
-    /// Invalid tokens of any kind count as no token.
+    /// A valid admission for `room` from the `Vestibule-Token` header or the room's cookie
+    /// (the first of each only: every further copy would cost a signature check). Invalid
+    /// tokens of any kind count as no token.
     fn admission(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
         let from_header = headers.get(&hop::VESTIBULE_TOKEN).and_then(|v| v.to_str().ok());
-        from_header.into_iter().chain(cookies(headers, &room.token_cookie)).find_map(|token| {
+        from_header.into_iter().chain(cookies(headers, &room.token_cookie).next()).find_map(|token| {
             match self.tokens.admit(token, &room.id) {
                 // The session has ended (leave, `Vestibule-Session: end`): no longer admitted.
                 Ok(admission) if room.is_revoked(admission.ticket) => None,
@@ -272,9 +273,10 @@ impl Gate {
         })
     }
 
-    /// A valid ticket for `room` from its cookie.
+    /// A valid ticket for `room` from its cookie (the first one only).
     fn ticket(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
-        cookies(headers, &room.ticket_cookie).find_map(|ticket| self.tokens.ticket(ticket, &room.id).ok())
+        let ticket = cookies(headers, &room.ticket_cookie).next()?;
+        self.tokens.ticket(ticket, &room.id).ok()
     }
 
     /// What a visitor holds for `room`.

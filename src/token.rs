@@ -122,6 +122,8 @@ pub enum TokenError {
     WrongRoom,
     #[error("token expired or not yet valid")]
     OutOfTime,
+    #[error("token not valid yet")]
+    NotYet,
     #[error("cannot sign: {0}")]
     Signing(String),
 }
@@ -181,6 +183,7 @@ pub struct KeyRing {
     signing: EncodingKey,
     keys: HashMap<String, RingKey>,
     jwks: Bytes,
+    signature_checks: AtomicU64,
 }
 
 /// A key file, understood.
@@ -265,6 +268,7 @@ impl KeyRing {
             signing: signing_key,
             keys: HashMap::new(),
             jwks: Bytes::new(),
+            signature_checks: AtomicU64::new(0),
         };
         let mut published = Vec::new();
         let verify = config.verify_keys.iter().map(|p| load_key(p));
@@ -307,9 +311,19 @@ impl KeyRing {
         if header.alg != key.alg {
             return Err(TokenError::Rejected("algorithm does not match the key".into()));
         }
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
-            .map(|data| data.claims)
-            .map_err(|e| TokenError::Rejected(format!("{:?}", e.kind())))
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map(|data| data.claims).map_err(|e| {
+            match e.kind() {
+                // Valid later: not a verdict to remember.
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYet,
+                kind => TokenError::Rejected(format!("{kind:?}")),
+            }
+        })
+    }
+
+    /// Signatures checked so far (a token's is checked once, then the token is remembered).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
     }
 
     /// Sign claims with the signing key.
@@ -330,13 +344,20 @@ pub fn unix_now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
+/// Recently refused tokens remembered, so that a forged token sent again and again costs one
+/// signature check, not one per request.
+const REFUSED_ENTRIES: usize = 16_384;
+
 /// Mints and checks admission tokens; remembers verified ones so that the admitted path does
-/// no signature check per request.
+/// no signature check per request, and refused ones so that forgeries cost one check.
 pub struct Tokens {
     ring: KeyRing,
     issuer: String,
     leeway: u64,
     verified: Cache<Box<str>, Arc<Admission>>,
+    /// Refused tokens by a keyed hash (keyed per process, so no one can aim a collision).
+    refused: Cache<u64, ()>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Tokens {
@@ -346,6 +367,8 @@ impl Tokens {
             issuer: config.issuer.clone(),
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
+            refused: Cache::new(REFUSED_ENTRIES),
+            hasher: std::collections::hash_map::RandomState::new(),
         })
     }
 
@@ -403,7 +426,20 @@ impl Tokens {
         let admission = match self.verified.get(token) {
             Some(admission) => admission,
             None => {
-                let claims = self.ring.verify(token)?;
+                use std::hash::BuildHasher;
+                let key = self.hasher.hash_one(token);
+                if self.refused.get(&key).is_some() {
+                    return Err(TokenError::Rejected("refused a moment ago".into()));
+                }
+                let claims = match self.ring.verify(token) {
+                    Ok(claims) => claims,
+                    Err(TokenError::NotYet) => return Err(TokenError::OutOfTime),
+                    Err(error) => {
+                        // Bad for good (forged, tampered, expired, another key): remember.
+                        self.refused.insert(key, ());
+                        return Err(error);
+                    }
+                };
                 let admission = Arc::new(Admission {
                     room: claims.aud,
                     visitor: claims.sub,

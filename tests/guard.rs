@@ -88,3 +88,43 @@ async fn behind_a_trusted_proxy_each_real_address_has_its_own_limit() {
         assert_eq!(status, expected, "join {n} from 127.0.0.3 naming {chain}");
     }
 }
+
+/// `count` forgeries of a valid token: its signature altered at as many places.
+fn forgeries(token: &str, count: usize) -> Vec<String> {
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    (0..count)
+        .map(|at| {
+            let mut forged: Vec<u8> = signature.as_bytes().to_vec();
+            forged[at + 2] = if forged[at + 2] == b'A' { b'B' } else { b'A' };
+            format!("{signed}.{}", String::from_utf8(forged).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn repeated_forged_cookies_cost_one_signature_check() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let paused = "admit_per_minute = 60\nmax_active = 10\nstate = \"paused\"\n";
+    let gate = start_room_with(upstream_addr, "max_header_bytes = 65536", paused).await;
+    let tokens = gate.running.gate().tokens();
+    let forged = forgeries(&gate.token("checkout"), 40);
+    let cookie: String =
+        forged.iter().map(|token| format!("vestibule-token-checkout={token}")).collect::<Vec<_>>().join("; ");
+    let before = tokens.ring().signature_checks();
+    let (status, _, _) = get(gate.addr, "/checkout", &[("cookie", &cookie)]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no forgery passes");
+    assert_eq!(tokens.ring().signature_checks() - before, 1, "only the first cookie of the name is read");
+    // The same forgery again, and again: refused from memory, no signature check.
+    for _ in 0..5 {
+        get(gate.addr, "/checkout", &[("cookie", &cookie)]).await;
+    }
+    assert_eq!(tokens.ring().signature_checks() - before, 1, "a refused token is remembered");
+    // A valid token behind a forged one of the same name is not looked at either.
+    let valid = gate.token("checkout");
+    let cookie = format!("vestibule-token-checkout={}; vestibule-token-checkout={valid}", forged[0]);
+    assert_eq!(get(gate.addr, "/checkout", &[("cookie", &cookie)]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(upstream.requests().is_empty());
+    // The valid one alone passes.
+    let cookie = format!("vestibule-token-checkout={valid}");
+    assert_eq!(get(gate.addr, "/checkout", &[("cookie", &cookie)]).await.0, StatusCode::OK);
+}
