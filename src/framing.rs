@@ -8,9 +8,11 @@
 //! the body framing to the next head, and queues one verdict per head, in order. The gate
 //! takes the verdict of each HTTP/1 request as it handles it.
 //!
-//! Written by hand because no crate exposes what the parser threw away. It only observes: if
-//! the stream stops looking like HTTP/1 (an HTTP/2 preface, a tunnel after an upgrade), it
-//! stops scanning and hyper's own rules apply.
+//! Written by hand because no crate exposes what the parser threw away. It fails closed: once
+//! it cannot follow the stream (a framing it does not understand, a head too large, more
+//! pipelined heads than it keeps verdicts for), every later HTTP/1 request on the connection
+//! gets no verdict, and the gate refuses it and closes the connection. (After an HTTP/2
+//! preface or an upgrade, hyper reads no more HTTP/1 requests on the connection anyway.)
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,22 +22,43 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Most verdicts kept for heads not yet handled: hyper handles heads one at a time, so only
+/// pipelined ones wait here.
+const MAX_PENDING_VERDICTS: usize = 64;
+
+/// What the scanner saw of a request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// One clear framing.
+    Clear,
+    /// Framing that two parsers could read two ways (CL+TE, repeated or odd lengths).
+    Ambiguous,
+    /// The scanner could not follow the stream to this head: it cannot be judged.
+    Unknown,
+}
+
 /// Verdicts for the request heads of one connection, oldest first.
 #[derive(Debug, Default, Clone)]
 pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
 
 impl Verdicts {
-    /// True when the next request head on this connection had ambiguous framing.
-    pub fn next_is_ambiguous(&self) -> bool {
-        self.0.lock().map(|mut q| q.pop_front().unwrap_or(false)).unwrap_or(false)
+    /// The verdict on the next request head of this connection.
+    pub fn next(&self) -> Verdict {
+        match self.0.lock().map(|mut queue| queue.pop_front()) {
+            Ok(Some(false)) => Verdict::Clear,
+            Ok(Some(true)) => Verdict::Ambiguous,
+            _ => Verdict::Unknown,
+        }
     }
 
-    fn push(&self, ambiguous: bool) {
-        if let Ok(mut queue) = self.0.lock() {
-            // Bounded: hyper handles heads one at a time, so only pipelined ones wait here.
-            if queue.len() < 64 {
+    /// Queue a verdict; false when the queue is full (the scanner then stops judging).
+    fn push(&self, ambiguous: bool) -> bool {
+        match self.0.lock() {
+            Ok(mut queue) if queue.len() < MAX_PENDING_VERDICTS => {
                 queue.push_back(ambiguous);
+                true
             }
+            _ => false,
         }
     }
 }
@@ -169,7 +192,9 @@ impl Scanner {
             }
         }
         let ambiguous = (transfer_encoding && lengths > 0) || lengths > 1 || (lengths == 1 && length.is_none());
-        self.verdicts.push(ambiguous);
+        if !self.verdicts.push(ambiguous) {
+            return State::Stopped; // no room for more verdicts: the heads after get none
+        }
         if transfer_encoding {
             if chunked {
                 State::ChunkSize(Vec::new())
@@ -276,6 +301,25 @@ mod tests {
         }
         let queue = verdicts.0.lock().unwrap();
         queue.iter().copied().collect()
+    }
+
+    #[test]
+    fn heads_it_could_not_follow_get_no_verdict() {
+        let verdicts = Verdicts::default();
+        let mut scanner = Scanner::new(16 * 1024, 100, verdicts.clone());
+        let mut stream = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".repeat(MAX_PENDING_VERDICTS + 6);
+        stream.extend_from_slice(
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        scanner.feed(&stream);
+        let seen: Vec<Verdict> = (0..MAX_PENDING_VERDICTS + 7).map(|_| verdicts.next()).collect();
+        assert!(seen[..MAX_PENDING_VERDICTS].iter().all(|v| *v == Verdict::Clear));
+        assert!(seen[MAX_PENDING_VERDICTS..].iter().all(|v| *v == Verdict::Unknown), "{seen:?}");
+        // Framing it does not follow (a transfer coding that is not chunked): the same.
+        let verdicts = Verdicts::default();
+        let mut scanner = Scanner::new(16 * 1024, 100, verdicts.clone());
+        scanner.feed(b"POST /a HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxyzGET /b HTTP/1.1\r\n\r\n");
+        assert_eq!((verdicts.next(), verdicts.next()), (Verdict::Clear, Verdict::Unknown));
     }
 
     #[test]

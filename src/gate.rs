@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::config::{Config, RoomState};
 use crate::error::{wants_page, GateError};
 use crate::forward::{Forwarded, Upstream};
-use crate::framing::Verdicts;
+use crate::framing::{Verdict, Verdicts};
 use crate::hop::{self, Peer};
 use crate::line::{Joined, Redeemed};
 use crate::path::{canonicalize, CanonicalPath};
@@ -201,8 +201,14 @@ impl Gate {
         connection: &Connection,
         client: std::net::IpAddr,
     ) -> Result<Response<Body>, GateError> {
-        if request.version() <= Version::HTTP_11 && connection.verdicts.next_is_ambiguous() {
-            return Err(GateError::BadRequest("The request framing is ambiguous."));
+        if request.version() <= Version::HTTP_11 {
+            // Fail closed: what the scanner could not judge is refused too (and the
+            // connection closed with the 400).
+            match connection.verdicts.next() {
+                Verdict::Clear => {}
+                Verdict::Ambiguous => return Err(GateError::BadRequest("The request framing is ambiguous.")),
+                Verdict::Unknown => return Err(GateError::BadRequest("The request framing cannot be followed.")),
+            }
         }
         check_host(&request)?;
         let path =

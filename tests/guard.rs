@@ -128,3 +128,21 @@ async fn repeated_forged_cookies_cost_one_signature_check() {
     let cookie = format!("vestibule-token-checkout={valid}");
     assert_eq!(get(gate.addr, "/checkout", &[("cookie", &cookie)]).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn an_ambiguous_request_behind_many_pipelined_ones_is_refused_and_the_connection_closed() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "", "").await;
+    let mut stream = "GET /plain HTTP/1.1\r\nHost: a.test\r\n\r\n".repeat(70);
+    stream.push_str(
+        "POST /smuggled HTTP/1.1\r\nHost: a.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+         0\r\n\r\nGET /inner HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    );
+    let (_, text) = raw(gate.addr, stream.as_bytes()).await;
+    let paths: Vec<String> = upstream.requests().iter().map(|seen| seen.uri.path().to_owned()).collect();
+    assert!(paths.iter().all(|path| path == "/plain"), "reached the upstream: {paths:?}");
+    assert!(paths.len() <= 64, "{} forwarded", paths.len());
+    // The first head it could not judge got 400, and nothing after it was answered.
+    assert!(text.trim_end().ends_with("</html>"), "the connection closed after the 400");
+    assert_eq!(text.matches("HTTP/1.1 400").count(), 1, "{text}");
+}
