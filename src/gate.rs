@@ -56,6 +56,19 @@ pub struct Connection {
     pub verdicts: Verdicts,
 }
 
+/// A place in a room's line: a ticket number of one line.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    ticket: u64,
+    line: u64,
+}
+
+impl Place {
+    fn of(held: &Admission) -> Place {
+        Place { ticket: held.ticket, line: held.line }
+    }
+}
+
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Decision<'a> {
@@ -90,6 +103,10 @@ impl Gate {
     /// schedulers and upgraded tunnels.
     pub fn new(config: &Config, store: Store, stop: CancellationToken) -> anyhow::Result<Gate> {
         let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| Arc::new(Room::new(c))).collect();
+        for room in &rooms {
+            // Known at once in memory; with Redis, at the first read.
+            room.observe_line(store.line(&room.id));
+        }
         let mut guards: Vec<Guard> = config
             .rooms
             .iter()
@@ -268,8 +285,9 @@ impl Gate {
         let from_header = headers.get(&hop::VESTIBULE_TOKEN).and_then(|v| v.to_str().ok());
         from_header.into_iter().chain(cookies(headers, &room.token_cookie).next()).find_map(|token| {
             match self.tokens.admit(token, &room.id) {
-                // The session has ended (leave, `Vestibule-Session: end`): no longer admitted.
-                Ok(admission) if room.is_revoked(admission.ticket) => None,
+                // The session has ended (leave, `Vestibule-Session: end`): no longer admitted;
+                // or it belongs to a line that was reset.
+                Ok(admission) if room.is_revoked(admission.ticket) || !room.same_line(admission.line) => None,
                 Ok(admission) => Some(admission),
                 Err(reason) => {
                     tracing::debug!(room = %room.id, %reason, "token refused");
@@ -282,7 +300,7 @@ impl Gate {
     /// A valid ticket for `room` from its cookie (the first one only).
     fn ticket(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
         let ticket = cookies(headers, &room.ticket_cookie).next()?;
-        self.tokens.ticket(ticket, &room.id).ok()
+        self.tokens.ticket(ticket, &room.id).ok().filter(|ticket| room.same_line(ticket.line))
     }
 
     /// What a visitor holds for `room`.
@@ -326,7 +344,8 @@ impl Gate {
             let until = now + room.limits.session_ms;
             let renewal = self.store.renew(&room.id, &room.limits, admission.ticket, until, now);
             if let Ok(Ok(true)) = tokio::time::timeout(RENEW_WAIT, renewal).await {
-                if let Ok(token) = self.tokens.mint(&room.id, &admission.visitor, admission.ticket, until / 1_000) {
+                let place = (admission.ticket, admission.line);
+                if let Ok(token) = self.tokens.mint(&room.id, &admission.visitor, place.0, place.1, until / 1_000) {
                     append_cookie(&mut response, self.cookie(&room.token_cookie, &token, session_seconds));
                 }
             }
@@ -374,7 +393,7 @@ impl Gate {
                 Redeemed::Admitted { expires_at } => {
                     room.observe_cursor(ticket.ticket);
                     return self
-                        .admit(room, &ticket.visitor, ticket.ticket, expires_at, request, connection, path)
+                        .admit(room, &ticket.visitor, Place::of(&ticket), expires_at, request, connection, path)
                         .await;
                 }
                 Redeemed::Waiting { position } => {
@@ -403,16 +422,19 @@ impl Gate {
             store_failed(room, &error);
             GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS }
         })?;
+        // The line the ticket belongs to, as the join's answer told the store.
+        let line = self.store.line(&room.id);
+        room.observe_line(line);
         match joined {
             Joined::Admitted { ticket, expires_at } => {
                 room.observe_cursor(ticket);
-                self.admit(room, &visitor, ticket, expires_at, request, connection, path).await
+                self.admit(room, &visitor, Place { ticket, line }, expires_at, request, connection, path).await
             }
             Joined::Waiting { ticket } => {
                 let cursor = snapshot.cursor.min(ticket.saturating_sub(1));
                 let cookie = self
                     .tokens
-                    .mint_ticket(&room.id, &visitor, ticket, cursor, TICKET_LIFETIME)
+                    .mint_ticket(&room.id, &visitor, ticket, line, cursor, TICKET_LIFETIME)
                     .map_err(|_| GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
                 let cookie = self.cookie(&room.ticket_cookie, &cookie, TICKET_LIFETIME.as_secs());
                 let why = why.and_then(page::why);
@@ -427,15 +449,16 @@ impl Gate {
         &self,
         room: &Arc<Room>,
         visitor: &str,
-        ticket: u64,
+        place: Place,
         expires_at_ms: u64,
         request: Request<Incoming>,
         connection: &Connection,
         path: &CanonicalPath,
     ) -> Result<Response<Body>, GateError> {
+        let ticket = place.ticket;
         let token = self
             .tokens
-            .mint(&room.id, visitor, ticket, expires_at_ms / 1_000)
+            .mint(&room.id, visitor, ticket, place.line, expires_at_ms / 1_000)
             .map_err(|_| GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
         let had_ticket = cookies(request.headers(), &room.ticket_cookie).next().is_some();
         let wants_json = !wants_page(&request);

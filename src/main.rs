@@ -114,7 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lifetime = Duration::from_secs(ttl.unwrap_or(room_config.session_seconds));
             let visitor = visitor.unwrap_or_else(random_id);
             // Ticket 0: a token outside any session, for tests and benchmarks.
-            println!("{}", tokens.mint(&room, &visitor, 0, unix_now() + lifetime.as_secs())?);
+            println!("{}", tokens.mint(&room, &visitor, 0, 0, unix_now() + lifetime.as_secs())?);
             Ok(())
         }
         Command::Loadtest(args) => runtime(None)?.block_on(args.run()),

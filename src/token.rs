@@ -49,6 +49,10 @@ pub struct Claims {
     /// Tickets only: the line's cursor when the ticket was taken (for the progress bar).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub c0: Option<u64>,
+    /// The line the ticket or session belongs to: one from a line that was reset (a restarted
+    /// memory store, a Redis emptied with no instance left to restore it) admits nobody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ln: Option<u64>,
 }
 
 /// A verified token or ticket: what the gate needs to forward a request or hold a place.
@@ -62,6 +66,8 @@ pub struct Admission {
     pub jti: String,
     pub ticket: u64,
     pub cursor_at_join: Option<u64>,
+    /// The line it belongs to; 0 when it names none (a token minted by hand).
+    pub line: u64,
     /// When this token's session was last reported in use (kept with the verified token, so
     /// that an admitted request reports it without a lookup of its own).
     pub used: UseMark,
@@ -378,8 +384,15 @@ impl Tokens {
 
     /// A token admitting `visitor` to `room` until `expires_at` (Unix seconds), for the
     /// session that `ticket` opened.
-    pub fn mint(&self, room: &str, visitor: &str, ticket: u64, expires_at: u64) -> Result<String, TokenError> {
-        self.sign(room.to_owned(), visitor, ticket, None, expires_at)
+    pub fn mint(
+        &self,
+        room: &str,
+        visitor: &str,
+        ticket: u64,
+        line: u64,
+        expires_at: u64,
+    ) -> Result<String, TokenError> {
+        self.sign(room.to_owned(), visitor, (ticket, line), None, expires_at)
     }
 
     /// A ticket cookie holding place `ticket` in `room`'s line for `visitor`.
@@ -388,14 +401,24 @@ impl Tokens {
         room: &str,
         visitor: &str,
         ticket: u64,
+        line: u64,
         cursor_at_join: u64,
         lifetime: Duration,
     ) -> Result<String, TokenError> {
         let expires_at = unix_now() + lifetime.as_secs().max(1);
-        self.sign(ticket_audience(room), visitor, ticket, Some(cursor_at_join), expires_at)
+        self.sign(ticket_audience(room), visitor, (ticket, line), Some(cursor_at_join), expires_at)
     }
 
-    fn sign(&self, aud: String, visitor: &str, tkt: u64, c0: Option<u64>, exp: u64) -> Result<String, TokenError> {
+    /// Sign the claims of a token or ticket holding `place` (ticket number, line).
+    fn sign(
+        &self,
+        aud: String,
+        visitor: &str,
+        place: (u64, u64),
+        c0: Option<u64>,
+        exp: u64,
+    ) -> Result<String, TokenError> {
+        let (tkt, line) = place;
         let now = unix_now();
         let claims = Claims {
             iss: self.issuer.clone(),
@@ -407,6 +430,7 @@ impl Tokens {
             jti: random_id(),
             tkt,
             c0,
+            ln: (line != 0).then_some(line),
         };
         self.ring.sign(&claims)
     }
@@ -448,6 +472,7 @@ impl Tokens {
                     jti: claims.jti,
                     ticket: claims.tkt,
                     cursor_at_join: claims.c0,
+                    line: claims.ln.unwrap_or(0),
                     used: UseMark::default(),
                 });
                 // Only tokens that verified are remembered, so garbage cannot fill the cache.
@@ -502,13 +527,13 @@ mod tests {
         let dir = temp_dir("kinds");
         for kind in [KeyKind::Eddsa, KeyKind::Es256, KeyKind::Hs256] {
             let tokens = Tokens::new(&config_with(kind, &dir)).unwrap();
-            let token = tokens.mint("checkout", "v1", 7, unix_now() + 60).unwrap();
+            let token = tokens.mint("checkout", "v1", 7, 0, unix_now() + 60).unwrap();
             let admission = tokens.admit(&token, "checkout").unwrap();
             assert_eq!((admission.visitor.as_str(), admission.ticket), ("v1", 7));
             assert_eq!(tokens.admit(&token, "other"), Err(TokenError::WrongRoom));
             // A token is not a ticket, and a ticket is not a token.
             assert_eq!(tokens.ticket(&token, "checkout"), Err(TokenError::WrongRoom));
-            let ticket = tokens.mint_ticket("checkout", "v1", 8, 3, Duration::from_secs(60)).unwrap();
+            let ticket = tokens.mint_ticket("checkout", "v1", 8, 0, 3, Duration::from_secs(60)).unwrap();
             assert_eq!(tokens.admit(&ticket, "checkout"), Err(TokenError::WrongRoom));
             assert_eq!(tokens.ticket(&ticket, "checkout").unwrap().cursor_at_join, Some(3));
             let header = jsonwebtoken::decode_header(&token).unwrap();
@@ -535,7 +560,7 @@ mod tests {
         let dir = temp_dir("rotation");
         let old = config_with(KeyKind::Eddsa, &dir);
         let old_tokens = Tokens::new(&old).unwrap();
-        let token = old_tokens.mint("checkout", "v1", 1, unix_now() + 60).unwrap();
+        let token = old_tokens.mint("checkout", "v1", 1, 0, unix_now() + 60).unwrap();
 
         let new_path = dir.join("new.key");
         std::fs::write(&new_path, generate_key(KeyKind::Es256)).unwrap();
@@ -587,7 +612,7 @@ mod fixture_tests {
     fn rsa_keys_sign_as_rs256_and_publish_n_and_e() {
         let tokens = Tokens::new(&config("rsa-test-key.pem", &[])).unwrap();
         assert_eq!(tokens.ring().signing_algorithm(), Algorithm::RS256);
-        let token = tokens.mint("checkout", "v", 1, unix_now() + 60).unwrap();
+        let token = tokens.mint("checkout", "v", 1, 0, unix_now() + 60).unwrap();
         assert!(tokens.admit(&token, "checkout").is_ok());
         let jwks: serde_json::Value = serde_json::from_slice(&tokens.ring().jwks()).unwrap();
         assert_eq!(jwks["keys"][0]["kty"], "RSA");
@@ -598,7 +623,7 @@ mod fixture_tests {
     fn a_public_key_verifies_but_cannot_sign() {
         // The RSA public half accepts what the private half signed, under the same kid.
         let signer = Tokens::new(&config("rsa-test-key.pem", &[])).unwrap();
-        let token = signer.mint("checkout", "v", 1, unix_now() + 60).unwrap();
+        let token = signer.mint("checkout", "v", 1, 0, unix_now() + 60).unwrap();
         let verifier = Tokens::new(&config("ed25519-openssl.pem", &["rsa-test-key.pub.pem"])).unwrap();
         assert_eq!(verifier.ring().signing_algorithm(), Algorithm::EdDSA, "openssl's Ed25519 PEM loads");
         assert!(verifier.admit(&token, "checkout").is_ok());

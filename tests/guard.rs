@@ -146,3 +146,54 @@ async fn an_ambiguous_request_behind_many_pipelined_ones_is_refused_and_the_conn
     assert!(text.trim_end().ends_with("</html>"), "the connection closed after the 400");
     assert_eq!(text.matches("HTTP/1.1 400").count(), 1, "{text}");
 }
+
+/// A gate with the memory store and one room of one place, signing with the key at `key`.
+async fn one_place_gate(upstream: SocketAddr, key: &std::path::Path) -> vestibule::server::Running {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"1s\"\n[upstream]\nurl = \"http://{upstream}\"\n\
+         [tokens]\nsigning_key = {key:?}\n[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n\
+         admit_per_minute = 6000\nmax_active = 1\n"
+    );
+    let config = vestibule::config::Config::parse(&text, "test.toml", key.parent().unwrap()).unwrap();
+    vestibule::server::start(&config).await.unwrap()
+}
+
+#[tokio::test]
+async fn tickets_and_tokens_of_a_line_that_was_reset_admit_nobody_and_end_nothing() {
+    use common::visitor::Visitor;
+    let (upstream_addr, upstream) = start_upstream().await;
+    let dir = TempDir::new("reset-line");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+
+    // The first life of the line: A inside with ticket 1, B waiting with ticket 2.
+    let first = one_place_gate(upstream_addr, &key).await;
+    let mut a = Visitor::new(first.addr);
+    assert_eq!(a.open("/checkout").await.0, StatusCode::OK);
+    let mut b = Visitor::new(first.addr);
+    b.open("/checkout").await;
+    assert_eq!(b.status().await["position"], 1);
+    first.shutdown();
+    first.stopped().await;
+
+    // The instance restarts (memory store): a new line, whose ticket 1 is C's and 2 is D's.
+    let second = one_place_gate(upstream_addr, &key).await;
+    let mut c = Visitor::new(second.addr);
+    assert_eq!(c.open("/checkout").await.0, StatusCode::OK);
+    let mut d = Visitor::new(second.addr);
+    d.open("/checkout").await;
+    // A's old token, for ticket 1 of the old line, neither passes nor ends C's session.
+    a.addr = second.addr;
+    let seen = upstream.requests().len();
+    assert_eq!(a.request("GET", "/checkout/pay", "application/json").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    a.leave().await;
+    assert_eq!(c.open("/checkout/pay").await.0, StatusCode::OK, "C is still inside");
+    // C leaves; ticket 2 of the new line is D's turn, not B's.
+    c.leave().await;
+    b.addr = second.addr;
+    d.wait_for_status("admitted").await;
+    let (status, _, _) = b.request("GET", "/checkout", "application/json").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "B's old ticket redeems nobody's turn");
+    assert_eq!(upstream.requests().len(), seen + 1, "only C's request passed");
+    assert_eq!(d.open("/checkout").await.0, StatusCode::OK, "D gets their turn");
+}

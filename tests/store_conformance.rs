@@ -238,6 +238,8 @@ async fn a_line_redis_lost_is_restored_without_losing_places_or_capacity() {
     assert_eq!(store.join(ROOM, &limits, true, 1_000).await, Err(StoreError::Restoring));
     let after = store.stats(ROOM, &limits, 1_000).await.unwrap();
     assert_ne!(after.epoch, before.epoch, "a restored line has a new epoch");
+    assert_eq!((after.line, store.line(ROOM)), (before.line, before.line), "and is the same line");
+    assert_ne!(before.line, 0);
     assert_eq!((after.cursor, after.last_ticket, after.active), (1, 5, 1), "counters and the taken place are back");
     assert_eq!(join_confirmed(&store, &limits, 1, 3_000).await, [6], "after everyone");
     assert_eq!(store.redeem(ROOM, &limits, 3, 3_000, JUDGE).await.unwrap(), Redeemed::Waiting { position: 2 });

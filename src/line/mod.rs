@@ -145,6 +145,10 @@ pub struct Stats {
     /// Which life of the line this is: a shared store gives a line a new epoch when it had
     /// to rebuild it. Always 0 in memory.
     pub epoch: u64,
+    /// Which line this is: kept through every rebuild, new when the line starts over (a
+    /// memory store restarted, a store emptied with nobody left who knew the line). Tickets
+    /// and tokens carry it.
+    pub line: u64,
 }
 
 /// What a scheduler step did.
@@ -190,6 +194,8 @@ const RATE_WINDOW_MS: u64 = 60_000;
 /// One room's line.
 #[derive(Debug, Default)]
 pub struct Line {
+    /// Which line this is (see [`Stats::line`]).
+    id: u64,
     last_ticket: u64,
     cursor: u64,
     /// Rate budget in units of 1/60000 turn, as of `budget_at` (which never moves back).
@@ -221,6 +227,16 @@ pub struct Line {
 }
 
 impl Line {
+    /// A new line named `id`.
+    pub fn new(id: u64) -> Line {
+        Line { id, ..Line::default() }
+    }
+
+    /// Which line this is.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     fn start(&mut self, limits: &Limits, now: u64) {
         if !self.started {
             self.started = true;
@@ -459,6 +475,7 @@ impl Line {
             waiting: self.last_ticket - self.cursor,
             rate_per_second,
             epoch: 0,
+            line: self.id,
         }
     }
 }

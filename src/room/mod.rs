@@ -130,6 +130,8 @@ pub struct Room {
     read_at: AtomicU64,
     /// The epoch of the line at the last read.
     epoch: AtomicU64,
+    /// Which line the room has (0 until known): tickets and tokens of another admit nobody.
+    line: AtomicU64,
     /// Held while reading the room for a visitor arriving between reads: one read serves all
     /// who arrive together.
     reading: tokio::sync::Mutex<()>,
@@ -181,6 +183,7 @@ impl Room {
             hearing: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            line: AtomicU64::new(0),
             reading: tokio::sync::Mutex::new(()),
         }
     }
@@ -226,6 +229,25 @@ impl Room {
     /// Whether the session that `ticket` opened has ended.
     pub fn is_revoked(&self, ticket: u64) -> bool {
         ticket != 0 && self.revoked.read().is_ok_and(|revoked| revoked.contains_key(&ticket))
+    }
+
+    /// Note which line the room has (as the store reports it).
+    pub fn observe_line(&self, line: u64) {
+        if line != 0 {
+            self.line.store(line, Ordering::Relaxed);
+        }
+    }
+
+    /// Which line the room has (0 until known).
+    pub fn line(&self) -> u64 {
+        self.line.load(Ordering::Relaxed)
+    }
+
+    /// Whether a ticket or token of `line` belongs to this room's line: one of a line that
+    /// was reset admits nobody and ends nothing. (Either not known: it cannot be told.)
+    pub fn same_line(&self, line: u64) -> bool {
+        let current = self.line();
+        line == 0 || current == 0 || line == current
     }
 
     /// Publish a cursor learned from the store between steps (an admission at join or
@@ -491,8 +513,9 @@ impl Room {
             let recent: Vec<u64> = self.recent.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
             self.touch_all(recent);
         }
-        if stats.is_some() {
+        if let Some(stats) = stats {
             self.read_at.fetch_max(now, Ordering::Relaxed);
+            self.observe_line(stats.line);
         }
         self.snapshot.send_if_modified(|snapshot| {
             let mut next = snapshot.clone();
@@ -529,6 +552,7 @@ impl Room {
         }
         if let Ok(stats) = store.stats(&self.id, &self.limits, arrived).await {
             self.read_at.fetch_max(arrived, Ordering::Relaxed);
+            self.observe_line(stats.line);
             self.observe_cursor(stats.cursor);
         }
     }

@@ -18,7 +18,8 @@ impl MemoryStore {
         let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let line = match rooms.get_mut(room) {
             Some(line) => line,
-            None => rooms.entry(room.to_owned()).or_default(),
+            // A new line of this process: a line id of its own (never 0, which names none).
+            None => rooms.entry(room.to_owned()).or_insert_with(|| Line::new(rand::random::<u64>() | 1)),
         };
         step(line)
     }

@@ -211,6 +211,15 @@ impl Store {
         }
     }
 
+    /// Which line `room` has, as far as this instance knows (0 before it knows): tickets and
+    /// tokens are minted for it.
+    pub fn line(&self, room: &str) -> u64 {
+        match self {
+            Store::Memory(store) => store.with(room, |line| line.id()),
+            Store::Redis(store) => store.line(room),
+        }
+    }
+
     /// This instance's id (a new one each run): the leases and sessions it holds are known
     /// by it.
     pub fn instance(&self) -> &str {

@@ -69,6 +69,8 @@ struct Knowledge {
     /// Sessions, and turns granted not yet redeemed, at the last report.
     sessions: u64,
     grants: u64,
+    /// Which line it is.
+    line: u64,
 }
 
 /// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
@@ -199,10 +201,10 @@ fn classify(error: RedisError) -> StoreError {
 }
 
 /// The report every line script can give (`report()` in `lua/common.lua`).
-type Report = (u64, u64, u32, u32, u64, i64, u64);
+type Report = (u64, u64, u32, u32, u64, i64, u64, u64);
 
 fn stats_of(report: Report, now: u64) -> Stats {
-    let (cursor, last_ticket, active, outstanding, admitted, first, epoch) = report;
+    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line) = report;
     Stats {
         cursor,
         last_ticket,
@@ -211,6 +213,7 @@ fn stats_of(report: Report, now: u64) -> Stats {
         waiting: last_ticket.saturating_sub(cursor),
         rate_per_second: crate::line::observed_rate(admitted as usize, u64::try_from(first).ok(), now),
         epoch,
+        line,
     }
 }
 
@@ -262,6 +265,11 @@ impl RedisStore {
             clock_checked_at: AtomicU64::new(0),
             instance: crate::token::random_id(),
         }
+    }
+
+    /// Which line `room` has, as far as this instance knows (0 before it knows).
+    pub fn line(&self, room: &str) -> u64 {
+        self.knowledge(room).line
     }
 
     /// This instance's id.
@@ -418,7 +426,13 @@ impl RedisStore {
     async fn restore(&self, room: &str, limits: &Limits, now: u64) -> Result<(), StoreError> {
         let known = self.knowledge(room);
         let mut invocation = self.invocation(&self.scripts.restore, room, limits, now, Absence::Excuse);
-        invocation.arg(known.epoch).arg(known.last).arg(known.cursor).arg(known.sessions).arg(known.grants);
+        invocation
+            .arg(known.epoch)
+            .arg(known.last)
+            .arg(known.cursor)
+            .arg(known.sessions)
+            .arg(known.grants)
+            .arg(known.line);
         let epoch: u64 = invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)?;
         if known.last > 0 && epoch != known.epoch {
             tracing::warn!(
@@ -463,19 +477,27 @@ impl RedisStore {
             k.cursor = k.cursor.max(stats.cursor);
             k.sessions = u64::from(stats.active);
             k.grants = u64::from(stats.outstanding);
+            if stats.line != 0 {
+                k.line = stats.line;
+            }
         });
         Ok(stats)
     }
 
     pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
-        let (admitted, ticket, expires_at): (u8, u64, u64) = self
+        let (admitted, ticket, expires_at, line): (u8, u64, u64, u64) = self
             .run(room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.join, room, limits, now, Absence::Excuse);
                 invocation.arg(u8::from(admit_now)).arg(&store.instance);
                 invocation
             })
             .await?;
-        self.learn(room, |k| k.last = k.last.max(ticket));
+        self.learn(room, |k| {
+            k.last = k.last.max(ticket);
+            if line != 0 {
+                k.line = line;
+            }
+        });
         Ok(if admitted == 1 { Joined::Admitted { ticket, expires_at } } else { Joined::Waiting { ticket } })
     }
 
@@ -494,10 +516,10 @@ impl RedisStore {
             })
             .await?;
         let malformed = || StoreError::Unavailable("unexpected redis reply to advance".into());
-        let (head, ended) = reply.split_at_checked(8).ok_or_else(malformed)?;
+        let (head, ended) = reply.split_at_checked(9).ok_or_else(malformed)?;
         let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
         let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
-        let report = (number(1)?, number(2)?, count(3)?, count(4)?, number(5)?, head[6], number(7)?);
+        let report = (number(1)?, number(2)?, count(3)?, count(4)?, number(5)?, head[6], number(7)?, number(8)?);
         let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
         let stats = self.reported(room, limits, now, report).await?;
         Ok(Advanced { granted: count(0)?, ended, stats })

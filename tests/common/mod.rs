@@ -285,7 +285,7 @@ impl Harness {
     /// A valid token for `room`.
     pub fn token(&self, room: &str) -> String {
         let expires_at = vestibule::token::unix_now() + 600;
-        self.running.gate().tokens().mint(room, "visitor-1", 0, expires_at).unwrap()
+        self.running.gate().tokens().mint(room, "visitor-1", 0, 0, expires_at).unwrap()
     }
 }
 

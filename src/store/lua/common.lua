@@ -6,6 +6,8 @@
 -- KEYS[1]  line        hash: last (last ticket given), cursor (last ticket granted),
 --                            budget (units of 1/60000 turn), budget_at (ms, never moves back),
 --                            epoch (set when the line is created: a line without one was lost),
+--                            line_id (which line this is: set when the line starts, kept through
+--                            every restore; tickets and tokens carry it),
 --                            restored_at (ms), restored_cursor, restored_upto (the line was
 --                            rebuilt from what the instances knew), phantom_sessions,
 --                            phantom_grants, adopted_sessions, adopted_grants (places presumed
@@ -192,7 +194,7 @@ local function adopt(ticket, kind)
 end
 
 -- What the room looks like: {cursor, last, active, outstanding, admissions in the window,
--- first admission (ms) or -1, epoch}.
+-- first admission (ms) or -1, epoch, line id}.
 local function report()
   local first = redis.call('LINDEX', KEYS[8], 0)
   return {
@@ -203,5 +205,6 @@ local function report()
     redis.call('LLEN', KEYS[8]),
     first and tonumber(first) or -1,
     number(KEYS[1], 'epoch'),
+    number(KEYS[1], 'line_id'),
   }
 end

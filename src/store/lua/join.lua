@@ -1,8 +1,8 @@
 -- join: take a ticket; admitted at once when the room is open, nobody waits, and there is
 -- room and budget. A waiting ticket stays unconfirmed until its holder is seen.
 -- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0), ARGV[11] this instance's id.
--- Returns {admitted (1/0), ticket, session expires at (ms) or 0}; the error RESTORING for a
--- moment after a restore.
+-- Returns {admitted (1/0), ticket, session expires at (ms) or 0, line id}; the error RESTORING
+-- for a moment after a restore.
 if lost() then
   return redis.error_reply(LOST)
 end
@@ -18,9 +18,9 @@ if ARGV[10] == '1' and cursor + 1 == ticket and free() > 0 and budget >= TURN th
   redis.call('HSET', KEYS[1], 'cursor', ticket)
   save_budget(budget - TURN)
   redis.call('RPUSH', KEYS[8], now)
-  return {1, ticket, open_session(ticket, ARGV[11])}
+  return {1, ticket, open_session(ticket, ARGV[11]), number(KEYS[1], 'line_id')}
 end
 save_budget(budget)
 redis.call('ZADD', KEYS[5], now, ticket)
 redis.call('ZADD', KEYS[10], now, ticket)
-return {0, ticket, 0}
+return {0, ticket, 0, number(KEYS[1], 'line_id')}

@@ -3,13 +3,14 @@
 -- its knowledge: counters by maximum, so nobody loses a place and no ticket is given twice.
 -- KEYS: as in common.lua.  ARGV[10] the epoch the instance knew (0: none), ARGV[11] the last
 -- ticket it knew, ARGV[12] the cursor it knew, ARGV[13] the sessions and ARGV[14] the
--- turns granted (not yet redeemed) it knew.
+-- turns granted (not yet redeemed) it knew, ARGV[15] the line id it knew (0: none).
 -- Returns the line's epoch.
 local known_epoch = tonumber(ARGV[10])
 local known_last = tonumber(ARGV[11])
 local known_cursor = tonumber(ARGV[12])
 local known_sessions = tonumber(ARGV[13])
 local known_grants = tonumber(ARGV[14])
+local known_line = tonumber(ARGV[15])
 local epoch = number(KEYS[1], 'epoch')
 if epoch ~= 0 and (epoch == known_epoch or known_last == 0) then
   return epoch
@@ -19,8 +20,15 @@ if epoch == 0 then
   epoch = tonumber(time[1]) * 1000000 + tonumber(time[2])
   redis.call('HSET', KEYS[1], 'epoch', string.format('%d', epoch))
   if known_last == 0 then
-    return epoch -- a new room
+    -- A new line: its id is its first epoch.
+    redis.call('HSET', KEYS[1], 'line_id', string.format('%d', epoch))
+    return epoch
   end
+end
+-- The lost line goes on under its id; a line started afresh meanwhile by an instance that
+-- knew nothing takes it too, if it has given out no ticket yet.
+if known_line ~= 0 and (not redis.call('HGET', KEYS[1], 'line_id') or number(KEYS[1], 'last') == 0) then
+  redis.call('HSET', KEYS[1], 'line_id', string.format('%d', known_line))
 end
 if not redis.call('HGET', KEYS[1], 'restored_at') then
   redis.call('HSET', KEYS[1], 'restored_at', string.format('%d', now))
