@@ -152,6 +152,10 @@ pub struct UpstreamConfig {
     /// Send the client's `Host` upstream (true) or the upstream's own authority (false).
     #[serde(default = "defaults::yes")]
     pub preserve_host: bool,
+    /// An upgraded connection (a websocket to the upstream) with no byte either way for this
+    /// long is closed.
+    #[serde(default = "defaults::tunnel_idle_timeout", with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -314,6 +318,9 @@ mod defaults {
     pub fn pool_max_idle() -> usize {
         512
     }
+    pub fn tunnel_idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
     pub fn pool_idle_timeout() -> Duration {
         Duration::from_secs(60)
     }
@@ -423,6 +430,7 @@ impl Config {
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
             ("upstream.body_timeout", self.upstream.body_timeout),
+            ("upstream.tunnel_idle_timeout", self.upstream.tunnel_idle_timeout),
         ] {
             if value.is_zero() {
                 return fail(key, "must be longer than zero");

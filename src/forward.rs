@@ -2,6 +2,10 @@
 //! and response timeouts (502 / 504), hop-by-hop headers removed from the response, and
 //! protocol upgrades (websockets) spliced once the upstream answers 101.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{header, Request, Response, StatusCode};
@@ -9,6 +13,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutBody;
@@ -35,6 +42,7 @@ pub struct Upstream {
     authority: http::uri::Authority,
     response_timeout: Duration,
     body_timeout: Duration,
+    tunnel_idle_timeout: Duration,
     /// Spliced upgrade tunnels: owned, so shutdown can end them.
     tunnels: TaskTracker,
     stop: CancellationToken,
@@ -59,6 +67,7 @@ impl Upstream {
             authority: url.authority().cloned().expect("validated: upstream.url has an authority"),
             response_timeout: config.response_timeout,
             body_timeout: config.body_timeout,
+            tunnel_idle_timeout: config.tunnel_idle_timeout,
             tunnels: TaskTracker::new(),
             stop,
         }
@@ -84,8 +93,13 @@ impl Upstream {
     }
 
     /// Send a prepared request (headers already filtered by the gate). `upgrade` carries the
-    /// client side of a requested protocol upgrade.
-    pub async fn send(&self, request: Request<Body>, upgrade: Option<OnUpgrade>) -> Result<Forwarded, GateError> {
+    /// client side of a requested protocol upgrade, and the client connection's place under
+    /// `max_connections`, which the tunnel keeps.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        upgrade: Option<(OnUpgrade, Option<Arc<OwnedSemaphorePermit>>)>,
+    ) -> Result<Forwarded, GateError> {
         let sent = tokio::time::timeout(self.response_timeout, self.client.request(request)).await;
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
@@ -104,10 +118,10 @@ impl Upstream {
             .remove(VESTIBULE_SESSION)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"end"));
         match (switching, upgrade, protocol) {
-            (true, Some(client_side), Some(protocol)) => {
+            (true, Some((client_side, permit)), Some(protocol)) => {
                 hop::set_upgrade(response.headers_mut(), protocol);
                 let upstream_side = hyper::upgrade::on(&mut response);
-                self.splice(client_side, upstream_side);
+                self.splice(client_side, upstream_side, permit);
             }
             (true, _, _) => {
                 // A 101 nobody asked for, or without a protocol: do not pass it on.
@@ -120,16 +134,31 @@ impl Upstream {
         Ok(Forwarded { response, session_ended })
     }
 
-    /// Join both sides of an upgraded connection once each has switched protocols.
-    fn splice(&self, client_side: OnUpgrade, upstream_side: OnUpgrade) {
+    /// Join both sides of an upgraded connection once each has switched protocols, until
+    /// either closes, no byte passes for `tunnel_idle_timeout`, or shutdown. The client
+    /// connection's `permit` is held meanwhile.
+    fn splice(&self, client_side: OnUpgrade, upstream_side: OnUpgrade, permit: Option<Arc<OwnedSemaphorePermit>>) {
         let stop = self.stop.clone();
+        let idle_timeout = self.tunnel_idle_timeout;
         self.tunnels.spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let active = Arc::new(AtomicU64::new(0));
             let tunnel = async {
                 let (client, upstream) = tokio::try_join!(client_side, upstream_side)?;
-                let mut client = TokioIo::new(client);
-                let mut upstream = TokioIo::new(upstream);
+                let mut client = Watched { io: TokioIo::new(client), started, active: active.clone() };
+                let mut upstream = Watched { io: TokioIo::new(upstream), started, active: active.clone() };
                 tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            let idle = async {
+                loop {
+                    let last = started + Duration::from_millis(active.load(Ordering::Relaxed));
+                    if last.elapsed() >= idle_timeout {
+                        break;
+                    }
+                    tokio::time::sleep_until(last + idle_timeout).await;
+                }
             };
             tokio::select! {
                 result = tunnel => {
@@ -137,6 +166,7 @@ impl Upstream {
                         tracing::debug!(error = %error, "upgraded connection ended");
                     }
                 }
+                () = idle => tracing::debug!(?idle_timeout, "upgraded connection idle: closed"),
                 () = stop.cancelled() => {}
             }
         });
@@ -145,5 +175,36 @@ impl Upstream {
     /// Upgraded tunnels still open.
     pub fn tunnels(&self) -> &TaskTracker {
         &self.tunnels
+    }
+}
+
+/// One side of a tunnel, noting when bytes last came in (ms since `started`).
+struct Watched<T> {
+    io: T,
+    started: Instant,
+    active: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let now = self.started.elapsed().as_millis() as u64;
+            self.active.fetch_max(now, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

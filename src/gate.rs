@@ -54,6 +54,9 @@ pub struct Connection {
     /// The forwarding headers' view of the peer, made once per connection.
     pub forwarded: Peer,
     pub verdicts: Verdicts,
+    /// The connection's place under `server.max_connections`: an upgraded tunnel keeps it
+    /// after the connection is handed over (freed when both are done).
+    pub permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// A place in a room's line: a ticket number of one line.
@@ -171,9 +174,15 @@ impl Gate {
     }
 
     /// The per-connection state for a client at `peer`.
-    pub fn connection(&self, peer: SocketAddr, tls: bool, verdicts: Verdicts) -> Connection {
+    pub fn connection(
+        &self,
+        peer: SocketAddr,
+        tls: bool,
+        verdicts: Verdicts,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Connection {
         let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
-        Connection { peer, forwarded: Peer::new(peer.ip(), tls, trusted), verdicts }
+        Connection { peer, forwarded: Peer::new(peer.ip(), tls, trusted), verdicts, permit: permit.map(Arc::new) }
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -660,7 +669,8 @@ impl Gate {
         } else {
             body::boxed(timed)
         };
-        self.upstream.send(Request::from_parts(parts, body), on_upgrade).await
+        let upgrade = on_upgrade.map(|client_side| (client_side, connection.permit.clone()));
+        self.upstream.send(Request::from_parts(parts, body), upgrade).await
     }
 
     /// A `Set-Cookie` value: HttpOnly, SameSite=Lax, Secure over TLS.

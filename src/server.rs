@@ -106,7 +106,8 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             let verdicts = Verdicts::default();
-            let connection = self.gate.connection(peer, self.tls.is_some(), verdicts.clone());
+            // The permit goes with the connection (and an upgraded tunnel it turns into).
+            let connection = self.gate.connection(peer, self.tls.is_some(), verdicts.clone(), Some(permit));
             let scanner = Scanner::new(self.server.max_header_bytes, self.server.max_headers, verdicts);
             let gate = self.gate.clone();
             let http = self.http.clone();
@@ -122,7 +123,6 @@ impl Listener {
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     },
                 }
-                drop(permit);
             });
         }
         drop(self.listener);

@@ -197,3 +197,65 @@ async fn tickets_and_tokens_of_a_line_that_was_reset_admit_nobody_and_end_nothin
     assert_eq!(upstream.requests().len(), seen + 1, "only C's request passed");
     assert_eq!(d.open("/checkout").await.0, StatusCode::OK, "D gets their turn");
 }
+
+/// Open a tunnel to the upstream's echo (`/chat/ws`, outside any room) and check it echoes.
+async fn open_tunnel(gate: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = "GET /chat/ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(gate).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    echo(&mut stream).await;
+    stream
+}
+
+async fn echo(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(&echoed, b"hello");
+}
+
+#[tokio::test]
+async fn an_upgraded_tunnel_keeps_its_connection_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "max_connections = 1", "").await;
+    let tunnel = open_tunnel(gate.addr).await;
+    // The only connection place is the tunnel's: a new client waits in the accept queue.
+    let mut waiting = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    waiting.write_all(b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), waiting.read_to_end(&mut answer)).await;
+    assert!(early.is_err(), "answered while the tunnel held the only place: {}", String::from_utf8_lossy(&answer));
+    // The tunnel closes: its place goes to the waiting client.
+    drop(tunnel);
+    tokio::time::timeout(DEADLINE, waiting.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
+    use tokio::io::AsyncReadExt;
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "", "tunnel_idle_timeout = \"1s\"").await;
+    // Bytes every 300 ms for 2 s: the tunnel stays open.
+    let mut busy = open_tunnel(gate.addr).await;
+    for _ in 0..7 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        echo(&mut busy).await;
+    }
+    // Nothing for a second: closed.
+    let mut idle = open_tunnel(gate.addr).await;
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, idle.read_to_end(&mut rest)).await.expect("closed").unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "closed after {:?}", started.elapsed());
+}
