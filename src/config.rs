@@ -230,6 +230,14 @@ pub struct RoomConfig {
     /// A session not used for this long (no admitted request) ends and frees its place.
     #[serde(default = "defaults::session_idle_seconds")]
     pub session_idle_seconds: u64,
+    /// Bot friction: `"pow"` asks a visitor's browser (or API client) for a proof of work
+    /// before it joins; `"none"` (the default) asks nothing.
+    #[serde(default)]
+    pub challenge: ChallengeKind,
+    /// The proof of work's difficulty, in leading zero bits of SHA-256 (each bit doubles the
+    /// work).
+    #[serde(default = "defaults::challenge_difficulty")]
+    pub challenge_difficulty: u8,
     /// Joins (new tickets) per client address per minute; beyond it, 429 and no ticket.
     #[serde(default = "defaults::joins_per_address_per_minute")]
     pub joins_per_address_per_minute: NonZeroU32,
@@ -240,6 +248,16 @@ pub struct RoomConfig {
     /// A message shown on the waiting page and sent to the feed.
     #[serde(default)]
     pub message: Option<String>,
+}
+
+/// What a room asks of a visitor before they join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeKind {
+    #[default]
+    None,
+    /// A proof of work (see [`crate::challenge`]).
+    Pow,
 }
 
 /// What a room does with visitors.
@@ -341,6 +359,9 @@ mod defaults {
     }
     pub fn grant_seconds() -> u64 {
         120
+    }
+    pub fn challenge_difficulty() -> u8 {
+        crate::challenge::DEFAULT_DIFFICULTY
     }
     pub fn joins_per_address_per_minute() -> std::num::NonZeroU32 {
         std::num::NonZeroU32::new(60).expect("not zero")
@@ -524,6 +545,9 @@ impl Config {
                     key("abandon_seconds"),
                     "must be at least 30: a page without JavaScript refreshes every 20 s".into(),
                 ));
+            }
+            if !(1..=32).contains(&room.challenge_difficulty) {
+                return Err((key("challenge_difficulty"), "from 1 to 32 (bits of work)".into()));
             }
             if room.session_idle_seconds < 30 {
                 return Err((

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutBody;
 
 use crate::body::{self, Body};
+use crate::challenge::{self, Pow, Refused};
 use crate::clock::Clock;
 use crate::config::{Config, RoomState};
 use crate::error::{wants_page, GateError};
@@ -95,6 +96,8 @@ pub struct Gate {
     tasks: TaskTracker,
     stop: CancellationToken,
     trusted_proxies: Vec<IpNet>,
+    /// Proofs of work, for rooms that ask for one.
+    pow: Pow,
     max_body_bytes: u64,
     body_read_timeout: Duration,
     preserve_host: bool,
@@ -135,6 +138,8 @@ impl Gate {
             tasks: TaskTracker::new(),
             stop,
             trusted_proxies: server.trusted_proxies.clone(),
+            // Every instance signing with the same key issues and checks the same challenges.
+            pow: Pow::new(&std::fs::read(&config.tokens.signing_key).unwrap_or_default()),
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: server.body_read_timeout,
             preserve_host: config.upstream.preserve_host,
@@ -423,14 +428,29 @@ impl Gate {
         if !snapshot.available {
             return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
         }
-        // A new ticket: at most `joins_per_address_per_minute` from one client address.
+        // A room that asks for a proof of work gets one first, then a new ticket is at most
+        // one of `joins_per_address_per_minute` from the client's address.
+        let proof = match room.challenge {
+            None => None,
+            Some(difficulty) => match self.proof(room, &request, client, difficulty, now) {
+                Ok(id) => Some(id),
+                Err(refused) => return Ok(self.challenge(room, client, difficulty, refused, &request, now)),
+            },
+        };
         room.joins.take(client, now).map_err(|retry_after_seconds| GateError::TooManyJoins { retry_after_seconds })?;
         let admit_now = snapshot.state == RoomState::Open;
         let visitor = random_id();
-        let joined = self.store.join(&room.id, &room.limits, admit_now, now).await.map_err(|error| {
-            store_failed(room, &error);
-            GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS }
-        })?;
+        let joined = match self.store.join_with_proof(&room.id, &room.limits, admit_now, now, proof).await {
+            Ok(joined) => joined,
+            Err(StoreError::ProofReused) => {
+                let difficulty = room.challenge.unwrap_or_default();
+                return Ok(self.challenge(room, client, difficulty, Refused::Reused, &request, now));
+            }
+            Err(error) => {
+                store_failed(room, &error);
+                return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+            }
+        };
         // The line the ticket belongs to, as the join's answer told the store.
         let line = self.store.line(&room.id);
         room.observe_line(line);
@@ -450,6 +470,66 @@ impl Gate {
                 Ok(self.waiting(room, ticket, ticket - cursor, why, &request, Some(cookie)))
             }
         }
+    }
+
+    /// The request's proof of work for `room` (the `Vestibule-Pow` header, or the cookie the
+    /// waiting page sets), checked and taken: its id.
+    fn proof(
+        &self,
+        room: &Room,
+        request: &Request<Incoming>,
+        client: std::net::IpAddr,
+        difficulty: u8,
+        now: u64,
+    ) -> Result<u128, Refused> {
+        let headers = request.headers();
+        let from_header = headers.get(&challenge::HEADER).and_then(|v| v.to_str().ok());
+        let solution = from_header.or_else(|| cookies(headers, &room.proof_cookie).next()).ok_or(Refused::Missing)?;
+        let id = self.pow.check(&room.id, client, solution, difficulty, now)?;
+        if !room.proofs.take(id, now) {
+            return Err(Refused::Reused);
+        }
+        Ok(id)
+    }
+
+    /// A new challenge: the page that solves it in the browser, or for API clients `403` with
+    /// the challenge as JSON. Nothing joins the line.
+    fn challenge(
+        &self,
+        room: &Room,
+        client: std::net::IpAddr,
+        difficulty: u8,
+        refused: Refused,
+        request: &Request<Incoming>,
+        now: u64,
+    ) -> Response<Body> {
+        let challenge = self.pow.issue(&room.id, client, now);
+        let mut response = if wants_page(request) {
+            let mut response =
+                Response::new(body::full(page::render_challenge(&challenge, difficulty, &room.proof_cookie)));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            response.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"),
+            );
+            response
+        } else {
+            let mut response = json_response(&serde_json::json!({
+                "status": "challenge",
+                "challenge": challenge,
+                "difficulty": difficulty,
+                "algorithm": "sha256",
+                "solution": "<challenge>.<nonce>: SHA-256 of it starts with `difficulty` zero bits",
+                "header": challenge::HEADER.as_str(),
+                "expires_in": challenge::LIFETIME_MS / 1_000,
+                "refused": (refused != Refused::Missing).then(|| refused.to_string()),
+            }));
+            *response.status_mut() = StatusCode::FORBIDDEN;
+            response
+        };
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        append_cookie(&mut response, self.clear_cookie(&room.proof_cookie));
+        response
     }
 
     /// Forward a visitor whose turn it is, with a fresh token as a cookie.

@@ -19,6 +19,7 @@
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
 //! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
+//! - [`challenge`]: the proof of work a room may ask of a visitor before they join.
 //! - [`limit`]: joins per client address, in bounded memory.
 //! - [`error`]: the request-path error type and the one place it maps to HTTP statuses.
 //! - [`body`]: the one body type of the proxy, with `empty()` and `full()`.
@@ -28,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod challenge;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -259,3 +259,92 @@ async fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
     tokio::time::timeout(DEADLINE, idle.read_to_end(&mut rest)).await.expect("closed").unwrap();
     assert!(started.elapsed() >= std::time::Duration::from_millis(900), "closed after {:?}", started.elapsed());
 }
+
+/// GET `/checkout` from `source` as an API client, with a proof of work if given: the status,
+/// the JSON body, and whether a ticket (or token) was set.
+async fn join_with_proof(
+    source: IpAddr,
+    gate: SocketAddr,
+    proof: Option<&str>,
+) -> (StatusCode, serde_json::Value, bool) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let stream = socket.connect(gate).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = Request::get("/checkout").header("host", "shop.test").header("accept", "application/json");
+    if let Some(proof) = proof {
+        request = request.header("vestibule-pow", proof);
+    }
+    let response = sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let placed = response.headers().get_all("set-cookie").iter().any(|c| {
+        let c = c.to_str().unwrap();
+        (c.starts_with("vestibule-ticket-") || c.starts_with("vestibule-token-")) && !c.contains("Max-Age=0")
+    });
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_default(), placed)
+}
+
+#[tokio::test]
+async fn the_proof_of_work_is_refused_when_missing_wrong_reused_or_from_another_address() {
+    use vestibule::challenge::solve;
+    let (upstream_addr, upstream) = start_upstream().await;
+    let room = "admit_per_minute = 60000\nmax_active = 500\nchallenge = \"pow\"\nchallenge_difficulty = 10\n";
+    let gate = start_room(upstream_addr, room).await;
+    let me = ip("127.0.0.1");
+
+    // No proof: the challenge, as JSON with 403, and no place.
+    let (status, asked, placed) = join_with_proof(me, gate.addr, None).await;
+    assert_eq!((status, placed), (StatusCode::FORBIDDEN, false));
+    assert_eq!((asked["status"].as_str(), asked["difficulty"].as_u64()), (Some("challenge"), Some(10)), "{asked}");
+    let challenge = asked["challenge"].as_str().unwrap().to_owned();
+
+    // Wrong: too little work, a made-up challenge, garbage.
+    let lazy = (0..).map(|n| format!("{challenge}.{n}")).find(|s| solve_bits(s) < 10).unwrap();
+    let made_up = solve(&format!("{}A", &challenge[..challenge.len() - 1]), 10);
+    for wrong in [lazy.as_str(), made_up.as_str(), "garbage"] {
+        let (status, refused, placed) = join_with_proof(me, gate.addr, Some(wrong)).await;
+        assert_eq!((status, placed), (StatusCode::FORBIDDEN, false), "{wrong}");
+        assert!(refused["refused"].is_string(), "{refused}");
+    }
+    // From another address than the one it was issued to.
+    let solved = solve(&challenge, 10);
+    let (status, _, placed) = join_with_proof(ip("127.0.0.2"), gate.addr, Some(&solved)).await;
+    assert_eq!((status, placed), (StatusCode::FORBIDDEN, false), "bound to its address");
+    // Right: a place. Once.
+    let (status, _, placed) = join_with_proof(me, gate.addr, Some(&solved)).await;
+    assert_eq!((status, placed), (StatusCode::OK, true), "solved: let in");
+    let (status, refused, placed) = join_with_proof(me, gate.addr, Some(&solved)).await;
+    assert_eq!((status, placed), (StatusCode::FORBIDDEN, false));
+    assert_eq!(refused["refused"], "the solution was used already");
+    assert_eq!(upstream.requests().len(), 1);
+
+    // A browser gets the page that solves it, which asks for nothing outside.
+    let (status, headers, page) = get_page(gate.addr).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("crypto.subtle.digest") && page.contains("vestibule-pow-checkout"), "{page}");
+    assert!(!headers.get_all("set-cookie").iter().any(|c| c.to_str().unwrap().starts_with("vestibule-ticket-")));
+}
+
+/// Leading zero bits of SHA-256 of `text`.
+fn solve_bits(text: &str) -> u32 {
+    let hash = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut bits = 0;
+    for byte in hash.as_ref() {
+        if *byte == 0 {
+            bits += 8;
+        } else {
+            return bits + byte.leading_zeros();
+        }
+    }
+    bits
+}
+
+async fn get_page(gate: SocketAddr) -> (StatusCode, http::HeaderMap, String) {
+    let request = Request::get("/checkout")
+        .header("host", "shop.test")
+        .header("accept", "text/html")
+        .body(Full::new(Bytes::new()));
+    send(gate, request.unwrap()).await
+}

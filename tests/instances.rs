@@ -386,3 +386,28 @@ async fn leaves_during_an_outage_are_answered_at_once_and_never_lost() {
     feed_until(&mut feed, "admitted").await;
     assert_eq!(next.open("/checkout").await.0, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_of_work_is_taken_once_across_instances() {
+    let redis = RedisServer::start();
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let dir = TempDir::new("pow");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+    let text =
+        config_text(&redis, upstream_addr, &key).replace("max_active = 1\n", "max_active = 10\nchallenge = \"pow\"\n");
+    let config = Config::parse(&text, "pow.toml", dir.path()).unwrap();
+    let (one, two) = (server::start(&config).await.unwrap(), server::start(&config).await.unwrap());
+    // A challenge from instance one, solved, used at instance one...
+    let (code, _, body) = get(one.addr, "/checkout", &[]).await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    let asked: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let solved = vestibule::challenge::solve(asked["challenge"].as_str().unwrap(), 16);
+    let (code, headers, _) = get(one.addr, "/checkout", &[("vestibule-pow", &solved)]).await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(cookies(&headers).contains("vestibule-token-checkout"));
+    // ...is refused at instance two.
+    let (code, _, body) = get(two.addr, "/checkout", &[("vestibule-pow", &solved)]).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("used already"), "{body}");
+}

@@ -179,3 +179,18 @@ async fn source_addresses_spread_the_crowd_past_per_address_limits() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.admitted, 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crowd_solves_a_rooms_proof_of_work() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, "admit_per_minute = 1200\nmax_active = 3\nchallenge = \"pow\"\n").await;
+    let mut options = Options::new(gate.addr, 30, 100.0).unwrap();
+    options.patience = Duration::from_secs(20);
+    options.leave = true;
+    options.sources = Some("127.0.0.0/8".parse().unwrap());
+    let report = loadtest::run(options).await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.admitted, 30);
+    assert_eq!(report.retries.get("join asked for a proof of work, solved"), Some(&30), "{:?}", report.retries);
+    assert_eq!(upstream.requests().len(), 30);
+}

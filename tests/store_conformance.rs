@@ -298,15 +298,15 @@ async fn a_call_that_reaches_redis_after_its_caller_gave_up_changes_nothing() {
         .expect("connect to the test's redis-server");
     let limits = limits(60, 10);
     store.keep_time().await; // learn Redis's clock
-    store.join(ROOM, &limits, true, 0).await.unwrap();
+    store.join(ROOM, &limits, true, 0, None).await.unwrap();
     // Redis freezes with a join on its way: the instance gives up on it after 500 ms...
     server.pause();
-    assert!(matches!(store.join(ROOM, &limits, true, 0).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(store.join(ROOM, &limits, true, 0, None).await, Err(StoreError::Unavailable(_))));
     // ...and when Redis thaws and reads it, it refuses it: no ticket held by nobody.
     server.resume();
     let stats = store.stats(ROOM, &limits, 0).await.unwrap();
     assert_eq!(stats.last_ticket, 1, "{stats:?}");
-    assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 2 });
+    assert_eq!(store.join(ROOM, &limits, true, 0, None).await.unwrap(), Joined::Waiting { ticket: 2 });
 }
 
 async fn redeemed(store: &Store, ticket: u64) -> Redeemed {

@@ -150,6 +150,8 @@ struct Visitor<'a> {
     live: &'a Live,
     requests: usize,
     jar: BTreeMap<String, String>,
+    /// A solved proof of work, sent with the next request.
+    proof: Option<String>,
     outcome: Outcome,
 }
 
@@ -164,6 +166,8 @@ const FEED_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::fr
 struct Answer {
     status: StatusCode,
     retry_after: Option<Duration>,
+    /// A proof of work the room asks for: the challenge and its difficulty.
+    challenge: Option<(String, u8)>,
 }
 
 impl Visitor<'_> {
@@ -249,6 +253,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
                 live: &live,
                 requests: 0,
                 jar: BTreeMap::new(),
+                proof: None,
                 outcome: Outcome::default(),
             };
             visitor.outcome.arrived = at;
@@ -369,6 +374,7 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
 async fn join(visitor: &mut Visitor<'_>, patience: Instant) -> Result<Duration, &'static str> {
     let ticket_cookie = crate::room::ticket_cookie(&visitor.options.room);
     let token_cookie = crate::room::token_cookie(&visitor.options.room);
+    let mut proofs = 0;
     loop {
         let sent = visitor.now();
         let answer = until_answered(visitor, "GET", &visitor.options.path, patience).await?;
@@ -376,6 +382,16 @@ async fn join(visitor: &mut Visitor<'_>, patience: Instant) -> Result<Duration, 
         visitor.outcome.join_us = Some((answered - sent).as_micros() as u64);
         if visitor.cookie(&ticket_cookie).is_some() || visitor.cookie(&token_cookie).is_some() {
             return Ok(answered);
+        }
+        if let Some((challenge, difficulty)) = answer.challenge {
+            // The room asks for a proof of work: solved as the waiting page solves it.
+            proofs += 1;
+            if proofs > 3 {
+                return Err("join: proof of work refused");
+            }
+            visitor.retried("join asked for a proof of work, solved");
+            visitor.proof = Some(crate::challenge::solve(&challenge, difficulty));
+            continue;
         }
         let too_many = answer.status == StatusCode::TOO_MANY_REQUESTS;
         if !answer.status.is_server_error() && !too_many {
@@ -530,14 +546,16 @@ async fn request(visitor: &mut Visitor<'_>, method: &str, path: &str) -> Result<
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|_| "handshake failed")?;
     tokio::spawn(connection);
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(path)
         .header(http::header::HOST, target.to_string())
         .header(http::header::ACCEPT, "application/json")
-        .header(http::header::COOKIE, cookie_header(&visitor.jar))
-        .body(Empty::<Bytes>::new())
-        .map_err(|_| "bad request")?;
+        .header(http::header::COOKIE, cookie_header(&visitor.jar));
+    if let Some(proof) = visitor.proof.take() {
+        request = request.header(crate::challenge::HEADER, proof);
+    }
+    let request = request.body(Empty::<Bytes>::new()).map_err(|_| "bad request")?;
     let response = sender.send_request(request).await.map_err(|_| "request failed")?;
     for cookie in response.headers().get_all(http::header::SET_COOKIE) {
         let Some((pair, attributes)) = cookie.to_str().ok().map(|c| c.split_once(';').unwrap_or((c, ""))) else {
@@ -557,8 +575,14 @@ async fn request(visitor: &mut Visitor<'_>, method: &str, path: &str) -> Result<
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    response.into_body().collect().await.map_err(|_| "body failed")?;
-    Ok(Answer { status, retry_after })
+    let body = response.into_body().collect().await.map_err(|_| "body failed")?.to_bytes();
+    let challenge = (status == StatusCode::FORBIDDEN)
+        .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
+        .flatten()
+        .and_then(|json| {
+            Some((json["challenge"].as_str()?.to_owned(), u8::try_from(json["difficulty"].as_u64()?).ok()?))
+        });
+    Ok(Answer { status, retry_after, challenge })
 }
 
 #[cfg(test)]

@@ -103,6 +103,12 @@ pub struct Room {
     pub limits: Limits,
     /// Joins per client address.
     pub joins: JoinLimiter,
+    /// The proof of work asked before a join (its difficulty), if any.
+    pub challenge: Option<u8>,
+    /// Proofs of work taken, each once.
+    pub proofs: crate::challenge::Used,
+    /// The cookie the waiting page puts a solved proof of work in.
+    pub proof_cookie: String,
     pub token_cookie: String,
     pub ticket_cookie: String,
     control: RwLock<(RoomState, Option<String>)>,
@@ -168,6 +174,9 @@ impl Room {
                 idle_ms: config.session_idle_seconds * 1_000,
             },
             joins: JoinLimiter::new(config.joins_per_address_per_minute.get(), MAX_JOINING_ADDRESSES),
+            challenge: (config.challenge == crate::config::ChallengeKind::Pow).then_some(config.challenge_difficulty),
+            proofs: crate::challenge::Used::default(),
+            proof_cookie: format!("vestibule-pow-{}", config.id),
             token_cookie: token_cookie(&config.id),
             ticket_cookie: ticket_cookie(&config.id),
             control: RwLock::new((config.state, config.message.clone())),

@@ -8,6 +8,7 @@ use crate::line::Gone;
 use crate::room::Status;
 
 const TEMPLATE: &str = include_str!("waiting.html");
+const CHALLENGE: &str = include_str!("challenge.html");
 
 fn environment() -> &'static Environment<'static> {
     static ENVIRONMENT: OnceLock<Environment<'static>> = OnceLock::new();
@@ -15,8 +16,17 @@ fn environment() -> &'static Environment<'static> {
         let mut environment = Environment::new();
         // `.html` templates are auto-escaped: room messages cannot inject markup.
         environment.add_template("waiting.html", TEMPLATE).expect("the waiting page template parses");
+        environment.add_template("challenge.html", CHALLENGE).expect("the challenge page template parses");
         environment
     })
+}
+
+/// The page that solves a room's proof of work in the browser, stores the solution in the
+/// cookie `cookie`, and loads the page again.
+pub fn render_challenge(challenge: &str, difficulty: u8, cookie: &str) -> String {
+    let page = environment().get_template("challenge.html").expect("the template was added");
+    page.render(context! { challenge, difficulty, cookie })
+        .unwrap_or_else(|error| format!("<!doctype html><title>One moment</title><p>Please reload. ({error})</p>"))
 }
 
 /// Why a visitor is back at the end of the line, in their words.

@@ -27,6 +27,9 @@ pub enum StoreError {
     /// knew.
     #[error("the line is being restored")]
     Restoring,
+    /// The join's proof of work was used already (at another instance).
+    #[error("the proof of work was used already")]
+    ProofReused,
 }
 
 /// What a scheduler step of the line did.
@@ -75,9 +78,22 @@ impl Store {
 
     /// Take a ticket; admitted at once when `admit_now` and nobody waits and there is room.
     pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
+        self.join_with_proof(room, limits, admit_now, now, None).await
+    }
+
+    /// [`join`](Self::join) with a proof of work, taken once across every instance (the
+    /// memory store serves one instance, whose room takes it once).
+    pub async fn join_with_proof(
+        &self,
+        room: &str,
+        limits: &Limits,
+        admit_now: bool,
+        now: u64,
+        proof: Option<u128>,
+    ) -> Result<Joined, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.join(limits, admit_now, now))),
-            Store::Redis(store) => store.join(room, limits, admit_now, now).await,
+            Store::Redis(store) => store.join(room, limits, admit_now, now, proof).await,
         }
     }
 

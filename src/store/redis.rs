@@ -155,7 +155,7 @@ pub fn cursor_channel(room: &str) -> String {
 }
 
 /// The keys of a room, in the order of `lua/common.lua`.
-fn keys(room: &str) -> [String; 14] {
+fn keys(room: &str) -> [String; 15] {
     [
         "line",
         "grants",
@@ -171,6 +171,7 @@ fn keys(room: &str) -> [String; 14] {
         "fresh",
         "openers",
         "instances",
+        "proofs",
     ]
     .map(|part| format!("vestibule:{{{room}}}:{part}"))
 }
@@ -188,6 +189,7 @@ fn classify(error: RedisError) -> StoreError {
     match error.code() {
         Some("LOST") => StoreError::Lost,
         Some("RESTORING") => StoreError::Restoring,
+        Some("REUSED") => StoreError::ProofReused,
         Some("EXPIRED") => StoreError::Unavailable("redis: the call reached it after it was given up".into()),
         _ => {
             let kind = if error.is_timeout() || error.is_connection_dropped() || error.is_io_error() {
@@ -484,11 +486,19 @@ impl RedisStore {
         Ok(stats)
     }
 
-    pub async fn join(&self, room: &str, limits: &Limits, admit_now: bool, now: u64) -> Result<Joined, StoreError> {
+    pub async fn join(
+        &self,
+        room: &str,
+        limits: &Limits,
+        admit_now: bool,
+        now: u64,
+        proof: Option<u128>,
+    ) -> Result<Joined, StoreError> {
+        let proof = proof.map(|id| format!("{id:032x}")).unwrap_or_default();
         let (admitted, ticket, expires_at, line): (u8, u64, u64, u64) = self
             .run(room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.join, room, limits, now, Absence::Excuse);
-                invocation.arg(u8::from(admit_now)).arg(&store.instance);
+                invocation.arg(u8::from(admit_now)).arg(&store.instance).arg(&proof);
                 invocation
             })
             .await?;

@@ -30,6 +30,7 @@
 -- KEYS[13] openers     hash: fresh session ticket -> the instance that opened it ('' once that
 --                            instance knows its answer was lost)
 -- KEYS[14] instances   hash: instance id -> alive until (ms of Redis time; lease.lua)
+-- KEYS[15] proofs      zset: proof of work id -> until (ms); each is taken once
 -- ARGV[1] now (ms)  ARGV[2] admit_per_minute  ARGV[3] max_active  ARGV[4] grant_ms
 -- ARGV[5] session_ms  ARGV[6] abandon_ms  ARGV[7] idle_ms
 -- ARGV[8] deadline: Redis time (ms) after which the caller has given up on this call, 0 for

@@ -1,6 +1,8 @@
 -- join: take a ticket; admitted at once when the room is open, nobody waits, and there is
 -- room and budget. A waiting ticket stays unconfirmed until its holder is seen.
--- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0), ARGV[11] this instance's id.
+-- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0), ARGV[11] this instance's id,
+-- ARGV[12] the id of the join's proof of work ('' for none): each is taken once, or the error
+-- REUSED.
 -- Returns {admitted (1/0), ticket, session expires at (ms) or 0, line id}; the error RESTORING
 -- for a moment after a restore.
 if lost() then
@@ -9,6 +11,13 @@ end
 local restored_at = redis.call('HGET', KEYS[1], 'restored_at')
 if restored_at and now < tonumber(restored_at) + JOIN_HOLD_MS then
   return redis.error_reply('RESTORING the line is being restored')
+end
+if ARGV[12] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', now)
+  if redis.call('ZSCORE', KEYS[15], ARGV[12]) then
+    return redis.error_reply('REUSED the proof of work was used already')
+  end
+  redis.call('ZADD', KEYS[15], now + 120000, ARGV[12])
 end
 local budget = refill()
 expire()
