@@ -9,8 +9,8 @@ use std::process::Command;
 use common::*;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
+/// Debian's chromium, and playwright-core in tests/browser: both installed by `tests/run`.
+fn chromium() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
@@ -21,6 +21,13 @@ async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
         root.join("tests/browser/node_modules/playwright-core").exists(),
         "playwright-core is missing: run `bash tests/run` (it runs npm ci in tests/browser)"
     );
+    chromium
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = chromium();
 
     let stop = CancellationToken::new();
     let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
@@ -42,3 +49,29 @@ async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
     assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 7, "{stdout}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_solves_the_proof_of_work_and_the_visitor_goes_on() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = chromium();
+    let stop = CancellationToken::new();
+    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    // The default difficulty; an idle room, so each visitor is let through once solved.
+    let gate = start_room(shop, "admit_per_minute = 6000\nmax_active = 100\nchallenge = \"pow\"\n").await;
+    let base = format!("http://{}", gate.addr);
+    let rounds = std::env::var("POW_ROUNDS").unwrap_or_else(|_| "3".into());
+    let script = root.join("tests/browser/challenge.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node").arg(script).arg(base).arg(&rounds).env("CHROMIUM", chromium).output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "the browser did not get through the challenge:\n{stdout}\n{stderr}");
+    assert!(stdout.lines().filter(|l| l.starts_with("ok - ")).count() >= 1, "{stdout}");
+    stop.cancel();
+}
+
