@@ -74,4 +74,3 @@ async fn the_page_solves_the_proof_of_work_and_the_visitor_goes_on() {
     assert!(stdout.lines().filter(|l| l.starts_with("ok - ")).count() >= 1, "{stdout}");
     stop.cancel();
 }
-
