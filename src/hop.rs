@@ -52,7 +52,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHENTICATE);
 }
 
-/// The `Upgrade` value when the request asks for a protocol upgrade (HTTP/1.1 only).
+/// The `Upgrade` value when the request asks for a websocket (HTTP/1.1 only). Any other
+/// upgrade is not passed on: the request goes upstream as a plain one (its `Upgrade` and
+/// `Connection` are hop-by-hop). An `h2c` upgrade, say, would open an HTTP/2 tunnel to the
+/// upstream that carries requests for any path past the gate.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection_says_upgrade = headers
         .get_all(header::CONNECTION)
@@ -60,10 +63,12 @@ pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if connection_says_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    match (connection_says_upgrade, upgrades.next(), upgrades.next()) {
+        (true, Some(protocol), None) if protocol.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket") => {
+            Some(HeaderValue::from_static("websocket"))
+        }
+        _ => None,
     }
 }
 
@@ -143,8 +148,13 @@ pub fn address_key(addr: IpAddr) -> IpAddr {
 pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
     let ours = |name: &HeaderName| {
         let name = name.as_str();
-        name.starts_with("vestibule-")
-            || (!peer.trusted && (name.starts_with("x-forwarded-") || name == header::FORWARDED))
+        let protected = |name: &str| {
+            name.starts_with("vestibule-")
+                || (!peer.trusted && (name.starts_with("x-forwarded-") || name == header::FORWARDED))
+        };
+        // An upstream behind CGI reads `X_Forwarded_For` as `X-Forwarded-For` (both are
+        // HTTP_X_FORWARDED_FOR to it): such aliases of our names are ours too.
+        protected(name) || (name.contains('_') && protected(&name.replace('_', "-")))
     };
     // Usually there is nothing to drop: look before collecting.
     if headers.keys().any(ours) {
