@@ -348,3 +348,43 @@ async fn get_page(gate: SocketAddr) -> (StatusCode, http::HeaderMap, String) {
         .body(Full::new(Bytes::new()));
     send(gate, request.unwrap()).await
 }
+
+/// Open a feed socket for `cookie`'s ticket through the gate, as from `forwarded_for` behind a
+/// proxy: whether it was accepted.
+async fn feed_from(gate: SocketAddr, cookie: &str, forwarded_for: &str) -> bool {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{gate}/_vestibule/ws?room=checkout").into_client_request().unwrap();
+    request.headers_mut().insert("cookie", cookie.parse().unwrap());
+    request.headers_mut().insert("x-forwarded-for", forwarded_for.parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(gate).await.unwrap();
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((socket, _)) => {
+            // Held open for the rest of the test.
+            std::mem::forget(socket);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn feed_limits_count_real_addresses_behind_a_trusted_proxy() {
+    use common::visitor::Visitor;
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let server = "trusted_proxies = [\"127.0.0.1/32\"]\nmax_feed_sockets_per_address = 4";
+    let gate = start_room_with(upstream_addr, server, "admit_per_minute = 60\nmax_active = 1\n").await;
+    let mut waiter = Visitor::new(gate.addr);
+    waiter.open("/checkout").await; // admitted: the only place
+    let mut waiter = Visitor::new(gate.addr);
+    waiter.open("/checkout").await;
+    let cookie = waiter.cookie_header();
+    // Seventy visitors behind the balancer, each from their own address: all served.
+    for n in 0..70 {
+        assert!(feed_from(gate.addr, &cookie, &format!("198.51.100.{n}")).await, "visitor {n} refused");
+    }
+    // One address beyond its four sockets is refused, whoever forwards it.
+    for n in 0..4 {
+        assert!(feed_from(gate.addr, &cookie, "203.0.113.1").await, "socket {n}");
+    }
+    assert!(!feed_from(gate.addr, &cookie, "203.0.113.1").await, "a fifth socket from one address");
+}
