@@ -128,8 +128,6 @@ pub enum TokenError {
     WrongRoom,
     #[error("token expired or not yet valid")]
     OutOfTime,
-    #[error("token not valid yet")]
-    NotYet,
     #[error("cannot sign: {0}")]
     Signing(String),
 }
@@ -285,7 +283,10 @@ impl KeyRing {
             validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
             validation.set_issuer(&[&config.issuer]);
             validation.leeway = config.leeway_seconds;
-            validation.validate_nbf = true;
+            // Time is checked by `Tokens` on its own clock (tokio time, as the line's), so
+            // that expiry and renewal behave alike under paused time in tests.
+            validation.validate_exp = false;
+            validation.validate_nbf = false;
             // The audience is the room, compared by the caller: one validation per key.
             validation.validate_aud = false;
             published.extend(key.public);
@@ -318,13 +319,9 @@ impl KeyRing {
             return Err(TokenError::Rejected("algorithm does not match the key".into()));
         }
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map(|data| data.claims).map_err(|e| {
-            match e.kind() {
-                // Valid later: not a verdict to remember.
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYet,
-                kind => TokenError::Rejected(format!("{kind:?}")),
-            }
-        })
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
+            .map(|data| data.claims)
+            .map_err(|e| TokenError::Rejected(format!("{:?}", e.kind())))
     }
 
     /// Signatures checked so far (a token's is checked once, then the token is remembered).
@@ -364,9 +361,16 @@ pub struct Tokens {
     /// Refused tokens by a keyed hash (keyed per process, so no one can aim a collision).
     refused: Cache<u64, ()>,
     hasher: std::collections::hash_map::RandomState,
+    /// The line's clock: tokio time.
+    clock: crate::clock::Clock,
 }
 
 impl Tokens {
+    /// Seconds since the Unix epoch, on the line's clock.
+    pub fn now(&self) -> u64 {
+        self.clock.now_ms() / 1_000
+    }
+
     pub fn new(config: &TokensConfig) -> Result<Tokens, KeyError> {
         Ok(Tokens {
             ring: KeyRing::load(config)?,
@@ -375,6 +379,7 @@ impl Tokens {
             verified: Cache::new(config.cache_entries.get()),
             refused: Cache::new(REFUSED_ENTRIES),
             hasher: std::collections::hash_map::RandomState::new(),
+            clock: crate::clock::Clock::new(),
         })
     }
 
@@ -405,7 +410,7 @@ impl Tokens {
         cursor_at_join: u64,
         lifetime: Duration,
     ) -> Result<String, TokenError> {
-        let expires_at = unix_now() + lifetime.as_secs().max(1);
+        let expires_at = self.now() + lifetime.as_secs().max(1);
         self.sign(ticket_audience(room), visitor, (ticket, line), Some(cursor_at_join), expires_at)
     }
 
@@ -419,7 +424,7 @@ impl Tokens {
         exp: u64,
     ) -> Result<String, TokenError> {
         let (tkt, line) = place;
-        let now = unix_now();
+        let now = self.now();
         let claims = Claims {
             iss: self.issuer.clone(),
             aud,
@@ -457,9 +462,9 @@ impl Tokens {
                 }
                 let claims = match self.ring.verify(token) {
                     Ok(claims) => claims,
-                    Err(TokenError::NotYet) => return Err(TokenError::OutOfTime),
                     Err(error) => {
-                        // Bad for good (forged, tampered, expired, another key): remember.
+                        // Bad for good (forged, tampered, another key): remember. (Time is
+                        // judged below, on every use.)
                         self.refused.insert(key, ());
                         return Err(error);
                     }
@@ -483,7 +488,7 @@ impl Tokens {
         if admission.room != audience {
             return Err(TokenError::WrongRoom);
         }
-        let now = unix_now();
+        let now = self.now();
         if now + self.leeway < admission.not_before || now >= admission.expires_at + self.leeway {
             return Err(TokenError::OutOfTime);
         }
@@ -631,3 +636,27 @@ mod fixture_tests {
         assert!(error.contains("cannot sign"), "{error}");
     }
 }
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_expire_on_the_lines_clock() {
+        let dir = std::env::temp_dir().join(format!("vestibule-token-clock-{}", random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+        let config: TokensConfig = toml::from_str(&format!("signing_key = {key:?}\nleeway_seconds = 0")).unwrap();
+        let tokens = Tokens::new(&config).unwrap();
+        let token = tokens.mint("checkout", "v1", 3, 0, tokens.now() + 60).unwrap();
+        assert!(tokens.admit(&token, "checkout").is_ok());
+        // A minute passes in an instant: tokio's clock is paused and moved on.
+        tokio::time::advance(std::time::Duration::from_secs(59)).await;
+        assert!(tokens.admit(&token, "checkout").is_ok(), "still valid at 59 s");
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        assert_eq!(tokens.admit(&token, "checkout").err(), Some(TokenError::OutOfTime));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
