@@ -883,12 +883,15 @@ const STORE_RETRY_SECONDS: u32 = 5;
 /// `Retry-After` for a turn being settled (redeemed a moment ago, not used yet).
 const PENDING_RETRY_SECONDS: u32 = 1;
 
-/// A store call failed: when the store is away, the room pauses until its next step succeeds.
+/// A store call failed: the room pauses until its next step succeeds. An outage is a warning;
+/// anything else (a script error) is a bug, logged as one.
 fn store_failed(room: &Room, error: &StoreError) {
-    if matches!(error, StoreError::Unavailable(_)) {
-        tracing::warn!(room = %room.id, %error, "store unavailable");
-        room.store_failed();
+    match error {
+        StoreError::Unavailable(_) => tracing::warn!(room = %room.id, %error, "store unavailable"),
+        StoreError::Failed(_) => tracing::error!(room = %room.id, %error, "the store refused a call (a bug?)"),
+        _ => return,
     }
+    room.store_failed();
 }
 
 /// One query parameter, percent-decoded.

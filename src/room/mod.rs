@@ -642,8 +642,10 @@ pub async fn run_scheduler(
         }
         let was_available = room.is_available();
         if let Err(error) = room.step(&store, clock.now_ms()).await {
-            if was_available {
+            if was_available && error.is_transient() {
                 tracing::warn!(room = %room.id, %error, "the store is away: the line is paused");
+            } else if was_available {
+                tracing::error!(room = %room.id, %error, "the store refused a step (a bug?): the line is paused");
             }
         } else if !was_available {
             tracing::info!(room = %room.id, "the store is back: the line moves again");

@@ -16,9 +16,14 @@ use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
-    /// The store cannot answer now (down, slow, refusing); worth retrying shortly.
+    /// The store cannot answer now (down, slow, loading, refusing a call that came too late):
+    /// transient, worth retrying shortly; the line pauses meanwhile.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered what this instance did not expect (a script error, a reply of
+    /// another shape): a bug or mismatched versions, not an outage.
+    #[error("store call failed: {0}")]
+    Failed(String),
     /// The room's line is missing from the store (Redis restarted empty); the Redis store
     /// restores it and tries again, so callers see this only if that fails too.
     #[error("the line is missing from the store")]
@@ -30,6 +35,13 @@ pub enum StoreError {
     /// The join's proof of work was used already (at another instance).
     #[error("the proof of work was used already")]
     ProofReused,
+}
+
+impl StoreError {
+    /// Whether trying again shortly may succeed (an outage), rather than a bug.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, StoreError::Failed(_))
+    }
 }
 
 /// What a scheduler step of the line did.

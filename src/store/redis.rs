@@ -182,23 +182,28 @@ pub fn parse_ended(payload: &str) -> Option<(u64, u64)> {
     Some((ticket.parse().ok()?, until.parse().ok()?))
 }
 
-/// The store's view of a failed call: the line was lost, is being restored, or Redis cannot
-/// answer now (transient failures and the rest alike: the caller's policy is the same for
-/// both, and the connection manager reconnects by itself).
+/// The store's view of a failed call: the line was lost or is being restored; Redis cannot
+/// answer now (gone, slow, loading, failing over, or the call came too late: transient, and
+/// the connection manager reconnects by itself); or Redis refused what was asked (a script
+/// error: a bug, not an outage).
 fn classify(error: RedisError) -> StoreError {
     match error.code() {
         Some("LOST") => StoreError::Lost,
         Some("RESTORING") => StoreError::Restoring,
         Some("REUSED") => StoreError::ProofReused,
         Some("EXPIRED") => StoreError::Unavailable("redis: the call reached it after it was given up".into()),
-        _ => {
-            let kind = if error.is_timeout() || error.is_connection_dropped() || error.is_io_error() {
-                "transient"
-            } else {
-                "error"
-            };
-            StoreError::Unavailable(format!("redis {kind}: {error}"))
+        Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY") => {
+            StoreError::Unavailable(format!("redis: {error}"))
         }
+        _ if error.is_timeout()
+            || error.is_connection_dropped()
+            || error.is_io_error()
+            || error.is_connection_refusal()
+            || error.is_unrecoverable_error() =>
+        {
+            StoreError::Unavailable(format!("redis: {error}"))
+        }
+        _ => StoreError::Failed(format!("redis: {error}")),
     }
 }
 
@@ -525,7 +530,7 @@ impl RedisStore {
                 invocation
             })
             .await?;
-        let malformed = || StoreError::Unavailable("unexpected redis reply to advance".into());
+        let malformed = || StoreError::Failed("unexpected redis reply to advance".into());
         let (head, ended) = reply.split_at_checked(9).ok_or_else(malformed)?;
         let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
         let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
@@ -550,7 +555,7 @@ impl RedisStore {
                 invocation
             })
             .await?;
-        let reply = |error: redis::ParsingError| StoreError::Unavailable(format!("unexpected redis reply: {error}"));
+        let reply = |error: redis::ParsingError| StoreError::Failed(format!("unexpected redis reply: {error}"));
         let number = || redis::from_redis_value::<u64>(value.clone()).map_err(reply);
         Ok(match kind {
             0 => Redeemed::Admitted { expires_at: number()? },
