@@ -351,12 +351,13 @@ impl Gate {
             return Ok(response);
         }
         room.session_used(admission.ticket, expires_at, &admission.used, now);
-        let session_seconds = room.limits.session_ms / 1_000;
+        let session_seconds = room.limits().session_ms / 1_000;
         let left = admission.expires_at.saturating_sub(now / 1_000);
         // Renewal needs the store; an admitted visitor never waits on a store that is away.
         if left * 2 < session_seconds && room.is_available() {
-            let until = now + room.limits.session_ms;
-            let renewal = self.store.renew(&room.id, &room.limits, admission.ticket, until, now);
+            let until = now + room.limits().session_ms;
+            let limits = room.limits();
+            let renewal = self.store.renew(&room.id, &limits, admission.ticket, until, now);
             if let Ok(Ok(true)) = tokio::time::timeout(RENEW_WAIT, renewal).await {
                 let place = (admission.ticket, admission.line);
                 if let Ok(token) = self.tokens.mint(&room.id, &admission.visitor, place.0, place.1, until / 1_000) {
@@ -386,7 +387,7 @@ impl Gate {
                 return Ok(self.waiting(room, ticket.ticket, start, None, &request, None));
             }
             let absence = room.absence(now);
-            let redeemed = match self.store.redeem(&room.id, &room.limits, ticket.ticket, now, absence).await {
+            let redeemed = match self.store.redeem(&room.id, &room.limits(), ticket.ticket, now, absence).await {
                 Ok(redeemed) => redeemed,
                 Err(error) => {
                     store_failed(room, &error);
@@ -440,7 +441,7 @@ impl Gate {
         room.joins.take(client, now).map_err(|retry_after_seconds| GateError::TooManyJoins { retry_after_seconds })?;
         let admit_now = snapshot.state == RoomState::Open;
         let visitor = random_id();
-        let joined = match self.store.join_with_proof(&room.id, &room.limits, admit_now, now, proof).await {
+        let joined = match self.store.join_with_proof(&room.id, &room.limits(), admit_now, now, proof).await {
             Ok(joined) => joined,
             Err(StoreError::ProofReused) => {
                 let difficulty = room.challenge.unwrap_or_default();
@@ -562,7 +563,7 @@ impl Gate {
         if session_ended {
             room.end_session(ticket, expires_at_ms);
         } else {
-            let lifetime = room.limits.session_ms / 1_000;
+            let lifetime = room.limits().session_ms / 1_000;
             append_cookie(&mut response, self.cookie(&room.token_cookie, &token, lifetime));
         }
         if had_ticket {

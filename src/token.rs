@@ -659,4 +659,3 @@ mod clock_tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
-

@@ -130,7 +130,7 @@ async fn two_instances_share_one_line_and_one_capacity() {
     let stats = one
         .gate()
         .store()
-        .stats("checkout", &one.gate().rooms()[0].limits, vestibule::clock::Clock::new().now_ms())
+        .stats("checkout", &one.gate().rooms()[0].limits(), vestibule::clock::Clock::new().now_ms())
         .await
         .unwrap();
     assert!(stats.active + stats.outstanding <= 1, "{stats:?}");
@@ -313,7 +313,7 @@ async fn a_redis_restarted_empty_keeps_every_place_and_admits_nobody_extra() {
     // The session of the lost line still holds the only place: no mass admission.
     let room = &one.gate().rooms()[0];
     let now = vestibule::clock::Clock::new().now_ms();
-    let stats = one.gate().store().stats("checkout", &room.limits, now).await.unwrap();
+    let stats = one.gate().store().stats("checkout", &room.limits(), now).await.unwrap();
     assert_eq!((stats.cursor, stats.active + stats.outstanding), (1, 1), "{stats:?}");
     // When it ends, the place goes to the first in line.
     inside.leave().await;

@@ -253,7 +253,7 @@ async fn capacity_holds_under_a_random_crowd_of_joins_leaves_and_orders() {
         tokio::spawn(async move {
             let clock = vestibule::clock::Clock::new();
             while !done.load(Ordering::Relaxed) {
-                let stats = store.stats(&room.id, &room.limits, clock.now_ms()).await.unwrap();
+                let stats = store.stats(&room.id, &room.limits(), clock.now_ms()).await.unwrap();
                 let used = stats.active + stats.outstanding;
                 peak.fetch_max(used, Ordering::Relaxed);
                 assert!(used <= max_active, "capacity exceeded: {stats:?}");

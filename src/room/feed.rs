@@ -171,7 +171,7 @@ where
     let mut snapshots = room.subscribe();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let touch_every = TOUCH_EVERY.min(Duration::from_millis(room.limits.abandon_ms / 4));
+    let touch_every = TOUCH_EVERY.min(Duration::from_millis(room.limits().abandon_ms / 4));
     let mut touch = tokio::time::interval(touch_every);
     let mut generation = snapshots.borrow().generation;
     let mut pong_due: Option<Instant> = None;

@@ -8,10 +8,13 @@
 
 pub mod feed;
 pub mod page;
+pub mod settings;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -21,6 +24,7 @@ use crate::config::{RoomConfig, RoomState};
 use crate::limit::JoinLimiter;
 use crate::line::{self, Absence, Limits};
 use crate::store::{Store, StoreError};
+use settings::{Overrides, Settings};
 
 /// How often the scheduler advances each room.
 pub const STEP: Duration = Duration::from_millis(100);
@@ -100,7 +104,8 @@ const MAX_JOINING_ADDRESSES: usize = 100_000;
 #[derive(Debug)]
 pub struct Room {
     pub id: String,
-    pub limits: Limits,
+    /// `proxy.toml` and the live overrides: one value, replaced whole (see [`settings`]).
+    settings: ArcSwap<Settings>,
     /// Joins per client address.
     pub joins: JoinLimiter,
     /// The proof of work asked before a join (its difficulty), if any.
@@ -111,7 +116,6 @@ pub struct Room {
     pub proof_cookie: String,
     pub token_cookie: String,
     pub ticket_cookie: String,
-    control: RwLock<(RoomState, Option<String>)>,
     snapshot: watch::Sender<Snapshot>,
     /// Waiters seen since the last report to the store.
     touched: Mutex<HashSet<u64>>,
@@ -165,21 +169,13 @@ impl Room {
         };
         Room {
             id: config.id.clone(),
-            limits: Limits {
-                admit_per_minute: config.admit_per_minute.get(),
-                max_active: config.max_active.get(),
-                grant_ms: config.grant_seconds * 1_000,
-                session_ms: config.session_seconds * 1_000,
-                abandon_ms: config.abandon_seconds * 1_000,
-                idle_ms: config.session_idle_seconds * 1_000,
-            },
+            settings: ArcSwap::from_pointee(Settings::new(config.clone())),
             joins: JoinLimiter::new(config.joins_per_address_per_minute.get(), MAX_JOINING_ADDRESSES),
             challenge: (config.challenge == crate::config::ChallengeKind::Pow).then_some(config.challenge_difficulty),
             proofs: crate::challenge::Used::default(),
             proof_cookie: format!("vestibule-pow-{}", config.id),
             token_cookie: token_cookie(&config.id),
             ticket_cookie: ticket_cookie(&config.id),
-            control: RwLock::new((config.state, config.message.clone())),
             snapshot: watch::Sender::new(snapshot),
             touched: Mutex::default(),
             used: Mutex::default(),
@@ -207,15 +203,56 @@ impl Room {
         self.snapshot.subscribe()
     }
 
-    pub fn state(&self) -> RoomState {
-        self.control.read().map(|c| c.0).unwrap_or_default()
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
     }
 
-    /// Change the room's state and message (admin API, tests); published at once.
+    /// How the line admits now.
+    pub fn limits(&self) -> Limits {
+        self.settings.load().limits()
+    }
+
+    pub fn state(&self) -> RoomState {
+        self.settings.load().state()
+    }
+
+    /// Put live overrides in force (as the store numbered them: an older `version` than the
+    /// one in force is ignored, so announcements may arrive in any order). Waiters hear of a
+    /// new state or message at once.
+    pub fn apply_overrides(&self, overrides: Overrides, version: u64) {
+        self.settings.rcu(|current| {
+            if version != 0 && version < current.version {
+                return Arc::clone(current);
+            }
+            Arc::new(Settings { config: current.config.clone(), overrides: overrides.clone(), version })
+        });
+        self.publish_settings();
+    }
+
+    /// New settings from `proxy.toml` (a reload); the live overrides stay.
+    pub fn reconfigure(&self, config: RoomConfig) {
+        self.settings.rcu(|current| {
+            Arc::new(Settings {
+                config: config.clone(),
+                overrides: current.overrides.clone(),
+                version: current.version,
+            })
+        });
+        self.publish_settings();
+    }
+
+    /// Change the room's state and message here only (tests); published at once.
     pub fn set_control(&self, state: RoomState, message: Option<String>) {
-        if let Ok(mut control) = self.control.write() {
-            *control = (state, message.clone());
-        }
+        let overrides =
+            Overrides { state: Some(state), message: Some(message.unwrap_or_default()), ..Overrides::default() };
+        self.apply_overrides(overrides, 0);
+    }
+
+    /// Publish the state and message in force to every waiter.
+    fn publish_settings(&self) {
+        let settings = self.settings.load();
+        let (state, message) = (settings.state(), settings.message());
         self.snapshot.send_if_modified(|snapshot| {
             let changed = snapshot.state != state || snapshot.message != message;
             snapshot.state = state;
@@ -289,7 +326,7 @@ impl Room {
     /// most once per [`USE_EVERY`] for one token (`mark`): an admitted request costs no store
     /// call, and the next step reports the batch.
     pub fn session_used(&self, ticket: u64, expires_at: u64, mark: &crate::token::UseMark, now: u64) {
-        let every = (USE_EVERY.as_millis() as u64).min(self.limits.idle_ms / 4);
+        let every = (USE_EVERY.as_millis() as u64).min(self.limits().idle_ms / 4);
         if ticket != 0 && mark.due(now, every) {
             self.session_in_use(ticket, expires_at);
         }
@@ -399,6 +436,7 @@ impl Room {
     /// Tell the store what visitors did since the last step: departures first (in order),
     /// then who was seen. Each bounded per step; what fails is kept for the next.
     async fn report(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let limits = self.limits();
         let departures: Vec<Departure> = match self.departures.lock() {
             Ok(mut pending) => {
                 let count = pending.len().min(DEPARTURES_PER_STEP);
@@ -409,10 +447,10 @@ impl Room {
         for (done, departure) in departures.iter().enumerate() {
             let sent = match *departure {
                 Departure::SessionEnded { ticket, expires_at } => {
-                    store.release(&self.id, &self.limits, ticket, expires_at, now).await.map(drop)
+                    store.release(&self.id, &limits, ticket, expires_at, now).await.map(drop)
                 }
-                Departure::PlaceGivenUp { ticket } => store.leave(&self.id, &self.limits, ticket, now).await,
-                Departure::Unanswered { ticket } => store.unanswered(&self.id, &self.limits, ticket, now).await,
+                Departure::PlaceGivenUp { ticket } => store.leave(&self.id, &limits, ticket, now).await,
+                Departure::Unanswered { ticket } => store.unanswered(&self.id, &limits, ticket, now).await,
             };
             if let Err(error) = sent {
                 if let Ok(mut pending) = self.departures.lock() {
@@ -454,7 +492,7 @@ impl Room {
                 }
             }
         }
-        if let Err(error) = store.touch(&self.id, &self.limits, &waiters, &sessions, now).await {
+        if let Err(error) = store.touch(&self.id, &limits, &waiters, &sessions, now).await {
             self.touch_all(waiters);
             for (ticket, expires_at) in sessions {
                 self.session_in_use(ticket, expires_at);
@@ -477,7 +515,8 @@ impl Room {
             revoked.retain(|_, until| *until > now);
         }
         if let Ok(mut recent) = self.recent.lock() {
-            recent.retain(|_, seen| *seen + self.limits.abandon_ms > now);
+            let abandon_ms = self.limits().abandon_ms;
+            recent.retain(|_, seen| *seen + abandon_ms > now);
         }
     }
 
@@ -495,20 +534,21 @@ impl Room {
     }
 
     async fn try_step(&self, store: &Store, now: u64, was_available: bool) -> Result<(), StoreError> {
-        let (state, message) = self.control.read().map(|c| c.clone()).unwrap_or_default();
         self.report(store, now).await?;
+        let settings = self.settings();
+        let limits = settings.limits();
         let leading = store.hold_lease(&self.id, LEASE).await?;
         self.leading.store(leading, Ordering::Relaxed);
         // Back after an outage, waiters are seen again (this step's snapshot asks them) before
         // the line moves on, and for a moment nobody is taken as gone.
-        let stats = if state == RoomState::Open && leading && was_available {
-            let advanced = store.advance(&self.id, &self.limits, now, self.absence(now)).await?;
+        let stats = if settings.state() == RoomState::Open && leading && was_available {
+            let advanced = store.advance(&self.id, &limits, now, self.absence(now)).await?;
             for (ticket, until) in advanced.ended {
                 self.revoke(ticket, until);
             }
             Some(advanced.stats)
         } else if leading || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64 {
-            Some(store.stats(&self.id, &self.limits, now).await?)
+            Some(store.stats(&self.id, &limits, now).await?)
         } else {
             None
         };
@@ -526,6 +566,10 @@ impl Room {
             self.read_at.fetch_max(now, Ordering::Relaxed);
             self.observe_line(stats.line);
         }
+        // State and message as in force now (a change made during this step's awaits is not
+        // written over with the step's older view).
+        let settings = self.settings.load();
+        let (state, message) = (settings.state(), settings.message());
         self.snapshot.send_if_modified(|snapshot| {
             let mut next = snapshot.clone();
             next.state = state;
@@ -559,7 +603,7 @@ impl Room {
         if read_since(self) {
             return;
         }
-        if let Ok(stats) = store.stats(&self.id, &self.limits, arrived).await {
+        if let Ok(stats) = store.stats(&self.id, &self.limits(), arrived).await {
             self.read_at.fetch_max(arrived, Ordering::Relaxed);
             self.observe_line(stats.line);
             self.observe_cursor(stats.cursor);
@@ -674,7 +718,7 @@ mod tests {
         let store = Arc::new(Store::memory());
         let clock = Clock::new();
         for _ in 0..2_000 {
-            let joined = store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap();
+            let joined = store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap();
             room.touch(joined.ticket()); // as the gate does when it answers the join
         }
         let stop = tokio_util::sync::CancellationToken::new();
@@ -684,7 +728,7 @@ mod tests {
         stop.cancel();
         scheduler.await.unwrap();
 
-        let stats = store.stats(&room.id, &room.limits, clock.now_ms()).await.unwrap();
+        let stats = store.stats(&room.id, &room.limits(), clock.now_ms()).await.unwrap();
         // The first visitor came in at once (spending one of the two turns the full bucket
         // held); then 2 a second for 300 s.
         let granted_by_scheduler = stats.cursor - 1;
@@ -701,7 +745,7 @@ mod tests {
         let room = room("admit_per_minute = 600\nmax_active = 10\nstate = \"paused\"");
         let store = Store::memory();
         let clock = Clock::new();
-        let joined = store.join(&room.id, &room.limits, false, clock.now_ms()).await.unwrap();
+        let joined = store.join(&room.id, &room.limits(), false, clock.now_ms()).await.unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
         room.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.snapshot().cursor, 0);
@@ -719,11 +763,11 @@ mod tests {
         let mark = crate::token::UseMark::default();
         // Two sessions one after the other: the first is used every 10 s, the second never.
         let Joined::Admitted { ticket: used, expires_at } =
-            store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap()
+            store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap()
         else {
             panic!("an idle room admits at once");
         };
-        let waiter = store.join(&room.id, &room.limits, true, clock.now_ms()).await.unwrap().ticket();
+        let waiter = store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap().ticket();
         for _ in 0..6 {
             room.session_used(used, expires_at, &mark, clock.now_ms());
             room.touch(waiter);
