@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::redis_server::RedisServer;
 use vestibule::line::{Absence, Gone, Joined, Limits, Redeemed, CONFIRM_MS, MAX_SKIPS, RESEE_MS};
+use vestibule::room::settings::Overrides;
 use vestibule::store::{RedisStore, Store, StoreError};
 
 const ROOM: &str = "checkout";
@@ -347,6 +348,24 @@ async fn a_redemption_whose_answer_was_lost_is_given_again_to_its_holder_only() 
 }
 
 #[tokio::test]
+async fn a_live_capacity_binds_every_instance_and_survives_a_lost_line() {
+    let server = RedisServer::start();
+    let (one, two) = (redis_store(&server).await, redis_store(&server).await);
+    let limits = limits(6000, 10);
+    // Instance one lowers the capacity to 1; instance two, not yet told, still says 10.
+    let one_place: Overrides = serde_json::from_str(r#"{"max_active":1,"state":"paused"}"#).unwrap();
+    let (_, version) = one.change_overrides(ROOM, &limits, Some(&one_place), 0).await.unwrap();
+    assert!(matches!(two.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Admitted { .. }));
+    assert_eq!(two.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 2 }, "one place only");
+    assert_eq!(two.stats(ROOM, &limits, 0).await.unwrap().settings_version, version, "the version is reported");
+    two.overrides(ROOM, &limits, 0).await.unwrap(); // as instance two's room reads them on seeing it
+                                                    // Redis loses everything; the instances put the overrides back with the line.
+    flush(&server).await;
+    two.stats(ROOM, &limits, 1_000).await.unwrap();
+    assert_eq!(two.overrides(ROOM, &limits, 1_000).await.unwrap(), (one_place, version));
+}
+
+#[tokio::test]
 async fn every_instance_merges_what_it_knew_into_a_restored_line() {
     let server = RedisServer::start();
     let (one, two) = (redis_store(&server).await, redis_store(&server).await);
@@ -376,6 +395,22 @@ async fn an_ended_session_is_kept_for_instances_that_missed_its_announcement() {
     let ended = redis.ended_sessions(ROOM, 2_000).await.unwrap();
     assert_eq!(ended, [(1, limits.session_ms)], "until the session would have expired");
     assert!(redis.ended_sessions(ROOM, limits.session_ms + 1).await.unwrap().is_empty(), "then forgotten");
+}
+
+async fn live_overrides_are_kept_merged_and_cleared(store: Store) {
+    let limits = limits(60, 10);
+    assert_eq!(store.overrides(ROOM, &limits, 0).await.unwrap(), (Overrides::default(), 0));
+    let paused: Overrides = serde_json::from_str(r#"{"state":"paused","admit_per_minute":300}"#).unwrap();
+    let (after, first) = store.change_overrides(ROOM, &limits, Some(&paused), 0).await.unwrap();
+    assert_eq!(after, paused);
+    let message: Overrides = serde_json::from_str(r#"{"message":"Back soon"}"#).unwrap();
+    let (after, second) = store.change_overrides(ROOM, &limits, Some(&message), 0).await.unwrap();
+    assert_eq!(after, paused.merged(&message), "merged field by field");
+    assert!(second > first);
+    assert_eq!(store.overrides(ROOM, &limits, 0).await.unwrap(), (after, second));
+    let (cleared, third) = store.change_overrides(ROOM, &limits, None, 0).await.unwrap();
+    assert_eq!(cleared, Overrides::default());
+    assert!(third > second);
 }
 
 /// Each behaviour as a test on each store.
@@ -415,4 +450,5 @@ on_every_store!(
     a_lagging_clock_credits_no_extra_turns,
     a_step_skips_a_bounded_number_of_leavers,
     a_ticket_beyond_the_last_keeps_its_place,
+    live_overrides_are_kept_merged_and_cleared,
 );

@@ -149,6 +149,9 @@ pub struct Stats {
     /// memory store restarted, a store emptied with nobody left who knew the line). Tickets
     /// and tokens carry it.
     pub line: u64,
+    /// Which change of the room's live overrides the store holds (0: none; the memory store
+    /// leaves them to the room).
+    pub settings_version: u64,
 }
 
 /// What a scheduler step did.
@@ -476,6 +479,7 @@ impl Line {
             rate_per_second,
             epoch: 0,
             line: self.id,
+            settings_version: 0,
         }
     }
 }

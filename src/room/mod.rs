@@ -565,6 +565,12 @@ impl Room {
         if let Some(stats) = stats {
             self.read_at.fetch_max(now, Ordering::Relaxed);
             self.observe_line(stats.line);
+            // Another instance changed the live overrides (and the announcement did not reach
+            // us, or not yet): read them.
+            if stats.settings_version > settings.version {
+                let (overrides, version) = store.overrides(&self.id, &limits, now).await?;
+                self.apply_overrides(overrides, version);
+            }
         }
         // State and message as in force now (a change made during this step's awaits is not
         // written over with the step's older view).

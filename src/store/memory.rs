@@ -4,12 +4,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::line::Line;
+use crate::room::settings::Overrides;
 
 /// Lines by room id. A `std` mutex, not an async one: it is held for a bounded step of the
 /// line (see [`MAX_SKIPS`](crate::line::MAX_SKIPS)) and never across an `.await`.
 #[derive(Default)]
 pub struct MemoryStore {
     rooms: Mutex<HashMap<String, Line>>,
+    /// Each room's live overrides and how many changes made them.
+    overrides: Mutex<HashMap<String, (Overrides, u64)>>,
 }
 
 impl MemoryStore {
@@ -22,5 +25,18 @@ impl MemoryStore {
             None => rooms.entry(room.to_owned()).or_insert_with(|| Line::new(rand::random::<u64>() | 1)),
         };
         step(line)
+    }
+
+    pub(crate) fn overrides(&self, room: &str) -> (Overrides, u64) {
+        let overrides = self.overrides.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        overrides.get(room).cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn change_overrides(&self, room: &str, change: Option<&Overrides>) -> (Overrides, u64) {
+        let mut overrides = self.overrides.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (current, version) = overrides.entry(room.to_owned()).or_default();
+        *current = change.map_or_else(Overrides::default, |change| current.merged(change));
+        *version += 1;
+        (current.clone(), *version)
     }
 }

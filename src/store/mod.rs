@@ -9,9 +9,10 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{cursor_channel, parse_ended, revocations_channel, RedisStore};
+pub use redis::{cursor_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
 
 use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
+use crate::room::settings::Overrides;
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +36,12 @@ pub enum StoreError {
     /// The join's proof of work was used already (at another instance).
     #[error("the proof of work was used already")]
     ProofReused,
+}
+
+fn parse_overrides((json, version): (String, u64)) -> Result<(Overrides, u64), StoreError> {
+    let overrides = serde_json::from_str(&json)
+        .map_err(|error| StoreError::Failed(format!("overrides in the store that do not read: {error}")))?;
+    Ok((overrides, version))
 }
 
 impl StoreError {
@@ -226,6 +233,33 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(()),
             Store::Redis(store) => store.drop_lease(room).await,
+        }
+    }
+
+    /// A room's live overrides as the store keeps them, with their version (the memory
+    /// store keeps them for the one instance).
+    pub async fn overrides(&self, room: &str, limits: &Limits, now: u64) -> Result<(Overrides, u64), StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.overrides(room)),
+            Store::Redis(store) => parse_overrides(store.settings(room, limits, None, false, now).await?),
+        }
+    }
+
+    /// Merge `change` into a room's live overrides, or clear them all (`None`); every instance
+    /// is told. What is in force after, with its version.
+    pub async fn change_overrides(
+        &self,
+        room: &str,
+        limits: &Limits,
+        change: Option<&Overrides>,
+        now: u64,
+    ) -> Result<(Overrides, u64), StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.change_overrides(room, change)),
+            Store::Redis(store) => {
+                let json = change.map(|change| serde_json::to_string(change).expect("overrides serialize"));
+                parse_overrides(store.settings(room, limits, json.as_deref(), change.is_none(), now).await?)
+            }
         }
     }
 

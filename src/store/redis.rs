@@ -36,6 +36,7 @@ struct Scripts {
     renew: Script,
     restore: Script,
     unanswered: Script,
+    settings: Script,
     lease: Script,
     unlease: Script,
 }
@@ -54,6 +55,7 @@ impl Scripts {
             renew: with_prelude(include_str!("lua/renew.lua")),
             restore: with_prelude(include_str!("lua/restore.lua")),
             unanswered: with_prelude(include_str!("lua/unanswered.lua")),
+            settings: with_prelude(include_str!("lua/settings.lua")),
             lease: Script::new(include_str!("lua/lease.lua")),
             unlease: Script::new(include_str!("lua/unlease.lua")),
         }
@@ -61,7 +63,7 @@ impl Scripts {
 }
 
 /// What this instance knows of a room's line: enough to rebuild it if Redis loses it.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Knowledge {
     epoch: u64,
     last: u64,
@@ -71,6 +73,8 @@ struct Knowledge {
     grants: u64,
     /// Which line it is.
     line: u64,
+    /// The live overrides it knew (JSON), and their version.
+    overrides: Option<(String, u64)>,
 }
 
 /// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
@@ -149,6 +153,11 @@ pub fn revocations_channel(room: &str) -> String {
     format!("vestibule:{{{room}}}:revoked")
 }
 
+/// The channel on which a room's live overrides changes are announced (their version).
+pub fn settings_channel(room: &str) -> String {
+    format!("vestibule:{{{room}}}:settings")
+}
+
 /// The channel on which a room's cursor moves are announced to every instance.
 pub fn cursor_channel(room: &str) -> String {
     format!("vestibule:{{{room}}}:cursor")
@@ -208,10 +217,10 @@ fn classify(error: RedisError) -> StoreError {
 }
 
 /// The report every line script can give (`report()` in `lua/common.lua`).
-type Report = (u64, u64, u32, u32, u64, i64, u64, u64);
+type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64);
 
 fn stats_of(report: Report, now: u64) -> Stats {
-    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line) = report;
+    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line, settings_version) = report;
     Stats {
         cursor,
         last_ticket,
@@ -221,6 +230,7 @@ fn stats_of(report: Report, now: u64) -> Stats {
         rate_per_second: crate::line::observed_rate(admitted as usize, u64::try_from(first).ok(), now),
         epoch,
         line,
+        settings_version,
     }
 }
 
@@ -440,6 +450,8 @@ impl RedisStore {
             .arg(known.sessions)
             .arg(known.grants)
             .arg(known.line);
+        let (overrides, version) = known.overrides.clone().unwrap_or_else(|| ("{}".into(), 0));
+        invocation.arg(overrides).arg(version);
         let epoch: u64 = invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)?;
         if known.last > 0 && epoch != known.epoch {
             tracing::warn!(
@@ -456,7 +468,7 @@ impl RedisStore {
     }
 
     fn knowledge(&self, room: &str) -> Knowledge {
-        self.known.lock().map(|known| known.get(room).copied().unwrap_or_default()).unwrap_or_default()
+        self.known.lock().map(|known| known.get(room).cloned().unwrap_or_default()).unwrap_or_default()
     }
 
     fn learn(&self, room: &str, update: impl FnOnce(&mut Knowledge)) {
@@ -531,10 +543,11 @@ impl RedisStore {
             })
             .await?;
         let malformed = || StoreError::Failed("unexpected redis reply to advance".into());
-        let (head, ended) = reply.split_at_checked(9).ok_or_else(malformed)?;
+        let (head, ended) = reply.split_at_checked(10).ok_or_else(malformed)?;
         let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
         let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
-        let report = (number(1)?, number(2)?, count(3)?, count(4)?, number(5)?, head[6], number(7)?, number(8)?);
+        let report =
+            (number(1)?, number(2)?, count(3)?, count(4)?, number(5)?, head[6], number(7)?, number(8)?, number(9)?);
         let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
         let stats = self.reported(room, limits, now, report).await?;
         Ok(Advanced { granted: count(0)?, ended, stats })
@@ -595,6 +608,37 @@ impl RedisStore {
             })
             .await?;
         Ok(ended == 1)
+    }
+
+    /// Read (`change` None) or change a room's live overrides (JSON): `clear` drops them all,
+    /// otherwise `change` is merged in; every instance is told of a change. What is in force
+    /// after, with its version; this instance remembers it, to put it back should Redis lose it.
+    pub async fn settings(
+        &self,
+        room: &str,
+        limits: &Limits,
+        change: Option<&str>,
+        clear: bool,
+        now: u64,
+    ) -> Result<(String, u64), StoreError> {
+        let mode = match (change, clear) {
+            (_, true) => "clear",
+            (Some(_), false) => "merge",
+            (None, false) => "read",
+        };
+        let (version, overrides): (u64, String) = self
+            .run(room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.settings, room, limits, now, Absence::Excuse);
+                invocation.arg(mode).arg(change.unwrap_or("{}")).arg(settings_channel(room));
+                invocation
+            })
+            .await?;
+        self.learn(room, |k| {
+            if k.overrides.as_ref().is_none_or(|(_, known)| *known <= version) {
+                k.overrides = Some((overrides.clone(), version));
+            }
+        });
+        Ok((overrides, version))
     }
 
     /// This instance's call opening `ticket`'s session failed: if it ran, its answer was lost,

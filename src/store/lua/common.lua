@@ -12,7 +12,9 @@
 --                            rebuilt from what the instances knew), phantom_sessions,
 --                            phantom_grants, adopted_sessions, adopted_grants (places presumed
 --                            taken by what the lost line held, and how many were taken over
---                            since), grown_at (ms: the line grew to a ticket beyond its last)
+--                            since), grown_at (ms: the line grew to a ticket beyond its last),
+--                            o_state, o_admit_per_minute, o_max_active, o_message, o_version
+--                            (the live overrides: settings.lua)
 -- KEYS[2]  grants      zset: ticket -> granted at (ms); granted turns not yet redeemed
 -- KEYS[3]  sessions    zset: ticket -> expires at (ms); active sessions
 -- KEYS[4]  left        set:  tickets after the cursor whose holders left
@@ -49,8 +51,9 @@ if deadline > 0 then
   end
 end
 local now = tonumber(ARGV[1])
-local per_minute = tonumber(ARGV[2])
-local max_active = tonumber(ARGV[3])
+-- A live override of the rate or the capacity (settings.lua) binds every instance at once.
+local per_minute = tonumber(redis.call('HGET', KEYS[1], 'o_admit_per_minute') or ARGV[2])
+local max_active = tonumber(redis.call('HGET', KEYS[1], 'o_max_active') or ARGV[3])
 local grant_ms = tonumber(ARGV[4])
 local session_ms = tonumber(ARGV[5])
 local abandon_ms = tonumber(ARGV[6])
@@ -194,8 +197,24 @@ local function adopt(ticket, kind)
   return true
 end
 
+-- The live overrides (settings.lua) as JSON: the fields that are set.
+local function overrides_json()
+  local overrides = {}
+  for _, field in ipairs({'state', 'admit_per_minute', 'max_active', 'message'}) do
+    local value = redis.call('HGET', KEYS[1], 'o_' .. field)
+    if value then
+      if field == 'admit_per_minute' or field == 'max_active' then
+        overrides[field] = tonumber(value)
+      else
+        overrides[field] = value
+      end
+    end
+  end
+  return cjson.encode(overrides)
+end
+
 -- What the room looks like: {cursor, last, active, outstanding, admissions in the window,
--- first admission (ms) or -1, epoch, line id}.
+-- first admission (ms) or -1, epoch, line id, version of the live overrides}.
 local function report()
   local first = redis.call('LINDEX', KEYS[8], 0)
   return {
@@ -207,5 +226,6 @@ local function report()
     first and tonumber(first) or -1,
     number(KEYS[1], 'epoch'),
     number(KEYS[1], 'line_id'),
+    number(KEYS[1], 'o_version'),
   }
 end

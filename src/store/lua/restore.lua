@@ -3,7 +3,8 @@
 -- its knowledge: counters by maximum, so nobody loses a place and no ticket is given twice.
 -- KEYS: as in common.lua.  ARGV[10] the epoch the instance knew (0: none), ARGV[11] the last
 -- ticket it knew, ARGV[12] the cursor it knew, ARGV[13] the sessions and ARGV[14] the
--- turns granted (not yet redeemed) it knew, ARGV[15] the line id it knew (0: none).
+-- turns granted (not yet redeemed) it knew, ARGV[15] the line id it knew (0: none), ARGV[16]
+-- the live overrides it knew (JSON) and ARGV[17] their version (0: none).
 -- Returns the line's epoch.
 local known_epoch = tonumber(ARGV[10])
 local known_last = tonumber(ARGV[11])
@@ -11,8 +12,24 @@ local known_cursor = tonumber(ARGV[12])
 local known_sessions = tonumber(ARGV[13])
 local known_grants = tonumber(ARGV[14])
 local known_line = tonumber(ARGV[15])
+local known_overrides_version = tonumber(ARGV[17])
+-- The live overrides come back as the instance knew them, the latest it knew winning.
+local function restore_overrides()
+  if known_overrides_version <= number(KEYS[1], 'o_version') then
+    return
+  end
+  local overrides = cjson.decode(ARGV[16])
+  for _, field in ipairs({'state', 'admit_per_minute', 'max_active', 'message'}) do
+    redis.call('HDEL', KEYS[1], 'o_' .. field)
+    if overrides[field] ~= nil and overrides[field] ~= cjson.null then
+      redis.call('HSET', KEYS[1], 'o_' .. field, tostring(overrides[field]))
+    end
+  end
+  redis.call('HSET', KEYS[1], 'o_version', known_overrides_version)
+end
 local epoch = number(KEYS[1], 'epoch')
 if epoch ~= 0 and (epoch == known_epoch or known_last == 0) then
+  restore_overrides()
   return epoch
 end
 if epoch == 0 then
@@ -22,9 +39,11 @@ if epoch == 0 then
   if known_last == 0 then
     -- A new line: its id is its first epoch.
     redis.call('HSET', KEYS[1], 'line_id', string.format('%d', epoch))
+    restore_overrides()
     return epoch
   end
 end
+restore_overrides()
 -- The lost line goes on under its id; a line started afresh meanwhile by an instance that
 -- knew nothing takes it too, if it has given out no ticket yet.
 if known_line ~= 0 and (not redis.call('HGET', KEYS[1], 'line_id') or number(KEYS[1], 'last') == 0) then
