@@ -43,13 +43,14 @@ pub struct Upstream {
     response_timeout: Duration,
     body_timeout: Duration,
     tunnel_idle_timeout: Duration,
-    /// Spliced upgrade tunnels: owned, so shutdown can end them.
+    /// Spliced upgrade tunnels: owned (by the gate, across reloads), so shutdown can end them.
     tunnels: TaskTracker,
     stop: CancellationToken,
+    preserve_host: bool,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, stop: CancellationToken) -> Upstream {
+    pub fn new(config: &UpstreamConfig, stop: CancellationToken, tunnels: TaskTracker) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -68,8 +69,9 @@ impl Upstream {
             response_timeout: config.response_timeout,
             body_timeout: config.body_timeout,
             tunnel_idle_timeout: config.tunnel_idle_timeout,
-            tunnels: TaskTracker::new(),
+            tunnels,
             stop,
+            preserve_host: config.preserve_host,
         }
     }
 
@@ -85,6 +87,11 @@ impl Upstream {
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| GateError::BadRequest("The request target is not valid."))
+    }
+
+    /// Whether the client's `Host` goes upstream (or the upstream's own authority).
+    pub fn preserve_host(&self) -> bool {
+        self.preserve_host
     }
 
     /// The upstream's own authority, for `Host` when the client's is not preserved.
@@ -170,11 +177,6 @@ impl Upstream {
                 () = stop.cancelled() => {}
             }
         });
-    }
-
-    /// Upgraded tunnels still open.
-    pub fn tunnels(&self) -> &TaskTracker {
-        &self.tunnels
     }
 }
 

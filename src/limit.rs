@@ -34,7 +34,8 @@ struct Shard {
 /// Joins per address per minute, for one room.
 #[derive(Debug)]
 pub struct JoinLimiter {
-    per_minute: u64,
+    /// Changed by a reload.
+    per_minute: std::sync::atomic::AtomicU64,
     per_shard: usize,
     shards: Vec<Mutex<Shard>>,
 }
@@ -44,20 +45,29 @@ impl JoinLimiter {
     /// at most about `max_addresses` addresses.
     pub fn new(per_minute: u32, max_addresses: usize) -> JoinLimiter {
         JoinLimiter {
-            per_minute: u64::from(per_minute.max(1)),
+            per_minute: std::sync::atomic::AtomicU64::new(u64::from(per_minute.max(1))),
             per_shard: (max_addresses / SHARDS).max(1),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
+    /// Joins per address per minute from now on (a reload).
+    pub fn set_per_minute(&self, per_minute: u32) {
+        self.per_minute.store(u64::from(per_minute.max(1)), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn per_minute(&self) -> u64 {
+        self.per_minute.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn capacity(&self) -> u64 {
-        self.per_minute * JOIN
+        self.per_minute() * JOIN
     }
 
     /// A bucket's units refilled up to `now` (its time never moves back).
     fn refill(&self, bucket: &mut Bucket, now: u64) {
         let elapsed = now.saturating_sub(bucket.at);
-        bucket.units = bucket.units.saturating_add(elapsed.saturating_mul(self.per_minute)).min(self.capacity());
+        bucket.units = bucket.units.saturating_add(elapsed.saturating_mul(self.per_minute())).min(self.capacity());
         bucket.at = bucket.at.max(now);
     }
 
@@ -82,7 +92,7 @@ impl JoinLimiter {
             return Ok(());
         }
         let missing = JOIN - bucket.units;
-        Err(missing.div_ceil(self.per_minute).div_ceil(1_000))
+        Err(missing.div_ceil(self.per_minute()).div_ceil(1_000))
     }
 
     /// Forget the buckets that have refilled (at most once a second per shard).
@@ -92,7 +102,7 @@ impl JoinLimiter {
         }
         shard.pruned_at = now;
         let full = self.capacity();
-        let per_minute = self.per_minute;
+        let per_minute = self.per_minute();
         shard.buckets.retain(|_, bucket| {
             let refilled = bucket.units.saturating_add(now.saturating_sub(bucket.at).saturating_mul(per_minute));
             refilled < full

@@ -60,7 +60,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     let store = Store::from_config(&config.store).await.context("cannot reach the store")?;
     let gate = Arc::new(Gate::new(config, store, CancellationToken::new())?);
-    gate.start_schedulers();
+    gate.start();
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -133,7 +133,7 @@ impl Listener {
         // Upgraded tunnels and feed sockets outlive their requests: they get the grace above,
         // then the stop token ends them (feeds say goodbye; pages reconnect elsewhere).
         self.gate.stop_token().cancel();
-        for tasks in [self.gate.upstream().tunnels(), self.gate.tasks()] {
+        for tasks in [self.gate.tunnels(), self.gate.tasks()] {
             tasks.close();
             let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         }

@@ -363,6 +363,8 @@ pub struct Tokens {
     hasher: std::collections::hash_map::RandomState,
     /// The line's clock: tokio time.
     clock: crate::clock::Clock,
+    /// The rooms' proofs of work, keyed from the signing key.
+    pow: crate::challenge::Pow,
 }
 
 impl Tokens {
@@ -372,8 +374,12 @@ impl Tokens {
     }
 
     pub fn new(config: &TokensConfig) -> Result<Tokens, KeyError> {
+        let ring = KeyRing::load(config)?;
+        // Every instance signing with the same key issues and checks the same challenges.
+        let secret = std::fs::read(&config.signing_key).unwrap_or_default();
         Ok(Tokens {
-            ring: KeyRing::load(config)?,
+            pow: crate::challenge::Pow::new(&secret),
+            ring,
             issuer: config.issuer.clone(),
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
@@ -385,6 +391,11 @@ impl Tokens {
 
     pub fn ring(&self) -> &KeyRing {
         &self.ring
+    }
+
+    /// The proofs of work rooms may ask for (keyed from the signing key, as every instance).
+    pub fn pow(&self) -> &crate::challenge::Pow {
+        &self.pow
     }
 
     /// A token admitting `visitor` to `room` until `expires_at` (Unix seconds), for the

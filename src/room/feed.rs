@@ -287,7 +287,7 @@ mod tests {
         let config: RoomConfig =
             toml::from_str("id = \"checkout\"\npaths = [\"/checkout\"]\nadmit_per_minute = 60\nmax_active = 1")
                 .unwrap();
-        Arc::new(Room::new(&config))
+        Arc::new(Room::new(&config, CancellationToken::new()))
     }
 
     /// A feed socket on an in-memory stream of `capacity` bytes whose client never reads.

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -108,8 +109,6 @@ pub struct Room {
     settings: ArcSwap<Settings>,
     /// Joins per client address.
     pub joins: JoinLimiter,
-    /// The proof of work asked before a join (its difficulty), if any.
-    pub challenge: Option<u8>,
     /// Proofs of work taken, each once.
     pub proofs: crate::challenge::Used,
     /// The cookie the waiting page puts a solved proof of work in.
@@ -145,6 +144,7 @@ pub struct Room {
     /// Held while reading the room for a visitor arriving between reads: one read serves all
     /// who arrive together.
     reading: tokio::sync::Mutex<()>,
+    stop: CancellationToken,
 }
 
 /// The name of the cookie that carries a room's admission token.
@@ -158,7 +158,9 @@ pub fn ticket_cookie(room: &str) -> String {
 }
 
 impl Room {
-    pub fn new(config: &RoomConfig) -> Room {
+    /// A room of `config`; its scheduler and feeds stop at `stop` (the room removed by a
+    /// reload, or the instance stopping).
+    pub fn new(config: &RoomConfig, stop: CancellationToken) -> Room {
         let snapshot = Snapshot {
             cursor: 0,
             state: config.state,
@@ -171,7 +173,6 @@ impl Room {
             id: config.id.clone(),
             settings: ArcSwap::from_pointee(Settings::new(config.clone())),
             joins: JoinLimiter::new(config.joins_per_address_per_minute.get(), MAX_JOINING_ADDRESSES),
-            challenge: (config.challenge == crate::config::ChallengeKind::Pow).then_some(config.challenge_difficulty),
             proofs: crate::challenge::Used::default(),
             proof_cookie: format!("vestibule-pow-{}", config.id),
             token_cookie: token_cookie(&config.id),
@@ -190,7 +191,19 @@ impl Room {
             epoch: AtomicU64::new(0),
             line: AtomicU64::new(0),
             reading: tokio::sync::Mutex::new(()),
+            stop,
         }
+    }
+
+    /// Ends the room's scheduler and feed sockets.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// The proof of work the room asks for before a join (its difficulty), if any.
+    pub fn challenge(&self) -> Option<u8> {
+        let settings = self.settings.load();
+        (settings.config.challenge == crate::config::ChallengeKind::Pow).then_some(settings.config.challenge_difficulty)
     }
 
     /// The latest snapshot.
@@ -232,6 +245,7 @@ impl Room {
 
     /// New settings from `proxy.toml` (a reload); the live overrides stay.
     pub fn reconfigure(&self, config: RoomConfig) {
+        self.joins.set_per_minute(config.joins_per_address_per_minute.get());
         self.settings.rcu(|current| {
             Arc::new(Settings {
                 config: config.clone(),
@@ -715,7 +729,7 @@ mod tests {
     fn room(text: &str) -> Arc<Room> {
         let config: RoomConfig =
             toml::from_str(&format!("id = \"checkout\"\npaths = [\"/checkout\"]\n{text}")).unwrap();
-        Arc::new(Room::new(&config))
+        Arc::new(Room::new(&config, CancellationToken::new()))
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,8 +5,11 @@
 //! store as one critical section over [`Line`](crate::line::Line). Time is passed in, in
 //! milliseconds.
 
+mod announce;
 mod memory;
 mod redis;
+
+pub use announce::Announcement;
 
 pub use memory::MemoryStore;
 pub use redis::{cursor_channel, parse_ended, revocations_channel, settings_channel, RedisStore};

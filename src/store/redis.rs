@@ -340,13 +340,15 @@ impl RedisStore {
         self.learn(room, |k| k.cursor = k.cursor.max(cursor));
     }
 
-    /// Subscribe to the ended sessions and cursor moves of `rooms`, at the first node that
-    /// answers.
+    /// Subscribe to the ended sessions, cursor moves and settings changes of `rooms`, at the
+    /// first node that answers.
     /// Also subscribe to `heartbeat`, this instance's own channel: a subscription that hears
     /// nothing on it is dead even when its connection looks open (half-open).
     pub async fn subscribe(&self, rooms: &[String], heartbeat: &str) -> Result<redis::aio::PubSubStream, StoreError> {
-        let mut channels: Vec<String> =
-            rooms.iter().flat_map(|room| [revocations_channel(room), cursor_channel(room)]).collect();
+        let mut channels: Vec<String> = rooms
+            .iter()
+            .flat_map(|room| [revocations_channel(room), cursor_channel(room), settings_channel(room)])
+            .collect();
         channels.push(heartbeat.to_owned());
         let mut failure = StoreError::Unavailable("no redis node to subscribe at".into());
         for client in &self.subscribe_to {

@@ -1,0 +1,259 @@
+//! A protected request without a valid token, in three phases: what the line says of it (one
+//! store call: redeem the ticket it holds, or take a new one after the proof of work and the
+//! join limit the room asks for), then the answer that follows, made in one place with its
+//! cookies.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::respond::{self, Cookies, PENDING_RETRY_SECONDS, RETRY_SECONDS, STORE_RETRY_SECONDS};
+use super::{cookies, store_failed, Connection, Gate, Place};
+use crate::body::Body;
+use crate::challenge::{self, Refused};
+use crate::config::RoomState;
+use crate::error::{wants_page, GateError};
+use crate::line::{Gone, Joined, Redeemed};
+use crate::path::CanonicalPath;
+use crate::room::{page, Holding, Room};
+use crate::store::StoreError;
+use crate::token::random_id;
+
+/// How long a ticket cookie holds a place.
+const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// What the line says of a request without a valid token.
+enum Entry {
+    /// Their turn: forward the request with a fresh token.
+    Admit { visitor: String, place: Place, expires_at: u64 },
+    /// In line (`start` places from the front when they joined), with a new ticket to set if
+    /// one was just taken, and why they are back at the end if they are.
+    Wait { ticket: u64, start: u64, why: Option<Gone>, new_ticket: Option<String>, retry_after: Option<u32> },
+    /// The room takes nobody new.
+    Closed,
+    /// The room asks for a proof of work first.
+    Challenge { difficulty: u8, refused: Refused },
+}
+
+impl Gate {
+    /// The line's step for this request, then the answer.
+    pub(super) async fn enter(
+        &self,
+        room: &Arc<Room>,
+        request: Request<Incoming>,
+        connection: &Connection,
+        client: IpAddr,
+        path: &CanonicalPath,
+    ) -> Result<Response<Body>, GateError> {
+        let entry = self.line_step(room, request.headers(), client).await?;
+        let page = wants_page(&request);
+        let cookies = Cookies::new(self.secure_cookies);
+        Ok(match entry {
+            Entry::Admit { visitor, place, expires_at } => {
+                return self.admit(room, &visitor, place, expires_at, request, connection, path).await;
+            }
+            Entry::Wait { ticket, start, why, new_ticket, retry_after } => {
+                room.touch(ticket);
+                let mut response = respond::waiting(room, ticket, start, why.and_then(page::why), page);
+                if let Some(seconds) = retry_after {
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                }
+                let cookies = match new_ticket {
+                    Some(ticket) => cookies.set(&room.ticket_cookie, &ticket, TICKET_LIFETIME.as_secs()),
+                    None => cookies,
+                };
+                cookies.on(response)
+            }
+            Entry::Closed => {
+                let closed = StatusCode::SERVICE_UNAVAILABLE;
+                let response = respond::room_status(room, Holding::Nothing, 0, None, page, closed);
+                cookies.clear_if_sent(request.headers(), &room.ticket_cookie).on(response)
+            }
+            Entry::Challenge { difficulty, refused } => {
+                let response = self.challenge(room, client, difficulty, refused, page);
+                cookies.clear_if_sent(request.headers(), &room.proof_cookie).on(response)
+            }
+        })
+    }
+
+    /// What the line says: one store call, redeeming the ticket the visitor holds or taking a
+    /// new one.
+    async fn line_step(&self, room: &Arc<Room>, headers: &HeaderMap, client: IpAddr) -> Result<Entry, GateError> {
+        let now = self.clock.now_ms();
+        let limits = room.limits();
+        let mut why = None;
+        if let Some(ticket) = self.ticket(headers, room) {
+            let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
+            let waiting =
+                |retry_after| Entry::Wait { ticket: ticket.ticket, start, why: None, new_ticket: None, retry_after };
+            // While the store is away, a waiter keeps their place on a paused page.
+            if !room.is_available() {
+                return Ok(waiting(None));
+            }
+            let redeemed = self.store.redeem(&room.id, &limits, ticket.ticket, now, room.absence(now)).await;
+            match redeemed {
+                Err(error) => {
+                    store_failed(room, &error);
+                    // If the store carried it out, nobody got the token: say so when it is back.
+                    room.unanswered(ticket.ticket);
+                    return Ok(waiting(None));
+                }
+                // Redeemed a moment ago and not used yet: its holder whose answer was lost (the
+                // session is theirs again once that is known), or a copy. Ask again shortly.
+                Ok(Redeemed::Pending) => return Ok(waiting(Some(PENDING_RETRY_SECONDS))),
+                Ok(Redeemed::Admitted { expires_at }) => {
+                    room.observe_cursor(ticket.ticket);
+                    return Ok(Entry::Admit { visitor: ticket.visitor.clone(), place: Place::of(&ticket), expires_at });
+                }
+                Ok(Redeemed::Waiting { position }) => {
+                    room.observe_cursor(ticket.ticket.saturating_sub(position));
+                    return Ok(waiting(None));
+                }
+                Ok(Redeemed::Gone(gone)) => why = Some(gone),
+            }
+        }
+        let snapshot = room.snapshot();
+        if snapshot.state == RoomState::Closed {
+            return Ok(Entry::Closed);
+        }
+        // Nobody joins a line the store cannot keep: come back shortly.
+        if !snapshot.available {
+            return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+        }
+        // A room that asks for a proof of work gets one first; then a new ticket is at most one
+        // of `joins_per_address_per_minute` from the client's address.
+        let proof = match room.challenge() {
+            None => None,
+            Some(difficulty) => match self.proof(room, headers, client, difficulty, now) {
+                Ok(id) => Some(id),
+                Err(refused) => return Ok(Entry::Challenge { difficulty, refused }),
+            },
+        };
+        room.joins.take(client, now).map_err(|retry_after_seconds| GateError::TooManyJoins { retry_after_seconds })?;
+        let admit_now = snapshot.state == RoomState::Open;
+        let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
+            Ok(joined) => joined,
+            Err(StoreError::ProofReused) => {
+                return Ok(Entry::Challenge {
+                    difficulty: room.challenge().unwrap_or_default(),
+                    refused: Refused::Reused,
+                });
+            }
+            Err(error) => {
+                store_failed(room, &error);
+                return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+            }
+        };
+        // The line the ticket belongs to, as the join's answer told the store.
+        let line = self.store.line(&room.id);
+        room.observe_line(line);
+        let visitor = random_id();
+        Ok(match joined {
+            Joined::Admitted { ticket, expires_at } => {
+                room.observe_cursor(ticket);
+                Entry::Admit { visitor, place: Place { ticket, line }, expires_at }
+            }
+            Joined::Waiting { ticket } => {
+                let cursor = snapshot.cursor.min(ticket.saturating_sub(1));
+                let signed = self
+                    .tokens()
+                    .mint_ticket(&room.id, &visitor, ticket, line, cursor, TICKET_LIFETIME)
+                    .map_err(|error| {
+                        tracing::error!(room = %room.id, %error, "cannot sign a ticket");
+                        GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
+                    })?;
+                Entry::Wait { ticket, start: ticket - cursor, why, new_ticket: Some(signed), retry_after: None }
+            }
+        })
+    }
+
+    /// The request's proof of work for `room` (the `Vestibule-Pow` header, or the cookie the
+    /// waiting page sets), checked and taken: its id.
+    fn proof(
+        &self,
+        room: &Room,
+        headers: &HeaderMap,
+        client: IpAddr,
+        difficulty: u8,
+        now: u64,
+    ) -> Result<u128, Refused> {
+        let from_header = headers.get(&challenge::HEADER).and_then(|v| v.to_str().ok());
+        let solution = from_header.or_else(|| cookies(headers, &room.proof_cookie).next()).ok_or(Refused::Missing)?;
+        let id = self.tokens().pow().check(&room.id, client, solution, difficulty, now)?;
+        if !room.proofs.take(id, now) {
+            return Err(Refused::Reused);
+        }
+        Ok(id)
+    }
+
+    /// A new challenge: the page that solves it in the browser, or for API clients `403` with
+    /// the challenge as JSON. Nothing joins the line.
+    fn challenge(
+        &self,
+        room: &Room,
+        client: IpAddr,
+        difficulty: u8,
+        refused: Refused,
+        wants_page: bool,
+    ) -> Response<Body> {
+        let challenge = self.tokens().pow().issue(&room.id, client, self.clock.now_ms());
+        let mut response = if wants_page {
+            respond::page(page::render_challenge(&challenge, difficulty, &room.proof_cookie))
+        } else {
+            let mut response = respond::json(&serde_json::json!({
+                "status": "challenge",
+                "challenge": challenge,
+                "difficulty": difficulty,
+                "algorithm": "sha256",
+                "solution": "<challenge>.<nonce>: SHA-256 of it starts with `difficulty` zero bits",
+                "header": challenge::HEADER.as_str(),
+                "expires_in": challenge::LIFETIME_MS / 1_000,
+                "refused": (refused != Refused::Missing).then(|| refused.to_string()),
+            }));
+            *response.status_mut() = StatusCode::FORBIDDEN;
+            response
+        };
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+
+    /// Forward a visitor whose turn it is, with a fresh token as a cookie (and their ticket
+    /// cookie cleared).
+    #[allow(clippy::too_many_arguments)]
+    async fn admit(
+        &self,
+        room: &Arc<Room>,
+        visitor: &str,
+        place: Place,
+        expires_at_ms: u64,
+        request: Request<Incoming>,
+        connection: &Connection,
+        path: &CanonicalPath,
+    ) -> Result<Response<Body>, GateError> {
+        let ticket = place.ticket;
+        let token =
+            self.tokens().mint(&room.id, visitor, ticket, place.line, expires_at_ms / 1_000).map_err(|error| {
+                tracing::error!(room = %room.id, %error, "cannot sign an admission token");
+                GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
+            })?;
+        let cookies = Cookies::new(self.secure_cookies).clear_if_sent(request.headers(), &room.ticket_cookie);
+        let json = !wants_page(&request);
+        // The session exists from here on, confirmed at once: even when the upstream fails,
+        // the visitor keeps the token (and their place) rather than losing both with the error.
+        room.session_in_use(ticket, expires_at_ms);
+        let (response, session_ended) = match self.forward(request, connection, path, Some((room, visitor))).await {
+            Ok(forwarded) => (forwarded.response, forwarded.session_ended),
+            Err(error) => (error.into_response(json), false),
+        };
+        let cookies = if session_ended {
+            room.end_session(ticket, expires_at_ms);
+            cookies
+        } else {
+            cookies.set(&room.token_cookie, &token, room.limits().session_ms / 1_000)
+        };
+        Ok(cookies.on(response))
+    }
+}

@@ -1,0 +1,570 @@
+//! The gate: for every request, one decision — forward it, or let the line decide — and then
+//! the step that carries it out. A reader sees the whole gate in [`Gate::serve`].
+//!
+//! - `mod.rs`: the decision, admitted requests, forwarding, the rooms and keys in force
+//!   (replaced whole on a reload), and what other instances announce.
+//! - `entry.rs`: a protected request without a valid token: the line's one store call, then
+//!   the answer.
+//! - `respond.rs`: the gate's own answers and the one place cookies are set or cleared.
+//! - `reserved.rs`: the `/_vestibule/` endpoints.
+
+mod entry;
+mod reload;
+mod reserved;
+mod respond;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutBody;
+
+use crate::body::{self, Body};
+use crate::clock::Clock;
+use crate::config::{Config, RoomConfig, RoomState};
+use crate::error::{wants_page, GateError};
+use crate::forward::{Forwarded, Upstream};
+use crate::framing::{Verdict, Verdicts};
+use crate::hop::{self, Peer};
+use crate::path::{canonicalize, CanonicalPath};
+use crate::room::feed::FeedLimits;
+use crate::room::{run_scheduler, Holding, Room};
+use crate::store::{Announcement, Store, StoreError};
+use crate::token::{Admission, Tokens};
+pub use reload::Reloaded;
+pub use reserved::{RESERVED_PREFIX, WELL_KNOWN_JWKS};
+use respond::Cookies;
+
+/// The longest an admitted request waits for its session's renewal in the store; a renewal
+/// that does not come in time is tried again on the next request.
+const RENEW_WAIT: Duration = Duration::from_millis(200);
+
+/// One guarded prefix, normalized (lower-case unless the room is case-sensitive).
+struct Guard {
+    prefix: String,
+    case_sensitive: bool,
+    room: usize,
+}
+
+/// The rooms in force and the paths they guard, replaced whole on a reload.
+struct Routing {
+    rooms: Vec<Arc<Room>>,
+    /// Longest prefix first, so the most specific room wins.
+    guards: Vec<Guard>,
+}
+
+impl Routing {
+    fn new(rooms: Vec<Arc<Room>>) -> Routing {
+        let mut guards: Vec<Guard> = rooms
+            .iter()
+            .enumerate()
+            .flat_map(|(index, room)| {
+                let config = room.settings().config.clone();
+                config.paths.into_iter().map(move |prefix| Guard {
+                    prefix,
+                    case_sensitive: config.case_sensitive,
+                    room: index,
+                })
+            })
+            .collect();
+        guards.sort_by_key(|guard| std::cmp::Reverse(guard.prefix.len()));
+        Routing { rooms, guards }
+    }
+}
+
+/// What the gate knows about the client connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The forwarding headers' view of the peer, made once per connection.
+    pub forwarded: Peer,
+    pub verdicts: Verdicts,
+    /// The connection's place under `server.max_connections`: an upgraded tunnel keeps it
+    /// after the connection is handed over (freed when both are done).
+    pub permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+/// A place in a room's line: a ticket number of one line.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    ticket: u64,
+    line: u64,
+}
+
+impl Place {
+    fn of(held: &Admission) -> Place {
+        Place { ticket: held.ticket, line: held.line }
+    }
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// Forward; with the room and admission when the path is inside a room.
+    Forward(Option<(Arc<Room>, Arc<Admission>)>),
+    /// Inside a room, without a valid token: the line decides.
+    Wait(Arc<Room>),
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Gate {
+    routing: ArcSwap<Routing>,
+    tokens: ArcSwap<Tokens>,
+    upstream: ArcSwap<Upstream>,
+    store: Arc<Store>,
+    clock: Clock,
+    feeds: Arc<FeedLimits>,
+    /// Feed sockets, schedulers, the announcement listener: owned, ended by `stop`.
+    tasks: TaskTracker,
+    /// Upgraded tunnels, across reloads of the upstream.
+    tunnels: TaskTracker,
+    stop: CancellationToken,
+    /// The ids of the rooms in force, for the store's announcements.
+    room_ids: watch::Sender<Vec<String>>,
+    trusted_proxies: Vec<IpNet>,
+    max_body_bytes: u64,
+    body_read_timeout: Duration,
+    secure_cookies: bool,
+    /// The configuration in force (the last one loaded), for reloads to compare with.
+    config: ArcSwap<Config>,
+}
+
+impl Gate {
+    /// Build the gate from a validated configuration and its store. `stop` ends feeds,
+    /// schedulers and upgraded tunnels.
+    pub fn new(config: &Config, store: Store, stop: CancellationToken) -> anyhow::Result<Gate> {
+        let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| new_room(c, &stop)).collect();
+        for room in &rooms {
+            // Known at once in memory; with Redis, at the first read.
+            room.observe_line(store.line(&room.id));
+        }
+        let server = &config.server;
+        let tunnels = TaskTracker::new();
+        let ids = rooms.iter().map(|room| room.id.clone()).collect();
+        Ok(Gate {
+            routing: ArcSwap::from_pointee(Routing::new(rooms)),
+            tokens: ArcSwap::from_pointee(Tokens::new(&config.tokens)?),
+            upstream: ArcSwap::from_pointee(Upstream::new(&config.upstream, stop.clone(), tunnels.clone())),
+            store: Arc::new(store),
+            clock: Clock::new(),
+            feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
+            tasks: TaskTracker::new(),
+            tunnels,
+            stop,
+            room_ids: watch::Sender::new(ids),
+            trusted_proxies: server.trusted_proxies.clone(),
+            max_body_bytes: server.max_body_bytes,
+            body_read_timeout: server.body_read_timeout,
+            secure_cookies: server.tls.is_some(),
+            config: ArcSwap::from_pointee(config.clone()),
+        })
+    }
+
+    /// Start one scheduler per room, and follow what other instances announce.
+    pub fn start(self: &Arc<Self>) {
+        for room in self.rooms() {
+            self.start_scheduler(&room);
+        }
+        let announcements = self.store.announcements(self.room_ids.subscribe(), &self.tasks, self.stop.clone());
+        let gate = self.clone();
+        self.tasks.spawn(async move { gate.follow(announcements).await });
+    }
+
+    fn start_scheduler(&self, room: &Arc<Room>) {
+        let task = run_scheduler(room.clone(), self.store.clone(), self.clock, room.stop_token().clone());
+        self.tasks.spawn(task);
+    }
+
+    /// Apply what other instances announce to this one's rooms: cursor moves (fanned out to
+    /// this instance's waiters from memory), ended sessions, changed live settings.
+    async fn follow(&self, mut announcements: tokio::sync::mpsc::Receiver<Announcement>) {
+        while let Some(announcement) = announcements.recv().await {
+            match announcement {
+                Announcement::Hearing(hearing) => self.rooms().iter().for_each(|room| room.set_hearing(hearing)),
+                Announcement::Cursor { room, cursor } => {
+                    if let Some(room) = self.room_by_id(&room) {
+                        room.observe_cursor(cursor);
+                    }
+                }
+                Announcement::SessionEnded { room, ticket, until } => {
+                    if let Some(room) = self.room_by_id(&room) {
+                        room.revoke(ticket, until);
+                    }
+                }
+                Announcement::Settings { room, version } => {
+                    let Some(room) = self.room_by_id(&room) else { continue };
+                    if version > room.settings().version {
+                        let now = self.clock.now_ms();
+                        match self.store.overrides(&room.id, &room.limits(), now).await {
+                            Ok((overrides, version)) => room.apply_overrides(overrides, version),
+                            // The next step reads them (the version is in every report).
+                            Err(error) => tracing::warn!(room = %room.id, %error, "cannot read changed settings"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends feeds, schedulers and tunnels.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Feed sockets, schedulers and the listener still running.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Upgraded tunnels still open.
+    pub fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
+    }
+
+    /// The client's address for a request on `connection` (DESIGN §6): the peer, or what a
+    /// trusted proxy says of it. Every per-address limit and log line uses it.
+    pub fn client(&self, headers: &HeaderMap, connection: &Connection) -> IpAddr {
+        if !connection.forwarded.trusted {
+            return connection.peer.ip();
+        }
+        hop::client_address(connection.peer.ip(), &self.trusted_proxies, headers)
+    }
+
+    /// The per-connection state for a client at `peer`.
+    pub fn connection(
+        &self,
+        peer: SocketAddr,
+        tls: bool,
+        verdicts: Verdicts,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Connection {
+        let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
+        Connection { peer, forwarded: Peer::new(peer.ip(), tls, trusted), verdicts, permit: permit.map(Arc::new) }
+    }
+
+    /// The keys in force.
+    pub fn tokens(&self) -> Arc<Tokens> {
+        self.tokens.load_full()
+    }
+
+    /// The upstream in force.
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.upstream.load_full()
+    }
+
+    /// The rooms in force.
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.routing.load().rooms.clone()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Feed sockets open now.
+    pub fn open_feeds(&self) -> usize {
+        self.feeds.open()
+    }
+
+    /// Handle one request; every failure becomes a response here.
+    pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<Body> {
+        let wants_json = !wants_page(&request);
+        let client = self.client(request.headers(), connection);
+        match self.serve(request, connection, client).await {
+            Ok(response) => response,
+            Err(error) => {
+                if error.status().is_server_error() || error.status() == StatusCode::TOO_MANY_REQUESTS {
+                    tracing::info!(%client, status = error.status().as_u16(), "request not forwarded");
+                }
+                error.into_response(wants_json)
+            }
+        }
+    }
+
+    /// The phases of a request: refuse what cannot be judged, decide, carry it out.
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        connection: &Connection,
+        client: IpAddr,
+    ) -> Result<Response<Body>, GateError> {
+        if request.version() <= Version::HTTP_11 {
+            // Fail closed: what the scanner could not judge is refused too (and the
+            // connection closed with the 400).
+            match connection.verdicts.next() {
+                Verdict::Clear => {}
+                Verdict::Ambiguous => return Err(GateError::BadRequest("The request framing is ambiguous.")),
+                Verdict::Unknown => return Err(GateError::BadRequest("The request framing cannot be followed.")),
+            }
+        }
+        check_host(&request)?;
+        let path =
+            canonicalize(request.uri().path()).map_err(|_| GateError::BadRequest("The request path is not valid."))?;
+        if let Some(endpoint) = path.decoded.strip_prefix(RESERVED_PREFIX) {
+            let endpoint = endpoint.to_owned();
+            return self.reserved(&endpoint, request, client).await;
+        }
+        if path.decoded == WELL_KNOWN_JWKS {
+            return self.reserved("jwks.json", request, client).await;
+        }
+        match self.decide(request.headers(), &path) {
+            Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
+            Decision::Forward(Some((room, admission))) => {
+                self.admitted(&room, &admission, request, connection, &path).await
+            }
+            Decision::Wait(room) => self.enter(&room, request, connection, client, &path).await,
+        }
+    }
+
+    /// The decision for a request to `path` with these headers.
+    pub fn decide(&self, headers: &HeaderMap, path: &CanonicalPath) -> Decision {
+        let Some(room) = self.room_for(&path.decoded) else {
+            return Decision::Forward(None);
+        };
+        if room.state() == RoomState::Passthrough {
+            return Decision::Forward(None);
+        }
+        match self.admission(headers, &room) {
+            Some(admission) => Decision::Forward(Some((room, admission))),
+            None => Decision::Wait(room),
+        }
+    }
+
+    /// The room guarding a canonical path, if any.
+    pub fn room_for(&self, path: &str) -> Option<Arc<Room>> {
+        let routing = self.routing.load();
+        let mut lower = None;
+        routing
+            .guards
+            .iter()
+            .find(|guard| {
+                if guard.case_sensitive {
+                    path.starts_with(&guard.prefix)
+                } else {
+                    lower.get_or_insert_with(|| path.to_lowercase()).starts_with(&guard.prefix)
+                }
+            })
+            .map(|guard| routing.rooms[guard.room].clone())
+    }
+
+    /// The room named `id`, if it is in force.
+    pub fn room_by_id(&self, id: &str) -> Option<Arc<Room>> {
+        self.routing.load().rooms.iter().find(|room| room.id == id).cloned()
+    }
+
+    /// A valid admission for `room` from the `Vestibule-Token` header or the room's cookie
+    /// (the first of each only: every further copy would cost a signature check). Invalid
+    /// tokens of any kind count as no token.
+    fn admission(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
+        let from_header = headers.get(&hop::VESTIBULE_TOKEN).and_then(|v| v.to_str().ok());
+        let tokens = self.tokens.load();
+        from_header.into_iter().chain(cookies(headers, &room.token_cookie).next()).find_map(|token| {
+            match tokens.admit(token, &room.id) {
+                // The session has ended (leave, `Vestibule-Session: end`, idle): no longer
+                // admitted; or it belongs to a line that was reset.
+                Ok(admission) if room.is_revoked(admission.ticket) || !room.same_line(admission.line) => None,
+                Ok(admission) => Some(admission),
+                Err(reason) => {
+                    tracing::debug!(room = %room.id, %reason, "token refused");
+                    None
+                }
+            }
+        })
+    }
+
+    /// A valid ticket for `room` from its cookie (the first one only).
+    fn ticket(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
+        let ticket = cookies(headers, &room.ticket_cookie).next()?;
+        self.tokens.load().ticket(ticket, &room.id).ok().filter(|ticket| room.same_line(ticket.line))
+    }
+
+    /// What a visitor holds for `room`.
+    fn holding(&self, headers: &HeaderMap, room: &Room) -> Holding {
+        if self.admission(headers, room).is_some() {
+            return Holding::Token;
+        }
+        match self.ticket(headers, room) {
+            Some(ticket) => Holding::Ticket(ticket.ticket),
+            None => Holding::Nothing,
+        }
+    }
+
+    /// An admitted request: forward it, renew its token when due, and end the session when
+    /// the upstream says so.
+    async fn admitted(
+        &self,
+        room: &Arc<Room>,
+        admission: &Admission,
+        request: Request<Incoming>,
+        connection: &Connection,
+        path: &CanonicalPath,
+    ) -> Result<Response<Body>, GateError> {
+        let forwarded = self.forward(request, connection, path, Some((room, &admission.visitor))).await?;
+        let response = forwarded.response;
+        if admission.ticket == 0 {
+            return Ok(response); // a token minted outside any session (`vestibule token`)
+        }
+        let now = self.clock.now_ms();
+        let expires_at = admission.expires_at * 1_000;
+        let cookies = Cookies::new(self.secure_cookies);
+        if forwarded.session_ended {
+            room.end_session(admission.ticket, expires_at);
+            return Ok(cookies.clear(&room.token_cookie).on(response));
+        }
+        room.session_used(admission.ticket, expires_at, &admission.used, now);
+        let limits = room.limits();
+        let session_seconds = limits.session_ms / 1_000;
+        let left = admission.expires_at.saturating_sub(now / 1_000);
+        // Renewal needs the store; an admitted visitor never waits on a store that is away.
+        if left * 2 >= session_seconds || !room.is_available() {
+            return Ok(response);
+        }
+        let until = now + limits.session_ms;
+        let renewal = self.store.renew(&room.id, &limits, admission.ticket, until, now);
+        match tokio::time::timeout(RENEW_WAIT, renewal).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(response), // the session ended meanwhile
+            Ok(Err(error)) => {
+                tracing::debug!(room = %room.id, %error, "renewal failed; tried again on the next request");
+                return Ok(response);
+            }
+            Err(_) => return Ok(response), // slow: tried again on the next request
+        }
+        match self.tokens().mint(&room.id, &admission.visitor, admission.ticket, admission.line, until / 1_000) {
+            Ok(token) => Ok(cookies.set(&room.token_cookie, &token, session_seconds).on(response)),
+            Err(error) => {
+                tracing::error!(room = %room.id, %error, "cannot sign a renewed token");
+                Ok(response)
+            }
+        }
+    }
+
+    /// Forward a request upstream: filtered headers, canonical path, streamed body.
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        connection: &Connection,
+        path: &CanonicalPath,
+        admitted: Option<(&Room, &str)>,
+    ) -> Result<Forwarded, GateError> {
+        let upgrade =
+            (request.version() == Version::HTTP_11).then(|| hop::upgrade_requested(request.headers())).flatten();
+        let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, incoming) = request.into_parts();
+
+        if self.max_body_bytes > 0 {
+            let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|length| length > self.max_body_bytes) {
+                return Err(GateError::PayloadTooLarge);
+            }
+        }
+
+        let upstream = self.upstream.load();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
+        let headers = &mut parts.headers;
+        hop::strip_hop_by_hop(headers);
+        hop::set_forwarding_headers(headers, &connection.forwarded, host.as_ref());
+        if let Some(protocol) = upgrade {
+            hop::set_upgrade(headers, protocol);
+        }
+        if let Some((room, visitor)) = admitted {
+            let visitor = HeaderValue::from_str(visitor).map_err(|_| GateError::BadRequest("Invalid visitor."))?;
+            headers.insert(hop::VESTIBULE_ROOM, HeaderValue::from_str(&room.id).expect("room ids are validated"));
+            headers.insert(hop::VESTIBULE_VISITOR, visitor);
+        }
+        match (upstream.preserve_host(), host) {
+            (true, Some(host)) => {
+                headers.insert(header::HOST, host);
+            }
+            _ => {
+                let authority = HeaderValue::from_str(upstream.authority().as_str()).expect("a valid authority");
+                headers.insert(header::HOST, authority);
+            }
+        }
+        parts.uri = upstream.uri_for(&path.encoded, parts.uri.query())?;
+        parts.version = Version::HTTP_11;
+
+        let timed = TimeoutBody::new(self.body_read_timeout, incoming);
+        let body = if self.max_body_bytes > 0 {
+            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+            Limited::new(timed, limit).boxed()
+        } else {
+            body::boxed(timed)
+        };
+        let upgrade = on_upgrade.map(|client_side| (client_side, connection.permit.clone()));
+        upstream.send(Request::from_parts(parts, body), upgrade).await
+    }
+}
+
+/// Values of the cookies named `name`, from every `Cookie` header.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(cookie, _)| *cookie == name)
+        .map(|(_, value)| value)
+}
+
+/// A store call failed: the room pauses until its next step succeeds. An outage is a warning;
+/// anything else (a script error) is a bug, logged as one.
+fn store_failed(room: &Room, error: &StoreError) {
+    match error {
+        StoreError::Unavailable(_) => tracing::warn!(room = %room.id, %error, "store unavailable"),
+        StoreError::Failed(_) => tracing::error!(room = %room.id, %error, "the store refused a call (a bug?)"),
+        _ => return,
+    }
+    room.store_failed();
+}
+
+/// One `Host`, and an absolute-form target that agrees with it (RFC 9112 §3.2.2).
+fn check_host(request: &Request<Incoming>) -> Result<(), GateError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GateError::BadRequest("The request has more than one Host header."));
+    }
+    if let (Some(authority), Some(host)) = (request.uri().authority(), host) {
+        let agrees = host.to_str().is_ok_and(|host| host.eq_ignore_ascii_case(authority.as_str()));
+        if !agrees {
+            return Err(GateError::BadRequest("The request target and the Host header disagree."));
+        }
+    }
+    if request.version() == Version::HTTP_11 && host.is_none() && request.uri().authority().is_none() {
+        return Err(GateError::BadRequest("An HTTP/1.1 request needs a Host header."));
+    }
+    Ok(())
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("rooms", &self.routing.load().rooms.len()).finish_non_exhaustive()
+    }
+}
+
+/// Make a room of `config`, with its scheduler's stop a child of `stop`.
+fn new_room(config: &RoomConfig, stop: &CancellationToken) -> Arc<Room> {
+    Arc::new(Room::new(config, stop.child_token()))
+}

@@ -1,0 +1,94 @@
+//! Reload (SIGHUP, or `POST /reload` on the admin listener): `proxy.toml` read again and
+//! validated whole, then rooms, messages, keys and upstream settings applied without dropping
+//! a connection, a feed socket or a place in line. A file that does not validate changes
+//! nothing. Listener addresses, TLS, the store and the runtime need a restart.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{new_room, Gate, Routing};
+use crate::config::Config;
+use crate::forward::Upstream;
+use crate::token::Tokens;
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    /// The keys were loaded again (a rotation takes effect).
+    pub keys: bool,
+    pub upstream: bool,
+    /// Settings that changed but take effect only after a restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+impl Gate {
+    /// Apply `config` (validated: `Config::load` checked it whole). On an error nothing has
+    /// changed.
+    pub fn reload(&self, config: Config) -> anyhow::Result<Reloaded> {
+        let old = self.config();
+        let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
+        let mut reloaded = Reloaded::default();
+        // Keys first: the one part that can still fail (a key file gone).
+        let tokens = Tokens::new(&config.tokens)?;
+        reloaded.keys = true;
+
+        let mut rooms = Vec::new();
+        for room_config in &config.rooms {
+            match self.room_by_id(&room_config.id) {
+                Some(room) => {
+                    if debug(&room.settings().config) != debug(room_config) {
+                        room.reconfigure(room_config.clone());
+                        reloaded.changed.push(room.id.clone());
+                    }
+                    rooms.push(room);
+                }
+                None => {
+                    let room = new_room(room_config, &self.stop);
+                    room.observe_line(self.store.line(&room.id));
+                    reloaded.added.push(room.id.clone());
+                    rooms.push(room);
+                }
+            }
+        }
+        for room in self.rooms() {
+            if !config.rooms.iter().any(|c| c.id == room.id) {
+                // Its scheduler and feed sockets stop; its line stays in the store.
+                room.stop_token().cancel();
+                reloaded.removed.push(room.id.clone());
+            }
+        }
+        for id in &reloaded.added {
+            if let Some(room) = rooms.iter().find(|room| &room.id == id) {
+                self.start_scheduler(room);
+            }
+        }
+        self.room_ids.send_replace(rooms.iter().map(|room| room.id.clone()).collect());
+        self.routing.store(Arc::new(Routing::new(rooms)));
+        self.tokens.store(Arc::new(tokens));
+        if debug(&config.upstream) != debug(&old.upstream) {
+            self.upstream.store(Arc::new(Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone())));
+            reloaded.upstream = true;
+        }
+        let needs_restart = [
+            ("server.listen", debug(&config.server.listen) != debug(&old.server.listen)),
+            ("server.tls", debug(&config.server.tls) != debug(&old.server.tls)),
+            ("server.workers", debug(&config.server.workers) != debug(&old.server.workers)),
+            (
+                "admin.listen",
+                debug(&config.admin.as_ref().map(|a| a.listen)) != debug(&old.admin.as_ref().map(|a| a.listen)),
+            ),
+            ("store", debug(&config.store) != debug(&old.store)),
+        ];
+        reloaded.restart_needed = needs_restart.iter().filter(|(_, changed)| *changed).map(|(key, _)| *key).collect();
+        if !reloaded.restart_needed.is_empty() {
+            tracing::warn!(keys = ?reloaded.restart_needed, "these settings take effect after a restart");
+        }
+        self.config.store(Arc::new(config));
+        tracing::info!(added = ?reloaded.added, changed = ?reloaded.changed, removed = ?reloaded.removed, "configuration reloaded");
+        Ok(reloaded)
+    }
+}

@@ -1,0 +1,101 @@
+//! vestibule's own endpoints on the public listener, under `/_vestibule/` (never forwarded):
+//! the status JSON, leave, the position feed, and the public keys (also at
+//! `/.well-known/jwks.json`).
+
+use std::net::IpAddr;
+
+use http::{header, HeaderValue, Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::respond::{self, Cookies, RETRY_SECONDS};
+use super::Gate;
+use crate::body::{self, Body};
+use crate::error::GateError;
+use crate::room::{feed, Holding};
+
+/// The reserved prefix of vestibule's own endpoints; never forwarded.
+pub const RESERVED_PREFIX: &str = "/_vestibule/";
+/// Where a standard JWT library looks for our public keys.
+pub const WELL_KNOWN_JWKS: &str = "/.well-known/jwks.json";
+
+impl Gate {
+    /// The endpoint `endpoint` (the path after the prefix).
+    pub(super) async fn reserved(
+        &self,
+        endpoint: &str,
+        mut request: Request<Incoming>,
+        client: IpAddr,
+    ) -> Result<Response<Body>, GateError> {
+        let method = request.method().clone();
+        if endpoint == "jwks.json" {
+            if method != Method::GET && method != Method::HEAD {
+                return Err(GateError::MethodNotAllowed);
+            }
+            let mut response = Response::new(body::full(self.tokens().ring().jwks()));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            return Ok(response);
+        }
+        if !matches!(endpoint, "status" | "leave" | "ws") {
+            return Err(GateError::NotFound);
+        }
+        let room_id = query_param(request.uri(), "room").ok_or(GateError::BadRequest("Name the room: ?room=ID"))?;
+        let room = self.room_by_id(&room_id).ok_or(GateError::NotFound)?;
+        match (endpoint, method) {
+            ("status", Method::GET) => {
+                let holding = self.holding(request.headers(), &room);
+                if let Holding::Ticket(ticket) = holding {
+                    room.touch(ticket);
+                }
+                let mut response = respond::json(&room.status(holding));
+                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                Ok(response)
+            }
+            ("leave", Method::POST) => {
+                // Answered at once, whatever the store is doing: the room tells it at its next
+                // step, or when it is back.
+                if let Some(admission) = self.admission(request.headers(), &room) {
+                    room.end_session(admission.ticket, admission.expires_at * 1_000);
+                }
+                if let Some(ticket) = self.ticket(request.headers(), &room) {
+                    room.give_up(ticket.ticket);
+                }
+                let cookies = Cookies::new(self.secure_cookies).clear(&room.token_cookie).clear(&room.ticket_cookie);
+                Ok(cookies.on(respond::json(&room.status(Holding::Nothing))))
+            }
+            ("ws", Method::GET) => {
+                if request.version() != Version::HTTP_11 {
+                    return Err(GateError::BadRequest("The feed is a websocket over HTTP/1.1."));
+                }
+                let response = feed::switching_protocols(request.headers())?;
+                let holding = self.holding(request.headers(), &room);
+                let slot =
+                    self.feeds.admit(client).ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
+                if let Holding::Ticket(ticket) = holding {
+                    room.touch(ticket);
+                    room.refresh(&self.store, self.clock.now_ms()).await;
+                }
+                let on_upgrade = hyper::upgrade::on(&mut request);
+                let stop = room.stop_token().clone();
+                self.tasks.spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        feed::serve(upgraded, room, holding, stop, slot).await;
+                    }
+                });
+                Ok(response)
+            }
+            _ => Err(GateError::MethodNotAllowed),
+        }
+    }
+}
+
+/// One query parameter, percent-decoded.
+pub(crate) fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).and_then(
+        |(_, value)| {
+            let value = percent_encoding::percent_decode_str(value).decode_utf8().ok()?;
+            (!value.is_empty() && value.len() <= 64).then(|| value.into_owned())
+        },
+    )
+}
