@@ -17,13 +17,20 @@ targets=("$@")
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
+mkdir -p fuzz/logs
 for target in "${targets[@]}"; do
   echo "== fuzz $target for ${SECONDS_EACH} s"
   mkdir -p "fuzz/corpus/$target"
-  cargo fuzz run -O "$target" -- -max_total_time="$SECONDS_EACH" -print_final_stats=1 2>&1 \
-    | grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)|ERROR|panicked|SUMMARY" || true
+  log="fuzz/logs/$target.log"
+  cargo fuzz run -O "$target" -- -max_total_time="$SECONDS_EACH" -print_final_stats=1 > "$log" 2>&1 || true
+  grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb)|ERROR|panicked|SUMMARY" "$log" || true
   if ls "fuzz/artifacts/$target"/crash-* >/dev/null 2>&1; then
-    echo "fuzz: $target crashed; see fuzz/artifacts/$target" >&2
+    echo "fuzz: $target crashed; see fuzz/artifacts/$target and $log" >&2
+    exit 1
+  fi
+  if ! grep -q "^Done" "$log"; then
+    echo "fuzz: $target did not run; see $log" >&2
+    tail -20 "$log" >&2
     exit 1
   fi
 done
