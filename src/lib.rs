@@ -11,6 +11,7 @@
 //! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions.
 //! - [`store`]: the line's atomic operations, kept in memory (one instance) or in Redis (one
 //!   server or a cluster), with a lost line restored from what the instances knew.
+//! - [`metrics`]: Prometheus metrics, cheap on the hot path.
 //! - [`loadtest`]: `vestibule loadtest`, an open-loop crowd with a fairness and latency report.
 //! - [`room`]: rooms at run time: snapshot, scheduler, status, the waiting page and the feed.
 //! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
@@ -41,6 +42,7 @@ pub mod hop;
 pub mod limit;
 pub mod line;
 pub mod loadtest;
+pub mod metrics;
 pub mod path;
 pub mod room;
 pub mod server;
