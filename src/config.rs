@@ -56,6 +56,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The file it was read from (reloads read it again); none when parsed from text.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,11 +291,15 @@ pub struct LogConfig {
     /// A tracing filter such as `info` or `vestibule=debug`; `RUST_LOG` overrides it.
     #[serde(default = "defaults::log_level")]
     pub level: String,
+    /// One line per request (method, canonical path, room, outcome, status, duration,
+    /// client address), at `info` with the target `vestibule::access`.
+    #[serde(default)]
+    pub access: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Text, level: defaults::log_level() }
+        LogConfig { format: LogFormat::Text, level: defaults::log_level(), access: false }
     }
 }
 
@@ -401,7 +408,9 @@ impl Config {
             message: format!("cannot read: {e}"),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, &file, base)
+        let mut config = Config::parse(&text, &file, base)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parse and validate TOML text; `file` names it in errors.

@@ -24,6 +24,7 @@ use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
 use crate::error::GateError;
 use crate::hop;
+use crate::metrics::UpstreamTimer;
 
 /// Response headers only the gate reads; the client never sees them.
 pub const VESTIBULE_SESSION: http::HeaderName = http::HeaderName::from_static("vestibule-session");
@@ -47,10 +48,16 @@ pub struct Upstream {
     tunnels: TaskTracker,
     stop: CancellationToken,
     preserve_host: bool,
+    timer: UpstreamTimer,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, stop: CancellationToken, tunnels: TaskTracker) -> Upstream {
+    pub fn new(
+        config: &UpstreamConfig,
+        stop: CancellationToken,
+        tunnels: TaskTracker,
+        timer: UpstreamTimer,
+    ) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -72,6 +79,7 @@ impl Upstream {
             tunnels,
             stop,
             preserve_host: config.preserve_host,
+            timer,
         }
     }
 
@@ -107,7 +115,10 @@ impl Upstream {
         request: Request<Body>,
         upgrade: Option<(OnUpgrade, Option<Arc<OwnedSemaphorePermit>>)>,
     ) -> Result<Forwarded, GateError> {
+        let started = std::time::Instant::now();
         let sent = tokio::time::timeout(self.response_timeout, self.client.request(request)).await;
+        let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
+        self.timer.observe(status, started.elapsed());
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
             Ok(Err(error)) => {

@@ -25,10 +25,12 @@
 //! - [`error`]: the request-path error type and the one place it maps to HTTP statuses.
 //! - [`body`]: the one body type of the proxy, with `empty()` and `full()`.
 //! - [`server`]: listeners, TLS, the connection cap and graceful shutdown.
+//! - [`admin`]: the admin listener: probes, metrics, live room controls, reload, dashboard.
 //! - [`demo`]: the built-in demo shop that `vestibule demo` puts behind the gate.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod challenge;
 pub mod clock;

@@ -41,6 +41,9 @@ enum Command {
         /// Where the demo listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where the demo's admin API and dashboard listen.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
     },
     /// Print a fresh signing key (PEM) on standard output.
     Keygen {
@@ -97,9 +100,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok ({} rooms)", path.display(), config.rooms.len());
             Ok(())
         }
-        Command::Demo { listen } => {
+        Command::Demo { listen, admin } => {
             telemetry::init(&LogConfig::default());
-            runtime(None)?.block_on(run_demo(listen))
+            runtime(None)?.block_on(run_demo(listen, admin))
         }
         Command::Keygen { alg } => {
             print!("{}", generate_key(alg));
@@ -122,7 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let stop = CancellationToken::new();
             let addr = demo::start_shop(listen, stop.clone()).await?;
             println!("demo shop on http://{addr}/");
-            shutdown_signal().await;
+            stop_signal(None).await;
             stop.cancel();
             Ok(())
         }),
@@ -147,22 +150,28 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let running = server::start(&config).await?;
-    shutdown_signal().await;
+    stop_signal(Some(running.gate())).await;
     running.shutdown();
     running.stopped().await;
     Ok(())
 }
 
-async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
+async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let shop = demo::start_shop("127.0.0.1:0".parse()?, stop.clone()).await?;
     let dir = std::env::temp_dir().join(format!("vestibule-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("signing-key.pem");
     std::fs::write(&key, generate_key(KeyKind::Eddsa)).context("cannot write the demo key")?;
-    let config = demo_config(listen, shop, &key)?;
+    // Written to a file, so that a reload (SIGHUP, or the dashboard's button) reads it again.
+    let admin_token = random_id();
+    let config_path = dir.join("proxy.toml");
+    std::fs::write(&config_path, demo_config(listen, admin, &admin_token, shop, &key))
+        .context("cannot write the demo configuration")?;
+    let config = Config::load(&config_path)?;
     let running = server::start(&config).await?;
     let url = format!("http://{}", running.addr);
+    let admin_url = running.admin.map(|addr| format!("http://{addr}")).unwrap_or_default();
     println!("\nvestibule demo: a waiting room in front of a small shop\n");
     println!("  shop        {url}/");
     println!("  checkout    {url}/checkout   (the room: 3 visitors a minute, 2 at a time)\n");
@@ -171,8 +180,13 @@ async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     println!("turn comes. Placing an order ends a session and frees a place at once.\n");
     println!("  status      curl '{url}/_vestibule/status?room=checkout'");
     println!("  public keys {url}/.well-known/jwks.json\n");
+    println!("The operator's side:");
+    println!("  dashboard   {admin_url}/   (token {admin_token})");
+    println!("  metrics     curl {admin_url}/metrics");
+    println!("  pause       curl -X PATCH -H 'Authorization: Bearer {admin_token}' -d '{{\"state\":\"paused\"}}' {admin_url}/rooms/checkout");
+    println!("  config      {} (edit, then: kill -HUP {})\n", config_path.display(), std::process::id());
     println!("Ctrl-C to stop.");
-    shutdown_signal().await;
+    stop_signal(Some(running.gate())).await;
     running.shutdown();
     running.stopped().await;
     stop.cancel();
@@ -180,12 +194,15 @@ async fn run_demo(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo_config(listen: SocketAddr, shop: SocketAddr, key: &Path) -> anyhow::Result<Config> {
-    let text = format!(
-        r#"
+fn demo_config(listen: SocketAddr, admin: SocketAddr, admin_token: &str, shop: SocketAddr, key: &Path) -> String {
+    format!(
+        r#"# The vestibule demo's configuration: edit it and send SIGHUP to apply it live.
 [server]
 listen = "{listen}"
 shutdown_grace = "2s"
+[admin]
+listen = "{admin}"
+token = "{admin_token}"
 [upstream]
 url = "http://{shop}"
 [tokens]
@@ -198,29 +215,44 @@ max_active = 2
 session_seconds = 180
 message = "This is the vestibule demo: visitors are let in three a minute, two at a time."
 "#
-    );
-    Ok(Config::parse(&text, "(demo)", Path::new("."))?)
+    )
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Wait for Ctrl-C or SIGTERM. Meanwhile each SIGHUP reads the configuration of `gate`
+/// again and applies it (a file that does not validate is refused, and logged).
+async fn stop_signal(gate: Option<&std::sync::Arc<vestibule::gate::Gate>>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    let (terminate, reloads) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let terminate = async {
+            match signal(SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
+        };
+        let reloads = async {
+            let Some(gate) = gate else { return std::future::pending::<()>().await };
+            let Ok(mut hangup) = signal(SignalKind::hangup()) else { return std::future::pending::<()>().await };
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reading the configuration again");
+                // Refusals are logged by the reload itself.
+                let _ = gate.reload_from_source();
+            }
+            std::future::pending::<()>().await
+        };
+        (terminate, reloads)
     };
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
+    let (terminate, reloads) = (std::future::pending::<()>(), std::future::pending::<()>());
     tokio::select! {
         () = ctrl_c => {}
         () = terminate => {}
+        () = reloads => {}
     }
     tracing::info!("stop signal received");
 }

@@ -140,15 +140,17 @@ impl TypedMetric for AtomicHistogram {
 
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        // Cumulative counts, as the exposition wants them.
-        let mut cumulative = 0;
+        // Counts per bucket (the encoder adds them up for the exposition; `f64::MAX` is its
+        // `+Inf`).
+        let mut total = 0;
         let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
         for (index, bound) in LATENCY_BUCKETS.iter().chain([f64::MAX].iter()).enumerate() {
-            cumulative += self.inner.counts[index].load(Ordering::Relaxed);
-            buckets.push((*bound, cumulative));
+            let count = self.inner.counts[index].load(Ordering::Relaxed);
+            total += count;
+            buckets.push((*bound, count));
         }
         let sum = self.inner.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        encoder.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -285,25 +287,11 @@ impl Metrics {
         self.outside[outcome as usize].inc();
     }
 
-    /// The upstream answered (`status`), or failed (`None`), after `took`.
-    pub fn upstream(&self, status: Option<http::StatusCode>, took: Duration) -> AtomicHistogram {
-        let class = match status.map(|s| s.as_u16() / 100) {
-            Some(1) => "1xx",
-            Some(2) => "2xx",
-            Some(3) => "3xx",
-            Some(4) => "4xx",
-            Some(5) => "5xx",
-            _ => "error",
-        };
-        let histogram = self.upstream_duration.get_or_create(&ClassLabel { class: class.into() }).clone();
-        histogram.observe(took);
-        histogram
-    }
-
-    /// The histogram of the upstream's responses of one status class, to keep and observe
-    /// without a lookup.
-    pub fn upstream_class(&self, class: &str) -> AtomicHistogram {
-        self.upstream_duration.get_or_create(&ClassLabel { class: class.into() }).clone()
+    /// The upstream's latency histograms, one per status class, to keep and observe without
+    /// a lookup.
+    pub fn upstream(&self) -> UpstreamTimer {
+        let class = |class: &str| self.upstream_duration.get_or_create(&ClassLabel { class: class.into() }).clone();
+        UpstreamTimer { classes: ["error", "1xx", "2xx", "3xx", "4xx", "5xx"].map(class) }
     }
 
     /// A store call (`operation`) took `took`; `error` says how it failed, if it did.
@@ -312,6 +300,24 @@ impl Metrics {
         if let Some(kind) = error {
             self.store_errors.get_or_create(&KindLabel { kind: kind.into() }).inc();
         }
+    }
+}
+
+/// The upstream's latency by status class.
+#[derive(Debug, Clone)]
+pub struct UpstreamTimer {
+    /// `error`, then `1xx` to `5xx`.
+    classes: [AtomicHistogram; 6],
+}
+
+impl UpstreamTimer {
+    /// The upstream answered (`status`), or failed (`None`), after `took`.
+    pub fn observe(&self, status: Option<http::StatusCode>, took: Duration) {
+        let class = match status.map(|s| s.as_u16() / 100) {
+            Some(class @ 1..=5) => usize::from(class),
+            _ => 0,
+        };
+        self.classes[class].observe(took);
     }
 }
 
@@ -352,7 +358,10 @@ mod tests {
         room.joins.inc();
         room.waiting.set(7);
         metrics.outside(Outcome::Forwarded);
-        metrics.upstream(Some(http::StatusCode::OK), Duration::from_millis(3));
+        let upstream = metrics.upstream();
+        upstream.observe(Some(http::StatusCode::OK), Duration::from_millis(3));
+        upstream.observe(Some(http::StatusCode::CREATED), Duration::from_millis(40));
+        upstream.observe(Some(http::StatusCode::BAD_GATEWAY), Duration::from_secs(60));
         metrics.store_call("join", Duration::from_micros(400), Some("unavailable"));
         metrics.store_up.set(1);
         let text = metrics.encode();
@@ -361,9 +370,15 @@ mod tests {
             "vestibule_requests_total{room=\"\",outcome=\"forwarded\"} 1",
             "vestibule_joins_total{room=\"checkout\"} 1",
             "vestibule_waiting{room=\"checkout\"} 7",
-            "vestibule_upstream_duration_seconds_bucket{le=\"0.005\",class=\"2xx\"} 1",
             "vestibule_upstream_duration_seconds_bucket{le=\"0.0025\",class=\"2xx\"} 0",
-            "vestibule_upstream_duration_seconds_count{class=\"2xx\"} 1",
+            "vestibule_upstream_duration_seconds_bucket{le=\"0.005\",class=\"2xx\"} 1",
+            "vestibule_upstream_duration_seconds_bucket{le=\"0.025\",class=\"2xx\"} 1",
+            "vestibule_upstream_duration_seconds_bucket{le=\"0.05\",class=\"2xx\"} 2",
+            "vestibule_upstream_duration_seconds_bucket{le=\"+Inf\",class=\"2xx\"} 2",
+            "vestibule_upstream_duration_seconds_count{class=\"2xx\"} 2",
+            "vestibule_upstream_duration_seconds_sum{class=\"2xx\"} 0.043",
+            "vestibule_upstream_duration_seconds_bucket{le=\"30.0\",class=\"5xx\"} 0",
+            "vestibule_upstream_duration_seconds_bucket{le=\"+Inf\",class=\"5xx\"} 1",
             "vestibule_store_errors_total{kind=\"unavailable\"} 1",
             "vestibule_store_up 1",
         ] {

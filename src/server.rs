@@ -26,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::framing::{ScannedIo, Scanner, Verdicts};
 use crate::gate::{Connection, Gate};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// A running server.
 pub struct Running {
     /// The address the public listener is bound to (useful with port 0).
     pub addr: SocketAddr,
+    /// The admin listener's address, when `[admin]` is set.
+    pub admin: Option<SocketAddr>,
     gate: Arc<Gate>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -58,14 +61,21 @@ impl Running {
 /// Bind the listener and start serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
-    let store = Store::from_config(&config.store).await.context("cannot reach the store")?;
-    let gate = Arc::new(Gate::new(config, store, CancellationToken::new())?);
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::from_config(&config.store, metrics.clone()).await.context("cannot set up the store")?;
+    let gate = Arc::new(Gate::new(config, store, CancellationToken::new(), metrics)?);
     gate.start();
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
+    // Stopping the public listener (`shutdown`) is when readiness starts to fail; the admin
+    // listener serves until the drain is over.
+    let admin = match &config.admin {
+        Some(admin) => Some(crate::admin::start(admin, gate.clone(), stop.clone()).await?),
+        None => None,
+    };
     let server = Listener {
         listener,
         tls,
@@ -77,7 +87,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     };
     let task = tokio::spawn(server.run());
     tracing::info!(%addr, tls = config.server.tls.is_some(), "listening");
-    Ok(Running { addr, gate, stop, task })
+    Ok(Running { addr, admin, gate, stop, task })
 }
 
 /// The accept loop and what every connection shares.

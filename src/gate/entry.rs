@@ -11,12 +11,13 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::respond::{self, Cookies, PENDING_RETRY_SECONDS, RETRY_SECONDS, STORE_RETRY_SECONDS};
-use super::{cookies, store_failed, Connection, Gate, Place};
+use super::{cookies, store_failed, Connection, Gate, Place, Trail};
 use crate::body::Body;
 use crate::challenge::{self, Refused};
 use crate::config::RoomState;
 use crate::error::{wants_page, GateError};
 use crate::line::{Gone, Joined, Redeemed};
+use crate::metrics::Outcome;
 use crate::path::CanonicalPath;
 use crate::room::{page, Holding, Room};
 use crate::store::StoreError;
@@ -47,10 +48,17 @@ impl Gate {
         connection: &Connection,
         client: IpAddr,
         path: &CanonicalPath,
+        trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
         let entry = self.line_step(room, request.headers(), client).await?;
         let page = wants_page(&request);
         let cookies = Cookies::new(self.secure_cookies);
+        trail.outcome = Some(match entry {
+            Entry::Admit { .. } => Outcome::Entered,
+            Entry::Wait { .. } => Outcome::Waiting,
+            Entry::Closed => Outcome::Closed,
+            Entry::Challenge { .. } => Outcome::Challenged,
+        });
         Ok(match entry {
             Entry::Admit { visitor, place, expires_at } => {
                 return self.admit(room, &visitor, place, expires_at, request, connection, path).await;
@@ -132,7 +140,10 @@ impl Gate {
                 Err(refused) => return Ok(Entry::Challenge { difficulty, refused }),
             },
         };
-        room.joins.take(client, now).map_err(|retry_after_seconds| GateError::TooManyJoins { retry_after_seconds })?;
+        room.joins.take(client, now).map_err(|retry_after_seconds| {
+            room.metrics.joins_refused.inc();
+            GateError::TooManyJoins { retry_after_seconds }
+        })?;
         let admit_now = snapshot.state == RoomState::Open;
         let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
             Ok(joined) => joined,
@@ -147,6 +158,10 @@ impl Gate {
                 return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
             }
         };
+        room.metrics.joins.inc();
+        if matches!(joined, Joined::Admitted { .. }) {
+            room.metrics.admissions.inc();
+        }
         // The line the ticket belongs to, as the join's answer told the store.
         let line = self.store.line(&room.id);
         room.observe_line(line);

@@ -14,8 +14,9 @@ mod reserved;
 mod respond;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
@@ -26,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutBody;
+use tracing::Instrument;
 
 use crate::body::{self, Body};
 use crate::clock::Clock;
@@ -34,14 +36,21 @@ use crate::error::{wants_page, GateError};
 use crate::forward::{Forwarded, Upstream};
 use crate::framing::{Verdict, Verdicts};
 use crate::hop::{self, Peer};
+use crate::metrics::{Metrics, Outcome};
 use crate::path::{canonicalize, CanonicalPath};
 use crate::room::feed::FeedLimits;
 use crate::room::{run_scheduler, Holding, Room};
 use crate::store::{Announcement, Store, StoreError};
 use crate::token::{Admission, Tokens};
 pub use reload::Reloaded;
+pub(crate) use reserved::query_param;
 pub use reserved::{RESERVED_PREFIX, WELL_KNOWN_JWKS};
 use respond::Cookies;
+
+/// How often the store is asked whether it answers, when nothing else asked it.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The store is up (readiness, `vestibule_store_up`) when it answered within this.
+pub const STORE_RECENT: Duration = Duration::from_secs(3);
 
 /// The longest an admitted request waits for its session's renewal in the store; a renewal
 /// that does not come in time is tried again on the next request.
@@ -135,13 +144,25 @@ pub struct Gate {
     secure_cookies: bool,
     /// The configuration in force (the last one loaded), for reloads to compare with.
     config: ArcSwap<Config>,
+    metrics: Arc<Metrics>,
+    /// `[log] access`: one line per request.
+    access_log: AtomicBool,
+}
+
+/// What became of a request: counted, and logged when the access log is on.
+#[derive(Default)]
+pub(super) struct Trail {
+    room: Option<Arc<Room>>,
+    outcome: Option<Outcome>,
+    /// The canonical path (kept only for the access log).
+    path: Option<String>,
 }
 
 impl Gate {
     /// Build the gate from a validated configuration and its store. `stop` ends feeds,
     /// schedulers and upgraded tunnels.
-    pub fn new(config: &Config, store: Store, stop: CancellationToken) -> anyhow::Result<Gate> {
-        let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| new_room(c, &stop)).collect();
+    pub fn new(config: &Config, store: Store, stop: CancellationToken, metrics: Arc<Metrics>) -> anyhow::Result<Gate> {
+        let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| new_room(c, &stop, &metrics)).collect();
         for room in &rooms {
             // Known at once in memory; with Redis, at the first read.
             room.observe_line(store.line(&room.id));
@@ -152,7 +173,12 @@ impl Gate {
         Ok(Gate {
             routing: ArcSwap::from_pointee(Routing::new(rooms)),
             tokens: ArcSwap::from_pointee(Tokens::new(&config.tokens)?),
-            upstream: ArcSwap::from_pointee(Upstream::new(&config.upstream, stop.clone(), tunnels.clone())),
+            upstream: ArcSwap::from_pointee(Upstream::new(
+                &config.upstream,
+                stop.clone(),
+                tunnels.clone(),
+                metrics.upstream(),
+            )),
             store: Arc::new(store),
             clock: Clock::new(),
             feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
@@ -165,6 +191,8 @@ impl Gate {
             body_read_timeout: server.body_read_timeout,
             secure_cookies: server.tls.is_some(),
             config: ArcSwap::from_pointee(config.clone()),
+            metrics,
+            access_log: AtomicBool::new(config.log.access),
         })
     }
 
@@ -176,6 +204,32 @@ impl Gate {
         let announcements = self.store.announcements(self.room_ids.subscribe(), &self.tasks, self.stop.clone());
         let gate = self.clone();
         self.tasks.spawn(async move { gate.follow(announcements).await });
+        let gate = self.clone();
+        self.tasks.spawn(async move { gate.probe_store().await });
+    }
+
+    /// Ask the store whether it answers whenever nothing else did for a second (no room, or
+    /// the steps are between reads), so that readiness and `vestibule_store_up` are current.
+    async fn probe_store(&self) {
+        let mut ticks = tokio::time::interval(PROBE_EVERY);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = self.stop.cancelled() => return,
+            }
+            if !self.store.answered_within(PROBE_EVERY) {
+                let _ = self.store.ping().await;
+            }
+        }
+    }
+
+    /// Whether the store answered lately (always, for the memory store).
+    pub fn store_answers(&self) -> bool {
+        self.store.answered_within(STORE_RECENT)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn start_scheduler(&self, room: &Arc<Room>) {
@@ -283,19 +337,50 @@ impl Gate {
         self.feeds.open()
     }
 
-    /// Handle one request; every failure becomes a response here.
+    /// Handle one request; every failure becomes a response here. Each request is counted
+    /// by room and outcome, and logged when the access log is on.
     pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<Body> {
+        let started = Instant::now();
         let wants_json = !wants_page(&request);
         let client = self.client(request.headers(), connection);
-        match self.serve(request, connection, client).await {
+        let method = request.method().clone();
+        let mut trail = Trail::default();
+        let span = tracing::debug_span!("request", %client);
+        let response = match self.serve(request, connection, client, &mut trail).instrument(span).await {
             Ok(response) => response,
             Err(error) => {
                 if error.status().is_server_error() || error.status() == StatusCode::TOO_MANY_REQUESTS {
                     tracing::info!(%client, status = error.status().as_u16(), "request not forwarded");
                 }
+                trail.outcome = Some(match (&error, trail.outcome) {
+                    (GateError::UpstreamUnreachable | GateError::UpstreamTimeout, _) => Outcome::UpstreamFailed,
+                    (GateError::Unavailable { .. }, _) => Outcome::Unavailable,
+                    (_, Some(Outcome::Reserved)) => Outcome::Reserved,
+                    _ => Outcome::Refused,
+                });
                 error.into_response(wants_json)
             }
+        };
+        let outcome = trail.outcome.unwrap_or(Outcome::Forwarded);
+        match &trail.room {
+            Some(room) => room.metrics.request(outcome),
+            None => self.metrics.outside(outcome),
         }
+        if self.access_log.load(Ordering::Relaxed) {
+            // Never the query string, a cookie or a token (DESIGN §6).
+            tracing::info!(
+                target: "vestibule::access",
+                method = %method,
+                path = trail.path.as_deref().unwrap_or("-"),
+                room = trail.room.as_ref().map_or("-", |room| room.id.as_str()),
+                outcome = outcome.as_str(),
+                status = response.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1_000.0,
+                %client,
+                "request"
+            );
+        }
+        response
     }
 
     /// The phases of a request: refuse what cannot be judged, decide, carry it out.
@@ -304,6 +389,7 @@ impl Gate {
         request: Request<Incoming>,
         connection: &Connection,
         client: IpAddr,
+        trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
         if request.version() <= Version::HTTP_11 {
             // Fail closed: what the scanner could not judge is refused too (and the
@@ -317,19 +403,29 @@ impl Gate {
         check_host(&request)?;
         let path =
             canonicalize(request.uri().path()).map_err(|_| GateError::BadRequest("The request path is not valid."))?;
+        if self.access_log.load(Ordering::Relaxed) {
+            trail.path = Some(path.encoded.clone());
+        }
         if let Some(endpoint) = path.decoded.strip_prefix(RESERVED_PREFIX) {
+            trail.outcome = Some(Outcome::Reserved);
             let endpoint = endpoint.to_owned();
             return self.reserved(&endpoint, request, client).await;
         }
         if path.decoded == WELL_KNOWN_JWKS {
+            trail.outcome = Some(Outcome::Reserved);
             return self.reserved("jwks.json", request, client).await;
         }
         match self.decide(request.headers(), &path) {
             Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
             Decision::Forward(Some((room, admission))) => {
+                trail.outcome = Some(Outcome::Admitted);
+                trail.room = Some(room.clone());
                 self.admitted(&room, &admission, request, connection, &path).await
             }
-            Decision::Wait(room) => self.enter(&room, request, connection, client, &path).await,
+            Decision::Wait(room) => {
+                trail.room = Some(room.clone());
+                self.enter(&room, request, connection, client, &path, trail).await
+            }
         }
     }
 
@@ -565,6 +661,6 @@ impl std::fmt::Debug for Gate {
 }
 
 /// Make a room of `config`, with its scheduler's stop a child of `stop`.
-fn new_room(config: &RoomConfig, stop: &CancellationToken) -> Arc<Room> {
-    Arc::new(Room::new(config, stop.child_token()))
+fn new_room(config: &RoomConfig, stop: &CancellationToken, metrics: &Metrics) -> Arc<Room> {
+    Arc::new(Room::new(config, stop.child_token(), metrics.room(&config.id)))
 }

@@ -26,6 +26,20 @@ pub struct Reloaded {
 }
 
 impl Gate {
+    /// Read the file the configuration in force came from again, and apply it (SIGHUP,
+    /// `POST /reload`). A file that does not validate is refused, with the key named, and the
+    /// configuration in force stays.
+    pub fn reload_from_source(&self) -> anyhow::Result<Reloaded> {
+        let Some(path) = self.config().source.clone() else {
+            anyhow::bail!("this configuration was not read from a file: nothing to read again");
+        };
+        let reloaded = Config::load(&path).map_err(anyhow::Error::from).and_then(|config| self.reload(config));
+        if let Err(error) = &reloaded {
+            tracing::error!(error = %format!("{error:#}"), "reload refused: the configuration in force stays");
+        }
+        reloaded
+    }
+
     /// Apply `config` (validated: `Config::load` checked it whole). On an error nothing has
     /// changed.
     pub fn reload(&self, config: Config) -> anyhow::Result<Reloaded> {
@@ -47,7 +61,7 @@ impl Gate {
                     rooms.push(room);
                 }
                 None => {
-                    let room = new_room(room_config, &self.stop);
+                    let room = new_room(room_config, &self.stop, &self.metrics);
                     room.observe_line(self.store.line(&room.id));
                     reloaded.added.push(room.id.clone());
                     rooms.push(room);
@@ -70,7 +84,9 @@ impl Gate {
         self.routing.store(Arc::new(Routing::new(rooms)));
         self.tokens.store(Arc::new(tokens));
         if debug(&config.upstream) != debug(&old.upstream) {
-            self.upstream.store(Arc::new(Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone())));
+            let timer = self.metrics.upstream();
+            let upstream = Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone(), timer);
+            self.upstream.store(Arc::new(upstream));
             reloaded.upstream = true;
         }
         let needs_restart = [
@@ -87,6 +103,7 @@ impl Gate {
         if !reloaded.restart_needed.is_empty() {
             tracing::warn!(keys = ?reloaded.restart_needed, "these settings take effect after a restart");
         }
+        self.access_log.store(config.log.access, std::sync::atomic::Ordering::Relaxed);
         self.config.store(Arc::new(config));
         tracing::info!(added = ?reloaded.added, changed = ?reloaded.changed, removed = ?reloaded.removed, "configuration reloaded");
         Ok(reloaded)

@@ -142,6 +142,8 @@ pub struct Stats {
     pub waiting: u64,
     /// Admissions per second observed over the last minute; `None` before any.
     pub rate_per_second: Option<f64>,
+    /// Admissions in the last minute.
+    pub admitted_last_minute: u64,
     /// Which life of the line this is: a shared store gives a line a new epoch when it had
     /// to rebuild it. Always 0 in memory.
     pub epoch: u64,
@@ -350,8 +352,29 @@ impl Line {
         if absence == Absence::Judge {
             step.ended = self.end_idle(limits, now);
         }
+        step.granted = self.grant(limits, now, absence, None);
+        step
+    }
+
+    /// Grant the next `count` turns now, outside the rate budget (an operator's batch);
+    /// capacity still holds. How many were granted.
+    pub fn admit(&mut self, limits: &Limits, count: u32, now: u64, absence: Absence) -> u32 {
+        self.refill(limits, now);
+        self.expire(limits, now);
+        self.grant(limits, now, absence, Some(count))
+    }
+
+    /// Grant turns in ticket order, by the budget or up to `count`, within capacity, skipping
+    /// leavers (and, when absence is judged, the absent).
+    fn grant(&mut self, limits: &Limits, now: u64, absence: Absence, count: Option<u32>) -> u32 {
+        let mut granted = 0;
         let mut skipped = 0;
-        while self.cursor < self.last_ticket && self.budget >= TURN && self.free(limits) > 0 && skipped < MAX_SKIPS {
+        let may_grant = |line: &Line, granted: u32| match count {
+            None => line.budget >= TURN,
+            Some(count) => granted < count,
+        };
+        while self.cursor < self.last_ticket && may_grant(self, granted) && self.free(limits) > 0 && skipped < MAX_SKIPS
+        {
             let ticket = self.cursor + 1;
             let skip = if self.left.remove(&ticket) {
                 true
@@ -371,11 +394,13 @@ impl Line {
                 continue;
             }
             self.grants.add(ticket, now);
-            self.budget -= TURN;
+            if count.is_none() {
+                self.budget -= TURN;
+            }
             self.admitted.push_back(now);
-            step.granted += 1;
+            granted += 1;
         }
-        step
+        granted
     }
 
     /// Present a ticket: redeem a granted turn (once), or learn the position. Presenting a
@@ -477,6 +502,7 @@ impl Line {
             outstanding: self.grants.len() as u32,
             waiting: self.last_ticket - self.cursor,
             rate_per_second,
+            admitted_last_minute: self.admitted.len() as u64,
             epoch: 0,
             line: self.id,
             settings_version: 0,

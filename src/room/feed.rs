@@ -167,6 +167,7 @@ pub async fn serve_on<S>(io: S, room: Arc<Room>, holding: Holding, stop: Cancell
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let _counted = room.feed_opened();
     let mut socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
     let mut snapshots = room.subscribe();
     let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
@@ -287,7 +288,7 @@ mod tests {
         let config: RoomConfig =
             toml::from_str("id = \"checkout\"\npaths = [\"/checkout\"]\nadmit_per_minute = 60\nmax_active = 1")
                 .unwrap();
-        Arc::new(Room::new(&config, CancellationToken::new()))
+        Arc::new(Room::new(&config, CancellationToken::new(), crate::metrics::RoomMetrics::detached()))
     }
 
     /// A feed socket on an in-memory stream of `capacity` bytes whose client never reads.

@@ -11,7 +11,7 @@ pub mod page;
 pub mod settings;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
@@ -23,7 +23,8 @@ use tokio::sync::watch;
 
 use crate::config::{RoomConfig, RoomState};
 use crate::limit::JoinLimiter;
-use crate::line::{self, Absence, Limits};
+use crate::line::{self, Absence, Limits, Stats};
+use crate::metrics::RoomMetrics;
 use crate::store::{Store, StoreError};
 use settings::{Overrides, Settings};
 
@@ -144,6 +145,12 @@ pub struct Room {
     /// Held while reading the room for a visitor arriving between reads: one read serves all
     /// who arrive together.
     reading: tokio::sync::Mutex<()>,
+    /// The room as the store reported it at the last read, and when (ms): the admin view.
+    stats: Mutex<Option<(Stats, u64)>>,
+    /// This room's metric handles.
+    pub metrics: RoomMetrics,
+    /// Feed sockets open here for this room.
+    feeds: AtomicUsize,
     stop: CancellationToken,
 }
 
@@ -160,7 +167,7 @@ pub fn ticket_cookie(room: &str) -> String {
 impl Room {
     /// A room of `config`; its scheduler and feeds stop at `stop` (the room removed by a
     /// reload, or the instance stopping).
-    pub fn new(config: &RoomConfig, stop: CancellationToken) -> Room {
+    pub fn new(config: &RoomConfig, stop: CancellationToken, metrics: RoomMetrics) -> Room {
         let snapshot = Snapshot {
             cursor: 0,
             state: config.state,
@@ -191,6 +198,9 @@ impl Room {
             epoch: AtomicU64::new(0),
             line: AtomicU64::new(0),
             reading: tokio::sync::Mutex::new(()),
+            stats: Mutex::default(),
+            metrics,
+            feeds: AtomicUsize::new(0),
             stop,
         }
     }
@@ -555,8 +565,10 @@ impl Room {
         self.leading.store(leading, Ordering::Relaxed);
         // Back after an outage, waiters are seen again (this step's snapshot asks them) before
         // the line moves on, and for a moment nobody is taken as gone.
+        self.metrics.leader.set(i64::from(leading));
         let stats = if settings.state() == RoomState::Open && leading && was_available {
             let advanced = store.advance(&self.id, &limits, now, self.absence(now)).await?;
+            self.metrics.admissions.inc_by(u64::from(advanced.granted));
             for (ticket, until) in advanced.ended {
                 self.revoke(ticket, until);
             }
@@ -579,6 +591,7 @@ impl Room {
         if let Some(stats) = stats {
             self.read_at.fetch_max(now, Ordering::Relaxed);
             self.observe_line(stats.line);
+            self.observe_stats(stats, now);
             // Another instance changed the live overrides (and the announcement did not reach
             // us, or not yet): read them.
             if stats.settings_version > settings.version {
@@ -609,6 +622,43 @@ impl Room {
         Ok(())
     }
 
+    /// Keep the room as the store reported it, for the admin view and the gauges.
+    fn observe_stats(&self, stats: Stats, now: u64) {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.waiting.set(clamp(stats.waiting));
+        self.metrics.active_sessions.set(i64::from(stats.active));
+        self.metrics.grants_outstanding.set(i64::from(stats.outstanding));
+        if let Ok(mut kept) = self.stats.lock() {
+            *kept = Some((stats, now));
+        }
+    }
+
+    /// Count a feed socket open until the guard is dropped.
+    pub fn feed_opened(&self) -> FeedOpen<'_> {
+        self.feeds.fetch_add(1, Ordering::Relaxed);
+        FeedOpen(&self.feeds)
+    }
+
+    /// Feed sockets open here for this room.
+    pub fn open_feeds(&self) -> usize {
+        self.feeds.load(Ordering::Relaxed)
+    }
+
+    /// The room as the store last reported it here, and when (ms); `None` before the first read.
+    pub fn last_stats(&self) -> Option<(Stats, u64)> {
+        self.stats.lock().ok().and_then(|kept| *kept)
+    }
+
+    /// Let the next `count` waiters in now, outside the rate budget (`max_active` still
+    /// holds): an operator's batch. How many were let in.
+    pub async fn admit_batch(&self, store: &Store, count: u32, now: u64) -> Result<u32, StoreError> {
+        let advanced = store.admit(&self.id, &self.limits(), count, now, self.absence(now)).await?;
+        self.metrics.admissions.inc_by(u64::from(advanced.granted));
+        self.observe_cursor(advanced.stats.cursor);
+        self.observe_stats(advanced.stats, now);
+        Ok(advanced.granted)
+    }
+
     /// Read the room before a waiter arriving here at `arrived` is shown a place, unless this
     /// instance leads it (its snapshot is the line's own) or a read began since: an instance
     /// that does not lead reads the room only every [`READ_EVERY`], and a waiter coming over
@@ -627,6 +677,7 @@ impl Room {
             self.read_at.fetch_max(arrived, Ordering::Relaxed);
             self.observe_line(stats.line);
             self.observe_cursor(stats.cursor);
+            self.observe_stats(stats, arrived);
         }
     }
 
@@ -661,6 +712,15 @@ impl Room {
             RoomState::Open | RoomState::Passthrough => "waiting",
         };
         Status::of(status, Some(position), line::eta_seconds(position, snapshot.rate_per_second), message)
+    }
+}
+
+/// A feed socket counted open (see [`Room::feed_opened`]).
+pub struct FeedOpen<'a>(&'a AtomicUsize);
+
+impl Drop for FeedOpen<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -705,7 +765,8 @@ pub async fn run_scheduler(
             () = stop.cancelled() => break,
         }
         let was_available = room.is_available();
-        if let Err(error) = room.step(&store, clock.now_ms()).await {
+        let span = tracing::debug_span!("step", room = %room.id);
+        if let Err(error) = tracing::Instrument::instrument(room.step(&store, clock.now_ms()), span).await {
             if was_available && error.is_transient() {
                 tracing::warn!(room = %room.id, %error, "the store is away: the line is paused");
             } else if was_available {
@@ -729,7 +790,7 @@ mod tests {
     fn room(text: &str) -> Arc<Room> {
         let config: RoomConfig =
             toml::from_str(&format!("id = \"checkout\"\npaths = [\"/checkout\"]\n{text}")).unwrap();
-        Arc::new(Room::new(&config, CancellationToken::new()))
+        Arc::new(Room::new(&config, CancellationToken::new(), RoomMetrics::detached()))
     }
 
     #[tokio::test(start_paused = true)]

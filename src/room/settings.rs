@@ -15,6 +15,10 @@ use crate::line::Limits;
 
 /// Longest room message, in bytes (as `proxy.toml` allows).
 pub const MAX_MESSAGE_BYTES: usize = 500;
+/// The highest rate and capacity a live change may set (far above any sale; a typo of a few
+/// zeros too many is refused rather than opening the doors).
+pub const MAX_ADMIT_PER_MINUTE: u32 = 1_000_000;
+pub const MAX_ACTIVE: u32 = 10_000_000;
 
 /// What an operator changed live; each wins over `proxy.toml` until the overrides are cleared.
 /// A message of `""` means "no message".
@@ -48,12 +52,16 @@ impl Overrides {
 
     /// What is wrong with it, as (field, problem).
     pub fn problem(&self) -> Option<(&'static str, String)> {
-        match &self.message {
-            Some(message) if message.len() > MAX_MESSAGE_BYTES => {
-                Some(("message", format!("at most {MAX_MESSAGE_BYTES} bytes")))
-            }
-            _ => None,
+        if self.message.as_ref().is_some_and(|message| message.len() > MAX_MESSAGE_BYTES) {
+            return Some(("message", format!("at most {MAX_MESSAGE_BYTES} bytes")));
         }
+        if self.admit_per_minute.is_some_and(|rate| rate.get() > MAX_ADMIT_PER_MINUTE) {
+            return Some(("admit_per_minute", format!("from 1 to {MAX_ADMIT_PER_MINUTE}")));
+        }
+        if self.max_active.is_some_and(|capacity| capacity.get() > MAX_ACTIVE) {
+            return Some(("max_active", format!("from 1 to {MAX_ACTIVE}")));
+        }
+        None
     }
 }
 

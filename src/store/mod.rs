@@ -82,19 +82,39 @@ impl Store {
 
     /// The store `[store]` names. Redis is reached with bounded timeouts (2 s to connect,
     /// 1 s per call), so a slow or lost Redis makes a call fail fast rather than hang.
-    pub async fn from_config(config: &crate::config::StoreConfig) -> Result<Store, StoreError> {
+    /// Redis is connected to at the first call, so an instance starts while it is down.
+    /// Calls report to `metrics`.
+    pub async fn from_config(
+        config: &crate::config::StoreConfig,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Result<Store, StoreError> {
         use crate::config::StoreKind;
         let timeouts = (std::time::Duration::from_secs(2), std::time::Duration::from_secs(1));
-        match config.kind {
-            StoreKind::Memory => Ok(Store::memory()),
+        let mut store = match config.kind {
+            StoreKind::Memory => return Ok(Store::memory()),
             StoreKind::Redis => {
                 let url = config.url.as_deref().unwrap_or_default();
-                Ok(Store::Redis(Box::new(RedisStore::connect(url, timeouts.0, timeouts.1).await?)))
+                RedisStore::connect(url, timeouts.0, timeouts.1).await?
             }
-            StoreKind::RedisCluster => {
-                let store = RedisStore::connect_cluster(&config.urls, timeouts.0, timeouts.1).await?;
-                Ok(Store::Redis(Box::new(store)))
-            }
+            StoreKind::RedisCluster => RedisStore::connect_cluster(&config.urls, timeouts.0, timeouts.1).await?,
+        };
+        store.set_metrics(metrics);
+        Ok(Store::Redis(Box::new(store)))
+    }
+
+    /// Whether the store answered in the last `within`: always for the memory store.
+    pub fn answered_within(&self, within: std::time::Duration) -> bool {
+        match self {
+            Store::Memory(_) => true,
+            Store::Redis(store) => store.answered_within(within),
+        }
+    }
+
+    /// Ask the store whether it answers (the memory store always does).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(store) => store.ping().await,
         }
     }
 
@@ -134,7 +154,26 @@ impl Store {
                 let step = line.advance(limits, now, absence);
                 Advanced { granted: step.granted, ended: step.ended, stats: line.stats(limits, now) }
             })),
-            Store::Redis(store) => store.advance(room, limits, now, absence).await,
+            Store::Redis(store) => store.advance(room, limits, now, absence, None).await,
+        }
+    }
+
+    /// Grant the next `count` turns now, outside the rate budget (`max_active` still holds),
+    /// and announce the new cursor: an operator's batch.
+    pub async fn admit(
+        &self,
+        room: &str,
+        limits: &Limits,
+        count: u32,
+        now: u64,
+        absence: Absence,
+    ) -> Result<Advanced, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| {
+                let granted = line.admit(limits, count, now, absence);
+                Advanced { granted, ended: Vec::new(), stats: line.stats(limits, now) }
+            })),
+            Store::Redis(store) => store.advance(room, limits, now, absence, Some(count)).await,
         }
     }
 

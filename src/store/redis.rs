@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -18,9 +18,12 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
 
+use tracing::Instrument;
+
 use super::{Advanced, StoreError};
 use crate::clock::Clock;
 use crate::line::{Absence, Gone, Joined, Limits, Redeemed, Stats};
+use crate::metrics::Metrics;
 
 const PRELUDE: &str = include_str!("lua/common.lua");
 
@@ -79,17 +82,38 @@ struct Knowledge {
 
 /// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
 /// keys' slot, which the `{room}` hash tag makes one per room, and following failovers).
+/// Both connect at the first call, not before: an instance starts while Redis is down.
 #[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<LazyCluster>),
+}
+
+/// A cluster connection made at the first call that finds the cluster (and kept; it follows
+/// the cluster's changes by itself).
+struct LazyCluster {
+    client: ClusterClient,
+    connection: tokio::sync::OnceCell<ClusterConnection>,
+    connect_timeout: Duration,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> Result<ClusterConnection, RedisError> {
+        let connect = || async {
+            match tokio::time::timeout(self.connect_timeout, self.client.get_async_connection()).await {
+                Ok(connection) => connection,
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no cluster node answered").into()),
+            }
+        };
+        self.connection.get_or_try_init(connect).await.cloned()
+    }
 }
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(connection) => connection.req_packed_command(cmd),
-            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(lazy) => Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await }),
         }
     }
 
@@ -101,14 +125,16 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(lazy) => {
+                Box::pin(async move { lazy.get().await?.req_packed_commands(pipeline, offset, count).await })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Connection::Single(connection) => connection.get_db(),
-            Connection::Cluster(connection) => connection.get_db(),
+            Connection::Cluster(_) => 0,
         }
     }
 }
@@ -146,6 +172,9 @@ pub struct RedisStore {
     clock_checked_at: AtomicU64,
     /// This instance's id: it holds leases and opens sessions under it.
     instance: String,
+    /// When Redis last answered (ms of `clock`).
+    answered_at: AtomicU64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The channel on which a room's ended sessions are announced to every instance.
@@ -228,6 +257,7 @@ fn stats_of(report: Report, now: u64) -> Stats {
         outstanding,
         waiting: last_ticket.saturating_sub(cursor),
         rate_per_second: crate::line::observed_rate(admitted as usize, u64::try_from(first).ok(), now),
+        admitted_last_minute: admitted,
         epoch,
         line,
         settings_version,
@@ -245,7 +275,7 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
-        let connection = ConnectionManager::new_with_config(client.clone(), config).await.map_err(classify)?;
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(classify)?;
         Ok(RedisStore::with(vec![client], (connect_timeout, response_timeout), Connection::Single(connection)))
     }
 
@@ -263,7 +293,7 @@ impl RedisStore {
             .retries(2)
             .build()
             .map_err(classify)?;
-        let connection = cluster.get_async_connection().await.map_err(classify)?;
+        let connection = Arc::new(LazyCluster { client: cluster, connection: Default::default(), connect_timeout });
         let clients = urls.iter().map(|url| redis::Client::open(url.as_str())).collect::<Result<_, _>>();
         let timeouts = (connect_timeout, response_timeout);
         Ok(RedisStore::with(clients.map_err(classify)?, timeouts, Connection::Cluster(connection)))
@@ -281,6 +311,8 @@ impl RedisStore {
             redis_clock: Mutex::default(),
             clock_checked_at: AtomicU64::new(0),
             instance: crate::token::random_id(),
+            answered_at: AtomicU64::new(0),
+            metrics: None,
         }
     }
 
@@ -304,7 +336,7 @@ impl RedisStore {
         {
             return;
         }
-        let time = redis::cmd("TIME").query_async::<(u64, u64)>(&mut self.connection.clone()).await;
+        let time = self.bounded(redis::cmd("TIME").query_async::<(u64, u64)>(&mut self.connection.clone())).await;
         let Ok((seconds, micros)) = time else { return };
         let ended = self.clock.now_ms();
         let redis_ms = (seconds * 1_000 + micros / 1_000) as i64;
@@ -368,28 +400,18 @@ impl RedisStore {
 
     /// Publish `message` on `channel` (through the connection the line's calls take).
     pub async fn publish(&self, channel: &str, message: &str) -> Result<(), StoreError> {
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(message)
-            .query_async::<u64>(&mut self.connection.clone())
-            .await
-            .map(drop)
-            .map_err(classify)
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(channel).arg(message);
+        self.bounded(publish.query_async::<u64>(&mut self.connection.clone())).await.map(drop)
     }
 
     /// Sessions of `room` ended and not yet expired, with when they would have: for an
     /// instance that may have missed their announcement (its subscription was down).
     pub async fn ended_sessions(&self, room: &str, now: u64) -> Result<Vec<(u64, u64)>, StoreError> {
         let revoked = format!("vestibule:{{{room}}}:revoked");
-        redis::cmd("ZRANGE")
-            .arg(revoked)
-            .arg(now)
-            .arg("+inf")
-            .arg("BYSCORE")
-            .arg("WITHSCORES")
-            .query_async(&mut self.connection.clone())
-            .await
-            .map_err(classify)
+        let mut range = redis::cmd("ZRANGE");
+        range.arg(revoked).arg(now).arg("+inf").arg("BYSCORE").arg("WITHSCORES");
+        self.bounded(range.query_async(&mut self.connection.clone())).await
     }
 
     /// A line script's invocation with the arguments of `lua/common.lua`; the script's own
@@ -427,18 +449,80 @@ impl RedisStore {
     /// restore it from what this instance knows and run the script again.
     async fn run<T: FromRedisValue>(
         &self,
+        operation: &'static str,
         room: &str,
         limits: &Limits,
         now: u64,
         call: impl Fn(&Self) -> ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        match call(self).invoke_async(&mut self.connection.clone()).await.map_err(classify) {
+        match self.invoke(operation, call(self)).await {
             Err(StoreError::Lost) => {
                 self.restore(room, limits, now).await?;
-                call(self).invoke_async(&mut self.connection.clone()).await.map_err(classify)
+                self.invoke(operation, call(self)).await
             }
             result => result,
         }
+    }
+
+    /// Run one script, timed (metrics, a span).
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        invocation: ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let span = tracing::debug_span!("store", operation);
+        let result = self.bounded(invocation.invoke_async(&mut self.connection.clone()).instrument(span)).await;
+        self.observe(operation, started, result.as_ref().err());
+        result
+    }
+
+    /// A call, bounded even while a connection is being made (Redis down): it fails, and the
+    /// line pauses, rather than waits.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.connect_timeout + self.response_timeout, call).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Unavailable("redis: no answer in time".into())),
+        }
+    }
+
+    /// Note a call's time and outcome: its histogram, its error's kind, and whether Redis
+    /// answered (any reply, even an error of a script, is an answer; a timeout is not).
+    fn observe(&self, operation: &'static str, started: std::time::Instant, error: Option<&StoreError>) {
+        let unavailable = matches!(error, Some(StoreError::Unavailable(_)));
+        if !unavailable {
+            self.answered_at.fetch_max(self.clock.now_ms(), Ordering::Relaxed);
+        }
+        if let Some(metrics) = &self.metrics {
+            let kind = match error {
+                Some(StoreError::Unavailable(_)) => Some("unavailable"),
+                Some(StoreError::Failed(_)) => Some("failed"),
+                _ => None,
+            };
+            metrics.store_call(operation, started.elapsed(), kind);
+        }
+    }
+
+    /// Whether Redis answered a call of this instance in the last `within`.
+    pub fn answered_within(&self, within: Duration) -> bool {
+        let at = self.answered_at.load(Ordering::Relaxed);
+        at != 0 && at + within.as_millis() as u64 >= self.clock.now_ms()
+    }
+
+    /// Report this instance's calls to `metrics`.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    /// Ask Redis whether it answers (a readiness probe while nothing else calls it).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let result = self.bounded(redis::cmd("PING").query_async::<String>(&mut self.connection.clone())).await;
+        self.observe("ping", started, result.as_ref().err());
+        result.map(drop)
     }
 
     /// Create the line of `room`, or rebuild a lost one from what this instance knew.
@@ -454,7 +538,7 @@ impl RedisStore {
             .arg(known.line);
         let (overrides, version) = known.overrides.clone().unwrap_or_else(|| ("{}".into(), 0));
         invocation.arg(overrides).arg(version);
-        let epoch: u64 = invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)?;
+        let epoch: u64 = self.invoke("restore", invocation).await?;
         if known.last > 0 && epoch != known.epoch {
             tracing::warn!(
                 room,
@@ -489,7 +573,8 @@ impl RedisStore {
         let known = self.knowledge(room);
         if known.epoch != 0 && stats.epoch != known.epoch {
             self.restore(room, limits, now).await?;
-            let report = self.run(room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
+            let report =
+                self.run("stats", room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
             stats = stats_of(report, now);
         }
         self.learn(room, |k| {
@@ -515,7 +600,7 @@ impl RedisStore {
     ) -> Result<Joined, StoreError> {
         let proof = proof.map(|id| format!("{id:032x}")).unwrap_or_default();
         let (admitted, ticket, expires_at, line): (u8, u64, u64, u64) = self
-            .run(room, limits, now, |store| {
+            .run("join", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.join, room, limits, now, Absence::Excuse);
                 invocation.arg(u8::from(admit_now)).arg(&store.instance).arg(&proof);
                 invocation
@@ -530,17 +615,24 @@ impl RedisStore {
         Ok(if admitted == 1 { Joined::Admitted { ticket, expires_at } } else { Joined::Waiting { ticket } })
     }
 
+    /// A scheduler step; or with `batch`, an operator's batch of that many turns granted
+    /// outside the budget.
     pub async fn advance(
         &self,
         room: &str,
         limits: &Limits,
         now: u64,
         absence: Absence,
+        batch: Option<u32>,
     ) -> Result<Advanced, StoreError> {
+        let operation = if batch.is_some() { "admit" } else { "advance" };
         let reply: Vec<i64> = self
-            .run(room, limits, now, |store| {
+            .run(operation, room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.advance, room, limits, now, absence);
                 invocation.arg(cursor_channel(room)).arg(revocations_channel(room));
+                if let Some(count) = batch {
+                    invocation.arg(count.max(1));
+                }
                 invocation
             })
             .await?;
@@ -564,7 +656,7 @@ impl RedisStore {
         absence: Absence,
     ) -> Result<Redeemed, StoreError> {
         let (kind, value): (u8, redis::Value) = self
-            .run(room, limits, now, |store| {
+            .run("redeem", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.redeem, room, limits, now, absence);
                 invocation.arg(ticket).arg(&store.instance);
                 invocation
@@ -603,7 +695,7 @@ impl RedisStore {
         now: u64,
     ) -> Result<bool, StoreError> {
         let ended: u8 = self
-            .run(room, limits, now, |store| {
+            .run("release", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.release, room, limits, now, Absence::Excuse);
                 invocation.arg(ticket).arg(revocations_channel(room)).arg(expires_at);
                 invocation
@@ -629,7 +721,7 @@ impl RedisStore {
             (None, false) => "read",
         };
         let (version, overrides): (u64, String) = self
-            .run(room, limits, now, |store| {
+            .run("settings", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.settings, room, limits, now, Absence::Excuse);
                 invocation.arg(mode).arg(change.unwrap_or("{}")).arg(settings_channel(room));
                 invocation
@@ -646,7 +738,7 @@ impl RedisStore {
     /// This instance's call opening `ticket`'s session failed: if it ran, its answer was lost,
     /// and the ticket's holder may take the session again.
     pub async fn unanswered(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
-        self.run::<u8>(room, limits, now, |store| {
+        self.run::<u8>("unanswered", room, limits, now, |store| {
             let mut invocation = store.invocation(&store.scripts.unanswered, room, limits, now, Absence::Excuse);
             invocation.arg(ticket).arg(&store.instance);
             invocation
@@ -656,7 +748,7 @@ impl RedisStore {
     }
 
     pub async fn leave(&self, room: &str, limits: &Limits, ticket: u64, now: u64) -> Result<(), StoreError> {
-        self.run::<u8>(room, limits, now, |store| {
+        self.run::<u8>("leave", room, limits, now, |store| {
             let mut invocation = store.invocation(&store.scripts.leave, room, limits, now, Absence::Excuse);
             invocation.arg(ticket);
             invocation
@@ -673,7 +765,7 @@ impl RedisStore {
         sessions: &[(u64, u64)],
         now: u64,
     ) -> Result<(), StoreError> {
-        self.run::<u64>(room, limits, now, |store| {
+        self.run::<u64>("touch", room, limits, now, |store| {
             let mut invocation = store.invocation(&store.scripts.touch, room, limits, now, Absence::Excuse);
             invocation.arg(waiters.len()).arg(waiters);
             for (ticket, expires_at) in sessions {
@@ -694,7 +786,7 @@ impl RedisStore {
         now: u64,
     ) -> Result<bool, StoreError> {
         let renewed: u8 = self
-            .run(room, limits, now, |store| {
+            .run("renew", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.renew, room, limits, now, Absence::Excuse);
                 invocation.arg(ticket).arg(until);
                 invocation
@@ -713,7 +805,7 @@ impl RedisStore {
         let [leader, instances] = Self::lease_keys(room);
         let mut invocation = self.scripts.lease.key(leader);
         invocation.key(instances).arg(&self.instance).arg(lease.as_millis() as u64);
-        let held: u8 = invocation.invoke_async(&mut self.connection.clone()).await.map_err(classify)?;
+        let held: u8 = self.invoke("lease", invocation).await?;
         Ok(held == 1)
     }
 
@@ -722,12 +814,13 @@ impl RedisStore {
         let [leader, instances] = Self::lease_keys(room);
         let mut invocation = self.scripts.unlease.key(leader);
         invocation.key(instances).arg(&self.instance);
-        invocation.invoke_async::<u8>(&mut self.connection.clone()).await.map_err(classify)?;
+        self.invoke::<u8>("unlease", invocation).await?;
         Ok(())
     }
 
     pub async fn stats(&self, room: &str, limits: &Limits, now: u64) -> Result<Stats, StoreError> {
-        let report: Report = self.run(room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
+        let report: Report =
+            self.run("stats", room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
         self.reported(room, limits, now, report).await
     }
 }

@@ -2,16 +2,19 @@
 -- leavers and, when absence is judged, waiters not seen for abandon_ms or unconfirmed for
 -- CONFIRM_MS, and end sessions not used for idle_ms. At most MAX_SKIPS tickets skipped and
 -- MAX_ENDS sessions ended per call; the next steps carry on.
+-- With ARGV[12] (an operator's batch: `POST /rooms/{id}/admit`), grant up to that many turns
+-- now, outside the budget (capacity still holds), and end no idle session.
 -- KEYS: as in common.lua.  ARGV[10] the channel of cursor moves, ARGV[11] the channel of
--- ended sessions.
+-- ended sessions, ARGV[12] (optional) how many to grant outside the budget.
 -- Returns {granted, the report of common.lua..., ended sessions as ticket, until, ...}.
 if lost() then
   return redis.error_reply(LOST)
 end
+local batch = tonumber(ARGV[12] or '0')
 local budget = refill()
 expire()
 local ended = {}
-if judge then
+if judge and batch == 0 then
   local idle = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', now - idle_ms, 'LIMIT', 0, MAX_ENDS)
   for _, ticket in ipairs(idle) do
     local expires = redis.call('ZSCORE', KEYS[3], ticket)
@@ -33,7 +36,13 @@ local resee_until = math.max(number(KEYS[1], 'restored_at'), number(KEYS[1], 'gr
 local room_left = free()
 local granted = 0
 local skipped = 0
-while cursor < last and budget >= TURN and room_left > 0 and skipped < MAX_SKIPS do
+local function may_grant()
+  if batch > 0 then
+    return granted < batch
+  end
+  return budget >= TURN
+end
+while cursor < last and may_grant() and room_left > 0 and skipped < MAX_SKIPS do
   local ticket = cursor + 1
   local skip = redis.call('SISMEMBER', KEYS[4], ticket) == 1
   if not skip then
@@ -65,7 +74,9 @@ while cursor < last and budget >= TURN and room_left > 0 and skipped < MAX_SKIPS
     forget(ticket, 'left')
   else
     redis.call('ZADD', KEYS[2], now, ticket)
-    budget = budget - TURN
+    if batch == 0 then
+      budget = budget - TURN
+    end
     room_left = room_left - 1
     redis.call('RPUSH', KEYS[8], now)
     granted = granted + 1

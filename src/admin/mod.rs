@@ -1,0 +1,405 @@
+//! The admin listener (`[admin] listen`, DESIGN §2): probes, metrics, each room's live view
+//! and controls, reload, and the dashboard. JSON in and out.
+//!
+//! `GET /healthz`, `GET /readyz`, `GET /metrics` and the dashboard page itself need no token
+//! (the page holds no data: it asks for the token and sends it with every call); everything
+//! else needs `Authorization: Bearer <token>`, compared in constant time. A bad call gets a
+//! 4xx naming the problem (and the field), and changes nothing.
+
+mod history;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{self, Body};
+use crate::config::AdminConfig;
+use crate::gate::Gate;
+use crate::line;
+use crate::room::settings::Overrides;
+use crate::room::Room;
+use history::History;
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Most turns one `POST /rooms/{id}/admit` grants.
+pub const MAX_ADMIT_BATCH: u32 = 100_000;
+/// Admin connections open at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request head, and its body.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What every admin call shares.
+struct State {
+    gate: Arc<Gate>,
+    token: String,
+    /// Cancelled when a graceful stop begins: readiness says 503 from then on.
+    draining: CancellationToken,
+    history: History,
+}
+
+/// A call that cannot be carried out: its status, what is wrong, and which field.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, message: impl Into<String>) -> Problem {
+        Problem { status, message: message.into(), field: None }
+    }
+
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Problem {
+        let field = field.into();
+        let message = format!("{field}: {}", message.into());
+        Problem { status: StatusCode::BAD_REQUEST, message, field: Some(field) }
+    }
+
+    fn not_found() -> Problem {
+        Problem::new(StatusCode::NOT_FOUND, "no such endpoint")
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut response = json(self.status, &json!({ "error": self.message, "field": self.field }));
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Bind the admin listener and serve it until the gate stops (after the drain, so that
+/// probes see readiness fail during it). `draining` is cancelled when a graceful stop begins.
+pub async fn start(config: &AdminConfig, gate: Arc<Gate>, draining: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", config.listen))?;
+    let addr = listener.local_addr()?;
+    let token = config.token.clone().context("admin.token: missing")?;
+    let state = Arc::new(State { gate: gate.clone(), token, draining, history: History::default() });
+    let stop = gate.stop_token().clone();
+    gate.tasks().spawn(history::sample(state.gate.clone(), state.history.clone(), stop.clone()));
+    gate.tasks().spawn(accept(listener, state, stop));
+    tracing::info!(%addr, "admin listening");
+    Ok(addr)
+}
+
+async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+            () = stop.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = route(state, request).await.unwrap_or_else(Problem::into_response);
+    if response.status().is_client_error() || method != Method::GET {
+        tracing::info!(target: "vestibule::admin", %method, %path, status = response.status().as_u16(), "admin call");
+    }
+    response
+}
+
+async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Body>, Problem> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Open to probes and scrapers (keep the listener private).
+    match segments.as_slice() {
+        [""] => return only(&method, &[Method::GET]).map(|()| dashboard()),
+        ["healthz"] => return only(&method, &[Method::GET]).map(|()| json(StatusCode::OK, &json!({"status": "ok"}))),
+        ["readyz"] => return only(&method, &[Method::GET]).map(|()| readiness(state)),
+        ["metrics"] => return only(&method, &[Method::GET]).map(|()| metrics(state)),
+        _ => {}
+    }
+    authorize(state, &request)?;
+    match segments.as_slice() {
+        ["rooms"] => {
+            only(&method, &[Method::GET])?;
+            let rooms: Vec<Value> = state.gate.rooms().iter().map(|room| view(&state.gate, room)).collect();
+            Ok(json(StatusCode::OK, &Value::Array(rooms)))
+        }
+        ["rooms", id] => {
+            only(&method, &[Method::GET, Method::PATCH])?;
+            let room = room(state, id)?;
+            if method == Method::PATCH {
+                let change: Overrides = read_json(request).await?;
+                if change.is_empty() {
+                    return Err(Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "nothing to change: send any of state, admit_per_minute, max_active, message",
+                    ));
+                }
+                if let Some((field, problem)) = change.problem() {
+                    return Err(Problem::field(field, problem));
+                }
+                change_overrides(state, &room, Some(&change)).await?;
+            }
+            Ok(json(StatusCode::OK, &view(&state.gate, &room)))
+        }
+        ["rooms", id, "overrides"] => {
+            only(&method, &[Method::DELETE])?;
+            let room = room(state, id)?;
+            change_overrides(state, &room, None).await?;
+            Ok(json(StatusCode::OK, &view(&state.gate, &room)))
+        }
+        ["rooms", id, "admit"] => {
+            only(&method, &[Method::POST])?;
+            let room = room(state, id)?;
+            let batch: Batch = read_json(request).await?;
+            if !(1..=MAX_ADMIT_BATCH).contains(&batch.count) {
+                return Err(Problem::field("count", format!("from 1 to {MAX_ADMIT_BATCH}")));
+            }
+            let now = state.gate.clock().now_ms();
+            let admitted = room.admit_batch(state.gate.store(), batch.count, now).await.map_err(unavailable)?;
+            tracing::info!(room = %room.id, asked = batch.count, admitted, "admitted a batch");
+            let mut answer = view(&state.gate, &room);
+            answer["admitted"] = json!(admitted);
+            Ok(json(StatusCode::OK, &answer))
+        }
+        ["history"] => {
+            only(&method, &[Method::GET])?;
+            let since = crate::gate::query_param(request.uri(), "since").and_then(|since| since.parse().ok());
+            Ok(json(StatusCode::OK, &state.history.since(since.unwrap_or(0))))
+        }
+        ["reload"] => {
+            only(&method, &[Method::POST])?;
+            reload(&state.gate).map(|reloaded| json(StatusCode::OK, &json!(reloaded)))
+        }
+        _ => Err(Problem::not_found()),
+    }
+}
+
+/// `POST /rooms/{id}/admit`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    count: u32,
+}
+
+/// `POST /reload`: the same as SIGHUP.
+fn reload(gate: &Gate) -> Result<crate::gate::Reloaded, Problem> {
+    gate.reload_from_source().map_err(|error| {
+        let field = error.downcast_ref::<crate::config::ConfigError>().map(|error| error.key.clone());
+        let status = if gate.config().source.is_none() { StatusCode::CONFLICT } else { StatusCode::BAD_REQUEST };
+        Problem { status, message: format!("{error:#}"), field: field.filter(|key| !key.is_empty()) }
+    })
+}
+
+fn only(method: &Method, allowed: &[Method]) -> Result<(), Problem> {
+    if allowed.contains(method) {
+        return Ok(());
+    }
+    let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    Err(Problem::new(StatusCode::METHOD_NOT_ALLOWED, format!("use {}", list.join(" or "))))
+}
+
+fn authorize(state: &State, request: &Request<Incoming>) -> Result<(), Problem> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Constant time in the token's content (its length is no secret worth keeping).
+    let valid = presented.is_some_and(|token| bool::from(token.as_bytes().ct_eq(state.token.as_bytes())));
+    if valid {
+        Ok(())
+    } else {
+        Err(Problem::new(StatusCode::UNAUTHORIZED, "send the admin token: Authorization: Bearer <token>"))
+    }
+}
+
+fn room(state: &State, id: &str) -> Result<Arc<Room>, Problem> {
+    state.gate.room_by_id(id).ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, format!("no room {id:?}")))
+}
+
+/// Read a JSON body of at most [`MAX_BODY_BYTES`], within [`READ_TIMEOUT`]; errors name the
+/// field.
+async fn read_json<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Problem> {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let collected = tokio::time::timeout(READ_TIMEOUT, Limited::new(request.into_body(), MAX_BODY_BYTES).collect());
+    let bytes = match collected.await {
+        Err(_) => return Err(Problem::new(StatusCode::REQUEST_TIMEOUT, "the body came too slowly")),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(_)) => return Err(Problem::new(StatusCode::BAD_REQUEST, "the body could not be read")),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let field = error.path().to_string();
+        let message = error.into_inner().to_string();
+        if field.is_empty() || field == "." {
+            Problem::new(StatusCode::BAD_REQUEST, format!("the body is not the JSON expected: {message}"))
+        } else {
+            Problem::field(field, message)
+        }
+    })?;
+    deserializer.end().map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "trailing data after the JSON body"))?;
+    Ok(value)
+}
+
+fn too_large() -> Problem {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {MAX_BODY_BYTES} bytes"))
+}
+
+fn unavailable(error: crate::store::StoreError) -> Problem {
+    tracing::warn!(%error, "an admin call could not reach the store");
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, format!("the store cannot be reached now: {error}"))
+}
+
+/// Store a change of the live overrides (or clear them), put it in force here at once; every
+/// other instance hears of it from the store.
+async fn change_overrides(state: &State, room: &Room, change: Option<&Overrides>) -> Result<(), Problem> {
+    let gate = &state.gate;
+    let now = gate.clock().now_ms();
+    let (overrides, version) =
+        gate.store().change_overrides(&room.id, &room.limits(), change, now).await.map_err(unavailable)?;
+    tracing::info!(room = %room.id, ?overrides, version, "live overrides changed");
+    room.apply_overrides(overrides, version);
+    Ok(())
+}
+
+/// A room's live view (DESIGN §2).
+pub fn view(gate: &Gate, room: &Room) -> Value {
+    let settings = room.settings();
+    let snapshot = room.snapshot();
+    let stats = room.last_stats().map(|(stats, _)| stats).unwrap_or_default();
+    let waiting = stats.last_ticket.max(snapshot.cursor).saturating_sub(snapshot.cursor.max(stats.cursor));
+    let full = u64::from(stats.active) + u64::from(stats.outstanding) >= u64::from(settings.max_active());
+    // A newcomer comes in at once when nobody waits and there is room.
+    let eta = if waiting == 0 && !full && settings.state() == crate::config::RoomState::Open {
+        Some(0)
+    } else {
+        line::eta_seconds(waiting + 1, snapshot.rate_per_second)
+    };
+    let store_ok = snapshot.available && gate.store_answers();
+    let config = &settings.config;
+    json!({
+        "id": room.id,
+        "state": settings.state(),
+        "message": settings.message(),
+        "admit_per_minute": settings.admit_per_minute(),
+        "max_active": settings.max_active(),
+        "session_seconds": config.session_seconds,
+        "waiting": waiting,
+        "active_sessions": stats.active,
+        "grants_outstanding": stats.outstanding,
+        "cursor": snapshot.cursor.max(stats.cursor),
+        "last_ticket": stats.last_ticket,
+        "admitted_last_minute": stats.admitted_last_minute,
+        "eta_seconds": eta,
+        "leader": room.is_leading(),
+        "store": if store_ok { "ok" } else { "unavailable" },
+        "overrides": settings.overrides,
+        "configured": {
+            "state": config.state,
+            "admit_per_minute": config.admit_per_minute,
+            "max_active": config.max_active,
+            "message": config.message,
+        },
+        "feed_sockets": room.open_feeds(),
+    })
+}
+
+fn readiness(state: &State) -> Response<Body> {
+    let reason = if state.draining.is_cancelled() {
+        Some("stopping: finishing in-flight requests".to_owned())
+    } else if !state.gate.store_answers() {
+        Some(format!("the store has not answered in the last {} s", crate::gate::STORE_RECENT.as_secs()))
+    } else {
+        None
+    };
+    match reason {
+        None => json(StatusCode::OK, &json!({"ready": true})),
+        Some(reason) => json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": reason})),
+    }
+}
+
+fn metrics(state: &State) -> Response<Body> {
+    let metrics = state.gate.metrics();
+    // Gauges read at the scrape, not kept on the hot path.
+    metrics.feed_sockets.set(state.gate.open_feeds() as i64);
+    metrics.store_up.set(i64::from(state.gate.store_answers()));
+    let mut response = Response::new(body::full(metrics.encode()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+fn dashboard() -> Response<Body> {
+    let mut response = Response::new(body::full(DASHBOARD));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Everything is inline; nothing may be fetched from elsewhere.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    response
+}
+
+fn json(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(body::full(value.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
