@@ -122,10 +122,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Loadtest(args) => runtime(None)?.block_on(args.run()),
         Command::Shop { listen, workers } => runtime(workers)?.block_on(async move {
+            let signals = Signals::install();
             let stop = CancellationToken::new();
             let addr = demo::start_shop(listen, stop.clone()).await?;
             println!("demo shop on http://{addr}/");
-            stop_signal(None).await;
+            signals.stopped(None).await;
             stop.cancel();
             Ok(())
         }),
@@ -149,14 +150,16 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let signals = Signals::install();
     let running = server::start(&config).await?;
-    stop_signal(Some(running.gate())).await;
+    signals.stopped(Some(running.gate())).await;
     running.shutdown();
     running.stopped().await;
     Ok(())
 }
 
 async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    let signals = Signals::install();
     let stop = CancellationToken::new();
     let shop = demo::start_shop("127.0.0.1:0".parse()?, stop.clone()).await?;
     let dir = std::env::temp_dir().join(format!("vestibule-demo-{}", std::process::id()));
@@ -186,7 +189,7 @@ async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     println!("  pause       curl -X PATCH -H 'Authorization: Bearer {admin_token}' -d '{{\"state\":\"paused\"}}' {admin_url}/rooms/checkout");
     println!("  config      {} (edit, then: kill -HUP {})\n", config_path.display(), std::process::id());
     println!("Ctrl-C to stop.");
-    stop_signal(Some(running.gate())).await;
+    signals.stopped(Some(running.gate())).await;
     running.shutdown();
     running.stopped().await;
     stop.cancel();
@@ -218,41 +221,65 @@ message = "This is the vestibule demo: visitors are let in three a minute, two a
     )
 }
 
-/// Wait for Ctrl-C or SIGTERM. Meanwhile each SIGHUP reads the configuration of `gate`
-/// again and applies it (a file that does not validate is refused, and logged).
-async fn stop_signal(gate: Option<&std::sync::Arc<vestibule::gate::Gate>>) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// The signals an instance answers: Ctrl-C and SIGTERM stop it, SIGHUP reloads its
+/// configuration. Installed before the listeners open, so that a signal sent as soon as the
+/// instance says it listens is never taken with its default action (SIGHUP would end it).
+struct Signals {
     #[cfg(unix)]
-    let (terminate, reloads) = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let terminate = async {
-            match signal(SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        let reloads = async {
-            let Some(gate) = gate else { return std::future::pending::<()>().await };
-            let Ok(mut hangup) = signal(SignalKind::hangup()) else { return std::future::pending::<()>().await };
-            while hangup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reading the configuration again");
-                // Refusals are logged by the reload itself.
-                let _ = gate.reload_from_source();
-            }
-            std::future::pending::<()>().await
-        };
-        (terminate, reloads)
-    };
-    #[cfg(not(unix))]
-    let (terminate, reloads) = (std::future::pending::<()>(), std::future::pending::<()>());
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-        () = reloads => {}
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Signals { terminate: signal(SignalKind::terminate()).ok(), hangup: signal(SignalKind::hangup()).ok() }
+        }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    tracing::info!("stop signal received");
+
+    /// Wait for Ctrl-C or SIGTERM. Meanwhile each SIGHUP reads the configuration of `gate`
+    /// again and applies it (a file that does not validate is refused, and logged).
+    async fn stopped(mut self, gate: Option<&std::sync::Arc<vestibule::gate::Gate>>) {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let (terminate, reloads) = {
+            let terminate = async {
+                match self.terminate.as_mut() {
+                    Some(signal) => drop(signal.recv().await),
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let reloads = async {
+                match (self.hangup.as_mut(), gate) {
+                    (Some(hangup), Some(gate)) => {
+                        while hangup.recv().await.is_some() {
+                            tracing::info!("SIGHUP: reading the configuration again");
+                            // Refusals are logged by the reload itself.
+                            let _ = gate.reload_from_source();
+                        }
+                    }
+                    // Without a configuration to read again, SIGHUP does nothing.
+                    (Some(hangup), None) => while hangup.recv().await.is_some() {},
+                    (None, _) => {}
+                }
+                std::future::pending::<()>().await
+            };
+            (terminate, reloads)
+        };
+        #[cfg(not(unix))]
+        let (terminate, reloads) = (std::future::pending::<()>(), std::future::pending::<()>());
+        tokio::select! {
+            () = ctrl_c => {}
+            () = terminate => {}
+            () = reloads => {}
+        }
+        tracing::info!("stop signal received");
+    }
 }

@@ -272,9 +272,12 @@ impl RedisStore {
         response_timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(classify)?;
+        // Reconnection attempts back off to at most a second apart: a Redis that comes back
+        // is found within about a second.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(Some(response_timeout));
+            .set_response_timeout(Some(response_timeout))
+            .set_max_delay(Duration::from_secs(1));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(classify)?;
         Ok(RedisStore::with(vec![client], (connect_timeout, response_timeout), Connection::Single(connection)))
     }

@@ -1,0 +1,484 @@
+//! The admin API over real HTTP (DESIGN §2): probes, the token, every endpoint with good and
+//! bad bodies, live changes reaching waiting visitors, a batch admitted within capacity,
+//! metrics read back with a Prometheus text parser, reload, and readiness during a stop.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::visitor::{feed_until, Visitor};
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use vestibule::config::Config;
+use vestibule::server::{self, Running};
+use vestibule::token::{generate_key, KeyKind};
+
+const TOKEN: &str = "test-admin-token-0123";
+
+/// A gate with an admin listener, configured from a file (so that it can be reloaded).
+struct Admin {
+    running: Running,
+    dir: TempDir,
+    config: PathBuf,
+    upstream: SocketAddr,
+}
+
+impl Admin {
+    fn addr(&self) -> SocketAddr {
+        self.running.admin.expect("the admin listener is up")
+    }
+
+    fn text(&self, rooms: &str) -> String {
+        config_file_text(self.upstream, &self.dir.path().join("signing.pem"), rooms)
+    }
+}
+
+fn config_file_text(upstream: SocketAddr, key: &Path, rooms: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         token = \"{TOKEN}\"\n[upstream]\nurl = \"http://{upstream}\"\n[tokens]\nsigning_key = {key:?}\n{rooms}"
+    )
+}
+
+const ROOM: &str = "[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n";
+
+async fn start_admin(upstream: SocketAddr, rooms: &str) -> Admin {
+    let dir = TempDir::new("admin");
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, config_file_text(upstream, &key, rooms)).unwrap();
+    let running = server::start(&Config::load(&config).unwrap()).await.unwrap();
+    Admin { running, dir, config, upstream }
+}
+
+/// One admin call; `token` None sends none.
+async fn call(admin: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(path).header("host", "admin.test");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let (status, _, text) = send(admin, request.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await;
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+async fn authorized(admin: SocketAddr, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+    call(admin, method, path, Some(TOKEN), body).await
+}
+
+async fn room_view(admin: SocketAddr) -> Value {
+    let (status, view) = authorized(admin, "GET", "/rooms/checkout", "").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    view
+}
+
+/// Wait until the room's view satisfies `wanted` (it follows the store at each step).
+async fn view_until(admin: SocketAddr, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let view = room_view(admin).await;
+        if wanted(&view) {
+            return view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What an admin call may change: the settings in force and the line.
+fn settings_and_line(view: &Value) -> Value {
+    let keys = ["state", "message", "admit_per_minute", "max_active", "overrides", "waiting", "cursor", "last_ticket"];
+    keys.iter().map(|key| (key.to_string(), view[key].clone())).collect()
+}
+
+#[tokio::test]
+async fn probes_and_metrics_are_open_and_everything_else_needs_the_token() {
+    let (upstream, _) = start_upstream().await;
+    let gate = start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n")).await;
+    let admin = gate.addr();
+    assert_eq!(call(admin, "GET", "/healthz", None, "").await, (StatusCode::OK, json!({"status": "ok"})));
+    assert_eq!(call(admin, "GET", "/readyz", None, "").await, (StatusCode::OK, json!({"ready": true})));
+    let (status, text) = call(admin, "GET", "/metrics", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.as_str().unwrap().contains("vestibule_store_up 1"), "{text}");
+    let (status, page) = call(admin, "GET", "/", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.as_str().unwrap().contains("<title>vestibule"), "the dashboard page");
+
+    for (method, path, body) in [
+        ("GET", "/rooms", ""),
+        ("GET", "/rooms/checkout", ""),
+        ("PATCH", "/rooms/checkout", r#"{"state":"paused"}"#),
+        ("DELETE", "/rooms/checkout/overrides", ""),
+        ("POST", "/rooms/checkout/admit", r#"{"count":1}"#),
+        ("POST", "/reload", ""),
+        ("GET", "/history", ""),
+        ("GET", "/nowhere", ""),
+    ] {
+        for token in [None, Some("wrong-token-of-some-length"), Some("")] {
+            let (status, answer) = call(admin, method, path, token, body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}: {answer}");
+        }
+    }
+    assert_eq!(room_view(admin).await["state"], "open", "nothing was changed without the token");
+
+    let (status, rooms) = authorized(admin, "GET", "/rooms", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rooms.as_array().unwrap().len(), 1);
+    let view = &rooms[0];
+    for field in [
+        "id",
+        "state",
+        "message",
+        "admit_per_minute",
+        "max_active",
+        "session_seconds",
+        "waiting",
+        "active_sessions",
+        "grants_outstanding",
+        "cursor",
+        "last_ticket",
+        "admitted_last_minute",
+        "eta_seconds",
+        "leader",
+        "store",
+        "overrides",
+    ] {
+        assert!(view.get(field).is_some(), "the room view has {field}: {view}");
+    }
+    assert_eq!((view["admit_per_minute"].as_u64(), view["max_active"].as_u64()), (Some(60), Some(5)));
+    assert_eq!((view["store"].as_str(), view["leader"].as_bool()), (Some("ok"), Some(true)));
+    assert_eq!(authorized(admin, "GET", "/rooms/nope", "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(authorized(admin, "PATCH", "/rooms/nope", r#"{"state":"paused"}"#).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(authorized(admin, "POST", "/rooms/checkout", "{}").await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(authorized(admin, "GET", "/rooms/checkout/admit", "").await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(authorized(admin, "GET", "/nowhere", "").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_bodies_get_a_4xx_naming_the_problem_and_change_nothing() {
+    let (upstream, _) = start_upstream().await;
+    let gate = start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n")).await;
+    let admin = gate.addr();
+    let before = settings_and_line(&room_view(admin).await);
+    let huge = format!(r#"{{"message":"{}"}}"#, "x".repeat(20_000));
+    let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(501));
+    for (path, body, status, field) in [
+        ("/rooms/checkout", "{", StatusCode::BAD_REQUEST, None),
+        ("/rooms/checkout", "not json", StatusCode::BAD_REQUEST, None),
+        ("/rooms/checkout", "", StatusCode::BAD_REQUEST, None),
+        ("/rooms/checkout", "[]", StatusCode::BAD_REQUEST, None),
+        ("/rooms/checkout", "{}", StatusCode::BAD_REQUEST, None),
+        ("/rooms/checkout", r#"{"state":"paused"} trailing"#, StatusCode::BAD_REQUEST, None),
+        ("/rooms/checkout", r#"{"rate":300}"#, StatusCode::BAD_REQUEST, Some("rate")),
+        ("/rooms/checkout", r#"{"state":"sleeping"}"#, StatusCode::BAD_REQUEST, Some("state")),
+        ("/rooms/checkout", r#"{"state":"paused","max_active":0}"#, StatusCode::BAD_REQUEST, Some("max_active")),
+        ("/rooms/checkout", r#"{"max_active":-3}"#, StatusCode::BAD_REQUEST, Some("max_active")),
+        ("/rooms/checkout", r#"{"admit_per_minute":"fast"}"#, StatusCode::BAD_REQUEST, Some("admit_per_minute")),
+        ("/rooms/checkout", r#"{"admit_per_minute":2000000}"#, StatusCode::BAD_REQUEST, Some("admit_per_minute")),
+        ("/rooms/checkout", r#"{"admit_per_minute":1e3}"#, StatusCode::BAD_REQUEST, Some("admit_per_minute")),
+        ("/rooms/checkout", &long, StatusCode::BAD_REQUEST, Some("message")),
+        ("/rooms/checkout", &huge, StatusCode::PAYLOAD_TOO_LARGE, None),
+        ("/rooms/checkout/admit", r#"{"count":0}"#, StatusCode::BAD_REQUEST, Some("count")),
+        ("/rooms/checkout/admit", r#"{"count":1000000}"#, StatusCode::BAD_REQUEST, Some("count")),
+        ("/rooms/checkout/admit", r#"{"count":2,"all":true}"#, StatusCode::BAD_REQUEST, Some("all")),
+        ("/rooms/checkout/admit", r#"{}"#, StatusCode::BAD_REQUEST, None),
+    ] {
+        let method = if path.ends_with("admit") { "POST" } else { "PATCH" };
+        let (got, answer) = authorized(admin, method, path, body).await;
+        let shown = &body[..body.len().min(60)];
+        assert_eq!(got, status, "{method} {path} {shown}: {answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "an explanation: {answer}");
+        if let Some(field) = field {
+            assert_eq!(answer["field"], field, "{shown}: {answer}");
+            assert!(answer["error"].as_str().unwrap().contains(field), "{answer}");
+        }
+    }
+    assert_eq!(settings_and_line(&room_view(admin).await), before, "nothing changed");
+}
+
+#[tokio::test]
+async fn a_live_change_reaches_the_waiting_page_at_once_and_clearing_it_restores_the_file() {
+    let (upstream, _) = start_upstream().await;
+    let gate = start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 1\n")).await;
+    let admin = gate.addr();
+    let mut first = Visitor::new(gate.running.addr);
+    first.open("/checkout").await;
+    let mut waiter = Visitor::new(gate.running.addr);
+    waiter.open("/checkout").await;
+    assert_eq!(waiter.status().await["status"], "waiting");
+    let mut feed = waiter.feed().await;
+    feed_until(&mut feed, "position").await;
+
+    let (status, view) =
+        authorized(admin, "PATCH", "/rooms/checkout", r#"{"message":"Restocking: back at noon"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["message"], "Restocking: back at noon");
+    let pushed = feed_until(&mut feed, "message").await;
+    assert_eq!(pushed["message"], "Restocking: back at noon");
+
+    let (_, view) = authorized(admin, "PATCH", "/rooms/checkout", r#"{"state":"paused","admit_per_minute":120}"#).await;
+    assert_eq!((view["state"].as_str(), view["admit_per_minute"].as_u64()), (Some("paused"), Some(120)));
+    assert_eq!(
+        view["overrides"],
+        json!({"state": "paused", "admit_per_minute": 120, "message": "Restocking: back at noon"})
+    );
+    let paused = feed_until(&mut feed, "paused").await;
+    assert_eq!(paused["message"], "Restocking: back at noon");
+    assert_eq!(waiter.status().await["status"], "paused");
+    let (_, _, page) = waiter.open("/checkout").await;
+    assert!(page.contains("The line is paused"), "the page says so");
+
+    let (status, view) = authorized(admin, "DELETE", "/rooms/checkout/overrides", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((view["state"].as_str(), view["admit_per_minute"].as_u64()), (Some("open"), Some(60)));
+    assert_eq!(view["overrides"], json!({}));
+    assert_eq!(view["message"], Value::Null);
+    feed_until(&mut feed, "position").await;
+}
+
+#[tokio::test]
+async fn admit_lets_exactly_the_next_n_in_and_never_past_max_active() {
+    let (upstream, _) = start_upstream().await;
+    // Paused: only the operator lets anyone in.
+    let gate =
+        start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 3\nstate = \"paused\"\n")).await;
+    let admin = gate.addr();
+    let mut visitors = Vec::new();
+    for _ in 0..6 {
+        let mut visitor = Visitor::new(gate.running.addr);
+        visitor.open("/checkout").await;
+        visitors.push(visitor);
+    }
+    view_until(admin, "six in line", |view| view["waiting"] == 6).await;
+    let (status, answer) = authorized(admin, "POST", "/rooms/checkout/admit", r#"{"count":2}"#).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["admitted"], 2);
+    let mut statuses = Vec::new();
+    for visitor in &mut visitors {
+        statuses.push(visitor.status().await["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(statuses, ["admitted", "admitted", "paused", "paused", "paused", "paused"], "the first two, in order");
+
+    // Capacity 3: one more fits, whatever is asked.
+    let (_, answer) = authorized(admin, "POST", "/rooms/checkout/admit", r#"{"count":10}"#).await;
+    assert_eq!(answer["admitted"], 1);
+    assert_eq!(answer["grants_outstanding"], 3);
+    assert_eq!(answer["waiting"], 3);
+    let (_, answer) = authorized(admin, "POST", "/rooms/checkout/admit", r#"{"count":10}"#).await;
+    assert_eq!(answer["admitted"], 0, "full: nobody more");
+    assert_eq!(visitors[2].status().await["status"], "admitted");
+    assert_eq!(visitors[3].status().await["status"], "paused");
+}
+
+#[tokio::test]
+async fn metrics_read_by_a_prometheus_parser_count_what_happened() {
+    let (upstream, _) = start_upstream().await;
+    let harness =
+        start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 2\nstate = \"paused\"\n")).await;
+    let (gate, admin) = (harness.running.addr, harness.addr());
+    let mut visitors = Vec::new();
+    for _ in 0..5 {
+        let mut visitor = Visitor::new(gate);
+        visitor.open("/checkout").await;
+        visitors.push(visitor);
+    }
+    visitors[0].open("/checkout").await; // again: still waiting, no new ticket
+    authorized(admin, "POST", "/rooms/checkout/admit", r#"{"count":2}"#).await;
+    let (status, _, _) = visitors[0].open("/checkout").await; // redeems the turn: forwarded
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = visitors[0].open("/checkout/cart").await; // with the token
+    assert_eq!(status, StatusCode::OK);
+    get(gate, "/elsewhere", &[]).await;
+    get(gate, "/_vestibule/status?room=checkout", &[]).await;
+    // The gauges follow the scheduler's next read.
+    let scrape = loop {
+        let scrape = scrape(admin).await;
+        if value(&scrape, "vestibule_active_sessions", &[("room", "checkout")]) == 1.0 {
+            break scrape;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let room = [("room", "checkout")];
+    assert_eq!(value(&scrape, "vestibule_joins_total", &room), 5.0);
+    assert_eq!(value(&scrape, "vestibule_admissions_total", &room), 2.0);
+    assert_eq!(value(&scrape, "vestibule_waiting", &room), 3.0);
+    assert_eq!(value(&scrape, "vestibule_grants_outstanding", &room), 1.0);
+    assert_eq!(value(&scrape, "vestibule_room_leader", &room), 1.0);
+    let requests = |outcome| value(&scrape, "vestibule_requests_total", &[("room", "checkout"), ("outcome", outcome)]);
+    assert_eq!((requests("waiting"), requests("entered"), requests("admitted")), (6.0, 1.0, 1.0));
+    let outside = |outcome| value(&scrape, "vestibule_requests_total", &[("room", ""), ("outcome", outcome)]);
+    assert_eq!((outside("forwarded"), outside("reserved")), (1.0, 1.0));
+    assert_eq!(value(&scrape, "vestibule_store_up", &[]), 1.0);
+    assert_eq!(value(&scrape, "vestibule_feed_sockets", &[]), 0.0);
+    let forwarded = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "vestibule_upstream_duration_seconds" && s.labels.get("class") == Some("2xx"));
+    match forwarded.map(|s| &s.value) {
+        Some(prometheus_parse::Value::Histogram(buckets)) => {
+            assert_eq!(buckets.last().map(|b| b.count), Some(3.0), "three requests reached the upstream")
+        }
+        other => panic!("the upstream histogram: {other:?}"),
+    }
+}
+
+async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, text) = call(admin, "GET", "/metrics", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let lines = text.as_str().unwrap().lines().map(|line| Ok(line.to_owned())).collect::<Vec<_>>();
+    prometheus_parse::Scrape::parse(lines.into_iter()).expect("Prometheus text")
+}
+
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k).unwrap_or("") == *v))
+        .unwrap_or_else(|| panic!("{metric} {labels:?} missing"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{metric}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reload_applies_a_new_room_and_a_key_rotation_and_refuses_a_bad_file() {
+    let (upstream, _) = start_upstream().await;
+    let gate = start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n")).await;
+    let admin = gate.addr();
+    let old_token =
+        gate.running.gate().tokens().mint("checkout", "v1", 0, 0, vestibule::token::unix_now() + 600).unwrap();
+
+    // A new room, and a new signing key with the old one still accepted.
+    let new_key = gate.dir.path().join("new.pem");
+    std::fs::write(&new_key, generate_key(KeyKind::Eddsa)).unwrap();
+    let rooms = format!(
+        "{ROOM}admit_per_minute = 60\nmax_active = 5\n[[rooms]]\nid = \"tickets\"\npaths = [\"/tickets\"]\n\
+         admit_per_minute = 6\nmax_active = 1\nstate = \"paused\"\n"
+    );
+    let text = gate.text(&rooms).replace(
+        &format!("signing_key = {:?}", gate.dir.path().join("signing.pem")),
+        &format!("signing_key = {new_key:?}\nverify_keys = [{:?}]", gate.dir.path().join("signing.pem")),
+    );
+    std::fs::write(&gate.config, &text).unwrap();
+    let (status, reloaded) = authorized(admin, "POST", "/reload", "").await;
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    assert_eq!(reloaded["added"], json!(["tickets"]));
+    assert_eq!(reloaded["keys"], true);
+    let (_, rooms) = authorized(admin, "GET", "/rooms", "").await;
+    assert_eq!(rooms.as_array().unwrap().len(), 2);
+    let (status, _, _) = get(gate.running.addr, "/tickets", &[]).await;
+    assert!(is_gate_wait(status), "the new room guards its path: {status}");
+    let (status, _, _) = get(gate.running.addr, "/checkout", &[("vestibule-token", &old_token)]).await;
+    assert_eq!(status, StatusCode::OK, "a token of the old key still passes");
+    let jwks = get(gate.running.addr, "/.well-known/jwks.json", &[]).await.2;
+    assert_eq!(serde_json::from_str::<Value>(&jwks).unwrap()["keys"].as_array().unwrap().len(), 2);
+
+    // A bad file: refused, the key named, the running configuration kept.
+    std::fs::write(&gate.config, text.replace("admit_per_minute = 6\n", "admit_per_minute = 0\n")).unwrap();
+    let (status, refused) = authorized(admin, "POST", "/reload", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "rooms[1].admit_per_minute", "{refused}");
+    let (_, rooms) = authorized(admin, "GET", "/rooms", "").await;
+    assert_eq!(rooms[1]["admit_per_minute"], 6, "the configuration in force stays");
+    std::fs::write(&gate.config, "[server\n").unwrap();
+    assert_eq!(authorized(admin, "POST", "/reload", "").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(authorized(admin, "GET", "/rooms", "").await.1.as_array().unwrap().len(), 2);
+}
+
+/// The `vestibule` binary with an admin listener: (process, public address, admin address).
+fn spawn_with_admin(config: &Path) -> (Proxy, SocketAddr, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the vestibule binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut public, mut admin) = (None, None);
+    while public.is_none() || admin.is_none() {
+        let line = lines.next().expect("vestibule reports its addresses before exiting").unwrap();
+        let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+        let addr = || event["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        match event["message"].as_str() {
+            Some("listening") => public = Some(addr()),
+            Some("admin listening") => admin = Some(addr()),
+            _ => {}
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (Proxy(child), public.unwrap(), admin.unwrap())
+}
+
+fn signal(process: &Proxy, name: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(process.0.id().to_string()).status();
+    assert!(status.unwrap().success(), "kill -{name}");
+}
+
+#[tokio::test]
+async fn readiness_fails_from_sigterm_while_the_drain_runs_and_sighup_reloads() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let dir = TempDir::new("admin-process");
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+    let config = dir.path().join("proxy.toml");
+    let log = "[log]\nformat = \"json\"\n";
+    let one_room = format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n{log}");
+    let text =
+        config_file_text(upstream_addr, &key, &one_room).replace("shutdown_grace = \"2s\"", "shutdown_grace = \"20s\"");
+    std::fs::write(&config, &text).unwrap();
+    let (mut process, public, admin) = spawn_with_admin(&config);
+    assert_eq!(call(admin, "GET", "/readyz", None, "").await.0, StatusCode::OK);
+
+    // SIGHUP: a new room from the file; a bad file is refused and the process carries on.
+    let two_rooms = text.replace(
+        log,
+        &format!("[[rooms]]\nid = \"tickets\"\npaths = [\"/tickets\"]\nadmit_per_minute = 6\nmax_active = 1\n{log}"),
+    );
+    std::fs::write(&config, &two_rooms).unwrap();
+    signal(&process, "HUP");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while authorized(admin, "GET", "/rooms", "").await.1.as_array().unwrap().len() != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not add the room");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&config, "this is not toml").unwrap();
+    signal(&process, "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(process.0.try_wait().unwrap().is_none(), "a bad file does not stop the instance");
+    assert_eq!(authorized(admin, "GET", "/rooms", "").await.1.as_array().unwrap().len(), 2);
+
+    // A request in flight keeps the drain going; readiness fails from the signal on.
+    let arrived = upstream.arrived.notified();
+    let in_flight = tokio::spawn(get(public, "/hang", &[]));
+    arrived.await;
+    signal(&process, "TERM");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let reason = loop {
+        let (status, answer) = call(admin, "GET", "/readyz", None, "").await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break answer["reason"].as_str().unwrap().to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readiness never failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(reason.starts_with("stopping"), "{reason}");
+    assert!(!in_flight.is_finished(), "the drain is still on");
+    assert!(process.0.try_wait().unwrap().is_none());
+    assert_eq!(call(admin, "GET", "/healthz", None, "").await.0, StatusCode::OK, "alive while it drains");
+    in_flight.abort();
+    process.kill();
+}

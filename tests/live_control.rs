@@ -1,0 +1,240 @@
+//! Live control across instances on one Redis of the test's own: a change made at one
+//! instance's admin API is in force at another within a second (its waiting pages told at
+//! once), survives an instance restart and a Redis restart that lost everything, and an
+//! instance starts, and serves admitted visitors, while Redis is down.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::redis_server::RedisServer;
+use common::visitor::{feed_until, Visitor};
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use vestibule::config::Config;
+use vestibule::server::{self, Running};
+
+const TOKEN: &str = "test-admin-token-0123";
+
+fn config_text(redis_url: &str, upstream: SocketAddr, key: &Path, room: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         token = \"{TOKEN}\"\n[upstream]\nurl = \"http://{upstream}\"\n[store]\nkind = \"redis\"\nurl = \"{redis_url}\"\n\
+         [tokens]\nsigning_key = {key:?}\n[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n{room}"
+    )
+}
+
+struct Setup {
+    redis: RedisServer,
+    upstream: SocketAddr,
+    dir: TempDir,
+    room: String,
+}
+
+impl Setup {
+    async fn new(name: &str, room: &str) -> Setup {
+        let redis = RedisServer::start();
+        let (upstream, _) = start_upstream().await;
+        let dir = TempDir::new(name);
+        std::fs::write(dir.path().join("key.pem"), vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa))
+            .unwrap();
+        Setup { redis, upstream, dir, room: room.to_owned() }
+    }
+
+    async fn instance(&self) -> Running {
+        let text = config_text(&self.redis.url(), self.upstream, &self.dir.path().join("key.pem"), &self.room);
+        server::start(&Config::parse(&text, "instance.toml", self.dir.path()).unwrap()).await.unwrap()
+    }
+}
+
+async fn admin_call(admin: SocketAddr, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin.test")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let (status, _, text) = send(admin, request).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+async fn view(instance: &Running) -> Value {
+    let (status, view) = admin_call(instance.admin.unwrap(), "GET", "/rooms/checkout", "").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    view
+}
+
+/// Wait until the room's view at `instance` satisfies `wanted`.
+async fn view_until(instance: &Running, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let view = view(instance).await;
+        if wanted(&view) {
+            return view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_at_one_instance_reaches_every_waiting_page_at_another_within_a_second() {
+    let setup = Setup::new("live-change", "admit_per_minute = 60\nmax_active = 1\n").await;
+    let (one, two) = (setup.instance().await, setup.instance().await);
+    // One visitor inside; three waiting at instance two, each with a feed.
+    Visitor::new(one.addr).open("/checkout").await;
+    let mut feeds = Vec::new();
+    for _ in 0..3 {
+        let mut visitor = Visitor::new(two.addr);
+        visitor.open("/checkout").await;
+        let mut feed = visitor.feed().await;
+        feed_until(&mut feed, "position").await;
+        feeds.push(feed);
+    }
+
+    let started = Instant::now();
+    let (status, answer) =
+        admin_call(one.admin.unwrap(), "PATCH", "/rooms/checkout", r#"{"message":"Back at noon"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    for feed in &mut feeds {
+        assert_eq!(feed_until(feed, "message").await["message"], "Back at noon");
+    }
+    let message_took = started.elapsed();
+
+    let started = Instant::now();
+    admin_call(
+        one.admin.unwrap(),
+        "PATCH",
+        "/rooms/checkout",
+        r#"{"state":"paused","admit_per_minute":30,"max_active":4}"#,
+    )
+    .await;
+    for feed in &mut feeds {
+        assert_eq!(feed_until(feed, "paused").await["message"], "Back at noon");
+    }
+    let paused_took = started.elapsed();
+    let seen = view_until(&two, "the change at instance two", |v| v["state"] == "paused").await;
+    assert_eq!((seen["admit_per_minute"].as_u64(), seen["max_active"].as_u64()), (Some(30), Some(4)));
+    println!("message at every feed of the other instance in {message_took:?}; paused in {paused_took:?}");
+    assert!(message_took < Duration::from_secs(1) && paused_took < Duration::from_secs(1));
+
+    // The new capacity binds the leader's scheduler at once: opened again, three more go in.
+    admin_call(two.admin.unwrap(), "PATCH", "/rooms/checkout", r#"{"state":"open","admit_per_minute":6000}"#).await;
+    for feed in &mut feeds {
+        feed_until(feed, "admitted").await;
+    }
+    let inside = view_until(&one, "four inside", |v| {
+        v["grants_outstanding"].as_u64().unwrap() + v["active_sessions"].as_u64().unwrap() == 4
+    })
+    .await;
+    assert_eq!(
+        inside["overrides"],
+        json!({"state": "open", "admit_per_minute": 6000, "max_active": 4, "message": "Back at noon"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_survive_an_instance_restart_and_a_redis_restart_that_lost_everything() {
+    let mut setup = Setup::new("live-survive", "admit_per_minute = 60\nmax_active = 10\n").await;
+    let (one, two) = (setup.instance().await, setup.instance().await);
+    let change = r#"{"state":"paused","admit_per_minute":42,"message":"Hold on"}"#;
+    assert_eq!(admin_call(one.admin.unwrap(), "PATCH", "/rooms/checkout", change).await.0, StatusCode::OK);
+    let wanted = |v: &Value| v["state"] == "paused" && v["admit_per_minute"] == 42 && v["message"] == "Hold on";
+    view_until(&two, "the change at two", wanted).await;
+
+    // An instance restarted: it reads them from the store.
+    one.shutdown();
+    one.stopped().await;
+    let three = setup.instance().await;
+    view_until(&three, "the change at a new instance", wanted).await;
+
+    // Redis restarted empty: the instances put them back, and a newcomer finds them there.
+    setup.redis.kill();
+    setup.redis.restart();
+    view_until(&two, "the room at two after the restart", |v| v["store"] == "ok" && wanted(v)).await;
+    let four = setup.instance().await;
+    let seen = view_until(&four, "the change at an instance started after the loss", wanted).await;
+    assert_eq!(seen["overrides"], json!({"state": "paused", "admit_per_minute": 42, "message": "Hold on"}));
+
+    // Until they are cleared, at any instance.
+    admin_call(four.admin.unwrap(), "DELETE", "/rooms/checkout/overrides", "").await;
+    view_until(&two, "the room back to its file", |v| v["state"] == "open" && v["overrides"] == json!({})).await;
+    view_until(&three, "the room back to its file", |v| v["admit_per_minute"] == 60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admit_across_instances_lets_exactly_n_in_within_max_active() {
+    let setup = Setup::new("live-admit", "admit_per_minute = 60\nmax_active = 3\nstate = \"paused\"\n").await;
+    let (one, two) = (setup.instance().await, setup.instance().await);
+    let mut visitors = Vec::new();
+    for i in 0..5 {
+        let mut visitor = Visitor::new(if i % 2 == 0 { one.addr } else { two.addr });
+        visitor.open("/checkout").await;
+        visitors.push(visitor);
+    }
+    let (status, answer) = admin_call(two.admin.unwrap(), "POST", "/rooms/checkout/admit", r#"{"count":2}"#).await;
+    assert_eq!((status, answer["admitted"].as_u64()), (StatusCode::OK, Some(2)), "{answer}");
+    let (_, answer) = admin_call(one.admin.unwrap(), "POST", "/rooms/checkout/admit", r#"{"count":5}"#).await;
+    assert_eq!(answer["admitted"], 1, "capacity 3: one more");
+    for (i, visitor) in visitors.iter_mut().enumerate() {
+        let wanted = if i < 3 { "admitted" } else { "paused" };
+        visitor.wait_for_status(wanted).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_starts_while_redis_is_down_serves_admitted_visitors_and_recovers_by_itself() {
+    let mut setup = Setup::new("live-start-down", "admit_per_minute = 600\nmax_active = 10\n").await;
+    setup.redis.kill();
+    let instance = setup.instance().await;
+    let admin = instance.admin.unwrap();
+
+    let (status, ready) =
+        send(admin, Request::get("/readyz").body(Full::new(Bytes::new())).unwrap()).await.into_parts3();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready["reason"].as_str().unwrap().contains("store"), "{ready}");
+    let token = instance.gate().tokens().mint("checkout", "v", 0, 0, vestibule::token::unix_now() + 600).unwrap();
+    let (status, _, body) = get(instance.addr, "/checkout/pay", &[("vestibule-token", &token)]).await;
+    assert_eq!(status, StatusCode::OK, "an admitted visitor passes without Redis: {body}");
+    let (status, _, _) = get(instance.addr, "/checkout", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "a newcomer is told to come back");
+    assert_eq!(view(&instance).await["store"], "unavailable");
+
+    setup.redis.restart();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _) =
+            send(admin, Request::get("/readyz").body(Full::new(Bytes::new())).unwrap()).await.into_parts3();
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut newcomer = Visitor::new(instance.addr);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, _) = newcomer.open("/checkout").await;
+        if status == StatusCode::OK && newcomer.status().await["status"] == "admitted" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "newcomers never got in");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+trait Parts3 {
+    fn into_parts3(self) -> (StatusCode, Value);
+}
+
+impl Parts3 for (StatusCode, http::HeaderMap, String) {
+    fn into_parts3(self) -> (StatusCode, Value) {
+        (self.0, serde_json::from_str(&self.2).unwrap_or(Value::Null))
+    }
+}
