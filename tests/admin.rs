@@ -395,8 +395,9 @@ async fn reload_applies_a_new_room_and_a_key_rotation_and_refuses_a_bad_file() {
     assert_eq!(authorized(admin, "GET", "/rooms", "").await.1.as_array().unwrap().len(), 2);
 }
 
-/// The `vestibule` binary with an admin listener: (process, public address, admin address).
-fn spawn_with_admin(config: &Path) -> (Proxy, SocketAddr, SocketAddr) {
+/// The `vestibule` binary with an admin listener: (process, public address, admin address,
+/// the lines it logs from then on).
+fn spawn_with_admin(config: &Path) -> (Proxy, SocketAddr, SocketAddr, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
@@ -419,8 +420,9 @@ fn spawn_with_admin(config: &Path) -> (Proxy, SocketAddr, SocketAddr) {
             _ => {}
         }
     }
-    std::thread::spawn(move || lines.for_each(drop));
-    (Proxy(child), public.unwrap(), admin.unwrap())
+    let (sender, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| drop(sender.send(line))));
+    (Proxy(child), public.unwrap(), admin.unwrap(), log)
 }
 
 fn signal(process: &Proxy, name: &str) {
@@ -440,7 +442,7 @@ async fn readiness_fails_from_sigterm_while_the_drain_runs_and_sighup_reloads() 
     let text =
         config_file_text(upstream_addr, &key, &one_room).replace("shutdown_grace = \"2s\"", "shutdown_grace = \"20s\"");
     std::fs::write(&config, &text).unwrap();
-    let (mut process, public, admin) = spawn_with_admin(&config);
+    let (mut process, public, admin, _log) = spawn_with_admin(&config);
     assert_eq!(call(admin, "GET", "/readyz", None, "").await.0, StatusCode::OK);
 
     // SIGHUP: a new room from the file; a bad file is refused and the process carries on.
@@ -481,4 +483,63 @@ async fn readiness_fails_from_sigterm_while_the_drain_runs_and_sighup_reloads() 
     assert_eq!(call(admin, "GET", "/healthz", None, "").await.0, StatusCode::OK, "alive while it drains");
     in_flight.abort();
     process.kill();
+}
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_and_never_a_query_cookie_or_token() {
+    let (upstream, _) = start_upstream().await;
+    let dir = TempDir::new("access-log");
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+    let config = dir.path().join("proxy.toml");
+    let rooms = format!("{ROOM}admit_per_minute = 60\nmax_active = 1\n[log]\nformat = \"json\"\naccess = true\n");
+    std::fs::write(&config, config_file_text(upstream, &key, &rooms)).unwrap();
+    let (_process, public, _admin, log) = spawn_with_admin(&config);
+    let mut first = Visitor::new(public);
+    first.open("/checkout?card=4111111111111111").await;
+    let token = first.jar.values().next().cloned().expect("a token cookie");
+    let (status, _, _) = first.request("POST", "/checkout/pay?secret=s3cr3t", "application/json").await;
+    assert_eq!(status, StatusCode::OK);
+    let mut waiter = Visitor::new(public);
+    waiter.open("/checkout").await;
+    get(public, "/elsewhere/%7Euser?q=1", &[("authorization", "Bearer hunter22")]).await;
+
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while lines.len() < 4 {
+        let line =
+            log.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).expect("access lines");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        if event["target"] == "vestibule::access" || event["outcome"].is_string() {
+            for secret in ["4111111111111111", "s3cr3t", "hunter22", "q=1", token.as_str()] {
+                assert!(!line.contains(secret), "{secret} leaked into {line}");
+            }
+            lines.push(event);
+        }
+    }
+    let summary: Vec<(String, String, String, u64)> = lines
+        .iter()
+        .map(|e| {
+            let text = |key: &str| e[key].as_str().unwrap().to_owned();
+            (
+                text("method"),
+                text("path"),
+                format!("{}/{}", text("room"), text("outcome")),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("GET".into(), "/checkout".into(), "checkout/entered".into(), 200),
+            ("POST".into(), "/checkout/pay".into(), "checkout/admitted".into(), 200),
+            ("GET".into(), "/checkout".into(), "checkout/waiting".into(), 200),
+            ("GET".into(), "/elsewhere/~user".into(), "-/forwarded".into(), 200),
+        ]
+    );
+    for event in &lines {
+        assert_eq!(event["client"], "127.0.0.1");
+        assert!(event["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{event}");
+    }
 }

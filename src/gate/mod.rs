@@ -534,14 +534,23 @@ impl Gate {
         }
         let until = now + limits.session_ms;
         let renewal = self.store.renew(&room.id, &limits, admission.ticket, until, now);
-        match tokio::time::timeout(RENEW_WAIT, renewal).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return Ok(response), // the session ended meanwhile
-            Ok(Err(error)) => {
-                tracing::debug!(room = %room.id, %error, "renewal failed; tried again on the next request");
+        let renewed = match tokio::time::timeout(RENEW_WAIT, renewal).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!("no answer within {RENEW_WAIT:?}"))),
+        };
+        match renewed {
+            Ok(true) => room.renewals_work(),
+            Ok(false) => return Ok(response), // the session ended meanwhile
+            Err(error) => {
+                // Tried again on the next request; said once until renewals work again.
+                if room.renewal_failed() {
+                    tracing::warn!(
+                        room = %room.id, %error,
+                        "cannot renew sessions; admitted visitors keep their tokens and renewal is tried again"
+                    );
+                }
                 return Ok(response);
             }
-            Err(_) => return Ok(response), // slow: tried again on the next request
         }
         match self.tokens().mint(&room.id, &admission.visitor, admission.ticket, admission.line, until / 1_000) {
             Ok(token) => Ok(cookies.set(&room.token_cookie, &token, session_seconds).on(response)),

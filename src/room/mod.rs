@@ -151,6 +151,8 @@ pub struct Room {
     pub metrics: RoomMetrics,
     /// Feed sockets open here for this room.
     feeds: AtomicUsize,
+    /// Whether the last renewal of a session failed (said once in the log until one works).
+    renewal_failing: AtomicBool,
     stop: CancellationToken,
 }
 
@@ -201,6 +203,7 @@ impl Room {
             stats: Mutex::default(),
             metrics,
             feeds: AtomicUsize::new(0),
+            renewal_failing: AtomicBool::new(false),
             stop,
         }
     }
@@ -630,6 +633,18 @@ impl Room {
         self.metrics.grants_outstanding.set(i64::from(stats.outstanding));
         if let Ok(mut kept) = self.stats.lock() {
             *kept = Some((stats, now));
+        }
+    }
+
+    /// Note that a renewal failed: true for the first failure since renewals last worked.
+    pub fn renewal_failed(&self) -> bool {
+        !self.renewal_failing.swap(true, Ordering::Relaxed)
+    }
+
+    /// Note that a renewal worked.
+    pub fn renewals_work(&self) {
+        if self.renewal_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(room = %self.id, "sessions are renewed again");
         }
     }
 
