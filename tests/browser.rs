@@ -74,3 +74,35 @@ async fn the_page_solves_the_proof_of_work_and_the_visitor_goes_on() {
     assert!(stdout.lines().filter(|l| l.starts_with("ok - ")).count() >= 1, "{stdout}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_signs_in_watches_the_line_grow_and_pauses_it_from_the_dashboard() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = chromium();
+    let stop = CancellationToken::new();
+    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    let token = "dashboard-test-token";
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n");
+    let gate = start_room_with(shop, &admin, "admit_per_minute = 1\nmax_active = 1\n").await;
+    let admin_url = format!("http://{}", gate.running.admin.unwrap());
+    let base = format!("http://{}", gate.addr);
+    let screenshots = root.join("target");
+    let script = root.join("tests/browser/dashboard.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .args([&admin_url, &base, token])
+            .arg(screenshots)
+            .env("CHROMIUM", chromium)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "the dashboard journey failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 9, "{stdout}");
+    stop.cancel();
+}
