@@ -50,6 +50,18 @@ pub fn start_shop() -> (Instance, SocketAddr) {
 /// `checkout` configured by `room` (TOML lines), and `store` (a whole `[store]` table, or
 /// nothing for memory). The signing key is shared by every instance started in `dir`.
 pub fn start_instance(dir: &std::path::Path, upstream: SocketAddr, room: &str, store: &str) -> (Instance, SocketAddr) {
+    let (instance, addr, _) = start_instance_with(dir, upstream, room, store);
+    (instance, addr)
+}
+
+/// [`start_instance`]; `store` may hold other whole tables too (`[admin]`): the admin
+/// address is returned when there is one.
+pub fn start_instance_with(
+    dir: &std::path::Path,
+    upstream: SocketAddr,
+    room: &str,
+    store: &str,
+) -> (Instance, SocketAddr, Option<SocketAddr>) {
     let binary = env!("CARGO_BIN_EXE_vestibule");
     if !dir.join("key.pem").exists() {
         let key = Command::new(binary).arg("keygen").output().expect("keygen").stdout;
@@ -86,16 +98,21 @@ level = "warn,vestibule=info"
         .spawn()
         .expect("vestibule starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut admin = None;
+    // The admin listener, when there is one, is up before the public one.
     let addr = loop {
         let line = lines.next().expect("vestibule reports its address").unwrap();
         if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
-            if event["message"] == "listening" {
-                break event["addr"].as_str().unwrap().parse().unwrap();
+            let address = || event["addr"].as_str().unwrap().parse().unwrap();
+            match event["message"].as_str() {
+                Some("admin listening") => admin = Some(address()),
+                Some("listening") => break address(),
+                _ => {}
             }
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    (Instance(child), addr)
+    (Instance(child), addr, admin)
 }
 
 pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
