@@ -4,6 +4,7 @@
 #
 #   bash benches/admitted.sh            # 3 rounds of 10 s per target
 #   ROUNDS=5 DURATION=20s CONNECTIONS=128 bash benches/admitted.sh
+#   BEFORE=/path/to/old/vestibule bash benches/admitted.sh   # and another build, side by side
 #
 # Installs nginx and wrk from apt when missing. Only loopback addresses are used.
 set -euo pipefail
@@ -15,6 +16,8 @@ CONNECTIONS=${CONNECTIONS:-64}
 UPSTREAM_PORT=${UPSTREAM_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
 VESTIBULE_PORT=${VESTIBULE_PORT:-18082}
+BEFORE_PORT=${BEFORE_PORT:-18083}
+BEFORE=${BEFORE:-}
 
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
   echo "installing nginx and wrk from apt..."
@@ -72,6 +75,13 @@ TOML
 "${pin_proxy[@]}" "$bin" run --config "$work/proxy.toml" &
 pids+=($!); vestibule_pid=$!
 token=$("$bin" token --config "$work/proxy.toml" --room checkout --ttl 3600)
+targets=(direct nginx vestibule)
+if [ -n "$BEFORE" ]; then
+  sed "s/127.0.0.1:$VESTIBULE_PORT/127.0.0.1:$BEFORE_PORT/" "$work/proxy.toml" > "$work/before.toml"
+  "${pin_proxy[@]}" "$BEFORE" run --config "$work/before.toml" &
+  pids+=($!); before_pid=$!
+  targets+=(before)
+fi
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -98,7 +108,7 @@ NGINX
 "${pin_proxy[@]}" nginx -c "$work/nginx.conf" -g 'daemon off;' &
 pids+=($!); nginx_pid=$!
 
-for port in $UPSTREAM_PORT $VESTIBULE_PORT $NGINX_PORT; do wait_port "$port"; done
+for port in $UPSTREAM_PORT $VESTIBULE_PORT $NGINX_PORT ${BEFORE:+$BEFORE_PORT}; do wait_port "$port"; done
 curl -fsS -H "Vestibule-Token: $token" "http://127.0.0.1:$VESTIBULE_PORT/checkout/ping" >/dev/null \
   || { echo "vestibule did not admit the benchmark token" >&2; exit 1; }
 if curl -fsS -H "Accept: application/json" "http://127.0.0.1:$VESTIBULE_PORT/checkout/ping" >/dev/null 2>&1; then
@@ -129,13 +139,14 @@ measure() {
 # nginx serves from its worker process, the master's only child.
 nginx_worker=$(pgrep -P "$nginx_pid" | head -1)
 declare -A rps p99 cpu
-for target in direct nginx vestibule; do rps[$target]=""; p99[$target]=""; cpu[$target]=""; done
+for target in "${targets[@]}"; do rps[$target]=""; p99[$target]=""; cpu[$target]=""; done
 for round in $(seq "$ROUNDS"); do
-  for target in direct nginx vestibule; do
+  for target in "${targets[@]}"; do
     case $target in
       direct) port=$UPSTREAM_PORT pid=$shop_pid ;;
       nginx) port=$NGINX_PORT pid=$nginx_worker ;;
       vestibule) port=$VESTIBULE_PORT pid=$vestibule_pid ;;
+      before) port=$BEFORE_PORT pid=$before_pid ;;
     esac
     read -r r p c < <(measure "$port" "$pid")
     echo "round $round  $target: $r req/s, p99 $p ms, $c µs CPU per request"
@@ -153,7 +164,7 @@ printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------ -------------- ----------- ------
 nginx_rps=$(echo "${rps[nginx]}" | median); nginx_p99=$(echo "${p99[nginx]}" | median)
 nginx_cpu=$(echo "${cpu[nginx]}" | median)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-for target in direct nginx vestibule; do
+for target in "${targets[@]}"; do
   r=$(echo "${rps[$target]}" | median); p=$(echo "${p99[$target]}" | median); c=$(echo "${cpu[$target]}" | median)
   printf '| %-10s | %12.0f | %9.3f | %14s | %14s | %12.1f | %12s |\n' "$target" "$r" "$p" \
     "$(ratio "$r" "$nginx_rps")" "$(ratio "$p" "$nginx_p99")" "$c" "$(ratio "$c" "$nginx_cpu")"
