@@ -56,6 +56,16 @@ impl Outcome {
         Outcome::UpstreamFailed,
     ];
 
+    /// Whether a request inside a room can end so (`reserved` ones are outside every room).
+    fn in_rooms(self) -> bool {
+        self != Outcome::Reserved
+    }
+
+    /// Whether a request outside every room can end so.
+    fn outside_rooms(self) -> bool {
+        matches!(self, Outcome::Forwarded | Outcome::Refused | Outcome::Reserved | Outcome::UpstreamFailed)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Forwarded => "forwarded",
@@ -174,8 +184,9 @@ pub struct Metrics {
     store_duration: Family<OperationLabel, AtomicHistogram>,
     store_errors: Family<KindLabel, Counter>,
     pub store_up: Gauge,
-    /// Requests outside every room, by outcome.
-    outside: Vec<Counter>,
+    /// Requests outside every room, by outcome (the outcomes they can have: only those series
+    /// are shown).
+    outside: Vec<Option<Counter>>,
 }
 
 impl Default for Metrics {
@@ -232,7 +243,8 @@ impl Metrics {
         let outside = Outcome::ALL
             .iter()
             .map(|outcome| {
-                requests.get_or_create(&RequestLabels { room: String::new(), outcome: outcome.as_str().into() }).clone()
+                let labels = RequestLabels { room: String::new(), outcome: outcome.as_str().into() };
+                outcome.outside_rooms().then(|| requests.get_or_create(&labels).clone())
             })
             .collect();
         Metrics {
@@ -269,7 +281,7 @@ impl Metrics {
                 .iter()
                 .map(|outcome| {
                     let labels = RequestLabels { room: room.to_owned(), outcome: outcome.as_str().into() };
-                    self.requests.get_or_create(&labels).clone()
+                    outcome.in_rooms().then(|| self.requests.get_or_create(&labels).clone())
                 })
                 .collect(),
             joins: self.joins.get_or_create(&label).clone(),
@@ -284,7 +296,12 @@ impl Metrics {
 
     /// A request outside every room.
     pub fn outside(&self, outcome: Outcome) {
-        self.outside[outcome as usize].inc();
+        match &self.outside[outcome as usize] {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => debug_assert!(false, "a request outside every room cannot end {outcome:?}"),
+        }
     }
 
     /// The upstream's latency histograms, one per status class, to keep and observe without
@@ -324,7 +341,7 @@ impl UpstreamTimer {
 /// One room's metric handles.
 #[derive(Debug, Clone)]
 pub struct RoomMetrics {
-    requests: Vec<Counter>,
+    requests: Vec<Option<Counter>>,
     pub joins: Counter,
     pub joins_refused: Counter,
     pub admissions: Counter,
@@ -341,7 +358,12 @@ impl RoomMetrics {
     }
 
     pub fn request(&self, outcome: Outcome) {
-        self.requests[outcome as usize].inc();
+        match &self.requests[outcome as usize] {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => debug_assert!(false, "a request in a room cannot end {outcome:?}"),
+        }
     }
 }
 
