@@ -159,6 +159,9 @@ pub struct UpstreamConfig {
     /// long is closed.
     #[serde(default = "defaults::tunnel_idle_timeout", with = "humantime_serde")]
     pub tunnel_idle_timeout: Duration,
+    /// Name servers asked for the upstream's host name; empty means the system's.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

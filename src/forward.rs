@@ -25,6 +25,7 @@ use crate::config::UpstreamConfig;
 use crate::error::GateError;
 use crate::hop;
 use crate::metrics::UpstreamTimer;
+use crate::resolve::Resolver;
 
 /// Response headers only the gate reads; the client never sees them.
 pub const VESTIBULE_SESSION: http::HeaderName = http::HeaderName::from_static("vestibule-session");
@@ -38,7 +39,8 @@ pub struct Forwarded {
 
 /// The protected upstream.
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpConnector<Resolver>, Body>,
+    resolver: Resolver,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     response_timeout: Duration,
@@ -57,8 +59,11 @@ impl Upstream {
         stop: CancellationToken,
         tunnels: TaskTracker,
         timer: UpstreamTimer,
-    ) -> Upstream {
-        let mut connector = HttpConnector::new();
+    ) -> anyhow::Result<Upstream> {
+        let url = &config.url;
+        let host = url.host().expect("validated: upstream.url has a host");
+        let resolver = Resolver::new(host, &config.nameservers, config.connect_timeout)?;
+        let mut connector = HttpConnector::new_with_resolver(resolver.clone());
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         connector.enforce_http(true);
@@ -68,9 +73,9 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .build(connector);
-        let url = &config.url;
-        Upstream {
+        Ok(Upstream {
             client,
+            resolver,
             scheme: url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
             authority: url.authority().cloned().expect("validated: upstream.url has an authority"),
             response_timeout: config.response_timeout,
@@ -80,7 +85,7 @@ impl Upstream {
             stop,
             preserve_host: config.preserve_host,
             timer,
-        }
+        })
     }
 
     /// The upstream URI for a canonical path and the client's query.
@@ -123,6 +128,10 @@ impl Upstream {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
             Ok(Err(error)) => {
                 tracing::warn!(error = %error, connect = error.is_connect(), "upstream request failed");
+                if error.is_connect() {
+                    // The name may point elsewhere now: the next connection asks again.
+                    self.resolver.forget();
+                }
                 return Err(GateError::UpstreamUnreachable);
             }
             Ok(Ok(response)) => response,

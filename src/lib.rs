@@ -18,6 +18,7 @@
 //! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the
 //!   reserved `/_vestibule/` endpoints.
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
+//! - [`resolve`]: the upstream's host name resolved without blocking, each answer kept for its TTL.
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
 //! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
 //! - [`challenge`]: the proof of work a room may ask of a visitor before they join.
@@ -46,6 +47,7 @@ pub mod line;
 pub mod loadtest;
 pub mod metrics;
 pub mod path;
+pub mod resolve;
 pub mod room;
 pub mod server;
 pub mod store;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use vestibule::config::{Config, LogConfig};
 use vestibule::token::{generate_key, random_id, unix_now, KeyKind, Tokens};
@@ -45,11 +45,30 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
-    /// Print a fresh signing key (PEM) on standard output.
+    /// Print a fresh signing key (PEM) on standard output, or write it to a file.
     Keygen {
         #[arg(long, value_enum, default_value = "eddsa")]
         alg: KeyKind,
+        /// Write the key to this file (mode 0600) instead; a file already there is kept, so
+        /// that a container's start can make the key once.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
+    /// GET a URL and exit 0 on a 2xx answer: a container's health check, with no curl needed.
+    Probe {
+        /// An http:// URL, e.g. http://127.0.0.1:9090/healthz.
+        url: http::Uri,
+        /// Time allowed for the whole request.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print a shell completion script (e.g. `vestibule completions bash > /etc/bash_completion.d/vestibule`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `vestibule man > /usr/local/share/man/man1/vestibule.1`.
+    Man,
     /// Mint an admission token with the configured key (for testing and benchmarks).
     Token {
         #[arg(long, short, default_value = "proxy.toml")]
@@ -92,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             telemetry::init(&config.log);
+            server::fit_descriptor_limit(&config);
             runtime(config.server.workers.map(|n| n.get()))?.block_on(serve(config))
         }
         Command::Check { config: path } => {
@@ -104,8 +124,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&LogConfig::default());
             runtime(None)?.block_on(run_demo(listen, admin))
         }
-        Command::Keygen { alg } => {
+        Command::Keygen { alg, out: None } => {
             print!("{}", generate_key(alg));
+            Ok(())
+        }
+        Command::Keygen { alg, out: Some(path) } => write_key(&path, alg),
+        Command::Probe { url, timeout } => runtime(Some(1))?.block_on(probe(url, timeout)),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "vestibule", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
         Command::Token { config, room, visitor, ttl } => {
@@ -131,6 +161,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+/// `keygen --out`: a new key in a new file, readable by its owner only; an existing file is kept.
+fn write_key(path: &Path, alg: KeyKind) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match file {
+        Ok(mut file) => {
+            file.write_all(generate_key(alg).as_bytes())
+                .with_context(|| format!("cannot write the key to {}", path.display()))?;
+            eprintln!("wrote a new signing key to {}", path.display());
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            eprintln!("kept the signing key already at {}", path.display());
+            Ok(())
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// `probe URL`: one GET over a fresh connection; a 2xx answer is success.
+async fn probe(url: http::Uri, timeout: Duration) -> anyhow::Result<()> {
+    let request = async {
+        anyhow::ensure!(url.scheme_str() == Some("http"), "probe takes an http:// URL, not {url}");
+        let authority = url.authority().context("the URL has no host")?.clone();
+        let port = authority.port_u16().unwrap_or(80);
+        let stream = tokio::net::TcpStream::connect((authority.host().trim_matches(['[', ']']), port)).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let path = url.path_and_query().map_or("/", |p| p.as_str());
+        let request = http::Request::get(path)
+            .header(http::header::HOST, authority.as_str())
+            .header(http::header::USER_AGENT, "vestibule-probe")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        Ok(sender.send_request(request).await?.status())
+    };
+    let status = tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within {timeout:?}"))?
+        .with_context(|| format!("{url}"))?;
+    anyhow::ensure!(status.is_success(), "{url}: {status}");
+    println!("{url}: {status}");
+    Ok(())
 }
 
 /// The tokio runtime. With one worker, a current-thread runtime does the same work without the

@@ -59,6 +59,42 @@ impl Running {
 }
 
 /// Bind the listener and start serving in the background.
+/// Descriptors a configuration may hold at once: client connections, waiting sockets, the
+/// upstream pool and a margin for listeners, Redis and files.
+pub fn descriptors_needed(config: &Config) -> u64 {
+    let server = &config.server;
+    (server.max_connections.get() + server.max_feed_sockets + config.upstream.pool_max_idle) as u64 + 64
+}
+
+/// Raise the soft limit on open files to the hard one, as nginx's `worker_rlimit_nofile` and
+/// Go's runtime do (many systems start services with a soft limit of 1 024), and warn when the
+/// configuration could hold more sockets than even the hard limit allows. Returns the limit in
+/// force.
+pub fn fit_descriptor_limit(config: &Config) -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let (soft, hard) = (limit.current?, limit.maximum);
+    if hard.is_none_or(|hard| hard > soft) {
+        let wanted = limit.maximum;
+        limit.current = wanted;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::debug!(from = soft, to = ?wanted, "raised the open-file limit"),
+            Err(error) => tracing::warn!(%error, soft, "cannot raise the open-file limit"),
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    let needed = descriptors_needed(config);
+    if let Some(now) = now.filter(|&now| now < needed) {
+        tracing::warn!(
+            limit = now,
+            needed,
+            "server.max_connections + server.max_feed_sockets + upstream.pool_max_idle exceed the open-file limit: \
+             beyond it new connections fail; raise the limit (LimitNOFILE, ulimit -n) or lower those settings"
+        );
+    }
+    now
+}
+
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());

@@ -178,7 +178,7 @@ impl Gate {
                 stop.clone(),
                 tunnels.clone(),
                 metrics.upstream(),
-            )),
+            )?),
             store: Arc::new(store),
             clock: Clock::new(),
             feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),

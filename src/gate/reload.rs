@@ -46,9 +46,16 @@ impl Gate {
         let old = self.config();
         let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
         let mut reloaded = Reloaded::default();
-        // Keys first: the one part that can still fail (a key file gone).
+        // Keys and the upstream first: the parts that can still fail (a key file gone, no
+        // resolver configuration).
         let tokens = Tokens::new(&config.tokens)?;
         reloaded.keys = true;
+        let upstream = if debug(&config.upstream) != debug(&old.upstream) {
+            let timer = self.metrics.upstream();
+            Some(Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone(), timer)?)
+        } else {
+            None
+        };
 
         let mut rooms = Vec::new();
         for room_config in &config.rooms {
@@ -83,9 +90,7 @@ impl Gate {
         self.room_ids.send_replace(rooms.iter().map(|room| room.id.clone()).collect());
         self.routing.store(Arc::new(Routing::new(rooms)));
         self.tokens.store(Arc::new(tokens));
-        if debug(&config.upstream) != debug(&old.upstream) {
-            let timer = self.metrics.upstream();
-            let upstream = Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone(), timer);
+        if let Some(upstream) = upstream {
             self.upstream.store(Arc::new(upstream));
             reloaded.upstream = true;
         }

@@ -2,6 +2,7 @@
 //! HTTP clients (hyper for well-formed requests, raw TCP for hostile ones).
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod redis_server;
 pub mod relay;
 pub mod visitor;
