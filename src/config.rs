@@ -74,7 +74,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are trusted and extended; from
     /// anyone else those headers are dropped and replaced by ours.
-    #[serde(default)]
+    /// Each an address (`10.0.0.7`) or a range (`10.0.0.0/8`).
+    #[serde(default, deserialize_with = "de_networks")]
     pub trusted_proxies: Vec<IpNet>,
     /// Most client connections open at once; further clients wait in the accept queue.
     #[serde(default = "defaults::max_connections")]
@@ -397,6 +398,18 @@ where
     text.parse().map_err(serde::de::Error::custom)
 }
 
+/// Addresses or CIDR ranges; a bare address is the range of that one address.
+fn de_networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|text| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| serde::de::Error::custom(format!("{text:?} is neither an IP address nor a CIDR range")))
+        })
+        .collect()
+}
+
 /// hyper's HTTP/1 read buffer cannot be smaller than this.
 const MIN_HEADER_BYTES: usize = 8 * 1024;
 
@@ -605,6 +618,17 @@ mod tests {
         assert_eq!(config.tokens.signing_key, Path::new("/etc/vestibule/key.pem"));
         assert_eq!(config.store.kind, StoreKind::Memory);
         assert!(config.rooms.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let text =
+            MINIMAL.replace("[upstream]", "trusted_proxies = [\"172.28.0.10\", \"10.0.0.0/8\", \"::1\"]\n[upstream]");
+        let config = parse(&text).unwrap();
+        let listed: Vec<String> = config.server.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(listed, ["172.28.0.10/32", "10.0.0.0/8", "::1/128"]);
+        let message = error_of(&MINIMAL.replace("[upstream]", "trusted_proxies = [\"lb.internal\"]\n[upstream]"));
+        assert!(message.contains("server.trusted_proxies") && message.contains("lb.internal"), "{message}");
     }
 
     #[test]
