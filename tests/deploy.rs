@@ -570,3 +570,45 @@ async fn the_compose_topology_runs_natively_and_serves_visitors_through_the_load
     assert!(status == StatusCode::OK && page.contains("Checkout"), "{status} {page}");
     drop(children);
 }
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_one_and_a_configuration_beyond_it_is_reported() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("nofile");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+    let config = dir.path().join("proxy.toml");
+    // More waiting sockets than any limit this machine gives a process.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nmax_feed_sockets = 100000000\n[upstream]\nurl = \"http://127.0.0.1:9\"\n\
+             [tokens]\nsigning_key = {key:?}\n[log]\nformat = \"json\"\n"
+        ),
+    )
+    .unwrap();
+    // Started with a low soft limit, as many service managers start a process.
+    let mut child = Child(
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("ulimit -Sn 256 && exec {} run --config {config:?}", env!("CARGO_BIN_EXE_vestibule")))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut warned = false;
+    loop {
+        let line = lines.next().expect("vestibule logs until it listens").unwrap();
+        warned |= line.contains("exceed the open-file limit");
+        if line.contains("\"listening\"") {
+            break;
+        }
+    }
+    assert!(warned, "a configuration that cannot fit in the open-file limit is reported");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let open_files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "the soft limit was raised to the hard one: {open_files}");
+    assert_ne!(numbers[0], "256");
+}
