@@ -61,9 +61,14 @@ impl Outcome {
         self != Outcome::Reserved
     }
 
-    /// Whether a request outside every room can end so.
+    /// Whether a request outside every room can end so: forwarded (or its upstream failed),
+    /// refused, or a reserved endpoint's answer (`unavailable` when the feed's caps are full or
+    /// the store is away).
     fn outside_rooms(self) -> bool {
-        matches!(self, Outcome::Forwarded | Outcome::Refused | Outcome::Reserved | Outcome::UpstreamFailed)
+        matches!(
+            self,
+            Outcome::Forwarded | Outcome::Refused | Outcome::Reserved | Outcome::UpstreamFailed | Outcome::Unavailable
+        )
     }
 
     pub fn as_str(self) -> &'static str {
