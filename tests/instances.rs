@@ -411,3 +411,49 @@ async fn a_proof_of_work_is_taken_once_across_instances() {
     assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("used already"), "{body}");
 }
+
+/// Commands the test's Redis has processed so far (`INFO stats`).
+fn commands_processed(redis: &RedisServer) -> u64 {
+    let info = common::redis_server::RedisCluster::cli(redis.port, &["info", "stats"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .map(|n| n.trim().parse().unwrap())
+        .expect("INFO stats has total_commands_processed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_room_costs_redis_little_and_a_newcomer_who_must_wait_still_moves_at_once() {
+    let pair = two_instances("empty-room").await;
+    let leader_known = || pair.one.gate().rooms()[0].is_leading() || pair.two.gate().rooms()[0].is_leading();
+    common::wait_for("a leader", leader_known).await;
+
+    // Nobody anywhere: the leader advances the empty line once a second, not every 100 ms
+    // step. Two instances, one room, 3 s: about 30 lease calls per instance, 3 advances, 3
+    // reads by the follower (about 350 commands); advancing every step made about 1 400.
+    let before = commands_processed(&pair._redis);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = commands_processed(&pair._redis) - before;
+    assert!(spent < 700, "an empty room cost Redis {spent} commands in 3 s");
+
+    // The room's one place taken, a newcomer at the leader waits; the moment the place is
+    // given up, the next step (not the next second) lets them in.
+    let (leader, follower) =
+        if pair.one.gate().rooms()[0].is_leading() { (&pair.one, &pair.two) } else { (&pair.two, &pair.one) };
+    let (code, headers, _) = get(follower.addr, "/checkout", &[]).await;
+    assert_eq!(code, StatusCode::OK, "the empty room lets the first visitor in at once");
+    let first = cookies(&headers);
+    let (code, headers, _) = get(leader.addr, "/checkout", &[]).await;
+    assert!(is_gate_wait(code), "the room is full: the newcomer waits");
+    let second = cookies(&headers);
+    leave(follower.addr, &first).await;
+    let left = std::time::Instant::now();
+    loop {
+        if status(leader.addr, &second).await["status"] == "admitted" {
+            break;
+        }
+        assert!(left.elapsed() < Duration::from_secs(5), "the newcomer was never let in");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(left.elapsed() < Duration::from_millis(900), "let in {:?} after the place was given up", left.elapsed());
+    let _ = &pair.upstream;
+}

@@ -159,6 +159,8 @@ impl Gate {
             }
         };
         room.metrics.joins.inc();
+        // The line is not empty any more: if this instance leads, its next step advances.
+        room.wake();
         if matches!(joined, Joined::Admitted { .. }) {
             room.metrics.admissions.inc();
         }
