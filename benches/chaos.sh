@@ -136,6 +136,13 @@ TOML
   wait "$loadtest_pid" || status=$?
   loadtest_pid=""
   grep -v '^\[' "$out/chaos-$seed.txt"
+  # Inverted pairs, so that a rare failure can be studied from CI's log alone.
+  python3 - "$out/chaos-$seed.json" <<'PY' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+for earlier, came, later, learned in r.get('inversion_examples', []):
+    print(f"  inversion: ticket {earlier} could have its turn from {came:.2f} s; ticket {later} learned of its own at {learned:.2f} s")
+PY
   return $status
 }
 
