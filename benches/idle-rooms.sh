@@ -13,13 +13,8 @@ INSTANCES=${INSTANCES:-10}
 ROOMS=${ROOMS:-100}
 SECONDS_MEASURED=${SECONDS_MEASURED:-20}
 
-cargo build --release --locked --quiet
-bin=target/release/vestibule
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
 source tests/lib.sh
+release_setup
 start_redis
 "$bin" keygen > "$dir/key.pem"
 {

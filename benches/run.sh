@@ -32,13 +32,8 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo bench --quiet --bench feed -- "$SOCKETS" | tee "$out/feed.txt"
 
 echo; echo "== 4/4 crowds, three instances on one Redis"
-cargo build --release --quiet
-bin=target/release/vestibule
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
 source tests/lib.sh
+release_setup
 
 start_redis
 port=$redis_port

@@ -2,6 +2,16 @@
 # shop and as vestibule instances, each on a free loopback port. Source it; set `bin` and
 # `dir` first, and kill "${pids[@]}" on exit.
 
+# For a script of its own: build the release binary and set `bin`, a temporary `dir` and
+# `pids`, all stopped and removed when the script exits.
+release_setup() {
+  cargo build --release --locked --quiet
+  bin=target/release/vestibule
+  dir=$(mktemp -d)
+  pids=()
+  trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
+}
+
 # Start the demo shop; sets `shop` to its host:port.
 start_shop() {
   "$bin" shop --listen 127.0.0.1:0 --workers "${1:-1}" > "$dir/shop.log" &
