@@ -452,3 +452,32 @@ on_every_store!(
     a_ticket_beyond_the_last_keeps_its_place,
     live_overrides_are_kept_merged_and_cleared,
 );
+
+#[tokio::test]
+async fn a_leader_giving_up_its_lease_is_heard_by_the_others_at_once() {
+    let server = RedisServer::start();
+    let leader = redis_store(&server).await; // holds the lease of ROOM
+    let other = std::sync::Arc::new(redis_store(&server).await);
+    assert!(!other.hold_lease(ROOM, Duration::from_secs(60)).await.unwrap(), "one leader at a time");
+    let (_rooms, watched) = tokio::sync::watch::channel(vec![ROOM.to_owned()]);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut heard = other.announcements(watched, &tasks, stop.clone());
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    // Subscribed once the listener says it hears.
+    loop {
+        let said = tokio::time::timeout_at(deadline, heard.recv()).await.expect("the subscription comes up");
+        if said == Some(vestibule::store::Announcement::Hearing(true)) {
+            break;
+        }
+    }
+    leader.drop_lease(ROOM).await.unwrap();
+    loop {
+        let said = tokio::time::timeout_at(deadline, heard.recv()).await.expect("the lease's release is announced");
+        if said == Some(vestibule::store::Announcement::LeaseFree { room: ROOM.to_owned() }) {
+            break;
+        }
+    }
+    assert!(other.hold_lease(ROOM, Duration::from_secs(60)).await.unwrap(), "the free lease is taken");
+    stop.cancel();
+}

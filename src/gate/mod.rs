@@ -253,6 +253,11 @@ impl Gate {
                         room.revoke(ticket, until);
                     }
                 }
+                Announcement::LeaseFree { room } => {
+                    if let Some(room) = self.room_by_id(&room) {
+                        room.lease_freed();
+                    }
+                }
                 Announcement::Settings { room, version } => {
                     let Some(room) = self.room_by_id(&room) else { continue };
                     if version > room.settings().version {

@@ -39,6 +39,11 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// Measured (`bash benches/idle-rooms.sh`): an empty room's advance is ~36 of the ~39 Redis
 /// commands an instance spends on it per step.
 pub const EMPTY_STEP: Duration = Duration::from_secs(1);
+/// How often an instance that does not lead a room tries to take its lease, while it hears the
+/// leader (a leader that gives the lease up says so, and the others try at once; one that dies
+/// is replaced within LEASE and this). Trying every step made the followers' lease calls most
+/// of what idle rooms cost Redis (`bash benches/idle-rooms.sh`).
+pub const LEASE_TRY_EVERY: Duration = Duration::from_millis(500);
 /// How often an instance that does not lead a room reads it from the store, besides the
 /// cursor moves the leader announces: covers announcements lost while a subscription was down.
 pub const READ_EVERY: Duration = Duration::from_secs(1);
@@ -144,6 +149,10 @@ pub struct Room {
     hearing: AtomicBool,
     /// When this instance last read the room from the store (ms).
     read_at: AtomicU64,
+    /// When this instance last tried the room's lease (ms), and whether the leader has said it
+    /// gave it up since.
+    lease_tried_at: AtomicU64,
+    lease_free: AtomicBool,
     /// When this instance last advanced the line (ms), and whether the line was empty then.
     advanced_at: AtomicU64,
     empty: AtomicBool,
@@ -206,6 +215,8 @@ impl Room {
             leading: AtomicBool::new(false),
             hearing: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
+            lease_tried_at: AtomicU64::new(0),
+            lease_free: AtomicBool::new(false),
             advanced_at: AtomicU64::new(0),
             empty: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
@@ -575,7 +586,16 @@ impl Room {
         self.report(store, now).await?;
         let settings = self.settings();
         let limits = settings.limits();
-        let leading = store.hold_lease(&self.id, LEASE).await?;
+        let try_lease = self.leading.load(Ordering::Relaxed)
+            || !self.hearing.load(Ordering::Relaxed)
+            || self.lease_free.swap(false, Ordering::Relaxed)
+            || now >= self.lease_tried_at.load(Ordering::Relaxed) + LEASE_TRY_EVERY.as_millis() as u64;
+        let leading = if try_lease {
+            self.lease_tried_at.store(now, Ordering::Relaxed);
+            store.hold_lease(&self.id, LEASE).await?
+        } else {
+            false
+        };
         self.leading.store(leading, Ordering::Relaxed);
         // Back after an outage, waiters are seen again (this step's snapshot asks them) before
         // the line moves on, and for a moment nobody is taken as gone.
@@ -642,6 +662,11 @@ impl Room {
             changed
         });
         Ok(())
+    }
+
+    /// The leader gave up the lease: the next step tries to take it.
+    pub fn lease_freed(&self) {
+        self.lease_free.store(true, Ordering::Relaxed);
     }
 
     /// Someone has to wait here: the next step advances the line even if it was empty.

@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{cursor_channel, parse_ended, revocations_channel, settings_channel, RedisStore, Store, StoreError};
+use super::{
+    cursor_channel, lease_channel, parse_ended, revocations_channel, settings_channel, RedisStore, Store, StoreError,
+};
 use crate::clock::Clock;
 
 /// One thing another instance (or the store) said.
@@ -25,6 +27,8 @@ pub enum Announcement {
     SessionEnded { room: String, ticket: u64, until: u64 },
     /// A room's live overrides changed: this is their version.
     Settings { room: String, version: u64 },
+    /// A room's leader gave up its lease (a graceful stop): try to take it now.
+    LeaseFree { room: String },
     /// Whether announcements are heard now: while not, rooms read the store every step.
     Hearing(bool),
 }
@@ -153,12 +157,17 @@ async fn listen(
 /// What a message on one of the rooms' channels says.
 fn read(rooms: &[String], channel: &str, payload: &str) -> Option<Announcement> {
     let room = rooms.iter().find(|room| {
-        channel == revocations_channel(room) || channel == cursor_channel(room) || channel == settings_channel(room)
+        channel == revocations_channel(room)
+            || channel == cursor_channel(room)
+            || channel == settings_channel(room)
+            || channel == lease_channel(room)
     })?;
     let room = room.clone();
     if channel.ends_with(":revoked") {
         let (ticket, until) = parse_ended(payload)?;
         Some(Announcement::SessionEnded { room, ticket, until })
+    } else if channel.ends_with(":lease") {
+        Some(Announcement::LeaseFree { room })
     } else if channel.ends_with(":cursor") {
         Some(Announcement::Cursor { room, cursor: payload.parse().ok()? })
     } else {
@@ -184,6 +193,10 @@ mod tests {
         assert_eq!(
             read(&rooms, &settings_channel("checkout"), "3"),
             Some(Announcement::Settings { room: "checkout".into(), version: 3 })
+        );
+        assert_eq!(
+            read(&rooms, &lease_channel("checkout"), "free"),
+            Some(Announcement::LeaseFree { room: "checkout".into() })
         );
         assert_eq!(read(&rooms, &cursor_channel("other"), "1"), None);
         assert_eq!(read(&rooms, &cursor_channel("checkout"), "x"), None);

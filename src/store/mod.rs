@@ -12,7 +12,7 @@ mod redis;
 pub use announce::Announcement;
 
 pub use memory::MemoryStore;
-pub use redis::{cursor_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
+pub use redis::{cursor_channel, lease_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
 
 use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
 use crate::room::settings::Overrides;

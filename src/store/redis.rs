@@ -192,6 +192,11 @@ pub fn cursor_channel(room: &str) -> String {
     format!("vestibule:{{{room}}}:cursor")
 }
 
+/// Where a leader giving up a room's lease says so: the others try it at once.
+pub fn lease_channel(room: &str) -> String {
+    format!("vestibule:{{{room}}}:lease")
+}
+
 /// The keys of a room, in the order of `lua/common.lua`.
 fn keys(room: &str) -> [String; 15] {
     [
@@ -382,7 +387,9 @@ impl RedisStore {
     pub async fn subscribe(&self, rooms: &[String], heartbeat: &str) -> Result<redis::aio::PubSubStream, StoreError> {
         let mut channels: Vec<String> = rooms
             .iter()
-            .flat_map(|room| [revocations_channel(room), cursor_channel(room), settings_channel(room)])
+            .flat_map(|room| {
+                [revocations_channel(room), cursor_channel(room), settings_channel(room), lease_channel(room)]
+            })
             .collect();
         channels.push(heartbeat.to_owned());
         let mut failure = StoreError::Unavailable("no redis node to subscribe at".into());
@@ -817,7 +824,9 @@ impl RedisStore {
         let [leader, instances] = Self::lease_keys(room);
         let mut invocation = self.scripts.unlease.key(leader);
         invocation.key(instances).arg(&self.instance);
-        self.invoke::<u8>("unlease", invocation).await?;
+        if self.invoke::<u8>("unlease", invocation).await? == 1 {
+            self.publish(&lease_channel(room), "free").await?;
+        }
         Ok(())
     }
 
