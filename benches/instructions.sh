@@ -14,13 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-2000}
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
-cargo build --release --locked --quiet
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-bin=target/release/vestibule
 source tests/lib.sh
+release_setup
 start_shop 1
 "$bin" keygen > "$dir/key.pem"
 

@@ -180,17 +180,13 @@ async fn a_stalled_name_server_does_not_hold_up_requests_on_pooled_connections()
 /// A tool the deploy tests need: tests/run installs each (apt, or the Python tools into
 /// target/deploy-tools); missing, the test fails and says so rather than skip.
 fn tool(name: &str) -> PathBuf {
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/deploy-tools/bin").join(name);
-    if local.exists() {
-        return local;
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
-        let path = Path::new(dir).join(name);
-        if path.exists() {
-            return path;
-        }
-    }
-    panic!("the deploy tests need `{name}`: run them with `bash tests/run`, which installs it")
+    let local = repo("target/deploy-tools/bin").join(name);
+    let system = ["/usr/sbin", "/sbin"].iter().map(|dir| Path::new(dir).join(name)).find(|path| path.exists());
+    [Some(local).filter(|path| path.exists()), which(name), system]
+        .into_iter()
+        .flatten()
+        .next()
+        .unwrap_or_else(|| panic!("the deploy tests need `{name}`: run them with `bash tests/run`, which installs it"))
 }
 
 fn repo(path: &str) -> PathBuf {
@@ -289,6 +285,7 @@ fn the_systemd_unit_verifies_and_is_hardened() {
     run(Command::new(&analyze).args(["security", "--offline=yes", "--threshold=20"]).arg(&unit));
 }
 
+/// `name` on the PATH.
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var("PATH").ok()?.split(':').map(|dir| Path::new(dir).join(name)).find(|path| path.exists())
 }
