@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use http::{header, Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -25,6 +23,7 @@ use crate::config::UpstreamConfig;
 use crate::error::GateError;
 use crate::hop;
 use crate::metrics::UpstreamTimer;
+use crate::pool::{Pool, SendError};
 use crate::resolve::Resolver;
 
 /// Response headers only the gate reads; the client never sees them.
@@ -39,9 +38,8 @@ pub struct Forwarded {
 
 /// The protected upstream.
 pub struct Upstream {
-    client: Client<HttpConnector<Resolver>, Body>,
+    pool: Pool,
     resolver: Resolver,
-    scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     response_timeout: Duration,
     body_timeout: Duration,
@@ -63,20 +61,18 @@ impl Upstream {
         let url = &config.url;
         let host = url.host().expect("validated: upstream.url has a host");
         let resolver = Resolver::new(host, &config.nameservers, config.connect_timeout)?;
-        let mut connector = HttpConnector::new_with_resolver(resolver.clone());
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .build(connector);
+        let port = url.port_u16().unwrap_or(80);
+        let pool = Pool::new(
+            host,
+            port,
+            resolver.clone(),
+            config.connect_timeout,
+            config.pool_max_idle,
+            config.pool_idle_timeout,
+        );
         Ok(Upstream {
-            client,
+            pool,
             resolver,
-            scheme: url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
             authority: url.authority().cloned().expect("validated: upstream.url has an authority"),
             response_timeout: config.response_timeout,
             body_timeout: config.body_timeout,
@@ -88,18 +84,14 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a canonical path and the client's query.
+    /// The request target sent upstream (origin-form) for a canonical path and the client's
+    /// query.
     pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<http::Uri, GateError> {
-        let path_and_query = match query {
-            Some(query) => format!("{path}?{query}"),
-            None => path.to_owned(),
+        let target = match query {
+            Some(query) => http::uri::PathAndQuery::try_from(format!("{path}?{query}")),
+            None => http::uri::PathAndQuery::try_from(path),
         };
-        http::Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| GateError::BadRequest("The request target is not valid."))
+        target.map(http::Uri::from).map_err(|_| GateError::BadRequest("The request target is not valid."))
     }
 
     /// Whether the client's `Host` goes upstream (or the upstream's own authority).
@@ -121,14 +113,15 @@ impl Upstream {
         upgrade: Option<(OnUpgrade, Option<Arc<OwnedSemaphorePermit>>)>,
     ) -> Result<Forwarded, GateError> {
         let started = std::time::Instant::now();
-        let sent = tokio::time::timeout(self.response_timeout, self.client.request(request)).await;
+        let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
         self.timer.observe(status, started.elapsed());
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
             Ok(Err(error)) => {
-                tracing::warn!(error = %error, connect = error.is_connect(), "upstream request failed");
-                if error.is_connect() {
+                let connect = matches!(error, SendError::Connect(_));
+                tracing::warn!(error = %error, connect, "upstream request failed");
+                if connect {
                     // The name may point elsewhere now: the next connection asks again.
                     self.resolver.forget();
                 }

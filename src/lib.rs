@@ -47,6 +47,7 @@ pub mod line;
 pub mod loadtest;
 pub mod metrics;
 pub mod path;
+pub mod pool;
 pub mod resolve;
 pub mod room;
 pub mod server;

@@ -8,19 +8,15 @@
 //! (re)connect through tokio's resolver, which runs `getaddrinfo` on the blocking pool, never
 //! on a runtime thread.
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
-use hyper_util::client::legacy::connect::dns::Name;
 
 /// Resolves the upstream's host name for its connector.
 #[derive(Clone)]
@@ -65,34 +61,19 @@ impl Resolver {
             resolver.clear_cache();
         }
     }
-}
 
-impl tower_service::Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let resolver = self.inner.clone();
+    /// The addresses of `host`, asked of the name servers or taken from the cache, within the
+    /// connect timeout.
+    pub async fn lookup(&self, host: &str) -> io::Result<Vec<IpAddr>> {
+        let Some(resolver) = &self.inner else {
+            return Err(io::Error::other(format!("no resolver for {host}: the upstream is an IP address")));
+        };
         let timeout = self.timeout;
-        Box::pin(async move {
-            let Some(resolver) = resolver else {
-                return Err(io::Error::other(format!("no resolver for {name}: the upstream is an IP address")));
-            };
-            let answer = tokio::time::timeout(timeout, resolver.lookup_ip(name.as_str()))
-                .await
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::TimedOut, format!("resolving {name} took over {timeout:?}"))
-                })?
-                .map_err(|error| io::Error::other(format!("resolving {name}: {error}")))?;
-            // The connector sets the port.
-            let addresses: Vec<SocketAddr> = answer.iter().map(|ip| SocketAddr::new(ip, 0)).collect();
-            Ok(addresses.into_iter())
-        })
+        let answer = tokio::time::timeout(timeout, resolver.lookup_ip(host))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("resolving {host} took over {timeout:?}")))?
+            .map_err(|error| io::Error::other(format!("resolving {host}: {error}")))?;
+        Ok(answer.iter().collect())
     }
 }
 
