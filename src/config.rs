@@ -72,6 +72,9 @@ pub struct ServerConfig {
     /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this certificate chain and key.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Also serve HTTP/2 in cleartext (h2c, by prior knowledge) on a listener without TLS.
+    #[serde(default)]
+    pub h2c: bool,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are trusted and extended; from
     /// anyone else those headers are dropped and replaced by ours.
     /// Each an address (`10.0.0.7`) or a range (`10.0.0.0/8`).

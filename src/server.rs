@@ -14,7 +14,6 @@ use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -22,7 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::body::BoxError;
 use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::framing::{ScannedIo, Scanner, Verdicts};
 use crate::gate::{Connection, Gate};
@@ -116,7 +117,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         listener,
         tls,
         gate: gate.clone(),
-        http: http_builder(&config.server),
+        protocols: Protocols::new(&config.server),
         limits: Arc::new(Semaphore::new(config.server.max_connections.get())),
         server: config.server.clone(),
         stop: stop.clone(),
@@ -131,7 +132,7 @@ struct Listener {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     gate: Arc<Gate>,
-    http: auto::Builder<TokioExecutor>,
+    protocols: Protocols,
     /// One permit per open connection: at the cap, new clients wait in the accept queue.
     limits: Arc<Semaphore>,
     server: ServerConfig,
@@ -140,7 +141,9 @@ struct Listener {
 
 impl Listener {
     async fn run(self) {
-        let graceful = GracefulShutdown::new();
+        // Connections are told to finish through `drain`, and waited for through `open`.
+        let drain = CancellationToken::new();
+        let open = TaskTracker::new();
         loop {
             let permit = tokio::select! {
                 permit = self.limits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -156,15 +159,24 @@ impl Listener {
             let connection = self.gate.connection(peer, self.tls.is_some(), verdicts.clone(), Some(permit));
             let scanner = Scanner::new(self.server.max_header_bytes, self.server.max_headers, verdicts);
             let gate = self.gate.clone();
-            let http = self.http.clone();
-            let watcher = graceful.watcher();
+            let protocols = self.protocols.clone();
+            let drain = drain.clone();
             let tls = self.tls.clone();
             let handshake_timeout = self.server.tls_handshake_timeout;
-            tokio::spawn(async move {
+            open.spawn(async move {
                 match tls {
-                    None => serve(ScannedIo::new(stream, scanner), gate, connection, http, watcher).await,
+                    None => {
+                        let protocol = if protocols.h2c { Protocol::Detect } else { Protocol::Http1 };
+                        let io = ScannedIo::new(stream, scanner);
+                        protocols.serve(protocol, io, gate, connection, drain).await
+                    }
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(ScannedIo::new(stream, scanner), gate, connection, http, watcher).await,
+                        Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+                            let io = ScannedIo::new(stream, scanner);
+                            protocols.serve(protocol, io, gate, connection, drain).await
+                        }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     },
@@ -173,7 +185,9 @@ impl Listener {
         }
         drop(self.listener);
         tracing::info!(grace = ?self.server.shutdown_grace, "shutting down: finishing in-flight requests");
-        if tokio::time::timeout(self.server.shutdown_grace, graceful.shutdown()).await.is_err() {
+        drain.cancel();
+        open.close();
+        if tokio::time::timeout(self.server.shutdown_grace, open.wait()).await.is_err() {
             tracing::warn!("shutdown grace ran out; closing the remaining connections");
         }
         // Upgraded tunnels and feed sockets outlive their requests: they get the grace above,
@@ -202,25 +216,84 @@ impl Listener {
     }
 }
 
-/// Serve one connection until it closes or shutdown asks it to finish.
-async fn serve<I>(
-    io: I,
-    gate: Arc<Gate>,
-    connection: Connection,
-    http: auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let peer = connection.peer;
-    let service = service_fn(move |request| {
-        let gate = gate.clone();
-        let connection = connection.clone();
-        async move { Ok::<_, Infallible>(gate.handle(request, &connection).await) }
-    });
-    let served = http.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    if let Err(error) = watcher.watch(served).await {
-        tracing::debug!(%peer, %error, "connection ended with an error");
+/// Which protocol a connection speaks.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// HTTP/2 if the client opens with its preface, else HTTP/1.1 (`server.h2c`).
+    Detect,
+}
+
+/// How connections are served: HTTP/1.1 unless HTTP/2 was chosen, by ALPN over TLS or, when
+/// `server.h2c` asks for it, by the client's preface in cleartext. A connection whose protocol
+/// is known is served by hyper's builder for it directly: no preface to wait for, no rewind
+/// of what was read (hyper-util's `auto` builder reads the preface even when told one
+/// protocol, once upgrades are on).
+#[derive(Clone)]
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    detect: Arc<auto::Builder<TokioExecutor>>,
+    h2c: bool,
+}
+
+impl Protocols {
+    fn new(server: &ServerConfig) -> Protocols {
+        let detect = http_builder(server);
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(server.header_read_timeout)
+            .max_buf_size(server.max_header_bytes)
+            .max_headers(server.max_headers);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(250)
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Protocols { h1, h2, detect: Arc::new(detect), h2c: server.h2c }
+    }
+
+    /// Serve one connection until it closes, or `drain` asks it to finish what is in flight.
+    async fn serve<I>(
+        &self,
+        protocol: Protocol,
+        io: I,
+        gate: Arc<Gate>,
+        connection: Connection,
+        drain: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = connection.peer;
+        let service = service_fn(move |request| {
+            let gate = gate.clone();
+            let connection = connection.clone();
+            async move { Ok::<_, Infallible>(gate.handle(request, &connection).await) }
+        });
+        let io = TokioIo::new(io);
+        // Each connection type has its own `graceful_shutdown`: one arm each.
+        macro_rules! drained {
+            ($connection:expr) => {{
+                let mut served = std::pin::pin!($connection);
+                tokio::select! {
+                    result = served.as_mut() => result.map_err(BoxError::from),
+                    () = drain.cancelled() => {
+                        served.as_mut().graceful_shutdown();
+                        served.await.map_err(BoxError::from)
+                    }
+                }
+            }};
+        }
+        let result = match protocol {
+            Protocol::Http1 => drained!(self.h1.serve_connection(io, service).with_upgrades()),
+            Protocol::Http2 => drained!(self.h2.serve_connection(io, service)),
+            Protocol::Detect => drained!(self.detect.serve_connection_with_upgrades(io, service)),
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
     }
 }
 

@@ -217,24 +217,35 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
 }
 
 #[tokio::test]
-async fn http2_cleartext_is_served() {
+async fn http2_cleartext_is_served_only_when_h2c_is_on() {
     let (upstream_addr, upstream) = start_upstream().await;
+    let h2_get = |addr, token: String| async move {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(executor(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::get("http://shop.test/checkout")
+            .header("vestibule-token", &token)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        tokio::time::timeout(DEADLINE, sender.send_request(request)).await.expect("an answer or an error in time")
+    };
+
+    // By default a cleartext listener speaks HTTP/1.1 only: the HTTP/2 preface is refused.
     let gate = start_gate(upstream_addr, "", "").await;
-    let token = gate.token("checkout");
-    let stream = TcpStream::connect(gate.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(executor(), TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(connection);
-    let request = Request::get("http://shop.test/checkout")
-        .header("vestibule-token", &token)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    assert!(h2_get(gate.addr, gate.token("checkout")).await.is_err());
+    assert!(upstream.requests().is_empty());
+
+    let gate = start_gate(upstream_addr, "h2c = true", "").await;
+    let response = h2_get(gate.addr, gate.token("checkout")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.version(), http::Version::HTTP_2);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "upstream saw /checkout");
     assert_eq!(upstream.last().headers["host"], "shop.test");
+    // HTTP/1.1 still works beside it.
+    let (status, _, body) = get(gate.addr, "/product", &[]).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "upstream saw /product"));
 }
 
 #[tokio::test]
