@@ -33,6 +33,12 @@ pub fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
 }
 
+/// The vestibule binary measured: this build, or another one named by `VESTIBULE=` (to
+/// compare two builds with the same bench).
+pub fn binary() -> String {
+    std::env::var("VESTIBULE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vestibule").to_owned())
+}
+
 /// The demo shop as the upstream; returns it and its address.
 pub fn start_shop() -> (Instance, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vestibule"))
@@ -62,9 +68,9 @@ pub fn start_instance_with(
     room: &str,
     store: &str,
 ) -> (Instance, SocketAddr, Option<SocketAddr>) {
-    let binary = env!("CARGO_BIN_EXE_vestibule");
+    let binary = binary();
     if !dir.join("key.pem").exists() {
-        let key = Command::new(binary).arg("keygen").output().expect("keygen").stdout;
+        let key = Command::new(&binary).arg("keygen").output().expect("keygen").stdout;
         std::fs::write(dir.join("key.pem"), key).unwrap();
     }
     let config = r#"

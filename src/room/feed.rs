@@ -123,9 +123,12 @@ pub fn switching_protocols(headers: &HeaderMap) -> Result<Response<Body>, GateEr
     Ok(response)
 }
 
+/// Small buffers: a waiting socket mostly idles, and the page only ever sends pongs and tiny
+/// frames (at most 1 KiB is accepted). tungstenite allocates its read buffer up front, so its
+/// size is paid by every waiting socket; it grows for the rare larger frame.
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(1024))
