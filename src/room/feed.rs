@@ -15,7 +15,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -135,12 +134,36 @@ fn config() -> WebSocketConfig {
         .max_frame_size(Some(1024))
 }
 
+/// A message of the feed (DESIGN: feed messages), serialized as `{"type": ..., ...}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Shown {
+    Admitted,
+    Closed { message: Option<String> },
+    Paused { message: Option<String> },
+    Position { position: u64, eta_seconds: Option<u64> },
+    Message { message: String },
+}
+
+impl Shown {
+    fn position(&self) -> Option<u64> {
+        match self {
+            Shown::Position { position, .. } => Some(*position),
+            _ => None,
+        }
+    }
+
+    fn text(&self) -> String {
+        serde_json::to_string(self).expect("feed messages serialize")
+    }
+}
+
 /// The message a waiter should see for this snapshot.
-fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<serde_json::Value> {
+fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<Shown> {
     let ticket = match holding {
-        Holding::Token => return Some(json!({"type": "admitted"})),
+        Holding::Token => return Some(Shown::Admitted),
         Holding::Nothing if snapshot.state == RoomState::Closed => {
-            return Some(json!({"type": "closed", "message": snapshot.message}))
+            return Some(Shown::Closed { message: snapshot.message.clone() })
         }
         Holding::Nothing => return None,
         Holding::Ticket(ticket) => ticket,
@@ -148,14 +171,14 @@ fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<serde_json::Valu
     // A turn granted is redeemed through the store: while it is away, the page waits too
     // (rather than reload to a page that cannot let it in yet).
     if ticket <= snapshot.cursor && snapshot.available {
-        return Some(json!({"type": "admitted"}));
+        return Some(Shown::Admitted);
     }
     Some(match snapshot.waiting_state() {
-        RoomState::Paused => json!({"type": "paused", "message": snapshot.notice()}),
-        RoomState::Closed => json!({"type": "closed", "message": snapshot.message}),
+        RoomState::Paused => Shown::Paused { message: snapshot.notice() },
+        RoomState::Closed => Shown::Closed { message: snapshot.message.clone() },
         RoomState::Open | RoomState::Passthrough => {
             let position = line::position(ticket, snapshot.cursor);
-            json!({"type": "position", "position": position, "eta_seconds": line::eta_seconds(position, snapshot.rate_per_second)})
+            Shown::Position { position, eta_seconds: line::eta_seconds(position, snapshot.rate_per_second) }
         }
     })
 }
@@ -179,53 +202,55 @@ where
     let mut touch = tokio::time::interval(touch_every);
     let mut generation = snapshots.borrow().generation;
     let mut pong_due: Option<Instant> = None;
-    let mut last_sent: Option<serde_json::Value> = None;
+    let mut last_sent: Option<Shown> = None;
     let mut last_message: Option<Option<String>> = None;
     let mut last_position_at = Instant::now() - MIN_GAP;
     let mut smallest_position = u64::MAX;
     let mut pending = true; // send the current state at once
-    let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
         if pending {
-            let snapshot = snapshots.borrow_and_update().clone();
-            if snapshot.generation != generation {
+            // Decided under the channel's read lock (no copy of the snapshot); acted on after.
+            let (outgoing, restored) = {
+                let snapshot = snapshots.borrow_and_update();
                 // The line was restored, or the store is back: say at once that we are here.
+                let restored = snapshot.generation != generation;
                 generation = snapshot.generation;
-                if let Holding::Ticket(ticket) = holding {
-                    room.touch(ticket);
-                }
-            }
-            let mut outgoing = Vec::new();
-            if let Some(next) = message_for(&snapshot, holding) {
-                let position = next["position"].as_u64();
-                let too_soon = position.is_some() && last_position_at.elapsed() < MIN_GAP;
-                // A shown place never goes back.
-                let goes_up = position.is_some_and(|p| p > smallest_position);
-                if !too_soon && !goes_up && last_sent.as_ref() != Some(&next) {
-                    if let Some(p) = position {
-                        smallest_position = p;
-                        last_position_at = Instant::now();
+                let mut outgoing = Vec::new();
+                if let Some(next) = message_for(&snapshot, holding) {
+                    let position = next.position();
+                    let too_soon = position.is_some() && last_position_at.elapsed() < MIN_GAP;
+                    // A shown place never goes back.
+                    let goes_up = position.is_some_and(|p| p > smallest_position);
+                    if !too_soon && !goes_up && last_sent.as_ref() != Some(&next) {
+                        if let Some(p) = position {
+                            smallest_position = p;
+                            last_position_at = Instant::now();
+                        }
+                        outgoing.push(next.clone());
+                        last_sent = Some(next);
+                        pending = false;
+                    } else if !too_soon {
+                        pending = false;
                     }
-                    outgoing.push(next.clone());
-                    last_sent = Some(next);
-                    pending = false;
-                } else if !too_soon {
+                } else {
                     pending = false;
                 }
-            } else {
-                pending = false;
-            }
-            let open = snapshot.waiting_state() == RoomState::Open;
-            if open && last_message.as_ref() != Some(&snapshot.message) {
-                if let (Some(_), Some(text)) = (&last_message, &snapshot.message) {
-                    outgoing.push(json!({"type": "message", "message": text}));
+                let open = snapshot.waiting_state() == RoomState::Open;
+                if open && last_message.as_ref() != Some(&snapshot.message) {
+                    if let (Some(_), Some(text)) = (&last_message, &snapshot.message) {
+                        outgoing.push(Shown::Message { message: text.clone() });
+                    }
+                    last_message = Some(snapshot.message.clone());
                 }
-                last_message = Some(snapshot.message.clone());
+                (outgoing, restored)
+            };
+            if let (true, Holding::Ticket(ticket)) = (restored, holding) {
+                room.touch(ticket);
             }
             for message in outgoing {
-                let admitted = message["type"] == "admitted";
-                if !send(&mut socket, Message::text(message.to_string()), &stop).await {
+                let admitted = message == Shown::Admitted;
+                if !send(&mut socket, Message::text(message.text()), &stop).await {
                     return;
                 }
                 if admitted {
@@ -234,7 +259,7 @@ where
                 }
             }
         }
-        let retry_at = if pending { last_position_at + MIN_GAP } else { far };
+        let retry_at = last_position_at + MIN_GAP;
         tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
@@ -242,7 +267,7 @@ where
                 }
                 pending = true;
             }
-            () = tokio::time::sleep_until(retry_at) => {}
+            () = tokio::time::sleep_until(retry_at), if pending => {}
             incoming = socket.next() => match incoming {
                 Some(Ok(Message::Pong(_))) => pong_due = None,
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
@@ -335,5 +360,27 @@ mod tests {
         flood(&room).await;
         stop.cancel();
         tokio::time::timeout(Duration::from_millis(100), serving).await.expect("stopped at once").unwrap();
+    }
+
+    #[test]
+    fn messages_are_written_as_the_design_says() {
+        let cases = [
+            (
+                Shown::Position { position: 42, eta_seconds: Some(35) },
+                r#"{"type":"position","position":42,"eta_seconds":35}"#,
+            ),
+            (
+                Shown::Position { position: 7, eta_seconds: None },
+                r#"{"type":"position","position":7,"eta_seconds":null}"#,
+            ),
+            (Shown::Admitted, r#"{"type":"admitted"}"#),
+            (Shown::Paused { message: Some("back soon".into()) }, r#"{"type":"paused","message":"back soon"}"#),
+            (Shown::Closed { message: Some("Sold out".into()) }, r#"{"type":"closed","message":"Sold out"}"#),
+            (Shown::Closed { message: None }, r#"{"type":"closed","message":null}"#),
+            (Shown::Message { message: "hi".into() }, r#"{"type":"message","message":"hi"}"#),
+        ];
+        for (shown, text) in cases {
+            assert_eq!(shown.text(), text);
+        }
     }
 }
