@@ -38,9 +38,26 @@ fn redis_commands(port: u16) -> (u64, u64) {
 }
 
 /// Joins per second against `addr` for JOIN_SECONDS from CLIENTS connections.
-async fn joins_per_second(addr: std::net::SocketAddr) -> (f64, u64) {
+/// CPU time (user + system) process `pid` has used, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the instance runs");
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let per_second: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    ticks * 1e6 / per_second
+}
+
+/// Joins per second at `addr` (the instance's process is `pid`), how many, and the instance's
+/// CPU time per join in microseconds.
+async fn joins_per_second(addr: std::net::SocketAddr, pid: u32) -> (f64, u64, f64) {
     let mut sender = connect(addr).await;
     call(&mut sender, "GET", "/checkout", "").await; // takes the only place
+    let cpu_before = cpu_us(pid);
     let joins = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(JOIN_SECONDS);
     let started = Instant::now();
@@ -62,7 +79,8 @@ async fn joins_per_second(addr: std::net::SocketAddr) -> (f64, u64) {
         client.await.unwrap();
     }
     let joins = joins.load(Ordering::Relaxed);
-    (joins as f64 / started.elapsed().as_secs_f64(), joins)
+    let cpu_per_join = (cpu_us(pid) - cpu_before) / joins as f64;
+    (joins as f64 / started.elapsed().as_secs_f64(), joins, cpu_per_join)
 }
 
 #[tokio::main]
@@ -85,16 +103,19 @@ async fn main() {
     let one_place = "admit_per_minute = 60\nmax_active = 1\nabandon_seconds = 3600";
 
     let (memory, memory_addr) = start_instance(&dir, shop, one_place, "");
-    let (memory_rate, _) = joins_per_second(memory_addr).await;
+    let (memory_rate, _, memory_cpu) = joins_per_second(memory_addr, memory.0.id()).await;
     drop(memory);
     let (redis_instance, redis_addr) = start_instance(&dir, shop, one_place, &store);
     redis_cli(port, &["config", "resetstat"]);
-    let (redis_rate, redis_joins) = joins_per_second(redis_addr).await;
+    let (redis_rate, redis_joins, redis_cpu) = joins_per_second(redis_addr, redis_instance.0.id()).await;
     let commands = redis_commands(port);
     drop(redis_instance);
     println!("joins per second, {CLIENTS} connections, {JOIN_SECONDS} s, one worker:");
-    println!("  memory store  {memory_rate:>8.0}");
-    println!("  redis store   {redis_rate:>8.0}   ({:.2}x memory)", redis_rate / memory_rate);
+    println!("  memory store  {memory_rate:>8.0}   proxy CPU per join {memory_cpu:>6.1} µs");
+    println!(
+        "  redis store   {redis_rate:>8.0}   proxy CPU per join {redis_cpu:>6.1} µs   ({:.2}x memory's joins per second)",
+        redis_rate / memory_rate
+    );
     let (scripts, commands) = commands;
     println!(
         "redis per join: {:.2} script calls (round trips), {:.1} commands counting those inside scripts \

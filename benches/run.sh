@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The benchmark suite, in one go on this machine, each figure a ratio against a reference
 # measured in the same run:
-#   1. admitted path: vestibule vs nginx proxy_pass vs the upstream direct (benches/admitted.sh)
-#   2. joins per second, memory store vs Redis store; Redis calls per join (cargo bench --bench line)
+#   1. admitted path: vestibule vs nginx proxy_pass vs the upstream direct (benches/admitted.sh),
+#      and system calls per request of both (benches/syscalls.sh)
+#   2. joins per second and proxy CPU per join, memory store vs Redis store; Redis calls per
+#      join (cargo bench --bench line)
 #   3. waiting sockets per instance, memory per socket, fan-out delay (cargo bench --bench feed)
-#   4. crowds through `vestibule loadtest`, three instances on one Redis: admission rate vs
+#   4. what idle rooms cost Redis: 10 instances x 100 rooms, nobody waiting (benches/idle-rooms.sh)
+#   5. crowds through `vestibule loadtest`, three instances on one Redis: admission rate vs
 #      configured, FIFO inversions, capacity overshoot (HTML reports with plots)
+# and ends with each figure against the goal of the speed issue.
 #
-#   bash benches/run.sh                      # about 15 minutes
+#   bash benches/run.sh                      # about 20 minutes
 #   CROWD_SECONDS=300 bash benches/run.sh    # longer crowds (rate accuracy over more minutes)
 #
 # Installs nginx and wrk from apt when missing; starts its own redis-server on a free port.
@@ -21,17 +25,21 @@ out=target/bench-results
 mkdir -p "$out"
 command -v redis-server >/dev/null || { echo "redis-server is not on the PATH (apt-get install redis-server)" >&2; exit 1; }
 
-echo "== 1/4 admitted path"
+echo "== 1/5 admitted path"
 bash benches/admitted.sh | tee "$out/admitted.txt"
+bash benches/syscalls.sh | tee "$out/syscalls.txt"
 
-echo; echo "== 2/4 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
+echo; echo "== 2/5 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
 DURATION=$LINE_SECONDS cargo bench --quiet --bench line | tee "$out/line.txt"
 
-echo; echo "== 3/4 waiting sockets (${SOCKETS})"
+echo; echo "== 3/5 waiting sockets (${SOCKETS})"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo bench --quiet --bench feed -- "$SOCKETS" | tee "$out/feed.txt"
 
-echo; echo "== 4/4 crowds, three instances on one Redis"
+echo; echo "== 4/5 idle rooms"
+bash benches/idle-rooms.sh | tee "$out/idle-rooms.txt"
+
+echo; echo "== 5/5 crowds, three instances on one Redis"
 source tests/lib.sh
 release_setup
 
@@ -89,9 +97,29 @@ crowd rate --room checkout --arrival-rate 30 --duration "${CROWD_SECONDS}s" \
 crowd capacity --room capacity --path /product --arrival-rate 40 --hold 2s --duration "$((CROWD_SECONDS / 2))s" \
   --max-inversions 0 --max-errors 0 --max-overshoot 0
 
-echo; echo "== summary (full output in $out/)"
+echo; echo "== against the goals of the speed issue (full output in $out/)"
+row=$(grep '^| vestibule ' "$out/admitted.txt" | tr -d ' ')
+IFS='|' read -r _ _ _ _ rps_ratio p99_ratio _ cpu_ratio _ <<< "$row"
+goal() { # name, measured, limit, "min" or "max", unit
+  local verdict
+  verdict=$(awk -v m="$2" -v l="$3" -v k="$4" 'BEGIN { print ((k == "min" ? m >= l : m <= l) ? "met" : "MISSED") }')
+  printf '  %-52s %10s %-6s (goal: %s %s)  %s\n' "$1" "$2" "$5" "$([ "$4" = min ] && echo ">=" || echo "<=")" "$3" "$verdict"
+}
+goal "admitted req/s vs nginx, one worker" "$rps_ratio" 1.0 min x
+goal "admitted p99 vs nginx" "$p99_ratio" 1.0 max x
+goal "admitted CPU per request vs nginx" "$cpu_ratio" 1.0 max x
+goal "system calls per request vs nginx" "$(sed -n 's/^vestibule \/ nginx: \([0-9.]*\)x.*/\1/p' "$out/syscalls.txt")" 1.0 max x
+goal "memory per waiting socket" "$(sed -n 's/.*: \([0-9.]*\) KiB per waiting socket.*/\1/p' "$out/feed.txt")" 4.0 max KiB
+goal "slot freed -> last socket's message (incl. the step)" "$(sed -n 's/.*last socket \([0-9.]*\) ms.*/\1/p' "$out/feed.txt")" 100 max ms
+goal "proxy CPU per join, Redis store" "$(sed -n 's/.*redis store .*proxy CPU per join *\([0-9.]*\) µs.*/\1/p' "$out/line.txt")" 50 max µs
+goal "Redis joins vs memory joins per second" "$(sed -n 's/.*(\([0-9.]*\)x memory.*/\1/p' "$out/line.txt")" 0.9 min x
+echo "  idle rooms: $(grep -E 'Redis commands per second' "$out/idle-rooms.txt" | sed 's/^ *//') (10 instances x 100 rooms; README: capacity)"
+echo "  (the fan-out goal is the last of 18 000 sockets within 100 ms of the step: SOCKETS=18000 bash benches/run.sh)"
+
+echo; echo "== summary"
 grep -A4 "^| target" "$out/admitted.txt" || true
 grep -E "memory store|redis store|redis per join|admissions," "$out/line.txt" || true
+grep -E "system calls per request" "$out/syscalls.txt" || true
 grep -Ei "sockets|per socket|fan-out" "$out/feed.txt" || true
 for name in rate capacity; do
   echo "crowd $name: $(grep -E 'visitors in' "$out/crowd-$name.txt")"
