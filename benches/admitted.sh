@@ -25,6 +25,7 @@ if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
 fi
 
 cargo build --release --quiet
+source tests/lib.sh
 bin=target/release/vestibule
 work=$(mktemp -d)
 pids=()
@@ -83,28 +84,7 @@ if [ -n "$BEFORE" ]; then
   targets+=(before)
 fi
 
-cat > "$work/nginx.conf" <<NGINX
-worker_processes 1;
-error_log $work/nginx-error.log warn;
-pid $work/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work;
-  proxy_temp_path $work;
-  upstream shop { server 127.0.0.1:$UPSTREAM_PORT; keepalive 256; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://shop;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-    }
-  }
-}
-NGINX
+write_nginx_proxy "$work/nginx.conf" "$NGINX_PORT" "127.0.0.1:$UPSTREAM_PORT" "$work"
 "${pin_proxy[@]}" nginx -c "$work/nginx.conf" -g 'daemon off;' &
 pids+=($!); nginx_pid=$!
 

@@ -45,28 +45,7 @@ vestibule_addr=$addr vestibule_pid=${pids[-1]}
 token=$("$bin" token --config "$dir/proxy.toml" --room checkout --ttl 3600)
 
 nginx_port=$(free_port)
-cat > "$dir/nginx.conf" <<NGINX
-worker_processes 1;
-error_log $dir/nginx-error.log warn;
-pid $dir/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $dir;
-  proxy_temp_path $dir;
-  upstream shop { server $shop; keepalive 256; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / {
-      proxy_pass http://shop;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-    }
-  }
-}
-NGINX
+write_nginx_proxy "$dir/nginx.conf" "$nginx_port" "$shop" "$dir"
 nginx -c "$dir/nginx.conf" -g 'daemon off;' &
 pids+=($!); nginx_pid=$!
 for _ in $(seq 100); do nginx_worker=$(pgrep -P "$nginx_pid" | head -1 || true); [ -n "$nginx_worker" ] && break; sleep 0.1; done

@@ -46,3 +46,32 @@ start_redis() {
   pids+=($redis_pid)
   until redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG; do sleep 0.05; done
 }
+
+# nginx as the reverse proxy the admitted-path benches measure against: one worker,
+# proxy_pass to an upstream keep-alive pool. Writes the file $1: listens on 127.0.0.1:$2,
+# forwards to $3 (host:port), keeps its pid, logs and temporary files in the folder $4.
+write_nginx_proxy() {
+  local file=$1 port=$2 upstream=$3 work=$4
+  cat > "$file" <<NGINX
+worker_processes 1;
+error_log $work/nginx-error.log warn;
+pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work;
+  proxy_temp_path $work;
+  upstream shop { server $upstream; keepalive 256; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://shop;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+NGINX
+}
