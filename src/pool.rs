@@ -202,11 +202,6 @@ impl Pool {
         let lease = (!upgraded).then(|| Lease { sender, shared: self.shared.clone() });
         response.map(|body| Pooled { body, lease })
     }
-
-    /// Connections idle in the pool now.
-    pub fn idle(&self) -> usize {
-        self.shared.idle.lock().expect("pool lock").len()
-    }
 }
 
 async fn reap_idle(shared: Weak<Shared>) {
