@@ -6,9 +6,13 @@
 //! or any other algorithm switch fails. Every claim (`iss`, `aud`, `sub`, `iat`, `nbf`, `exp`,
 //! `jti`, and `tkt`, the ticket that opened the session) is required.
 //!
-//! Tickets (the waiting visitor's cookie) are signed the same way with the audience
+//! Tickets (the waiting visitor's cookie) carry the same claims with the audience
 //! `ticket:<room>`, which no room id can equal (room ids have no `:`), so a ticket never passes
-//! as an admission token nor a token as a ticket.
+//! as an admission token nor a token as a ticket. Only vestibule reads a ticket, so it is
+//! signed with HMAC-SHA256 under a secret derived from the private key (a few microseconds)
+//! rather than with the public-key signature an admission token needs for the JWKS (an
+//! Ed25519 signature was 86 % of a join's proxy CPU). The derived key has its own `kid` and
+//! verifies tickets only.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -101,9 +105,12 @@ impl PartialEq for UseMark {
 
 impl Eq for UseMark {}
 
+/// What a ticket's audience starts with.
+const TICKET_AUDIENCE: &str = "ticket:";
+
 /// The audience of a room's tickets.
 pub fn ticket_audience(room: &str) -> String {
-    format!("ticket:{room}")
+    format!("{TICKET_AUDIENCE}{room}")
 }
 
 /// Why a key file could not be used.
@@ -178,29 +185,43 @@ struct RingKey {
     alg: Algorithm,
     decoding: DecodingKey,
     validation: Validation,
+    /// A key derived for tickets: what it signed passes only as a ticket.
+    tickets_only: bool,
 }
 
-/// Ed25519 signing with the key parsed once. `jsonwebtoken::encode` parses the PKCS#8 key and
-/// derives its public half (a scalar multiplication as costly as the signature) on every
-/// call: 42 % of a join's instructions (callgrind). The token is assembled the way the crate
-/// does (the same header and claims serialization; Ed25519 signatures are deterministic), so
-/// it is byte for byte what `jsonwebtoken::encode` gives; a test holds it to that.
-struct Ed25519Signer {
-    key: ed25519_dalek::SigningKey,
+/// How a [`CompactSigner`] signs.
+enum Signature {
+    /// Ed25519 with the key parsed once. `jsonwebtoken::encode` parses the PKCS#8 key and
+    /// derives its public half (a scalar multiplication as costly as the signature) on every
+    /// call: 42 % of a join's instructions (callgrind).
+    Ed25519(ed25519_dalek::SigningKey),
+    /// HMAC-SHA256: tickets, which vestibule alone reads.
+    Hmac(ring::hmac::Key),
+}
+
+/// Signs compact JWTs with a key prepared once and the header encoded once. A token is
+/// assembled the way `jsonwebtoken::encode` does (the same header and claims serialization;
+/// Ed25519 signatures and HMACs are deterministic), so it is byte for byte what the crate gives;
+/// a test holds it to that.
+struct CompactSigner {
+    signature: Signature,
     /// The encoded header, the same for every token.
     header: String,
 }
 
-impl Ed25519Signer {
-    fn new(key: ed25519_dalek::SigningKey, kid: &str) -> Ed25519Signer {
-        let mut header = Header::new(Algorithm::EdDSA);
+impl CompactSigner {
+    fn new(signature: Signature, kid: &str) -> CompactSigner {
+        let alg = match signature {
+            Signature::Ed25519(_) => Algorithm::EdDSA,
+            Signature::Hmac(_) => Algorithm::HS256,
+        };
+        let mut header = Header::new(alg);
         header.kid = Some(kid.to_owned());
         let header = serde_json::to_vec(&header).expect("a JWT header always serializes");
-        Ed25519Signer { key, header: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header) }
+        CompactSigner { signature, header: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header) }
     }
 
     fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
-        use base64::Engine as _;
         use ed25519_dalek::Signer as _;
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let claims = serde_json::to_vec(claims).map_err(|e| TokenError::Signing(e.to_string()))?;
@@ -208,11 +229,31 @@ impl Ed25519Signer {
         token.push_str(&self.header);
         token.push('.');
         engine.encode_string(claims, &mut token);
-        let signature = self.key.sign(token.as_bytes());
-        token.push('.');
-        engine.encode_string(signature.to_bytes(), &mut token);
+        match &self.signature {
+            Signature::Ed25519(key) => {
+                let signature = key.sign(token.as_bytes());
+                token.push('.');
+                engine.encode_string(signature.to_bytes(), &mut token);
+            }
+            Signature::Hmac(key) => {
+                let tag = ring::hmac::sign(key, token.as_bytes());
+                token.push('.');
+                engine.encode_string(tag.as_ref(), &mut token);
+            }
+        }
         Ok(token)
     }
+}
+
+/// The ticket key derived from a private key file's contents: its secret and its `kid`
+/// (which says nothing of the secret: a hash of the key's public `kid`).
+fn ticket_key(private: &[u8], kid: &str) -> ([u8; 32], String) {
+    use ring::digest;
+    let secret = digest::digest(&digest::SHA256, &[b"vestibule ticket v1\0".as_slice(), private].concat());
+    let name = digest::digest(&digest::SHA256, &[b"vestibule ticket kid\0".as_slice(), kid.as_bytes()].concat());
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(secret.as_ref());
+    (bytes, format!("t-{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&name.as_ref()[..12])))
 }
 
 /// The signing key plus every key still accepted, by `kid`.
@@ -221,7 +262,9 @@ pub struct KeyRing {
     signing_alg: Algorithm,
     signing: EncodingKey,
     /// Set when the signing key is Ed25519 (the default): the fast path of [`KeyRing::sign`].
-    ed25519: Option<Ed25519Signer>,
+    ed25519: Option<CompactSigner>,
+    /// Signs tickets with the key derived from the signing key.
+    tickets: CompactSigner,
     keys: HashMap<String, RingKey>,
     jwks: Bytes,
     signature_checks: AtomicU64,
@@ -237,6 +280,8 @@ struct LoadedKey {
     decoding: DecodingKey,
     /// The public JWK; `None` for shared secrets, which are never published.
     public: Option<Jwk>,
+    /// Private keys and secrets: the key their tickets are signed with (secret, `kid`).
+    ticket: Option<([u8; 32], String)>,
 }
 
 fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
@@ -299,7 +344,8 @@ fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
         }
         _ => None,
     };
-    Ok(LoadedKey { kid, alg, encoding, ed25519, decoding, public })
+    let ticket = encoding.is_some().then(|| ticket_key(text.trim().as_bytes(), &kid));
+    Ok(LoadedKey { kid, alg, encoding, ed25519, decoding, public, ticket })
 }
 
 impl KeyRing {
@@ -312,21 +358,25 @@ impl KeyRing {
                 reason: "a public key cannot sign; give the private key".into(),
             });
         };
+        let (ticket_secret, ticket_kid) = signing.ticket.clone().expect("a private key has a ticket key");
         let mut ring = KeyRing {
             signing_kid: signing.kid.clone(),
             signing_alg: signing.alg,
             signing: signing_key,
-            ed25519: signing.ed25519.clone().map(|key| Ed25519Signer::new(key, &signing.kid)),
+            ed25519: signing.ed25519.clone().map(|key| CompactSigner::new(Signature::Ed25519(key), &signing.kid)),
+            tickets: CompactSigner::new(
+                Signature::Hmac(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ticket_secret)),
+                &ticket_kid,
+            ),
             keys: HashMap::new(),
             jwks: Bytes::new(),
             signature_checks: AtomicU64::new(0),
         };
         let mut published = Vec::new();
         let verify = config.verify_keys.iter().map(|p| load_key(p));
-        for key in std::iter::once(Ok(signing)).chain(verify) {
-            let key = key?;
-            let mut validation = Validation::new(key.alg);
-            validation.algorithms = vec![key.alg];
+        let validation = |alg: Algorithm| {
+            let mut validation = Validation::new(alg);
+            validation.algorithms = vec![alg];
             validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
             validation.set_issuer(&[&config.issuer]);
             validation.leeway = config.leeway_seconds;
@@ -336,8 +386,19 @@ impl KeyRing {
             validation.validate_nbf = false;
             // The audience is the room, compared by the caller: one validation per key.
             validation.validate_aud = false;
+            validation
+        };
+        for key in std::iter::once(Ok(signing)).chain(verify) {
+            let key = key?;
             published.extend(key.public);
-            ring.keys.insert(key.kid, RingKey { alg: key.alg, decoding: key.decoding, validation });
+            if let Some((secret, kid)) = key.ticket {
+                let (decoding, validation, tickets_only) =
+                    (DecodingKey::from_secret(&secret), validation(Algorithm::HS256), true);
+                ring.keys.insert(kid, RingKey { alg: Algorithm::HS256, decoding, validation, tickets_only });
+            }
+            let validation = validation(key.alg);
+            ring.keys
+                .insert(key.kid, RingKey { alg: key.alg, decoding: key.decoding, validation, tickets_only: false });
         }
         let jwks = serde_json::to_vec(&JwkSet { keys: published }).expect("a JWK set always serializes");
         ring.jwks = Bytes::from(jwks);
@@ -366,14 +427,23 @@ impl KeyRing {
             return Err(TokenError::Rejected("algorithm does not match the key".into()));
         }
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
             .map(|data| data.claims)
-            .map_err(|e| TokenError::Rejected(format!("{:?}", e.kind())))
+            .map_err(|e| TokenError::Rejected(format!("{:?}", e.kind())))?;
+        if key.tickets_only && !claims.aud.starts_with(TICKET_AUDIENCE) {
+            return Err(TokenError::Rejected("a ticket key signs tickets only".into()));
+        }
+        Ok(claims)
     }
 
     /// Signatures checked so far (a token's is checked once, then the token is remembered).
     pub fn signature_checks(&self) -> u64 {
         self.signature_checks.load(Ordering::Relaxed)
+    }
+
+    /// Sign a ticket's claims with the ticket key derived from the signing key.
+    pub fn sign_ticket(&self, claims: &Claims) -> Result<String, TokenError> {
+        self.tickets.sign(claims)
     }
 
     /// Sign claims with the signing key.
@@ -498,7 +568,11 @@ impl Tokens {
             c0,
             ln: (line != 0).then_some(line),
         };
-        self.ring.sign(&claims)
+        if claims.aud.starts_with(TICKET_AUDIENCE) {
+            self.ring.sign_ticket(&claims)
+        } else {
+            self.ring.sign(&claims)
+        }
     }
 
     /// The admission a token grants for `room`, if it is valid now. Whether its session has
@@ -631,9 +705,56 @@ mod tests {
             let fast = ring.sign(&claims).unwrap();
             let library = jsonwebtoken::encode(&header, &claims, &ring.signing).unwrap();
             assert_eq!(fast, library);
+            // Tickets: HS256 under the derived secret, as the crate would sign them.
+            let key = std::fs::read(dir.join("Eddsa.key")).unwrap();
+            let (secret, kid) = ticket_key(String::from_utf8_lossy(&key).trim().as_bytes(), ring.signing_kid());
+            let mut ticket_header = Header::new(Algorithm::HS256);
+            ticket_header.kid = Some(kid);
+            let library = jsonwebtoken::encode(&ticket_header, &claims, &EncodingKey::from_secret(&secret)).unwrap();
+            assert_eq!(ring.sign_ticket(&claims).unwrap(), library);
         }
         let minted = tokens.mint("checkout", "v1", 7, 0, unix_now() + 60).unwrap();
         assert_eq!(tokens.admit(&minted, "checkout").unwrap().ticket, 7);
+    }
+
+    #[test]
+    fn tickets_are_hmac_signed_under_a_key_that_signs_nothing_else() {
+        let dir = temp_dir("tickets");
+        for kind in [KeyKind::Eddsa, KeyKind::Es256, KeyKind::Hs256] {
+            let tokens = Tokens::new(&config_with(kind, &dir)).unwrap();
+            let ring = tokens.ring();
+            let ticket = tokens.mint_ticket("checkout", "v1", 8, 0, 3, Duration::from_secs(60)).unwrap();
+            let header = jsonwebtoken::decode_header(&ticket).unwrap();
+            assert_eq!(header.alg, Algorithm::HS256, "{kind:?}");
+            let kid = header.kid.unwrap();
+            assert!(kid.starts_with("t-") && kid != ring.signing_kid(), "{kid}");
+            assert_eq!(tokens.ticket(&ticket, "checkout").unwrap().ticket, 8);
+
+            // What the ticket key signs never passes as an admission token, even for a room.
+            let now = unix_now();
+            let mut claims = Claims {
+                iss: "vestibule".into(),
+                aud: "checkout".into(),
+                sub: "v1".into(),
+                iat: now,
+                nbf: now,
+                exp: now + 60,
+                jti: random_id(),
+                tkt: 8,
+                c0: None,
+                ln: None,
+            };
+            let forged = ring.tickets.sign(&claims).unwrap();
+            assert!(matches!(tokens.admit(&forged, "checkout"), Err(TokenError::Rejected(_))));
+            // Tickets signed by the signing key itself (before tickets had a key of their own)
+            // still hold their place.
+            claims.aud = ticket_audience("checkout");
+            claims.c0 = Some(3);
+            let older = ring.sign(&claims).unwrap();
+            assert_eq!(tokens.ticket(&older, "checkout").unwrap().ticket, 8);
+            // Nothing about the ticket secret is published.
+            assert!(!String::from_utf8_lossy(&ring.jwks()).contains(&kid));
+        }
     }
 
     #[test]
@@ -664,6 +785,9 @@ mod tests {
         rotated.signing_key = new_path;
         let new_tokens = Tokens::new(&rotated).unwrap();
         assert!(new_tokens.admit(&token, "checkout").is_ok());
+        // Waiting visitors keep their place: the old private key still checks its tickets.
+        let ticket = old_tokens.mint_ticket("checkout", "v2", 2, 0, 0, Duration::from_secs(60)).unwrap();
+        assert_eq!(new_tokens.ticket(&ticket, "checkout").unwrap().visitor, "v2");
         assert_ne!(new_tokens.ring().signing_kid(), old_tokens.ring().signing_kid());
         let set: JwkSet = serde_json::from_slice(&new_tokens.ring().jwks()).unwrap();
         assert_eq!(set.keys.len(), 2);
