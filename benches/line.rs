@@ -37,7 +37,14 @@ fn redis_commands(port: u16) -> (u64, u64) {
     (scripts, all)
 }
 
-/// Joins per second against `addr` for JOIN_SECONDS from CLIENTS connections.
+/// CPU time Redis has used (user + system, its own count), in microseconds.
+fn redis_cpu_us(port: u16) -> f64 {
+    let info = redis_cli(port, &["info", "cpu"]);
+    let seconds =
+        |name: &str| info.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0);
+    (seconds("used_cpu_user:") + seconds("used_cpu_sys:")) * 1e6
+}
+
 /// CPU time (user + system) process `pid` has used, in microseconds.
 fn cpu_us(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the instance runs");
@@ -107,8 +114,10 @@ async fn main() {
     drop(memory);
     let (redis_instance, redis_addr) = start_instance(&dir, shop, one_place, &store);
     redis_cli(port, &["config", "resetstat"]);
+    let redis_cpu_before = redis_cpu_us(port);
     let (redis_rate, redis_joins, redis_cpu) = joins_per_second(redis_addr, redis_instance.0.id()).await;
     let commands = redis_commands(port);
+    let redis_server_cpu = (redis_cpu_us(port) - redis_cpu_before) / redis_joins as f64;
     drop(redis_instance);
     println!("joins per second, {CLIENTS} connections, {JOIN_SECONDS} s, one worker:");
     println!("  memory store  {memory_rate:>8.0}   proxy CPU per join {memory_cpu:>6.1} µs");
@@ -118,8 +127,8 @@ async fn main() {
     );
     let (scripts, commands) = commands;
     println!(
-        "redis per join: {:.2} script calls (round trips), {:.1} commands counting those inside scripts \
-         ({redis_joins} joins; the schedulers' steps meanwhile included)",
+        "redis per join: {:.2} script calls (round trips), {:.1} commands counting those inside scripts, \
+         {redis_server_cpu:.1} µs of Redis's CPU ({redis_joins} joins; the schedulers' steps meanwhile included)",
         scripts as f64 / redis_joins as f64,
         commands as f64 / redis_joins as f64
     );

@@ -5,8 +5,12 @@
 # For a script of its own: build the release binary and set `bin`, a temporary `dir` and
 # `pids`, all stopped and removed when the script exits.
 release_setup() {
-  cargo build --release --locked --quiet
-  bin=target/release/vestibule
+  if [ -n "${VESTIBULE:-}" ]; then
+    bin=$VESTIBULE # another build, to measure it (as the Rust benches' VESTIBULE=)
+  else
+    cargo build --release --locked --quiet
+    bin=target/release/vestibule
+  fi
   dir=$(mktemp -d)
   pids=()
   trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT

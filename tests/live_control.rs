@@ -238,3 +238,54 @@ impl Parts3 for (StatusCode, http::HeaderMap, String) {
         (self.0, serde_json::from_str(&self.2).unwrap_or(Value::Null))
     }
 }
+
+/// A number from an instance's `/metrics`: the sample whose name and labels start with `series`.
+async fn metric(instance: &Running, series: &str) -> f64 {
+    let request = Request::get("/metrics").header("host", "admin.test").body(Full::new(Bytes::new())).unwrap();
+    let (_, _, text) = send(instance.admin.unwrap(), request).await;
+    text.lines().find_map(|line| line.strip_prefix(series)?.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// Store reads of the room an instance has made so far.
+async fn reads(instance: &Running) -> f64 {
+    metric(instance, "vestibule_store_duration_seconds_count{operation=\"stats\"}").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_reads_an_idle_room_rarely_a_moving_one_every_second_and_the_admin_view_afresh() {
+    let setup = Setup::new("live-idle", "admit_per_minute = 600\nmax_active = 1\n").await;
+    let (one, two) = (setup.instance().await, setup.instance().await);
+    let leading = "vestibule_room_leader{room=\"checkout\"}";
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (leader, follower) = loop {
+        let (a, b) = (metric(&one, leading).await, metric(&two, leading).await);
+        // The follower has read the room since it heard the leader (and hears it: it does not
+        // read at every step any more).
+        if a + b == 1.0 && reads(if a == 1.0 { &two } else { &one }).await >= 1.0 {
+            break if a == 1.0 { (&one, &two) } else { (&two, &one) };
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no single leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Idle: over 3 s, at most one read (IDLE_READ_EVERY is 10 s; it was one a second).
+    let before = reads(follower).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_reads = reads(follower).await - before;
+    assert!(idle_reads <= 1.0, "{idle_reads} reads of an idle room in 3 s");
+
+    // Somebody inside, somebody waiting at the leader: the follower's admin view is read afresh.
+    Visitor::new(leader.addr).open("/checkout").await;
+    Visitor::new(leader.addr).open("/checkout").await;
+    let seen = view(follower).await;
+    assert_eq!((seen["active_sessions"].as_u64(), seen["waiting"].as_u64()), (Some(1), Some(1)), "{seen}");
+
+    // Someone waiting at the follower: it reads the room every second again.
+    Visitor::new(follower.addr).open("/checkout").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = reads(follower).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let busy_reads = reads(follower).await - before;
+    assert!(busy_reads >= 2.0, "{busy_reads} reads of a room with people waiting in 3 s");
+}

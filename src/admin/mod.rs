@@ -163,7 +163,12 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
     match segments.as_slice() {
         ["rooms"] => {
             only(&method, &[Method::GET])?;
-            let rooms: Vec<Value> = state.gate.rooms().iter().map(|room| view(&state.gate, room)).collect();
+            let rooms = state.gate.rooms();
+            let now = state.gate.clock().now_ms();
+            for room in &rooms {
+                room.refresh(state.gate.store(), now).await;
+            }
+            let rooms: Vec<Value> = rooms.iter().map(|room| view(&state.gate, room)).collect();
             Ok(json(StatusCode::OK, &Value::Array(rooms)))
         }
         ["rooms", id] => {
@@ -182,6 +187,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
                 }
                 change_overrides(state, &room, Some(&change)).await?;
             }
+            room.refresh(state.gate.store(), state.gate.clock().now_ms()).await;
             Ok(json(StatusCode::OK, &view(&state.gate, &room)))
         }
         ["rooms", id, "overrides"] => {

@@ -156,6 +156,13 @@ pub struct Stats {
     pub settings_version: u64,
 }
 
+impl Stats {
+    /// Nobody waiting, no turn outstanding, no session: nothing to move.
+    pub fn is_empty(&self) -> bool {
+        self.waiting == 0 && self.outstanding == 0 && self.active == 0
+    }
+}
+
 /// What a scheduler step did.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Step {

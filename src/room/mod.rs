@@ -47,6 +47,11 @@ pub const LEASE_TRY_EVERY: Duration = Duration::from_millis(500);
 /// How often an instance that does not lead a room reads it from the store, besides the
 /// cursor moves the leader announces: covers announcements lost while a subscription was down.
 pub const READ_EVERY: Duration = Duration::from_secs(1);
+/// How often such an instance reads a room that was empty at its last read and has had no
+/// news since (no cursor move heard, nobody waiting here), while it hears the leader: an idle
+/// room has nothing to tell, and the followers' reads were most of what idle rooms cost Redis
+/// (`bash benches/idle-rooms.sh`). The admin API reads a room afresh when asked.
+pub const IDLE_READ_EVERY: Duration = Duration::from_secs(10);
 /// Most waiters and sessions seen, buffered between two steps (or while the store is away).
 const MAX_PENDING_TOUCHES: usize = 100_000;
 /// Most waiters and sessions reported to the store by one step; the rest go with the next.
@@ -348,11 +353,15 @@ impl Room {
     /// Publish a cursor learned from the store between steps (an admission at join or
     /// redeem), so that pages rendered right after it count from it.
     pub fn observe_cursor(&self, cursor: u64) {
-        self.snapshot.send_if_modified(|snapshot| {
+        let moved = self.snapshot.send_if_modified(|snapshot| {
             let moved = cursor > snapshot.cursor;
             snapshot.cursor = snapshot.cursor.max(cursor);
             moved
         });
+        if moved {
+            // The line moves: not idle any more (followers read it every READ_EVERY again).
+            self.wake();
+        }
     }
 
     /// Record that a waiter is still here; sent to the store in a batch by the next step.
@@ -402,18 +411,24 @@ impl Room {
     }
 
     /// Note whether this instance hears the leader's announcements of cursor moves.
+    /// Heard again after a gap: what was announced meanwhile is lost, so the next step reads
+    /// the room (and meets a Redis that lost everything at once, not at the next idle read).
     pub fn set_hearing(&self, hearing: bool) {
-        self.hearing.store(hearing, Ordering::Relaxed);
+        if !self.hearing.swap(hearing, Ordering::Relaxed) && hearing {
+            self.read_at.store(0, Ordering::Relaxed);
+        }
     }
 
     /// How often a follower reads the room: every [`READ_EVERY`] while it hears the leader's
-    /// announcements, every step while it does not (a waiter must not learn of a turn
-    /// seconds after the one behind them).
+    /// announcements ([`IDLE_READ_EVERY`] while the room is empty and quiet), every step while
+    /// it does not (a waiter must not learn of a turn seconds after the one behind them).
     fn read_every(&self) -> Duration {
-        if self.hearing.load(Ordering::Relaxed) {
-            READ_EVERY
-        } else {
+        if !self.hearing.load(Ordering::Relaxed) {
             STEP
+        } else if self.empty.load(Ordering::Relaxed) {
+            IDLE_READ_EVERY
+        } else {
+            READ_EVERY
         }
     }
 
@@ -609,14 +624,16 @@ impl Room {
             let advanced = store.advance(&self.id, &limits, now, self.absence(now)).await?;
             let stats = advanced.stats;
             self.advanced_at.store(now, Ordering::Relaxed);
-            self.empty.store(stats.waiting == 0 && stats.outstanding == 0 && stats.active == 0, Ordering::Relaxed);
+            self.empty.store(stats.is_empty(), Ordering::Relaxed);
             self.metrics.admissions.inc_by(u64::from(advanced.granted));
             for (ticket, until) in advanced.ended {
                 self.revoke(ticket, until);
             }
             Some(advanced.stats)
         } else if leading || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64 {
-            Some(store.stats(&self.id, &limits, now).await?)
+            let stats = store.stats(&self.id, &limits, now).await?;
+            self.empty.store(stats.is_empty(), Ordering::Relaxed);
+            Some(stats)
         } else {
             None
         };
@@ -669,7 +686,8 @@ impl Room {
         self.lease_free.store(true, Ordering::Relaxed);
     }
 
-    /// Someone has to wait here: the next step advances the line even if it was empty.
+    /// Someone has to wait here, or the line moved: the next step advances the line even if it
+    /// was empty, and a follower reads it every [`READ_EVERY`] again.
     pub fn wake(&self) {
         self.empty.store(false, Ordering::Relaxed);
     }
@@ -723,10 +741,11 @@ impl Room {
         Ok(advanced.granted)
     }
 
-    /// Read the room before a waiter arriving here at `arrived` is shown a place, unless this
-    /// instance leads it (its snapshot is the line's own) or a read began since: an instance
-    /// that does not lead reads the room only every [`READ_EVERY`], and a waiter coming over
-    /// from another instance must not see their place go back. Waiters arriving together share
+    /// Read the room before a waiter arriving here at `arrived` is shown a place (or the admin
+    /// API shows the room), unless this instance leads it (its snapshot is the line's own) or a
+    /// read began since: an instance that does not lead reads the room only every
+    /// [`READ_EVERY`] ([`IDLE_READ_EVERY`] while idle), and a waiter coming over from another
+    /// instance must not see their place go back. Waiters arriving together share
     /// reads; a failed read leaves the snapshot as it was.
     pub async fn refresh(&self, store: &Store, arrived: u64) {
         let read_since = |room: &Room| room.read_at.load(Ordering::Relaxed) >= arrived;
