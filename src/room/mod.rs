@@ -25,7 +25,7 @@ use crate::config::{RoomConfig, RoomState};
 use crate::limit::JoinLimiter;
 use crate::line::{self, Absence, Limits, Stats};
 use crate::metrics::RoomMetrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Lease, Store, StoreError};
 use settings::{Overrides, Settings};
 
 /// How often the scheduler advances each room.
@@ -39,11 +39,15 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// Measured (`bash benches/idle-rooms.sh`): an empty room's advance is ~36 of the ~39 Redis
 /// commands an instance spends on it per step.
 pub const EMPTY_STEP: Duration = Duration::from_secs(1);
-/// How often an instance that does not lead a room tries to take its lease, while it hears the
-/// leader (a leader that gives the lease up says so, and the others try at once; one that dies
-/// is replaced within LEASE and this). Trying every step made the followers' lease calls most
-/// of what idle rooms cost Redis (`bash benches/idle-rooms.sh`).
-pub const LEASE_TRY_EVERY: Duration = Duration::from_millis(500);
+/// How often, at least, an instance that does not lead a room tries to take its lease while it
+/// hears the leader; a try also says, for LEASE, that the instance is alive. Otherwise it tries
+/// when the leader's lease runs out, as the last try said (a leader that dies is replaced the
+/// moment its lease ends; one that gives the lease up says so, and the others try at once).
+/// Trying every step, then every 500 ms, made the followers' lease calls most of what idle
+/// rooms cost Redis (`bash benches/idle-rooms.sh`).
+pub const LEASE_TRY_EVERY: Duration = Duration::from_millis(1_500);
+/// Tried this long after the holder's lease should have run out.
+const LEASE_MARGIN: Duration = Duration::from_millis(10);
 /// How often an instance that does not lead a room reads it from the store, besides the
 /// cursor moves the leader announces: covers announcements lost while a subscription was down.
 pub const READ_EVERY: Duration = Duration::from_secs(1);
@@ -154,9 +158,10 @@ pub struct Room {
     hearing: AtomicBool,
     /// When this instance last read the room from the store (ms).
     read_at: AtomicU64,
-    /// When this instance last tried the room's lease (ms), and whether the leader has said it
-    /// gave it up since.
+    /// When this instance last tried the room's lease (ms), when a follower tries it next, and
+    /// whether the leader has said it gave it up since.
     lease_tried_at: AtomicU64,
+    lease_retry_at: AtomicU64,
     lease_free: AtomicBool,
     /// When this instance last advanced the line (ms), and whether the line was empty then.
     advanced_at: AtomicU64,
@@ -221,6 +226,7 @@ impl Room {
             hearing: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
             lease_tried_at: AtomicU64::new(0),
+            lease_retry_at: AtomicU64::new(0),
             lease_free: AtomicBool::new(false),
             advanced_at: AtomicU64::new(0),
             empty: AtomicBool::new(false),
@@ -601,15 +607,29 @@ impl Room {
         self.report(store, now).await?;
         let settings = self.settings();
         let limits = settings.limits();
-        let try_lease = self.leading.load(Ordering::Relaxed)
-            || !self.hearing.load(Ordering::Relaxed)
-            || self.lease_free.swap(false, Ordering::Relaxed)
-            || now >= self.lease_tried_at.load(Ordering::Relaxed) + LEASE_TRY_EVERY.as_millis() as u64;
+        let was_leading = self.leading.load(Ordering::Relaxed);
+        let try_lease = if was_leading {
+            // Renewed at every step while the line moves; an empty line's only as often as
+            // it is advanced (LEASE is three times that).
+            !self.empty.load(Ordering::Relaxed)
+                || now >= self.lease_tried_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64
+        } else {
+            !self.hearing.load(Ordering::Relaxed)
+                || self.lease_free.swap(false, Ordering::Relaxed)
+                || now >= self.lease_retry_at.load(Ordering::Relaxed)
+        };
         let leading = if try_lease {
             self.lease_tried_at.store(now, Ordering::Relaxed);
-            store.hold_lease(&self.id, LEASE).await?
+            match store.hold_lease(&self.id, LEASE).await? {
+                Lease::Held => true,
+                Lease::Other(left) => {
+                    let wait = (left + LEASE_MARGIN).min(LEASE_TRY_EVERY);
+                    self.lease_retry_at.store(now + wait.as_millis() as u64, Ordering::Relaxed);
+                    false
+                }
+            }
         } else {
-            false
+            was_leading
         };
         self.leading.store(leading, Ordering::Relaxed);
         // Back after an outage, waiters are seen again (this step's snapshot asks them) before

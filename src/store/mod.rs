@@ -15,6 +15,21 @@ pub use memory::MemoryStore;
 pub use redis::{cursor_channel, lease_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
 
 use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
+
+/// What a lease call found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// This instance holds the room's lease now.
+    Held,
+    /// Another instance does, for this much longer (unless it renews it).
+    Other(std::time::Duration),
+}
+
+impl Lease {
+    pub fn is_held(self) -> bool {
+        self == Lease::Held
+    }
+}
 use crate::room::settings::Overrides;
 
 /// A store failure.
@@ -263,9 +278,9 @@ impl Store {
 
     /// Whether this instance may advance `room` now: always with the memory store; with
     /// Redis, while it holds the room's lease (taken or renewed by this call).
-    pub async fn hold_lease(&self, room: &str, lease: std::time::Duration) -> Result<bool, StoreError> {
+    pub async fn hold_lease(&self, room: &str, lease: std::time::Duration) -> Result<Lease, StoreError> {
         match self {
-            Store::Memory(_) => Ok(true),
+            Store::Memory(_) => Ok(Lease::Held),
             Store::Redis(store) => store.hold_lease(room, lease).await,
         }
     }

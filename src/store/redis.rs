@@ -20,7 +20,7 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, Scri
 
 use tracing::Instrument;
 
-use super::{Advanced, StoreError};
+use super::{Advanced, Lease, StoreError};
 use crate::clock::Clock;
 use crate::line::{Absence, Gone, Joined, Limits, Redeemed, Stats};
 use crate::metrics::Metrics;
@@ -809,14 +809,14 @@ impl RedisStore {
         [format!("vestibule:{{{room}}}:leader"), format!("vestibule:{{{room}}}:instances")]
     }
 
-    /// Take or keep the room's scheduler lease for `lease`; true while this instance holds it.
-    /// This also says, for as long, that the instance is alive.
-    pub async fn hold_lease(&self, room: &str, lease: Duration) -> Result<bool, StoreError> {
+    /// Take or keep the room's scheduler lease for `lease`. This also says, for as long, that
+    /// the instance is alive.
+    pub async fn hold_lease(&self, room: &str, lease: Duration) -> Result<Lease, StoreError> {
         let [leader, instances] = Self::lease_keys(room);
         let mut invocation = self.scripts.lease.key(leader);
         invocation.key(instances).arg(&self.instance).arg(lease.as_millis() as u64);
-        let held: u8 = self.invoke("lease", invocation).await?;
-        Ok(held == 1)
+        let (held, left): (u8, i64) = self.invoke("lease", invocation).await?;
+        Ok(if held == 1 { Lease::Held } else { Lease::Other(Duration::from_millis(left.max(0) as u64)) })
     }
 
     /// Give the lease up (a graceful stop), so that another instance takes over at once.

@@ -3,7 +3,8 @@
 -- KEYS[1] leader (string: the holding instance's id, with an expiry), KEYS[2] instances
 -- (hash: instance id -> alive until, ms of Redis time).
 -- ARGV[1] this instance's id, ARGV[2] lease length (ms).
--- Returns 1 when this instance holds the lease now, 0 when another does.
+-- Returns {1, 0} when this instance holds the lease now, {0, ms} when another does for ms more
+-- (when to try again: a dead holder's lease is taken the moment it runs out).
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('HSET', KEYS[2], ARGV[1], string.format('%d', now + tonumber(ARGV[2])))
@@ -19,10 +20,10 @@ end
 local holder = redis.call('GET', KEYS[1])
 if not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+  return {1, 0}
 end
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return {1, 0}
 end
-return 0
+return {0, redis.call('PTTL', KEYS[1])}
