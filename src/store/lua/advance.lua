@@ -32,7 +32,7 @@ local cursor = start
 local restored_upto = number(KEYS[1], 'restored_upto')
 -- Tickets up to restored_upto may never have been seen by this line (it was rebuilt, or grew
 -- to a ticket beyond its last): their holders have RESEE_MS from then to be reported.
-local resee_until = math.max(number(KEYS[1], 'restored_at'), number(KEYS[1], 'grown_at')) + RESEE_MS
+local resee_until = math.max(restored_at or 0, number(KEYS[1], 'grown_at')) + RESEE_MS
 local room_left = free()
 local granted = 0
 local skipped = 0

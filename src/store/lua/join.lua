@@ -8,8 +8,7 @@
 if lost() then
   return redis.error_reply(LOST)
 end
-local restored_at = redis.call('HGET', KEYS[1], 'restored_at')
-if restored_at and now < tonumber(restored_at) + JOIN_HOLD_MS then
+if restored_at and now < restored_at + JOIN_HOLD_MS then
   return redis.error_reply('RESTORING the line is being restored')
 end
 if ARGV[12] ~= '' then

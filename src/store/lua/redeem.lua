@@ -13,7 +13,7 @@ expire()
 local ticket = tonumber(ARGV[10])
 local last = number(KEYS[1], 'last')
 local cursor = number(KEYS[1], 'cursor')
-local restored = redis.call('HEXISTS', KEYS[1], 'restored_at') == 1
+local restored = restored_at ~= false
 if ticket == 0 then
   return {2, 'unknown'}
 end
@@ -44,7 +44,7 @@ if ticket > cursor then
 end
 local why = redis.call('HGET', KEYS[7], ticket)
 -- A turn granted by the lost line, redeemed within its grant time, takes a phantom place.
-local restored_grant = not why and restored and now < number(KEYS[1], 'restored_at') + grant_ms
+local restored_grant = not why and restored and now < restored_at + grant_ms
 if redis.call('ZREM', KEYS[2], ticket) == 1 or (restored_grant and adopt(ticket, 'grants')) then
   forget(ticket, 'used')
   return {0, open_session(ticket, ARGV[11])}
