@@ -2,7 +2,8 @@
 # The benchmark suite, in one go on this machine, each figure a ratio against a reference
 # measured in the same run:
 #   1. admitted path: vestibule vs nginx proxy_pass vs the upstream direct (benches/admitted.sh),
-#      and system calls per request of both (benches/syscalls.sh)
+#      one worker each, then with TLS on both listeners, then two workers each; and system
+#      calls per request of both (benches/syscalls.sh)
 #   2. joins per second and proxy CPU per join, memory store vs Redis store; Redis calls per
 #      join (cargo bench --bench line)
 #   3. waiting sockets per instance, memory per socket, fan-out delay (cargo bench --bench feed)
@@ -27,6 +28,8 @@ command -v redis-server >/dev/null || { echo "redis-server is not on the PATH (a
 
 echo "== 1/5 admitted path"
 bash benches/admitted.sh | tee "$out/admitted.txt"
+TLS=1 bash benches/admitted.sh | tee "$out/admitted-tls.txt"
+WORKERS=2 bash benches/admitted.sh | tee "$out/admitted-2.txt"
 bash benches/syscalls.sh | tee "$out/syscalls.txt"
 
 echo; echo "== 2/5 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
@@ -98,16 +101,18 @@ crowd capacity --room capacity --path /product --arrival-rate 40 --hold 2s --dur
   --max-inversions 0 --max-errors 0 --max-overshoot 0
 
 echo; echo "== against the goals of the speed issue (full output in $out/)"
-row=$(grep '^| vestibule ' "$out/admitted.txt" | tr -d ' ')
-IFS='|' read -r _ _ _ _ rps_ratio p99_ratio _ cpu_ratio _ <<< "$row"
 goal() { # name, measured, limit, "min" or "max", unit
   local verdict
   verdict=$(awk -v m="$2" -v l="$3" -v k="$4" 'BEGIN { print ((k == "min" ? m >= l : m <= l) ? "met" : "MISSED") }')
   printf '  %-52s %10s %-6s (goal: %s %s)  %s\n' "$1" "$2" "$5" "$([ "$4" = min ] && echo ">=" || echo "<=")" "$3" "$verdict"
 }
-goal "admitted req/s vs nginx, one worker" "$rps_ratio" 1.0 min x
-goal "admitted p99 vs nginx" "$p99_ratio" 1.0 max x
-goal "admitted CPU per request vs nginx" "$cpu_ratio" 1.0 max x
+for run in ":one worker" "-tls:TLS, one worker" "-2:two workers"; do
+  row=$(grep '^| vestibule ' "$out/admitted${run%%:*}.txt" | tr -d ' ')
+  IFS='|' read -r _ _ _ _ rps_ratio p99_ratio _ cpu_ratio _ <<< "$row"
+  goal "admitted req/s vs nginx, ${run#*:}" "$rps_ratio" 1.0 min x
+  goal "admitted p99 vs nginx, ${run#*:}" "$p99_ratio" 1.0 max x
+  goal "admitted CPU per request vs nginx, ${run#*:}" "$cpu_ratio" 1.0 max x
+done
 goal "system calls per request vs nginx" "$(sed -n 's/^vestibule \/ nginx: \([0-9.]*\)x.*/\1/p' "$out/syscalls.txt")" 1.0 max x
 goal "memory per waiting socket" "$(sed -n 's/.*: \([0-9.]*\) KiB per waiting socket.*/\1/p' "$out/feed.txt")" 4.0 max KiB
 goal "slot freed -> last socket's message (incl. the step)" "$(sed -n 's/.*last socket \([0-9.]*\) ms.*/\1/p' "$out/feed.txt")" 100 max ms
@@ -117,7 +122,7 @@ echo "  idle rooms: $(grep -E 'Redis commands per second' "$out/idle-rooms.txt" 
 echo "  (the fan-out goal is the last of 18 000 sockets within 100 ms of the step: SOCKETS=18000 bash benches/run.sh)"
 
 echo; echo "== summary"
-grep -A4 "^| target" "$out/admitted.txt" || true
+for run in "" -tls -2; do grep -B1 -A4 "^| target" "$out/admitted$run.txt" || true; done
 grep -E "memory store|redis store|redis per join|admissions," "$out/line.txt" || true
 grep -E "system calls per request" "$out/syscalls.txt" || true
 grep -Ei "sockets|per socket|fan-out" "$out/feed.txt" || true

@@ -6,7 +6,7 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Install the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init(log: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives(&log.level)));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let installed = match log.format {
         LogFormat::Text => builder.try_init(),
@@ -14,4 +14,24 @@ pub fn init(log: &LogConfig) {
     };
     // A second call (tests, `demo` after `check`) keeps the first subscriber.
     drop(installed);
+}
+
+/// The filter for `log.level`. rustls logs at WARN what a client's handshake did oddly (an IP
+/// address sent as the server name, as wrk does): one line per connection that any client can
+/// cause, so it is kept to errors unless the level names rustls itself.
+fn directives(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_owned()
+    } else {
+        format!("{level},rustls=error")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clients_cannot_fill_the_log_through_rustls_warnings() {
+        assert_eq!(super::directives("info"), "info,rustls=error");
+        assert_eq!(super::directives("debug,rustls=debug"), "debug,rustls=debug");
+    }
 }
