@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{call, connect, start_instance, start_shop, Instance};
+use support::{call, connect, cpu_us, start_instance, start_shop, Instance};
 
 const CLIENTS: usize = 32;
 const JOIN_SECONDS: u64 = 10;
@@ -43,20 +43,6 @@ fn redis_cpu_us(port: u16) -> f64 {
     let seconds =
         |name: &str| info.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0);
     (seconds("used_cpu_user:") + seconds("used_cpu_sys:")) * 1e6
-}
-
-/// CPU time (user + system) process `pid` has used, in microseconds.
-fn cpu_us(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the instance runs");
-    // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    let per_second: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    ticks * 1e6 / per_second
 }
 
 /// Joins per second at `addr` (the instance's process is `pid`), how many, and the instance's

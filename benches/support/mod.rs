@@ -33,6 +33,21 @@ pub fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
 }
 
+/// CPU time (user + system) process `pid` has used, in microseconds.
+pub fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the instance runs");
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("a stat line").1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let per_second: f64 =
+        String::from_utf8(std::process::Command::new("getconf").arg("CLK_TCK").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    ticks * 1e6 / per_second
+}
+
 /// The vestibule binary measured: this build, or another one named by `VESTIBULE=` (to
 /// compare two builds with the same bench).
 pub fn binary() -> String {
