@@ -212,6 +212,11 @@ pub struct TokensConfig {
     /// Verified tokens remembered so that the admitted path checks no signature per request.
     #[serde(default = "defaults::cache_entries")]
     pub cache_entries: NonZeroUsize,
+    /// Sign tickets with HMAC under a secret derived from the private key (fast; every
+    /// instance since this option checks them). `false` signs them with the key itself, as
+    /// earlier versions do and can check: for a rolling upgrade from one.
+    #[serde(default = "defaults::yes")]
+    pub hmac_tickets: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

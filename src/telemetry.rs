@@ -20,7 +20,7 @@ pub fn init(log: &LogConfig) {
 /// address sent as the server name, as wrk does): one line per connection that any client can
 /// cause, so it is kept to errors unless the level names rustls itself.
 fn directives(level: &str) -> String {
-    if level.contains("rustls") {
+    if level.contains("rustls") || level.trim() == "off" {
         level.to_owned()
     } else {
         format!("{level},rustls=error")
@@ -33,5 +33,6 @@ mod tests {
     fn clients_cannot_fill_the_log_through_rustls_warnings() {
         assert_eq!(super::directives("info"), "info,rustls=error");
         assert_eq!(super::directives("debug,rustls=debug"), "debug,rustls=debug");
+        assert_eq!(super::directives("off"), "off");
     }
 }

@@ -245,15 +245,34 @@ impl CompactSigner {
     }
 }
 
-/// The ticket key derived from a private key file's contents: its secret and its `kid`
-/// (which says nothing of the secret: a hash of the key's public `kid`).
-fn ticket_key(private: &[u8], kid: &str) -> ([u8; 32], String) {
+/// The ticket key derived from a private key: its secret and its `kid`. The secret comes from
+/// the key itself, not the file's bytes (line endings, a trailing newline); the `kid` from the
+/// secret, so that two instances deriving different secrets name different keys (a ticket
+/// from the other is then a key unknown here, not a bad signature), while it reveals nothing
+/// of the secret.
+fn ticket_key(private: &[u8]) -> ([u8; 32], String) {
     use ring::digest;
     let secret = digest::digest(&digest::SHA256, &[b"vestibule ticket v1\0".as_slice(), private].concat());
-    let name = digest::digest(&digest::SHA256, &[b"vestibule ticket kid\0".as_slice(), kid.as_bytes()].concat());
+    let name = digest::digest(&digest::SHA256, &[b"vestibule ticket kid\0".as_slice(), secret.as_ref()].concat());
     let mut bytes = [0u8; 32];
     bytes.copy_from_slice(secret.as_ref());
     (bytes, format!("t-{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&name.as_ref()[..12])))
+}
+
+/// What a private key file holds, whatever its layout: the Ed25519 seed, the DER inside a PEM
+/// file, or an HS256 secret.
+fn key_material(text: &str, ed25519: Option<&ed25519_dalek::SigningKey>) -> Vec<u8> {
+    if let Some(key) = ed25519 {
+        return key.to_bytes().to_vec();
+    }
+    if text.contains("-----BEGIN") {
+        let body: String =
+            text.lines().filter(|line| !line.starts_with("-----")).flat_map(|line| line.trim().chars()).collect();
+        if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(body) {
+            return der;
+        }
+    }
+    text.trim().as_bytes().to_vec()
 }
 
 /// The signing key plus every key still accepted, by `kid`.
@@ -263,8 +282,9 @@ pub struct KeyRing {
     signing: EncodingKey,
     /// Set when the signing key is Ed25519 (the default): the fast path of [`KeyRing::sign`].
     ed25519: Option<CompactSigner>,
-    /// Signs tickets with the key derived from the signing key.
-    tickets: CompactSigner,
+    /// Signs tickets with the key derived from the signing key; `None` when tickets are
+    /// signed with the signing key itself (`tokens.hmac_tickets = false`).
+    tickets: Option<CompactSigner>,
     keys: HashMap<String, RingKey>,
     jwks: Bytes,
     signature_checks: AtomicU64,
@@ -344,7 +364,7 @@ fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
         }
         _ => None,
     };
-    let ticket = encoding.is_some().then(|| ticket_key(text.trim().as_bytes(), &kid));
+    let ticket = encoding.is_some().then(|| ticket_key(&key_material(&text, ed25519.as_ref())));
     Ok(LoadedKey { kid, alg, encoding, ed25519, decoding, public, ticket })
 }
 
@@ -364,10 +384,12 @@ impl KeyRing {
             signing_alg: signing.alg,
             signing: signing_key,
             ed25519: signing.ed25519.clone().map(|key| CompactSigner::new(Signature::Ed25519(key), &signing.kid)),
-            tickets: CompactSigner::new(
-                Signature::Hmac(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ticket_secret)),
-                &ticket_kid,
-            ),
+            tickets: config.hmac_tickets.then(|| {
+                CompactSigner::new(
+                    Signature::Hmac(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ticket_secret)),
+                    &ticket_kid,
+                )
+            }),
             keys: HashMap::new(),
             jwks: Bytes::new(),
             signature_checks: AtomicU64::new(0),
@@ -443,7 +465,10 @@ impl KeyRing {
 
     /// Sign a ticket's claims with the ticket key derived from the signing key.
     pub fn sign_ticket(&self, claims: &Claims) -> Result<String, TokenError> {
-        self.tickets.sign(claims)
+        match &self.tickets {
+            Some(tickets) => tickets.sign(claims),
+            None => self.sign(claims),
+        }
     }
 
     /// Sign claims with the signing key.
@@ -653,6 +678,7 @@ mod tests {
             issuer: "vestibule".into(),
             leeway_seconds: 2,
             cache_entries: NonZeroUsize::new(16).unwrap(),
+            hmac_tickets: true,
         }
     }
 
@@ -706,8 +732,10 @@ mod tests {
             let library = jsonwebtoken::encode(&header, &claims, &ring.signing).unwrap();
             assert_eq!(fast, library);
             // Tickets: HS256 under the derived secret, as the crate would sign them.
-            let key = std::fs::read(dir.join("Eddsa.key")).unwrap();
-            let (secret, kid) = ticket_key(String::from_utf8_lossy(&key).trim().as_bytes(), ring.signing_kid());
+            let Some(Signature::Ed25519(key)) = ring.ed25519.as_ref().map(|signer| &signer.signature) else {
+                panic!("an Ed25519 signer");
+            };
+            let (secret, kid) = ticket_key(&key.to_bytes());
             let mut ticket_header = Header::new(Algorithm::HS256);
             ticket_header.kid = Some(kid);
             let library = jsonwebtoken::encode(&ticket_header, &claims, &EncodingKey::from_secret(&secret)).unwrap();
@@ -721,7 +749,8 @@ mod tests {
     fn tickets_are_hmac_signed_under_a_key_that_signs_nothing_else() {
         let dir = temp_dir("tickets");
         for kind in [KeyKind::Eddsa, KeyKind::Es256, KeyKind::Hs256] {
-            let tokens = Tokens::new(&config_with(kind, &dir)).unwrap();
+            let config = config_with(kind, &dir);
+            let tokens = Tokens::new(&config).unwrap();
             let ring = tokens.ring();
             let ticket = tokens.mint_ticket("checkout", "v1", 8, 0, 3, Duration::from_secs(60)).unwrap();
             let header = jsonwebtoken::decode_header(&ticket).unwrap();
@@ -744,7 +773,7 @@ mod tests {
                 c0: None,
                 ln: None,
             };
-            let forged = ring.tickets.sign(&claims).unwrap();
+            let forged = ring.tickets.as_ref().unwrap().sign(&claims).unwrap();
             assert!(matches!(tokens.admit(&forged, "checkout"), Err(TokenError::Rejected(_))));
             // Tickets signed by the signing key itself (before tickets had a key of their own)
             // still hold their place.
@@ -754,6 +783,22 @@ mod tests {
             assert_eq!(tokens.ticket(&older, "checkout").unwrap().ticket, 8);
             // Nothing about the ticket secret is published.
             assert!(!String::from_utf8_lossy(&ring.jwks()).contains(&kid));
+
+            // The same key in a file laid out otherwise (CRLF line endings) checks the tickets.
+            let mut copied = config.clone();
+            let text = std::fs::read_to_string(&config.signing_key).unwrap();
+            copied.signing_key = dir.join(format!("{kind:?}-crlf.key"));
+            std::fs::write(&copied.signing_key, text.replace('\n', "\r\n")).unwrap();
+            assert_eq!(Tokens::new(&copied).unwrap().ticket(&ticket, "checkout").unwrap().ticket, 8, "{kind:?}");
+
+            // For a rolling upgrade from a version before HMAC tickets: signed with the key.
+            let mut upgrading = copied.clone();
+            upgrading.hmac_tickets = false;
+            let upgrading = Tokens::new(&upgrading).unwrap();
+            let ticket = upgrading.mint_ticket("checkout", "v1", 9, 0, 3, Duration::from_secs(60)).unwrap();
+            let header = jsonwebtoken::decode_header(&ticket).unwrap();
+            assert_eq!(header.kid.as_deref(), Some(ring.signing_kid()), "{kind:?}");
+            assert_eq!(tokens.ticket(&ticket, "checkout").unwrap().ticket, 9);
         }
     }
 
@@ -824,6 +869,7 @@ mod fixture_tests {
             issuer: "vestibule".into(),
             leeway_seconds: 5,
             cache_entries: NonZeroUsize::new(16).unwrap(),
+            hmac_tickets: true,
         }
     }
 

@@ -164,10 +164,12 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
         ["rooms"] => {
             only(&method, &[Method::GET])?;
             let rooms = state.gate.rooms();
-            let now = state.gate.clock().now_ms();
+            let mut reads = tokio::task::JoinSet::new();
             for room in &rooms {
-                room.refresh(state.gate.store(), now).await;
+                let (room, gate) = (room.clone(), state.gate.clone());
+                reads.spawn(async move { fresh(&gate, &room).await });
             }
+            reads.join_all().await;
             let rooms: Vec<Value> = rooms.iter().map(|room| view(&state.gate, room)).collect();
             Ok(json(StatusCode::OK, &Value::Array(rooms)))
         }
@@ -187,7 +189,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
                 }
                 change_overrides(state, &room, Some(&change)).await?;
             }
-            room.refresh(state.gate.store(), state.gate.clock().now_ms()).await;
+            fresh(&state.gate, &room).await;
             Ok(json(StatusCode::OK, &view(&state.gate, &room)))
         }
         ["rooms", id, "overrides"] => {
@@ -314,6 +316,16 @@ async fn change_overrides(state: &State, room: &Room, change: Option<&Overrides>
     tracing::info!(room = %room.id, ?overrides, version, "live overrides changed");
     room.apply_overrides(overrides, version);
     Ok(())
+}
+
+/// Read the room from the store first when what this instance keeps is over a second old (a
+/// follower reads an idle room only every 10 s): the view an operator asks for is current.
+async fn fresh(gate: &Gate, room: &Room) {
+    let now = gate.clock().now_ms();
+    let kept_at = room.last_stats().map_or(0, |(_, at)| at);
+    if now >= kept_at + crate::room::READ_EVERY.as_millis() as u64 {
+        room.refresh(gate.store(), now).await;
+    }
 }
 
 /// A room's live view (DESIGN §2).

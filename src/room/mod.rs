@@ -156,8 +156,10 @@ pub struct Room {
     leading: AtomicBool,
     /// Whether this instance hears the leader's announcements (its subscription is up).
     hearing: AtomicBool,
-    /// When this instance last read the room from the store (ms).
+    /// When this instance last read the room from the store (ms), and whether the next step
+    /// must read it whenever it last did (announcements may have been lost).
     read_at: AtomicU64,
+    read_due: AtomicBool,
     /// When this instance last tried the room's lease (ms), when a follower tries it next, and
     /// whether the leader has said it gave it up since.
     lease_tried_at: AtomicU64,
@@ -225,6 +227,7 @@ impl Room {
             leading: AtomicBool::new(false),
             hearing: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
+            read_due: AtomicBool::new(false),
             lease_tried_at: AtomicU64::new(0),
             lease_retry_at: AtomicU64::new(0),
             lease_free: AtomicBool::new(false),
@@ -421,7 +424,7 @@ impl Room {
     /// the room (and meets a Redis that lost everything at once, not at the next idle read).
     pub fn set_hearing(&self, hearing: bool) {
         if !self.hearing.swap(hearing, Ordering::Relaxed) && hearing {
-            self.read_at.store(0, Ordering::Relaxed);
+            self.read_due.store(true, Ordering::Relaxed);
         }
     }
 
@@ -610,8 +613,10 @@ impl Room {
         let was_leading = self.leading.load(Ordering::Relaxed);
         let try_lease = if was_leading {
             // Renewed at every step while the line moves; an empty line's only as often as
-            // it is advanced (LEASE is three times that).
-            !self.empty.load(Ordering::Relaxed)
+            // it is advanced (LEASE is three times that), and at once after the store was away
+            // (another instance may have taken the lease meanwhile).
+            !was_available
+                || !self.empty.load(Ordering::Relaxed)
                 || now >= self.lease_tried_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64
         } else {
             !self.hearing.load(Ordering::Relaxed)
@@ -619,8 +624,11 @@ impl Room {
                 || now >= self.lease_retry_at.load(Ordering::Relaxed)
         };
         let leading = if try_lease {
+            let lease = store.hold_lease(&self.id, LEASE).await?;
+            // Only a call that was answered counts as tried: after a failed one, the next step
+            // tries again.
             self.lease_tried_at.store(now, Ordering::Relaxed);
-            match store.hold_lease(&self.id, LEASE).await? {
+            match lease {
                 Lease::Held => true,
                 Lease::Other(left) => {
                     let wait = (left + LEASE_MARGIN).min(LEASE_TRY_EVERY);
@@ -650,8 +658,13 @@ impl Room {
                 self.revoke(ticket, until);
             }
             Some(advanced.stats)
-        } else if leading || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64 {
-            let stats = store.stats(&self.id, &limits, now).await?;
+        } else if leading
+            || self.read_due.swap(false, Ordering::Relaxed)
+            || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64
+        {
+            let stats = store.stats(&self.id, &limits, now).await.inspect_err(|_| {
+                self.read_due.store(true, Ordering::Relaxed); // still owed
+            })?;
             self.empty.store(stats.is_empty(), Ordering::Relaxed);
             Some(stats)
         } else {
@@ -778,6 +791,8 @@ impl Room {
         }
         if let Ok(stats) = store.stats(&self.id, &self.limits(), arrived).await {
             self.read_at.fetch_max(arrived, Ordering::Relaxed);
+            // Found people in line: read every READ_EVERY again, not every IDLE_READ_EVERY.
+            self.empty.store(stats.is_empty(), Ordering::Relaxed);
             self.observe_line(stats.line);
             self.observe_cursor(stats.cursor);
             self.observe_stats(stats, arrived);
