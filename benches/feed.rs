@@ -3,6 +3,7 @@
 //!
 //!   cargo bench --bench feed               # 10 000 waiting visitors
 //!   cargo bench --bench feed -- 18000      # up to what the file-descriptor limit allows
+//!   WORKERS=2 cargo bench --bench feed -- 18000   # the instance with two workers
 //!
 //! Starts the real `vestibule` binary (release) with one room whose only slot is taken, joins
 //! N visitors (each gets a ticket), opens N feed sockets, reads the instance's resident memory

@@ -67,7 +67,8 @@ pub fn start_shop() -> (Instance, SocketAddr) {
     (Instance(child), addr)
 }
 
-/// Start the release binary with `[server]` for one worker and high socket caps, the room
+/// Start the release binary with `[server]` for one worker (`WORKERS=` in the environment for
+/// more) and high socket caps, the room
 /// `checkout` configured by `room` (TOML lines), and `store` (a whole `[store]` table, or
 /// nothing for memory). The signing key is shared by every instance started in `dir`.
 pub fn start_instance(dir: &std::path::Path, upstream: SocketAddr, room: &str, store: &str) -> (Instance, SocketAddr) {
@@ -91,7 +92,7 @@ pub fn start_instance_with(
     let config = r#"
 [server]
 listen = "127.0.0.1:0"
-workers = 1
+workers = WORKERS
 max_feed_sockets = 100000
 max_feed_sockets_per_address = 100000
 [upstream]
@@ -109,7 +110,12 @@ STORE
 format = "json"
 level = "warn,vestibule=info"
 "#;
-    let config = config.replace("UPSTREAM", &upstream.to_string()).replace("ROOM", room).replace("STORE", store);
+    let workers = std::env::var("WORKERS").ok().and_then(|w| w.parse::<u16>().ok()).unwrap_or(1);
+    let config = config
+        .replace("UPSTREAM", &upstream.to_string())
+        .replace("WORKERS", &workers.to_string())
+        .replace("ROOM", room)
+        .replace("STORE", store);
     let path = dir.join(format!("proxy-{}.toml", rand_suffix()));
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(binary)
