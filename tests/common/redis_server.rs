@@ -9,6 +9,19 @@ use std::time::{Duration, Instant};
 
 use super::TempDir;
 
+/// A free port below the kernel's ephemeral range (32768 and up here), so that while a test's
+/// Redis is killed nothing else takes its port: no `bind` to port 0 and no outgoing
+/// connection's source port can land there, and a restart finds it free (a port from the
+/// ephemeral range could go to another test's server meanwhile, which would answer for it).
+fn quiet_port() -> u16 {
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 pub struct RedisServer {
     child: Child,
     pub port: u16,
@@ -17,7 +30,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = quiet_port();
         let dir = TempDir::new("redis");
         let child = Self::spawn(port, &dir);
         let server = RedisServer { child, port, _dir: dir };
