@@ -18,17 +18,20 @@ if ARGV[12] ~= '' then
   end
   redis.call('ZADD', KEYS[15], now + 120000, ARGV[12])
 end
-local budget = refill()
-expire()
 local ticket = redis.call('HINCRBY', KEYS[1], 'last', 1)
-local cursor = number(KEYS[1], 'cursor')
-if ARGV[10] == '1' and cursor + 1 == ticket and free() > 0 and budget >= TURN then
-  redis.call('HSET', KEYS[1], 'cursor', ticket)
-  save_budget(budget - TURN)
-  redis.call('RPUSH', KEYS[8], now)
-  return {1, ticket, open_session(ticket, ARGV[11]), number(KEYS[1], 'line_id')}
+-- Only a join that may be let in at once (nobody ahead) needs the line's ends and its budget
+-- brought up to now; a join that waits leaves both to the leader's next step (the budget a
+-- refill would have saved is the same when computed then), three fewer commands a join.
+if ARGV[10] == '1' and number(KEYS[1], 'cursor') + 1 == ticket then
+  expire()
+  local budget = refill()
+  if free() > 0 and budget >= TURN then
+    redis.call('HSET', KEYS[1], 'cursor', ticket)
+    save_budget(budget - TURN)
+    redis.call('RPUSH', KEYS[8], now)
+    return {1, ticket, open_session(ticket, ARGV[11]), number(KEYS[1], 'line_id')}
+  end
 end
-save_budget(budget)
 redis.call('ZADD', KEYS[5], now, ticket)
 redis.call('ZADD', KEYS[10], now, ticket)
 return {0, ticket, 0, number(KEYS[1], 'line_id')}
