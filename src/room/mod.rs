@@ -165,7 +165,8 @@ pub struct Room {
     lease_tried_at: AtomicU64,
     lease_retry_at: AtomicU64,
     lease_free: AtomicBool,
-    /// When this instance last advanced the line (ms), and whether the line was empty then.
+    /// When this instance last advanced the line (ms), and whether the line was empty at the
+    /// last advance or read (nobody waiting, no turn outstanding, no session).
     advanced_at: AtomicU64,
     empty: AtomicBool,
     /// The epoch of the line at the last read.

@@ -15,6 +15,7 @@ pub use memory::MemoryStore;
 pub use redis::{cursor_channel, lease_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
 
 use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
+use crate::room::settings::Overrides;
 
 /// What a lease call found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +31,6 @@ impl Lease {
         self == Lease::Held
     }
 }
-use crate::room::settings::Overrides;
 
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
