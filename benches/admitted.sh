@@ -5,6 +5,8 @@
 #   bash benches/admitted.sh            # 3 rounds of 10 s per target
 #   ROUNDS=5 DURATION=20s CONNECTIONS=128 bash benches/admitted.sh
 #   BEFORE=/path/to/old/vestibule bash benches/admitted.sh   # and another build, side by side
+#   BEFORE=target/release/vestibule BEFORE_SERVER="fast_lane = false" bash benches/admitted.sh
+#                                       # the same build with hyper serving every request
 #   TLS=1 bash benches/admitted.sh      # HTTPS on both proxies' listeners, the same certificate
 #   WORKERS=2 bash benches/admitted.sh  # two workers each, nothing pinned (two cores here)
 #
@@ -20,6 +22,7 @@ NGINX_PORT=${NGINX_PORT:-18081}
 VESTIBULE_PORT=${VESTIBULE_PORT:-18082}
 BEFORE_PORT=${BEFORE_PORT:-18083}
 BEFORE=${BEFORE:-}
+BEFORE_SERVER=${BEFORE_SERVER:-}
 TLS=${TLS:-}
 WORKERS=${WORKERS:-1}
 scheme=http; [ -n "$TLS" ] && scheme=https
@@ -90,6 +93,8 @@ token=$("$bin" token --config "$work/proxy.toml" --room checkout --ttl 3600)
 targets=(direct nginx vestibule)
 if [ -n "$BEFORE" ]; then
   sed "s/127.0.0.1:$VESTIBULE_PORT/127.0.0.1:$BEFORE_PORT/" "$work/proxy.toml" > "$work/before.toml"
+  # BEFORE_SERVER: more [server] settings for it (as `fast_lane = false`).
+  [ -z "$BEFORE_SERVER" ] || sed -i "s/^\[server\]$/[server]\n$BEFORE_SERVER/" "$work/before.toml"
   "${pin_proxy[@]}" "$BEFORE" run --config "$work/before.toml" &
   pids+=($!); before_pid=$!
   targets+=(before)

@@ -6,6 +6,8 @@
 #
 #   bash benches/instructions.sh                          # this build
 #   BEFORE=/path/to/old/vestibule bash benches/instructions.sh   # and another, side by side
+#   BEFORE=target/release/vestibule BEFORE_SERVER="fast_lane = false" bash benches/instructions.sh
+#                                                         # this build, hyper serving every request
 #   REQUESTS=4000 bash benches/instructions.sh            # default 2000 (and half as many)
 #
 # Each figure is (instructions after 2N requests - after N) / N, so start-up and idle work
@@ -21,11 +23,12 @@ start_shop 1
 
 # A room whose one place is taken by nobody: paused rooms forward only admitted requests.
 write_config() {
-  local port=$1
+  local port=$1 extra=$2
   cat > "$dir/proxy.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
 workers = 1
+$extra
 [upstream]
 url = "http://$shop"
 [tokens]
@@ -41,9 +44,9 @@ TOML
 
 # Instructions the process at `binary` spends on `count` requests of `kind`.
 measure() {
-  local binary=$1 kind=$2 count=$3
+  local binary=$1 kind=$2 count=$3 extra=$4
   local port; port=$(free_port)
-  write_config "$port"
+  write_config "$port" "$extra"
   # An older build may not know the join limit (it had none).
   if ! "$binary" check --config "$dir/proxy.toml" >/dev/null 2>&1; then
     sed -i '/joins_per_address_per_minute/d' "$dir/proxy.toml"
@@ -69,10 +72,10 @@ PY
 }
 
 per_request() {
-  local binary=$1 kind=$2
+  local binary=$1 kind=$2 extra=${3:-}
   local once twice
-  once=$(measure "$binary" "$kind" "$((REQUESTS / 2))")
-  twice=$(measure "$binary" "$kind" "$REQUESTS")
+  once=$(measure "$binary" "$kind" "$((REQUESTS / 2))" "$extra")
+  twice=$(measure "$binary" "$kind" "$REQUESTS" "$extra")
   echo $(( (twice - once) / (REQUESTS - REQUESTS / 2) ))
 }
 
@@ -81,7 +84,7 @@ for kind in admitted join; do
   this=$(per_request "$bin" "$kind")
   printf "%-10s %-10s %14s\n" this "$kind" "$this"
   if [ -n "${BEFORE:-}" ]; then
-    before=$(per_request "$BEFORE" "$kind")
+    before=$(per_request "$BEFORE" "$kind" "${BEFORE_SERVER:-}")
     printf "%-10s %-10s %14s   (this / before = %s)\n" before "$kind" "$before" \
       "$(python3 -c "print(f'{$this / $before:.3f}')")"
   fi

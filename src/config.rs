@@ -75,6 +75,10 @@ pub struct ServerConfig {
     /// Also serve HTTP/2 in cleartext (h2c, by prior knowledge) on a listener without TLS.
     #[serde(default)]
     pub h2c: bool,
+    /// Serve bodiless HTTP/1.1 requests the gate forwards on the fast lane (`crate::lane`);
+    /// `false` serves every request with hyper.
+    #[serde(default = "defaults::yes")]
+    pub fast_lane: bool,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are trusted and extended; from
     /// anyone else those headers are dropped and replaced by ours.
     /// Each an address (`10.0.0.7`) or a range (`10.0.0.0/8`).

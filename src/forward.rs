@@ -94,6 +94,29 @@ impl Upstream {
         target.map(http::Uri::from).map_err(|_| GateError::BadRequest("The request target is not valid."))
     }
 
+    /// The keep-alive pool (the fast lane takes bare streams from it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout
+    }
+
+    /// Count an exchange by the status it got (none when it failed) and how long it took.
+    pub fn observe(&self, status: Option<StatusCode>, took: Duration) {
+        self.timer.observe(status, took);
+    }
+
+    /// A connection failed: the name may point elsewhere now; the next connection asks again.
+    pub fn forget_addresses(&self) {
+        self.resolver.forget();
+    }
+
     /// Whether the client's `Host` goes upstream (or the upstream's own authority).
     pub fn preserve_host(&self) -> bool {
         self.preserve_host

@@ -19,6 +19,7 @@
 //!   reserved `/_vestibule/` endpoints.
 //! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
 //! - [`resolve`]: the upstream's host name resolved without blocking, each answer kept for its TTL.
+//! - [`lane`]: the fast lane for bodiless HTTP/1.1 requests the gate forwards, hyper for the rest.
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
 //! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
 //! - [`challenge`]: the proof of work a room may ask of a visitor before they join.
@@ -42,6 +43,7 @@ pub mod forward;
 pub mod framing;
 pub mod gate;
 pub mod hop;
+pub mod lane;
 pub mod limit;
 pub mod line;
 pub mod loadtest;

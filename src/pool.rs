@@ -86,56 +86,89 @@ fn timed_out(what: &str, timeout: Duration) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {what} took over {timeout:?}"))
 }
 
+/// A pooled connection: hyper's sender knows when its connection closed; a bare stream
+/// (the admitted fast lane's, `crate::lane`) finds out at its next exchange.
+trait Keepable: Send + 'static {
+    fn is_closed(&self) -> bool;
+}
+
+impl Keepable for SendRequest<Body> {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+impl Keepable for TcpStream {
+    /// Closed, or sent something while idle (a stray byte would be read as the answer to the
+    /// next request: never reuse such a stream). The reactor has marked the stream readable
+    /// if anything came since its last read, so an idle stream costs no system call here.
+    fn is_closed(&self) -> bool {
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        match self.poll_read_ready(&mut context) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                !matches!(self.try_read(&mut [0u8; 1]), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
 /// An idle connection and since when it is idle.
-struct Idle {
-    sender: SendRequest<Body>,
+struct Idle<C> {
+    connection: C,
     since: Instant,
 }
 
-struct Shared {
-    idle: Mutex<VecDeque<Idle>>,
+struct Shared<C> {
+    idle: Mutex<VecDeque<Idle<C>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
-impl Shared {
+impl<C: Keepable> Shared<C> {
+    fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Shared<C>> {
+        let shared = Arc::new(Shared { idle: Mutex::new(VecDeque::new()), max_idle, idle_timeout });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap_idle(Arc::downgrade(&shared)));
+        }
+        shared
+    }
+
     /// Take the most recently used connection that is still open.
-    fn take(&self) -> Option<SendRequest<Body>> {
+    fn take(&self) -> Option<C> {
         let mut idle = self.idle.lock().expect("pool lock");
-        while let Some(Idle { sender, since }) = idle.pop_back() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
+        while let Some(Idle { connection, since }) = idle.pop_back() {
+            if !connection.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(connection);
             }
         }
         None
     }
 
     /// Keep a connection whose last exchange is complete, unless the pool is full.
-    fn give_back(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    fn give_back(&self, connection: C) {
+        if connection.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.max_idle {
-            idle.push_back(Idle { sender, since: Instant::now() });
+            idle.push_back(Idle { connection, since: Instant::now() });
         }
     }
 
-    /// Close the connections idle for longer than `idle_timeout` (the oldest are first).
+    /// Close the connections idle for longer than `idle_timeout`, and those the upstream closed.
     fn reap(&self) {
         let mut idle = self.idle.lock().expect("pool lock");
-        while idle
-            .front()
-            .is_some_and(|oldest| oldest.since.elapsed() >= self.idle_timeout || oldest.sender.is_closed())
-        {
-            idle.pop_front();
-        }
+        idle.retain(|kept| kept.since.elapsed() < self.idle_timeout && !kept.connection.is_closed());
     }
 }
 
-/// The pool of connections to one upstream.
+/// The pool of connections to one upstream: hyper's senders for requests hyper serves, bare
+/// streams for the admitted fast lane.
 pub struct Pool {
-    shared: Arc<Shared>,
+    shared: Arc<Shared<SendRequest<Body>>>,
+    streams: Arc<Shared<TcpStream>>,
     connector: Connector,
     http: http1::Builder,
 }
@@ -151,14 +184,27 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Pool {
-        let shared = Arc::new(Shared { idle: Mutex::new(VecDeque::new()), max_idle, idle_timeout });
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(reap_idle(Arc::downgrade(&shared)));
-        }
+        let shared = Shared::new(max_idle, idle_timeout);
+        let streams = Shared::new(max_idle, idle_timeout);
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let connector =
             Connector { host: bare.to_owned(), port, address: bare.parse().ok(), resolver, timeout: connect_timeout };
-        Pool { shared, connector, http: http1::Builder::new() }
+        Pool { shared, streams, connector, http: http1::Builder::new() }
+    }
+
+    /// An idle bare stream for the fast lane, the most recently used first.
+    pub fn take_stream(&self) -> Option<TcpStream> {
+        self.streams.take()
+    }
+
+    /// A new bare stream.
+    pub async fn connect_stream(&self) -> io::Result<TcpStream> {
+        self.connector.connect().await
+    }
+
+    /// Keep a bare stream whose last exchange is complete.
+    pub fn give_back_stream(&self, stream: TcpStream) {
+        self.streams.give_back(stream);
     }
 
     /// Send a request (origin-form URI, `Host` set) on an idle connection or a new one. A
@@ -204,7 +250,7 @@ impl Pool {
     }
 }
 
-async fn reap_idle(shared: Weak<Shared>) {
+async fn reap_idle<C: Keepable>(shared: Weak<Shared<C>>) {
     let every = match shared.upgrade() {
         Some(shared) => (shared.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30)),
         None => return,
@@ -221,7 +267,7 @@ async fn reap_idle(shared: Weak<Shared>) {
 /// A connection lent to one exchange.
 struct Lease {
     sender: SendRequest<Body>,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<SendRequest<Body>>>,
 }
 
 /// A response body from the pool: when it has been read to its end, its connection goes back

@@ -27,6 +27,7 @@ use crate::body::BoxError;
 use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::framing::{ScannedIo, Scanner, Verdicts};
 use crate::gate::{Connection, Gate};
+use crate::lane;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -64,7 +65,8 @@ impl Running {
 /// upstream pool and a margin for listeners, Redis and files.
 pub fn descriptors_needed(config: &Config) -> u64 {
     let server = &config.server;
-    (server.max_connections.get() + server.max_feed_sockets + config.upstream.pool_max_idle) as u64 + 64
+    // Two idle pools: hyper's and the fast lane's.
+    (server.max_connections.get() + server.max_feed_sockets + 2 * config.upstream.pool_max_idle) as u64 + 64
 }
 
 /// Raise the soft limit on open files to the hard one, as nginx's `worker_rlimit_nofile` and
@@ -89,7 +91,7 @@ pub fn fit_descriptor_limit(config: &Config) -> Option<u64> {
         tracing::warn!(
             limit = now,
             needed,
-            "server.max_connections + server.max_feed_sockets + upstream.pool_max_idle exceed the open-file limit: \
+            "server.max_connections + server.max_feed_sockets + 2 x upstream.pool_max_idle exceed the open-file limit: \
              beyond it new connections fail; raise the limit (LimitNOFILE, ulimit -n) or lower those settings"
         );
     }
@@ -154,10 +156,8 @@ impl Listener {
                 () = self.stop.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let verdicts = Verdicts::default();
             // The permit goes with the connection (and an upgraded tunnel it turns into).
-            let connection = self.gate.connection(peer, self.tls.is_some(), verdicts.clone(), Some(permit));
-            let scanner = Scanner::new(self.server.max_header_bytes, self.server.max_headers, verdicts);
+            let connection = self.gate.connection(peer, self.tls.is_some(), Verdicts::default(), Some(permit));
             let gate = self.gate.clone();
             let protocols = self.protocols.clone();
             let drain = drain.clone();
@@ -167,15 +167,13 @@ impl Listener {
                 match tls {
                     None => {
                         let protocol = if protocols.h2c { Protocol::Detect } else { Protocol::Http1 };
-                        let io = ScannedIo::new(stream, scanner);
-                        protocols.serve(protocol, io, gate, connection, drain).await
+                        protocols.serve(protocol, stream, gate, connection, drain).await
                     }
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                             let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
-                            let io = ScannedIo::new(stream, scanner);
-                            protocols.serve(protocol, io, gate, connection, drain).await
+                            protocols.serve(protocol, stream, gate, connection, drain).await
                         }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -236,6 +234,10 @@ struct Protocols {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     detect: Arc<auto::Builder<TokioExecutor>>,
     h2c: bool,
+    /// The fast lane's limits, when it is on.
+    lane: Option<Arc<lane::Limits>>,
+    max_header_bytes: usize,
+    max_headers: usize,
 }
 
 impl Protocols {
@@ -252,10 +254,26 @@ impl Protocols {
             .max_concurrent_streams(250)
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
-        Protocols { h1, h2, detect: Arc::new(detect), h2c: server.h2c }
+        let lane = server.fast_lane.then(|| {
+            Arc::new(lane::Limits {
+                header_read_timeout: server.header_read_timeout,
+                max_header_bytes: server.max_header_bytes,
+                max_headers: server.max_headers,
+            })
+        });
+        Protocols {
+            h1,
+            h2,
+            detect: Arc::new(detect),
+            h2c: server.h2c,
+            lane,
+            max_header_bytes: server.max_header_bytes,
+            max_headers: server.max_headers,
+        }
     }
 
-    /// Serve one connection until it closes, or `drain` asks it to finish what is in flight.
+    /// Serve one connection until it closes, or `drain` asks it to finish what is in flight:
+    /// HTTP/1.1 on the fast lane until a request needs hyper, then with hyper.
     async fn serve<I>(
         &self,
         protocol: Protocol,
@@ -266,6 +284,33 @@ impl Protocols {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        match (protocol, &self.lane) {
+            (Protocol::Http1, Some(limits)) => match lane::serve(io, &gate, &connection, &drain, limits).await {
+                lane::Ended::Closed => {}
+                lane::Ended::Handover(io) => {
+                    // A request handed over during shutdown is still answered (hyper's graceful
+                    // shutdown would close a connection it has not read from yet); the grace
+                    // bounds it.
+                    let drain = if drain.is_cancelled() { CancellationToken::new() } else { drain };
+                    self.serve_hyper(protocol, io, gate, connection, drain).await
+                }
+            },
+            _ => self.serve_hyper(protocol, io, gate, connection, drain).await,
+        }
+    }
+
+    /// Serve a connection with hyper, the framing scanner watching what it reads.
+    async fn serve_hyper<I>(
+        &self,
+        protocol: Protocol,
+        io: I,
+        gate: Arc<Gate>,
+        connection: Connection,
+        drain: CancellationToken,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = ScannedIo::new(io, Scanner::new(self.max_header_bytes, self.max_headers, connection.verdicts.clone()));
         let peer = connection.peer;
         let service = service_fn(move |request| {
             let gate = gate.clone();

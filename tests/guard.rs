@@ -131,20 +131,26 @@ async fn repeated_forged_cookies_cost_one_signature_check() {
 
 #[tokio::test]
 async fn an_ambiguous_request_behind_many_pipelined_ones_is_refused_and_the_connection_closed() {
-    let (upstream_addr, upstream) = start_upstream().await;
-    let gate = start_gate(upstream_addr, "", "").await;
-    let mut stream = "GET /plain HTTP/1.1\r\nHost: a.test\r\n\r\n".repeat(70);
-    stream.push_str(
-        "POST /smuggled HTTP/1.1\r\nHost: a.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
-         0\r\n\r\nGET /inner HTTP/1.1\r\nHost: a.test\r\n\r\n",
-    );
-    let (_, text) = raw(gate.addr, stream.as_bytes()).await;
-    let paths: Vec<String> = upstream.requests().iter().map(|seen| seen.uri.path().to_owned()).collect();
-    assert!(paths.iter().all(|path| path == "/plain"), "reached the upstream: {paths:?}");
-    assert!(paths.len() <= 64, "{} forwarded", paths.len());
-    // The first head it could not judge got 400, and nothing after it was answered.
-    assert!(text.trim_end().ends_with("</html>"), "the connection closed after the 400");
-    assert_eq!(text.matches("HTTP/1.1 400").count(), 1, "{text}");
+    // hyper's path: the framing scanner keeps 64 verdicts; the heads it could not judge are
+    // refused. The fast lane takes the plain GETs itself (one clear framing each, nothing to
+    // judge) and hands the ambiguous POST to hyper, which refuses it.
+    for (server, most) in [("fast_lane = false", 64), ("", 70)] {
+        let (upstream_addr, upstream) = start_upstream().await;
+        let gate = start_gate(upstream_addr, server, "").await;
+        let mut stream = "GET /plain HTTP/1.1\r\nHost: a.test\r\n\r\n".repeat(70);
+        stream.push_str(
+            "POST /smuggled HTTP/1.1\r\nHost: a.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+             0\r\n\r\nGET /inner HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        );
+        let (_, text) = raw(gate.addr, stream.as_bytes()).await;
+        let paths: Vec<String> = upstream.requests().iter().map(|seen| seen.uri.path().to_owned()).collect();
+        assert!(paths.iter().all(|path| path == "/plain"), "{server}: reached the upstream: {paths:?}");
+        assert!(paths.len() <= most, "{server}: {} forwarded", paths.len());
+        // The first head it could not judge got 400, and nothing after it was answered.
+        let last = &text[text.rfind("HTTP/1.1 ").unwrap_or(0)..];
+        assert!(last.starts_with("HTTP/1.1 400"), "{server}: the connection closed after the 400: {last:?}");
+        assert_eq!(text.matches("HTTP/1.1 400").count(), 1, "{server}: {text}");
+    }
 }
 
 /// A gate with the memory store and one room of one place, signing with the key at `key`.
@@ -302,7 +308,9 @@ async fn the_proof_of_work_is_refused_when_missing_wrong_reused_or_from_another_
 
     // Wrong: too little work, a made-up challenge, garbage.
     let lazy = (0..).map(|n| format!("{challenge}.{n}")).find(|s| solve_bits(s) < 10).unwrap();
-    let made_up = solve(&format!("{}A", &challenge[..challenge.len() - 1]), 10);
+    // Its last character changed (to another one: the same would make it the real one).
+    let last = if challenge.ends_with('A') { 'B' } else { 'A' };
+    let made_up = solve(&format!("{}{last}", &challenge[..challenge.len() - 1]), 10);
     for wrong in [lazy.as_str(), made_up.as_str(), "garbage"] {
         let (status, refused, placed) = join_with_proof(me, gate.addr, Some(wrong)).await;
         assert_eq!((status, placed), (StatusCode::FORBIDDEN, false), "{wrong}");

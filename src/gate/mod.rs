@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use ipnet::IpNet;
@@ -45,7 +45,7 @@ use crate::token::{Admission, Tokens};
 pub use reload::Reloaded;
 pub(crate) use reserved::query_param;
 pub use reserved::{RESERVED_PREFIX, WELL_KNOWN_JWKS};
-use respond::Cookies;
+pub(crate) use respond::Cookies;
 
 /// How often the store is asked whether it answers, when nothing else asked it.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -151,11 +151,29 @@ pub struct Gate {
 
 /// What became of a request: counted, and logged when the access log is on.
 #[derive(Default)]
-pub(super) struct Trail {
+pub(crate) struct Trail {
     room: Option<Arc<Room>>,
     outcome: Option<Outcome>,
     /// The canonical path (kept only for the access log).
     path: Option<String>,
+}
+
+impl Trail {
+    /// A request forwarded (admitted when inside a room).
+    pub(crate) fn forwarded(room: Option<Arc<Room>>, path: Option<String>) -> Trail {
+        let outcome = Some(if room.is_some() { Outcome::Admitted } else { Outcome::Forwarded });
+        Trail { room, outcome, path }
+    }
+
+    /// The request was answered with `error`.
+    pub(crate) fn failed(&mut self, error: &GateError) {
+        self.outcome = Some(match (error, self.outcome) {
+            (GateError::UpstreamUnreachable | GateError::UpstreamTimeout, _) => Outcome::UpstreamFailed,
+            (GateError::Unavailable { .. }, _) => Outcome::Unavailable,
+            (_, Some(Outcome::Reserved)) => Outcome::Reserved,
+            _ => Outcome::Refused,
+        });
+    }
 }
 
 impl Gate {
@@ -357,15 +375,16 @@ impl Gate {
                 if error.status().is_server_error() || error.status() == StatusCode::TOO_MANY_REQUESTS {
                     tracing::info!(%client, status = error.status().as_u16(), "request not forwarded");
                 }
-                trail.outcome = Some(match (&error, trail.outcome) {
-                    (GateError::UpstreamUnreachable | GateError::UpstreamTimeout, _) => Outcome::UpstreamFailed,
-                    (GateError::Unavailable { .. }, _) => Outcome::Unavailable,
-                    (_, Some(Outcome::Reserved)) => Outcome::Reserved,
-                    _ => Outcome::Refused,
-                });
+                trail.failed(&error);
                 error.into_response(wants_json)
             }
         };
+        self.record(&trail, &method, client, response.status(), started);
+        response
+    }
+
+    /// Count a request by room and outcome, and log it when the access log is on.
+    pub(crate) fn record(&self, trail: &Trail, method: &Method, client: IpAddr, status: StatusCode, started: Instant) {
         let outcome = trail.outcome.unwrap_or(Outcome::Forwarded);
         match &trail.room {
             Some(room) => room.metrics.request(outcome),
@@ -379,13 +398,17 @@ impl Gate {
                 path = trail.path.as_deref().unwrap_or("-"),
                 room = trail.room.as_ref().map_or("-", |room| room.id.as_str()),
                 outcome = outcome.as_str(),
-                status = response.status().as_u16(),
+                status = status.as_u16(),
                 duration_ms = started.elapsed().as_secs_f64() * 1_000.0,
                 %client,
                 "request"
             );
         }
-        response
+    }
+
+    /// Whether the access log wants each request's path.
+    pub(crate) fn logs_paths(&self) -> bool {
+        self.access_log.load(Ordering::Relaxed)
     }
 
     /// The phases of a request: refuse what cannot be judged, decide, carry it out.
@@ -518,16 +541,22 @@ impl Gate {
         path: &CanonicalPath,
     ) -> Result<Response<Body>, GateError> {
         let forwarded = self.forward(request, connection, path, Some((room, &admission.visitor))).await?;
-        let response = forwarded.response;
+        let cookies = self.settle(room, admission, forwarded.session_ended).await;
+        Ok(cookies.on(forwarded.response))
+    }
+
+    /// After an admitted request was answered: end the session when the upstream said so,
+    /// note it in use, and renew its token when due. Returns the cookies to set.
+    pub(crate) async fn settle(&self, room: &Room, admission: &Admission, session_ended: bool) -> Cookies {
+        let cookies = Cookies::new(self.secure_cookies);
         if admission.ticket == 0 {
-            return Ok(response); // a token minted outside any session (`vestibule token`)
+            return cookies; // a token minted outside any session (`vestibule token`)
         }
         let now = self.clock.now_ms();
         let expires_at = admission.expires_at * 1_000;
-        let cookies = Cookies::new(self.secure_cookies);
-        if forwarded.session_ended {
+        if session_ended {
             room.end_session(admission.ticket, expires_at);
-            return Ok(cookies.clear(&room.token_cookie).on(response));
+            return cookies.clear(&room.token_cookie);
         }
         room.session_used(admission.ticket, expires_at, &admission.used, now);
         let limits = room.limits();
@@ -535,7 +564,7 @@ impl Gate {
         let left = admission.expires_at.saturating_sub(now / 1_000);
         // Renewal needs the store; an admitted visitor never waits on a store that is away.
         if left * 2 >= session_seconds || !room.is_available() {
-            return Ok(response);
+            return cookies;
         }
         let until = now + limits.session_ms;
         let renewal = self.store.renew(&room.id, &limits, admission.ticket, until, now);
@@ -545,7 +574,7 @@ impl Gate {
         };
         match renewed {
             Ok(true) => room.renewals_work(),
-            Ok(false) => return Ok(response), // the session ended meanwhile
+            Ok(false) => return cookies, // the session ended meanwhile
             Err(error) => {
                 // Tried again on the next request; said once until renewals work again.
                 if room.renewal_failed() {
@@ -554,14 +583,14 @@ impl Gate {
                         "cannot renew sessions; admitted visitors keep their tokens and renewal is tried again"
                     );
                 }
-                return Ok(response);
+                return cookies;
             }
         }
         match self.tokens().mint(&room.id, &admission.visitor, admission.ticket, admission.line, until / 1_000) {
-            Ok(token) => Ok(cookies.set(&room.token_cookie, &token, session_seconds).on(response)),
+            Ok(token) => cookies.set(&room.token_cookie, &token, session_seconds),
             Err(error) => {
                 tracing::error!(room = %room.id, %error, "cannot sign a renewed token");
-                Ok(response)
+                cookies
             }
         }
     }
@@ -591,12 +620,39 @@ impl Gate {
             let authority = parts.uri.authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
         });
-        let headers = &mut parts.headers;
+        self.upstream_headers(&upstream, &mut parts.headers, connection, host, admitted)?;
+        if let Some(protocol) = upgrade {
+            hop::set_upgrade(&mut parts.headers, protocol);
+        }
+        parts.uri = upstream.uri_for(&path.encoded, parts.uri.query())?;
+        parts.version = Version::HTTP_11;
+
+        let timed = TimeoutBody::new(self.body_read_timeout, incoming);
+        let body = if self.max_body_bytes > 0 {
+            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+            Limited::new(timed, limit).boxed()
+        } else {
+            body::boxed(timed)
+        };
+        let upgrade = on_upgrade.map(|client_side| (client_side, connection.permit.clone()));
+        upstream.send(Request::from_parts(parts, body), upgrade).await
+    }
+}
+
+impl Gate {
+    /// A request's headers as they go upstream: hop-by-hop ones removed, the forwarding
+    /// headers and, when admitted, the room and visitor set, and `Host` the client's (`host`)
+    /// or the upstream's own.
+    pub(crate) fn upstream_headers(
+        &self,
+        upstream: &Upstream,
+        headers: &mut HeaderMap,
+        connection: &Connection,
+        host: Option<HeaderValue>,
+        admitted: Option<(&Room, &str)>,
+    ) -> Result<(), GateError> {
         hop::strip_hop_by_hop(headers);
         hop::set_forwarding_headers(headers, &connection.forwarded, host.as_ref());
-        if let Some(protocol) = upgrade {
-            hop::set_upgrade(headers, protocol);
-        }
         if let Some((room, visitor)) = admitted {
             let visitor = HeaderValue::from_str(visitor).map_err(|_| GateError::BadRequest("Invalid visitor."))?;
             headers.insert(hop::VESTIBULE_ROOM, HeaderValue::from_str(&room.id).expect("room ids are validated"));
@@ -611,18 +667,7 @@ impl Gate {
                 headers.insert(header::HOST, authority);
             }
         }
-        parts.uri = upstream.uri_for(&path.encoded, parts.uri.query())?;
-        parts.version = Version::HTTP_11;
-
-        let timed = TimeoutBody::new(self.body_read_timeout, incoming);
-        let body = if self.max_body_bytes > 0 {
-            let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-            Limited::new(timed, limit).boxed()
-        } else {
-            body::boxed(timed)
-        };
-        let upgrade = on_upgrade.map(|client_side| (client_side, connection.permit.clone()));
-        upstream.send(Request::from_parts(parts, body), upgrade).await
+        Ok(())
     }
 }
 

@@ -53,10 +53,15 @@ impl Cookies {
 
     /// Put them on `response`.
     pub fn on(self, mut response: Response<Body>) -> Response<Body> {
-        for cookie in self.set {
-            response.headers_mut().append(header::SET_COOKIE, cookie);
-        }
+        self.onto(response.headers_mut());
         response
+    }
+
+    /// Put them in a response's `headers`.
+    pub fn onto(self, headers: &mut HeaderMap) {
+        for cookie in self.set {
+            headers.append(header::SET_COOKIE, cookie);
+        }
     }
 }
 
