@@ -267,6 +267,41 @@ pub struct RoomConfig {
     /// A message shown on the waiting page and sent to the feed.
     #[serde(default)]
     pub message: Option<String>,
+    /// The status of the waiting page: 200 (the default), 202, 429 or 503. API clients get
+    /// 503 and the status JSON whatever this says.
+    #[serde(default = "defaults::queued_status")]
+    pub queued_status: u16,
+    /// Who passes without a token and without counting against the room.
+    #[serde(default)]
+    pub bypass: Option<BypassConfig>,
+}
+
+/// `[rooms.bypass]`: synthetic monitors and staff pass the room without a token, without a
+/// ticket and without counting against the room (counted as `bypassed` in the metrics).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BypassConfig {
+    /// Client addresses or ranges (as `server.trusted_proxies` decides the client's address).
+    #[serde(default, deserialize_with = "de_networks")]
+    pub addresses: Vec<IpNet>,
+    /// A request whose `Vestibule-Bypass` header is this secret passes (the header never
+    /// reaches the upstream).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The secret from this environment variable instead.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+impl std::fmt::Debug for BypassConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never appear in logs (DESIGN §6).
+        f.debug_struct("BypassConfig")
+            .field("addresses", &self.addresses)
+            .field("secret", &self.secret.as_ref().map(|_| "<secret>"))
+            .field("secret_env", &self.secret_env)
+            .finish()
+    }
 }
 
 /// What a room asks of a visitor before they join.
@@ -382,6 +417,9 @@ mod defaults {
     }
     pub fn grant_seconds() -> u64 {
         120
+    }
+    pub fn queued_status() -> u16 {
+        200
     }
     pub fn challenge_difficulty() -> u8 {
         crate::challenge::DEFAULT_DIFFICULTY
@@ -595,6 +633,25 @@ impl Config {
             }
             if room.message.as_ref().is_some_and(|m| m.len() > 500) {
                 return Err((key("message"), "at most 500 characters".into()));
+            }
+            if ![200, 202, 429, 503].contains(&room.queued_status) {
+                return Err((key("queued_status"), "one of 200, 202, 429 and 503".into()));
+            }
+            if let Some(bypass) = &mut room.bypass {
+                match (&bypass.secret, &bypass.secret_env) {
+                    (Some(_), Some(_)) => return Err((key("bypass"), "set `secret` or `secret_env`, not both".into())),
+                    (None, Some(var)) => match std::env::var(var) {
+                        Ok(value) if !value.is_empty() => bypass.secret = Some(value),
+                        _ => return Err((key("bypass.secret_env"), format!("environment variable {var} is not set"))),
+                    },
+                    _ => {}
+                }
+                if bypass.secret.as_ref().is_some_and(|secret| secret.len() < 16) {
+                    return Err((key("bypass.secret"), "too short: use at least 16 characters".into()));
+                }
+                if bypass.addresses.is_empty() && bypass.secret.is_none() {
+                    return Err((key("bypass"), "set `addresses`, a `secret`, or both".into()));
+                }
             }
         }
         Ok(())

@@ -30,6 +30,8 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub const VESTIBULE_ROOM: HeaderName = HeaderName::from_static("vestibule-room");
 pub const VESTIBULE_VISITOR: HeaderName = HeaderName::from_static("vestibule-visitor");
 pub const VESTIBULE_TOKEN: HeaderName = HeaderName::from_static("vestibule-token");
+/// A room's bypass secret (`[rooms.bypass]`); dropped before forwarding, as every `Vestibule-*`.
+pub const VESTIBULE_BYPASS: HeaderName = HeaderName::from_static("vestibule-bypass");
 
 /// Remove the hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

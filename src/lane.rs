@@ -83,15 +83,18 @@ where
         let Some(request) = Parsed::new(&input[..length], limits.max_headers) else {
             return Ended::Handover(Rewind::new(input.freeze(), io));
         };
-        let admitted = match gate.decide(&request.headers, &request.path) {
-            Decision::Forward(admitted) => admitted,
+        let client = gate.client(&request.headers, connection);
+        let path = gate.logs_paths().then(|| request.path.encoded.clone());
+        let (admitted, mut trail) = match gate.decide(&request.headers, &request.path, client) {
+            Decision::Forward(admitted) => {
+                let room = admitted.as_ref().map(|(room, _)| room.clone());
+                (admitted, Trail::forwarded(room, path))
+            }
+            Decision::Bypass(room) => (None, Trail::bypassed(&room, client, path)),
             Decision::Wait(_) => return Ended::Handover(Rewind::new(input.freeze(), io)),
         };
         input.advance(length);
         let started = Instant::now();
-        let client = gate.client(&request.headers, connection);
-        let room = admitted.as_ref().map(|(room, _)| room.clone());
-        let mut trail = Trail::forwarded(room, gate.logs_paths().then(|| request.path.encoded.clone()));
         let method = request.method.clone();
         let (status, keep) = match forward(&mut io, gate, connection, request, admitted.as_ref(), &mut buffers).await {
             Exchange::Answered { status, keep } => (status, keep),
@@ -813,6 +816,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Let the lane's read buffer go: an upgraded connection (a feed socket) keeps
+                // this stream for hours, and would keep the buffer with it.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -40,10 +40,12 @@ pub enum Outcome {
     Reserved,
     /// Forwarding failed: the upstream was unreachable or too slow.
     UpstreamFailed,
+    /// Inside a room, let through by its bypass rules (`[rooms.bypass]`): forwarded.
+    Bypassed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Forwarded,
         Outcome::Admitted,
         Outcome::Entered,
@@ -54,6 +56,7 @@ impl Outcome {
         Outcome::Unavailable,
         Outcome::Reserved,
         Outcome::UpstreamFailed,
+        Outcome::Bypassed,
     ];
 
     /// Whether a request inside a room can end so (`reserved` ones are outside every room).
@@ -83,6 +86,7 @@ impl Outcome {
             Outcome::Unavailable => "unavailable",
             Outcome::Reserved => "reserved",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Bypassed => "bypassed",
         }
     }
 }

@@ -121,6 +121,8 @@ pub enum Decision {
     Forward(Option<(Arc<Room>, Arc<Admission>)>),
     /// Inside a room, without a valid token: the line decides.
     Wait(Arc<Room>),
+    /// Inside a room, let through by its bypass rules: forwarded, not counted against it.
+    Bypass(Arc<Room>),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -163,6 +165,12 @@ impl Trail {
     pub(crate) fn forwarded(room: Option<Arc<Room>>, path: Option<String>) -> Trail {
         let outcome = Some(if room.is_some() { Outcome::Admitted } else { Outcome::Forwarded });
         Trail { room, outcome, path }
+    }
+
+    /// A request let through by a room's bypass rules; logged, as each one is.
+    pub(crate) fn bypassed(room: &Arc<Room>, client: IpAddr, path: Option<String>) -> Trail {
+        tracing::info!(room = %room.id, %client, "let through by the room's bypass rules");
+        Trail { room: Some(room.clone()), outcome: Some(Outcome::Bypassed), path }
     }
 
     /// The request was answered with `error`.
@@ -443,8 +451,12 @@ impl Gate {
             trail.outcome = Some(Outcome::Reserved);
             return self.reserved("jwks.json", request, client).await;
         }
-        match self.decide(request.headers(), &path) {
+        match self.decide(request.headers(), &path, client) {
             Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
+            Decision::Bypass(room) => {
+                *trail = Trail::bypassed(&room, client, trail.path.take());
+                Ok(self.forward(request, connection, &path, None).await?.response)
+            }
             Decision::Forward(Some((room, admission))) => {
                 trail.outcome = Some(Outcome::Admitted);
                 trail.room = Some(room.clone());
@@ -457,8 +469,8 @@ impl Gate {
         }
     }
 
-    /// The decision for a request to `path` with these headers.
-    pub fn decide(&self, headers: &HeaderMap, path: &CanonicalPath) -> Decision {
+    /// The decision for a request to `path` with these headers, from `client`.
+    pub fn decide(&self, headers: &HeaderMap, path: &CanonicalPath, client: IpAddr) -> Decision {
         let Some(room) = self.room_for(&path.decoded) else {
             return Decision::Forward(None);
         };
@@ -467,6 +479,7 @@ impl Gate {
         }
         match self.admission(headers, &room) {
             Some(admission) => Decision::Forward(Some((room, admission))),
+            None if room.bypasses(client, headers) => Decision::Bypass(room),
             None => Decision::Wait(room),
         }
     }

@@ -98,14 +98,15 @@ pub fn room_status(
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_SECONDS));
     }
     response
 }
 
-/// The waiting answer: the page for people (200), the status JSON with 503 for the rest.
+/// The waiting answer: the page for people (200, or the room's `queued_status`), the status
+/// JSON with 503 for the rest.
 pub fn waiting(room: &Room, ticket: u64, start_position: u64, why: Option<&str>, wants_page: bool) -> Response<Body> {
-    let status = if wants_page { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if wants_page { room.queued_status() } else { StatusCode::SERVICE_UNAVAILABLE };
     room_status(room, Holding::Ticket(ticket), start_position, why, wants_page, status)
 }

@@ -1,0 +1,125 @@
+//! A room's rules for who passes and what the waiting answer says: `[rooms.bypass]` (client
+//! addresses, a secret header) lets monitors and staff through without a token, a ticket or a
+//! place in the line, on the fast lane and on hyper's path alike; `queued_status` sets the
+//! waiting page's status.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+const SECRET: &str = "monitor-secret-0123456789";
+
+/// Send `request` from `source` (a loopback address) over a fresh connection.
+async fn send_from(source: &str, gate: SocketAddr, request: Request<Full<Bytes>>) -> (StatusCode, http::HeaderMap) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    let stream = socket.connect(gate).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(request)).await.unwrap().unwrap();
+    let (parts, body) = response.into_parts();
+    body.collect().await.unwrap();
+    (parts.status, parts.headers)
+}
+
+fn request(method: &str, secret: Option<&str>) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri("/checkout/pay")
+        .header("host", "shop.test")
+        .header("accept", "application/json");
+    if let Some(secret) = secret {
+        builder = builder.header("vestibule-bypass", secret);
+    }
+    let body = if method == "POST" { Bytes::from_static(b"order=1") } else { Bytes::new() };
+    builder.body(Full::new(body)).unwrap()
+}
+
+/// The room's `vestibule_requests_total` for `outcome`.
+fn requests(gate: &Harness, outcome: &str) -> u64 {
+    let wanted = format!("vestibule_requests_total{{room=\"checkout\",outcome=\"{outcome}\"}} ");
+    let text = gate.running.gate().metrics().encode();
+    text.lines().find_map(|line| line.strip_prefix(&wanted)).map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn listed_addresses_and_the_secret_pass_a_paused_room_without_a_place() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let room = format!(
+        "admit_per_minute = 60\nmax_active = 1\nstate = \"paused\"\n[rooms.bypass]\naddresses = [\"127.0.0.2\"]\nsecret = \"{SECRET}\"\n"
+    );
+    let gate = start_room(upstream_addr, &room).await;
+    // Nobody else passes: the room is paused.
+    for (source, secret) in
+        [("127.0.0.1", None), ("127.0.0.1", Some("monitor-secret-wrong-guess")), ("127.0.0.3", None)]
+    {
+        let (status, headers) = send_from(source, gate.addr, request("GET", secret)).await;
+        assert!(is_gate_wait(status), "{source} {secret:?}: {status}");
+        assert!(headers.contains_key("set-cookie"), "a waiter gets a ticket");
+    }
+    assert!(upstream.requests().is_empty());
+    // The secret or a listed address, on the fast lane (GET) and on hyper's path (POST).
+    for (source, secret) in [("127.0.0.1", Some(SECRET)), ("127.0.0.2", None)] {
+        for method in ["GET", "POST"] {
+            let (status, headers) = send_from(source, gate.addr, request(method, secret)).await;
+            assert_eq!(status, StatusCode::OK, "{source} {method}");
+            assert!(!headers.contains_key("set-cookie"), "no ticket, no token: nothing counts against the room");
+            let seen = upstream.last();
+            assert!(seen.headers.get("vestibule-bypass").is_none(), "the secret never reaches the upstream");
+            assert!(seen.headers.get("vestibule-visitor").is_none(), "not an admitted visitor");
+        }
+    }
+    assert_eq!(upstream.requests().len(), 4);
+    assert_eq!(requests(&gate, "bypassed"), 4);
+    assert_eq!(requests(&gate, "admitted"), 0);
+    let vestibule_gate = gate.running.gate();
+    let room = &vestibule_gate.rooms()[0];
+    let stats = vestibule_gate.store().stats(&room.id, &room.limits(), vestibule_gate.clock().now_ms()).await.unwrap();
+    assert_eq!(stats.last_ticket, 3, "only the three who waited took tickets");
+}
+
+#[tokio::test]
+async fn queued_status_sets_the_waiting_pages_status_and_api_clients_keep_503() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    for (queued, retry_after) in [(202, false), (429, true), (503, true)] {
+        let room = format!("admit_per_minute = 60\nmax_active = 1\nstate = \"paused\"\nqueued_status = {queued}\n");
+        let gate = start_room(upstream_addr, &room).await;
+        let page = Request::get("/checkout").header("host", "shop.test").header("accept", "text/html");
+        let (status, headers, body) = send(gate.addr, page.body(Full::new(Bytes::new())).unwrap()).await;
+        assert_eq!(status.as_u16(), queued);
+        assert!(body.contains("<html"), "the waiting page");
+        assert_eq!(headers.contains_key("retry-after"), retry_after, "{queued}");
+        let (status, _, _) = get(gate.addr, "/checkout", &[]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "API clients tell waiting by 503");
+    }
+}
+
+#[test]
+fn bad_rules_are_refused_with_the_key_that_is_wrong() {
+    let config = |room: &str| {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://127.0.0.1:9\"\n[tokens]\nsigning_key = \"k.pem\"\n\
+             [[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\nadmit_per_minute = 60\nmax_active = 1\n{room}"
+        );
+        vestibule::config::Config::parse(&text, "proxy.toml", std::path::Path::new("/nonexistent"))
+            .unwrap_err()
+            .to_string()
+    };
+    for (room, key) in [
+        ("queued_status = 302\n", "rooms[0].queued_status"),
+        ("[rooms.bypass]\nsecret = \"short\"\n", "rooms[0].bypass.secret"),
+        ("[rooms.bypass]\nsecret_env = \"VESTIBULE_TEST_UNSET_SECRET\"\n", "rooms[0].bypass.secret_env"),
+        ("[rooms.bypass]\n", "rooms[0].bypass"),
+        ("[rooms.bypass]\naddresses = [\"not-an-address\"]\n", "rooms[0]"),
+    ] {
+        let error = config(room);
+        assert!(error.contains(key), "{room:?}: {error}");
+        assert!(!error.contains("short\""), "the secret is not repeated: {error}");
+    }
+}
