@@ -64,17 +64,8 @@ async fn serve(mut stream: TcpStream, seen: Seen) {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let head_end = loop {
-            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
-        buffer.drain(..head_end);
+        let Some(head) = read_head(&mut stream, &mut buffer).await else { return };
+        let head = head.to_lowercase();
         let length: usize = head
             .lines()
             .find_map(|line| line.strip_prefix("content-length:"))

@@ -57,19 +57,8 @@ impl Counting {
 
 async fn serve(mut stream: TcpStream, state: &Counting, close_after: Option<Duration>) {
     let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
     loop {
-        let head_end = loop {
-            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-        buffer.drain(..head_end);
+        let Some(head) = read_head(&mut stream, &mut buffer).await else { return };
         state.requests.fetch_add(1, Ordering::SeqCst);
         let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
         let body = match path.as_str() {

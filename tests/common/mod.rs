@@ -324,6 +324,24 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
     (status, text)
 }
 
+/// For upstreams written on bare sockets: the next request head from `stream` (bytes already
+/// read in `buffer`, which keeps what follows the head), or `None` once it closes.
+pub async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+    buffer.drain(..end);
+    Some(head)
+}
+
 /// Wait until `condition` holds, or fail after the deadline.
 pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
