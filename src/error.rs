@@ -119,7 +119,12 @@ fn error_page(status: StatusCode, explanation: &str) -> String {
 /// True when the answer should be a page for a person: a GET that does not ask for JSON.
 /// Everything else (API clients, forms, non-GET requests) gets JSON.
 pub fn wants_page<B>(request: &http::Request<B>) -> bool {
-    request.method() == http::Method::GET && !wants_json(request.headers())
+    page_wanted(request.method(), request.headers())
+}
+
+/// [`wants_page`] from a request's method and headers.
+pub fn page_wanted(method: &http::Method, headers: &http::HeaderMap) -> bool {
+    method == http::Method::GET && !wants_json(headers)
 }
 
 /// True when the client asked for JSON rather than a page.

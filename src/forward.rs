@@ -29,6 +29,12 @@ use crate::resolve::Resolver;
 /// Response headers only the gate reads; the client never sees them.
 pub const VESTIBULE_SESSION: http::HeaderName = http::HeaderName::from_static("vestibule-session");
 
+/// Whether the upstream's answer ends the visitor's session (`Vestibule-Session: end`); the
+/// header is removed, so the client never sees it.
+pub fn session_ended(headers: &mut http::HeaderMap) -> bool {
+    headers.remove(VESTIBULE_SESSION).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"end"))
+}
+
 /// The upstream's answer, and whether it ended the visitor's session.
 pub struct Forwarded {
     pub response: Response<Body>,
@@ -112,9 +118,13 @@ impl Upstream {
         self.timer.observe(status, took);
     }
 
-    /// A connection failed: the name may point elsewhere now; the next connection asks again.
-    pub fn forget_addresses(&self) {
-        self.resolver.forget();
+    /// An exchange failed before an answer: said at warn; after a failed connection the name
+    /// may point elsewhere now, so the next connection asks again.
+    pub fn failed(&self, error: &dyn std::fmt::Display, connect: bool) {
+        tracing::warn!(error = %error, connect, "upstream request failed");
+        if connect {
+            self.resolver.forget();
+        }
     }
 
     /// Whether the client's `Host` goes upstream (or the upstream's own authority).
@@ -142,12 +152,7 @@ impl Upstream {
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
             Ok(Err(error)) => {
-                let connect = matches!(error, SendError::Connect(_));
-                tracing::warn!(error = %error, connect, "upstream request failed");
-                if connect {
-                    // The name may point elsewhere now: the next connection asks again.
-                    self.resolver.forget();
-                }
+                self.failed(&error, matches!(error, SendError::Connect(_)));
                 return Err(GateError::UpstreamUnreachable);
             }
             Ok(Ok(response)) => response,
@@ -156,10 +161,7 @@ impl Upstream {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let protocol = response.headers().get(header::UPGRADE).cloned();
         hop::strip_hop_by_hop(response.headers_mut());
-        let session_ended = response
-            .headers_mut()
-            .remove(VESTIBULE_SESSION)
-            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"end"));
+        let session_ended = session_ended(response.headers_mut());
         match (switching, upgrade, protocol) {
             (true, Some((client_side, permit)), Some(protocol)) => {
                 hop::set_upgrade(response.headers_mut(), protocol);

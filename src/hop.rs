@@ -54,17 +54,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHENTICATE);
 }
 
+/// Whether a message's `Connection` header lists `token` (`close`, `upgrade`).
+pub fn connection_says(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
+}
+
 /// The `Upgrade` value when the request asks for a websocket (HTTP/1.1 only). Any other
 /// upgrade is not passed on: the request goes upstream as a plain one (its `Upgrade` and
 /// `Connection` are hop-by-hop). An `h2c` upgrade, say, would open an HTTP/2 tunnel to the
 /// upstream that carries requests for any path past the gate.
 pub fn upgrade_requested(headers: &HeaderMap) -> Option<HeaderValue> {
-    let connection_says_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let connection_says_upgrade = connection_says(headers, "upgrade");
     let mut upgrades = headers.get_all(header::UPGRADE).iter();
     match (connection_says_upgrade, upgrades.next(), upgrades.next()) {
         (true, Some(protocol), None) if protocol.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket") => {

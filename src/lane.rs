@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{wants_json, GateError};
-use crate::forward::{Upstream, VESTIBULE_SESSION};
+use crate::error::{page_wanted, GateError};
+use crate::forward::{session_ended, Upstream};
 use crate::gate::{Connection, Decision, Gate, Trail, RESERVED_PREFIX, WELL_KNOWN_JWKS};
 use crate::hop;
 use crate::path::{canonicalize, CanonicalPath};
@@ -234,19 +234,9 @@ impl Parsed {
         if hosts != 1 {
             return None;
         }
-        let close = says_close(&headers);
+        let close = hop::connection_says(&headers, "close");
         Some(Parsed { method, path, query: target.query().map(str::to_owned), headers, close })
     }
-}
-
-/// Whether a message's `Connection` header says `close`.
-fn says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
 /// Buffers a client connection keeps from one request to the next.
@@ -323,7 +313,7 @@ where
 {
     let Parsed { method, path, query, mut headers, close } = request;
     let head = method == Method::HEAD;
-    let wants_json = method != Method::GET || wants_json(&headers);
+    let wants_json = !page_wanted(&method, &headers);
     let failed = |error| Exchange::Failed { error, wants_json, head, close };
     let upstream = gate.upstream();
     let host = headers.get(header::HOST).cloned();
@@ -342,11 +332,7 @@ where
         }
         Ok(Err(error)) => {
             upstream.observe(None, started.elapsed());
-            let connect = matches!(error, UpstreamError::Connect(_));
-            tracing::warn!(%error, connect, "upstream request failed");
-            if connect {
-                upstream.forget_addresses();
-            }
+            upstream.failed(&error, matches!(error, UpstreamError::Connect(_)));
             return failed(GateError::UpstreamUnreachable);
         }
         Ok(Ok(sent)) => sent,
@@ -355,8 +341,7 @@ where
     let ResponseHead { length, status, mut headers, framing, reusable } = response;
     buffers.upstream.advance(length);
 
-    let session_ended =
-        headers.remove(VESTIBULE_SESSION).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"end"));
+    let session_ended = session_ended(&mut headers);
     // The length is written from the framing (one line, whatever the upstream's `Connection`
     // named); a HEAD or 304 answer keeps the one the upstream gave.
     let declared = headers.get(header::CONTENT_LENGTH).cloned();
@@ -387,7 +372,7 @@ where
             Exchange::Answered { status, keep: !close }
         }
         Err(Relay::Unsent(error)) => {
-            tracing::warn!(%error, "upstream request failed");
+            upstream.failed(&error, false);
             upstream.observe(None, started.elapsed());
             failed(GateError::UpstreamUnreachable)
         }
@@ -480,7 +465,8 @@ fn response_parts(
         headers.append(name, value);
     }
     let framing = framing(&headers, status, head)?;
-    let reusable = response.version == Some(1) && !says_close(&headers) && framing != Framing::UntilClose;
+    let reusable =
+        response.version == Some(1) && !hop::connection_says(&headers, "close") && framing != Framing::UntilClose;
     Ok(ResponseHead { length, status, headers, framing, reusable })
 }
 
@@ -504,11 +490,7 @@ fn framing(headers: &HeaderMap, status: StatusCode, head: bool) -> Result<Framin
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        let parsed = std::str::from_utf8(value.as_bytes())
-            .ok()
-            .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|text| text.parse::<u64>().ok());
-        match (parsed, length) {
+        match (crate::framing::parse_length(value.as_bytes()), length) {
             (None, _) => return Err(UpstreamError::Invalid("an invalid Content-Length")),
             (Some(n), Some(seen)) if n != seen => return Err(UpstreamError::Invalid("Content-Length values disagree")),
             (Some(n), _) => length = Some(n),
@@ -758,7 +740,7 @@ where
 {
     let (mut parts, body) = error.into_response(wants_json).into_parts();
     let body = body.collect().await.map(|collected| collected.to_bytes()).unwrap_or_default();
-    let keep = !close && !says_close(&parts.headers);
+    let keep = !close && !hop::connection_says(&parts.headers, "close");
     parts.headers.remove(header::CONNECTION);
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     parts.headers.insert(header::DATE, date::now());
