@@ -274,6 +274,10 @@ pub struct RoomConfig {
     /// Who passes without a token and without counting against the room.
     #[serde(default)]
     pub bypass: Option<BypassConfig>,
+    /// Most people waiting at once (leavers not counted): beyond it a newcomer gets the "line
+    /// full" answer (503 with `Retry-After`) and no ticket. Unlimited when unset.
+    #[serde(default)]
+    pub max_waiting: Option<std::num::NonZeroU64>,
 }
 
 /// `[rooms.bypass]`: synthetic monitors and staff pass the room without a token, without a

@@ -42,10 +42,12 @@ pub enum Outcome {
     UpstreamFailed,
     /// Inside a room, let through by its bypass rules (`[rooms.bypass]`): forwarded.
     Bypassed,
+    /// A newcomer turned away: `max_waiting` people wait already.
+    Full,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Forwarded,
         Outcome::Admitted,
         Outcome::Entered,
@@ -57,6 +59,7 @@ impl Outcome {
         Outcome::Reserved,
         Outcome::UpstreamFailed,
         Outcome::Bypassed,
+        Outcome::Full,
     ];
 
     /// Whether a request inside a room can end so (`reserved` ones are outside every room).
@@ -87,6 +90,7 @@ impl Outcome {
             Outcome::Reserved => "reserved",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Bypassed => "bypassed",
+            Outcome::Full => "full",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A room's rules for who passes and what the waiting answer says: `[rooms.bypass]` (client
 //! addresses, a secret header) lets monitors and staff through without a token, a ticket or a
 //! place in the line, on the fast lane and on hyper's path alike; `queued_status` sets the
-//! waiting page's status.
+//! waiting page's status; `max_waiting` turns newcomers away from a full line.
 
 mod common;
 
@@ -100,6 +100,41 @@ async fn queued_status_sets_the_waiting_pages_status_and_api_clients_keep_503() 
     }
 }
 
+#[tokio::test]
+async fn a_full_line_turns_newcomers_away_without_a_ticket_and_keeps_every_place() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let room = "admit_per_minute = 60\nmax_active = 1\nstate = \"paused\"\nmax_waiting = 2\n";
+    let gate = start_room(upstream_addr, room).await;
+    let mut tickets = Vec::new();
+    for _ in 0..2 {
+        let (status, headers, body) = get(gate.addr, "/checkout", &[]).await;
+        assert!(is_gate_wait(status) && body.contains(r#""status":"paused""#), "{status} {body}");
+        let cookie = headers.get("set-cookie").expect("a ticket").to_str().unwrap();
+        tickets.push(cookie.split(';').next().unwrap().to_owned());
+    }
+    // The third is turned away: 503, Retry-After, the status `full`, and no ticket.
+    let (status, headers, body) = get(gate.addr, "/checkout", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains(r#""status":"full""#), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(!headers.contains_key("set-cookie"), "no ticket for a full line");
+    // A browser gets the page that says so, and tries again by itself.
+    let page = Request::get("/checkout").header("host", "shop.test").header("accept", "text/html");
+    let (status, headers, body) = send(gate.addr, page.body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert!(body.contains("<title>The line is full</title>") && body.contains("location.reload"), "{body}");
+    assert!(!body.contains(r#"id="position""#), "no place is shown");
+    // Those in line keep their places, in order.
+    for (place, ticket) in tickets.iter().enumerate() {
+        let (status, _, body) = get(gate.addr, "/checkout", &[("cookie", ticket)]).await;
+        assert!(is_gate_wait(status), "{status}");
+        assert!(body.contains(&format!(r#""position":{}"#, place + 1)), "{body}");
+    }
+    assert_eq!(requests(&gate, "full"), 2);
+    assert!(upstream.requests().is_empty());
+}
+
 #[test]
 fn bad_rules_are_refused_with_the_key_that_is_wrong() {
     let config = |room: &str| {
@@ -113,6 +148,7 @@ fn bad_rules_are_refused_with_the_key_that_is_wrong() {
     };
     for (room, key) in [
         ("queued_status = 302\n", "rooms[0].queued_status"),
+        ("max_waiting = 0\n", "rooms[0]"),
         ("[rooms.bypass]\nsecret = \"short\"\n", "rooms[0].bypass.secret"),
         ("[rooms.bypass]\nsecret_env = \"VESTIBULE_TEST_UNSET_SECRET\"\n", "rooms[0].bypass.secret_env"),
         ("[rooms.bypass]\n", "rooms[0].bypass"),

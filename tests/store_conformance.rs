@@ -21,6 +21,7 @@ fn limits(admit_per_minute: u32, max_active: u32) -> Limits {
         session_ms: 600_000,
         abandon_ms: 120_000,
         idle_ms: 300_000,
+        max_waiting: 0,
     }
 }
 
@@ -206,6 +207,29 @@ async fn a_ticket_beyond_the_last_keeps_its_place(store: Store) {
     assert_eq!(cursor, 2, "tickets 3 and 5 may still be reported: the line waits");
     let step = store.advance(ROOM, &limits, 100 + RESEE_MS, JUDGE).await.unwrap();
     assert_eq!((step.granted, step.stats.cursor), (1, 4), "3 skipped, 4 granted");
+}
+
+async fn a_full_line_takes_no_ticket_until_a_place_frees(store: Store) {
+    let limits = Limits { max_waiting: 3, ..limits(60, 1) };
+    join_confirmed(&store, &limits, 4, 0).await; // 1 a session; 2, 3, 4 wait: the line is full
+    assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Full);
+    assert_eq!(store.join(ROOM, &limits, false, 0).await.unwrap(), Joined::Full);
+    let stats = store.stats(ROOM, &limits, 0).await.unwrap();
+    assert_eq!((stats.last_ticket, stats.waiting), (4, 3), "a refused join takes no ticket");
+    // A waiter who says they leave frees a place at once, before the line reaches them.
+    store.leave(ROOM, &limits, 3, 0).await.unwrap();
+    assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Waiting { ticket: 5 });
+    assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Full);
+    // So does a turn granted: the session ends, ticket 2 is granted, ticket 6 may join.
+    store.release(ROOM, &limits, 1, 600_000, 100).await.unwrap();
+    assert_eq!(store.advance(ROOM, &limits, 1_000, JUDGE).await.unwrap().granted, 1);
+    assert_eq!(store.join(ROOM, &limits, true, 1_000).await.unwrap(), Joined::Waiting { ticket: 6 });
+    assert_eq!(store.join(ROOM, &limits, true, 1_000).await.unwrap(), Joined::Full);
+    // Holders of tickets keep their places: a full line refuses only newcomers.
+    assert!(matches!(store.redeem(ROOM, &limits, 6, 1_000, JUDGE).await.unwrap(), Redeemed::Waiting { .. }));
+    // Without a limit, the same line takes everyone.
+    let open = Limits { max_waiting: 0, ..limits };
+    assert_eq!(store.join(ROOM, &open, true, 1_000).await.unwrap(), Joined::Waiting { ticket: 7 });
 }
 
 async fn redis_store(server: &RedisServer) -> Store {
@@ -451,6 +475,7 @@ on_every_store!(
     a_step_skips_a_bounded_number_of_leavers,
     a_ticket_beyond_the_last_keeps_its_place,
     live_overrides_are_kept_merged_and_cleared,
+    a_full_line_takes_no_ticket_until_a_place_frees,
 );
 
 #[tokio::test]

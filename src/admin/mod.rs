@@ -350,6 +350,7 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
         "admit_per_minute": settings.admit_per_minute(),
         "max_active": settings.max_active(),
         "session_seconds": config.session_seconds,
+        "max_waiting": config.max_waiting,
         "waiting": waiting,
         "active_sessions": stats.active,
         "grants_outstanding": stats.outstanding,

@@ -35,6 +35,8 @@ enum Entry {
     Wait { ticket: u64, start: u64, why: Option<Gone>, new_ticket: Option<String>, retry_after: Option<u32> },
     /// The room takes nobody new.
     Closed,
+    /// `max_waiting` people wait already: no ticket.
+    Full,
     /// The room asks for a proof of work first.
     Challenge { difficulty: u8, refused: Refused },
 }
@@ -57,6 +59,7 @@ impl Gate {
             Entry::Admit { .. } => Outcome::Entered,
             Entry::Wait { .. } => Outcome::Waiting,
             Entry::Closed => Outcome::Closed,
+            Entry::Full => Outcome::Full,
             Entry::Challenge { .. } => Outcome::Challenged,
         });
         Ok(match entry {
@@ -78,6 +81,10 @@ impl Gate {
             Entry::Closed => {
                 let closed = StatusCode::SERVICE_UNAVAILABLE;
                 let response = respond::room_status(room, Holding::Nothing, 0, None, page, closed);
+                cookies.clear_if_sent(request.headers(), &room.ticket_cookie).on(response)
+            }
+            Entry::Full => {
+                let response = respond::line_full(room, page);
                 cookies.clear_if_sent(request.headers(), &room.ticket_cookie).on(response)
             }
             Entry::Challenge { difficulty, refused } => {
@@ -146,6 +153,9 @@ impl Gate {
         })?;
         let admit_now = snapshot.state == RoomState::Open;
         let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
+            Ok(Joined::Full) => {
+                return Ok(Entry::Full);
+            }
             Ok(joined) => joined,
             Err(StoreError::ProofReused) => {
                 return Ok(Entry::Challenge {
@@ -173,6 +183,7 @@ impl Gate {
                 room.observe_cursor(ticket);
                 Entry::Admit { visitor, place: Place { ticket, line }, expires_at }
             }
+            Joined::Full => unreachable!("answered above"),
             Joined::Waiting { ticket } => {
                 let cursor = snapshot.cursor.min(ticket.saturating_sub(1));
                 let signed = self

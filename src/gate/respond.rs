@@ -92,7 +92,23 @@ pub fn room_status(
     wants_page: bool,
     status: StatusCode,
 ) -> Response<Body> {
-    let current = room.status(holding);
+    status_answer(room, room.status(holding), start_position, why, wants_page, status)
+}
+
+/// The line is full (`max_waiting`): the page that says so and tries again later, or the
+/// status JSON; 503 with `Retry-After`.
+pub fn line_full(room: &Room, wants_page: bool) -> Response<Body> {
+    status_answer(room, room.full_status(), 0, None, wants_page, StatusCode::SERVICE_UNAVAILABLE)
+}
+
+fn status_answer(
+    room: &Room,
+    current: crate::room::Status,
+    start_position: u64,
+    why: Option<&str>,
+    wants_page: bool,
+    status: StatusCode,
+) -> Response<Body> {
     let mut response =
         if wants_page { page(page::render(&room.id, &current, start_position, why)) } else { json(&current) };
     *response.status_mut() = status;

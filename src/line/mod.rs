@@ -39,6 +39,9 @@ pub struct Limits {
     pub abandon_ms: u64,
     /// A session not used for this long has ended.
     pub idle_ms: u64,
+    /// Most tickets waiting (after the cursor, leavers not counted) before a join is refused
+    /// as [`Joined::Full`]; 0 for no limit.
+    pub max_waiting: u64,
 }
 
 /// The rate budget counts in 1/60000ths of a turn, so that one millisecond refills exactly
@@ -91,12 +94,16 @@ pub enum Joined {
     Admitted { ticket: u64, expires_at: u64 },
     /// In line with this ticket.
     Waiting { ticket: u64 },
+    /// Not in line: `max_waiting` people wait already. No ticket was taken.
+    Full,
 }
 
 impl Joined {
+    /// The ticket taken (0 for none: the line was full).
     pub fn ticket(&self) -> u64 {
         match self {
             Joined::Admitted { ticket, .. } | Joined::Waiting { ticket } => *ticket,
+            Joined::Full => 0,
         }
     }
 }
@@ -320,6 +327,9 @@ impl Line {
     pub fn join(&mut self, limits: &Limits, admit_now: bool, now: u64) -> Joined {
         self.refill(limits, now);
         self.expire(limits, now);
+        if limits.max_waiting > 0 && self.waiting() >= limits.max_waiting {
+            return Joined::Full;
+        }
         self.last_ticket += 1;
         let ticket = self.last_ticket;
         let nobody_waiting = self.cursor + 1 == ticket;
@@ -333,6 +343,11 @@ impl Line {
         self.seen.add(ticket, now);
         self.unconfirmed.add(ticket, now);
         Joined::Waiting { ticket }
+    }
+
+    /// Tickets after the cursor whose holders have not said they left.
+    fn waiting(&self) -> u64 {
+        self.last_ticket.saturating_sub(self.cursor).saturating_sub(self.left.len() as u64)
     }
 
     /// Whether the waiting `ticket` is absent now: not seen for `abandon_ms`, unconfirmed for
@@ -530,6 +545,7 @@ mod tests {
             session_ms: 600_000,
             abandon_ms: 120_000,
             idle_ms: 300_000,
+            max_waiting: 0,
         }
     }
 
@@ -719,6 +735,7 @@ mod tests {
             match line.join(&limits, true, 0) {
                 Joined::Admitted { ticket, .. } => admitted.push(ticket),
                 Joined::Waiting { ticket } => tickets.push(ticket),
+                Joined::Full => unreachable!("no limit"),
             }
         }
         let mut now = 0;

@@ -855,6 +855,13 @@ impl Room {
     }
 }
 
+impl Room {
+    /// What a newcomer sees when the line is full (`max_waiting`).
+    pub fn full_status(&self) -> Status {
+        Status::of("full", None, None, self.snapshot.borrow().notice())
+    }
+}
+
 /// A feed socket counted open (see [`Room::feed_opened`]).
 pub struct FeedOpen<'a>(&'a AtomicUsize);
 
@@ -875,7 +882,8 @@ pub enum Holding {
 /// The visitor's status, as `/_vestibule/status` returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
-    /// `waiting`, `admitted`, `paused`, `closed` or `none`.
+    /// `waiting`, `admitted`, `paused`, `closed`, `full` (the line is, and the visitor is not
+    /// in it) or `none`.
     pub status: &'static str,
     pub position: Option<u64>,
     pub eta_seconds: Option<u64>,

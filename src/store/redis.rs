@@ -612,7 +612,7 @@ impl RedisStore {
         let (admitted, ticket, expires_at, line): (u8, u64, u64, u64) = self
             .run("join", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.join, room, limits, now, Absence::Excuse);
-                invocation.arg(u8::from(admit_now)).arg(&store.instance).arg(&proof);
+                invocation.arg(u8::from(admit_now)).arg(&store.instance).arg(&proof).arg(limits.max_waiting);
                 invocation
             })
             .await?;
@@ -622,7 +622,11 @@ impl RedisStore {
                 k.line = line;
             }
         });
-        Ok(if admitted == 1 { Joined::Admitted { ticket, expires_at } } else { Joined::Waiting { ticket } })
+        Ok(match admitted {
+            1 => Joined::Admitted { ticket, expires_at },
+            2 => Joined::Full,
+            _ => Joined::Waiting { ticket },
+        })
     }
 
     /// A scheduler step; or with `batch`, an operator's batch of that many turns granted

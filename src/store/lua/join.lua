@@ -2,14 +2,23 @@
 -- room and budget. A waiting ticket stays unconfirmed until its holder is seen.
 -- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0), ARGV[11] this instance's id,
 -- ARGV[12] the id of the join's proof of work ('' for none): each is taken once, or the error
--- REUSED.
--- Returns {admitted (1/0), ticket, session expires at (ms) or 0, line id}; the error RESTORING
--- for a moment after a restore.
+-- REUSED.  ARGV[13] max_waiting: most tickets waiting (after the cursor, leavers not counted),
+-- 0 for no limit.
+-- Returns {admitted (1/0; 2: the line is full and no ticket was taken), ticket, session
+-- expires at (ms) or 0, line id}; the error RESTORING for a moment after a restore.
 if lost() then
   return redis.error_reply(LOST)
 end
 if restored_at and now < restored_at + JOIN_HOLD_MS then
   return redis.error_reply('RESTORING the line is being restored')
+end
+local max_waiting = tonumber(ARGV[13])
+if max_waiting > 0 then
+  local ends = redis.call('HMGET', KEYS[1], 'last', 'cursor')
+  local waiting = (tonumber(ends[1]) or 0) - (tonumber(ends[2]) or 0) - redis.call('SCARD', KEYS[4])
+  if waiting >= max_waiting then
+    return {2, 0, 0, number(KEYS[1], 'line_id')}
+  end
 end
 if ARGV[12] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', now)
