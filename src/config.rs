@@ -278,6 +278,52 @@ pub struct RoomConfig {
     /// full" answer (503 with `Retry-After`) and no ticket. Unlimited when unset.
     #[serde(default)]
     pub max_waiting: Option<std::num::NonZeroU64>,
+    /// Admission that listens to the upstream (`[rooms.adaptive]`): off when unset.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// `[rooms.adaptive]`: targets for the upstream's health; the rate steps down by `decrease`
+/// when a window misses one, and climbs back by `increase_per_minute` when it meets both,
+/// between `min_per_minute` and `admit_per_minute` (see [`crate::room::adaptive`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConfig {
+    /// Target for the p95 latency of the upstream's answers (to the response head), in ms.
+    pub p95_ms: u64,
+    /// Target for the share of forwarded requests that fail (5xx, or no answer).
+    #[serde(default = "defaults::adaptive_error_ratio")]
+    pub error_ratio: f64,
+    /// How long each window is: the leader judges one and steps the rate this often.
+    #[serde(default = "defaults::adaptive_window_seconds")]
+    pub window_seconds: u64,
+    /// The factor the rate is multiplied by when a window misses a target.
+    #[serde(default = "defaults::adaptive_decrease")]
+    pub decrease: f64,
+    /// Added to the rate (per minute) after each window that meets both targets; a tenth
+    /// of `admit_per_minute` when unset.
+    #[serde(default)]
+    pub increase_per_minute: Option<NonZeroU32>,
+    /// The rate never steps below this; a tenth of `admit_per_minute` when unset.
+    #[serde(default)]
+    pub min_per_minute: Option<NonZeroU32>,
+    /// A window with fewer requests (from every instance) says nothing: the rate holds.
+    #[serde(default = "defaults::adaptive_min_requests")]
+    pub min_requests: u64,
+}
+
+impl AdaptiveConfig {
+    pub fn min_per_minute(&self, ceiling: u32) -> u32 {
+        self.min_per_minute.map_or((ceiling / 10).max(1), NonZeroU32::get)
+    }
+
+    pub fn increase_per_minute(&self, ceiling: u32) -> u32 {
+        self.increase_per_minute.map_or((ceiling / 10).max(1), NonZeroU32::get)
+    }
+
+    pub fn window_ms(&self) -> u64 {
+        self.window_seconds * 1_000
+    }
 }
 
 /// `[rooms.bypass]`: synthetic monitors and staff pass the room without a token, without a
@@ -424,6 +470,18 @@ mod defaults {
     }
     pub fn queued_status() -> u16 {
         200
+    }
+    pub fn adaptive_error_ratio() -> f64 {
+        0.05
+    }
+    pub fn adaptive_window_seconds() -> u64 {
+        5
+    }
+    pub fn adaptive_decrease() -> f64 {
+        0.7
+    }
+    pub fn adaptive_min_requests() -> u64 {
+        20
     }
     pub fn challenge_difficulty() -> u8 {
         crate::challenge::DEFAULT_DIFFICULTY
@@ -640,6 +698,23 @@ impl Config {
             }
             if ![200, 202, 429, 503].contains(&room.queued_status) {
                 return Err((key("queued_status"), "one of 200, 202, 429 and 503".into()));
+            }
+            if let Some(adaptive) = &room.adaptive {
+                if adaptive.p95_ms == 0 {
+                    return Err((key("adaptive.p95_ms"), "must be at least 1 (ms)".into()));
+                }
+                if !(0.0..=1.0).contains(&adaptive.error_ratio) {
+                    return Err((key("adaptive.error_ratio"), "from 0 to 1".into()));
+                }
+                if !(1..=300).contains(&adaptive.window_seconds) {
+                    return Err((key("adaptive.window_seconds"), "from 1 to 300".into()));
+                }
+                if !(adaptive.decrease > 0.0 && adaptive.decrease < 1.0) {
+                    return Err((key("adaptive.decrease"), "between 0 and 1 (0.7 steps down by 30 %)".into()));
+                }
+                if adaptive.min_per_minute.is_some_and(|min| min > room.admit_per_minute) {
+                    return Err((key("adaptive.min_per_minute"), "at most admit_per_minute".into()));
+                }
             }
             if let Some(bypass) = &mut room.bypass {
                 match (&bypass.secret, &bypass.secret_env) {

@@ -192,6 +192,8 @@ pub struct Metrics {
     active_sessions: Family<RoomLabel, Gauge>,
     grants_outstanding: Family<RoomLabel, Gauge>,
     room_leader: Family<RoomLabel, Gauge>,
+    admit_rate: Family<RoomLabel, Gauge>,
+    upstream_p95: Family<RoomLabel, Gauge<f64, AtomicU64>>,
     pub feed_sockets: Gauge,
     upstream_duration: Family<ClassLabel, AtomicHistogram>,
     store_duration: Family<OperationLabel, AtomicHistogram>,
@@ -235,6 +237,18 @@ impl Metrics {
         registry.register("grants_outstanding", "Turns granted and not yet used", grants_outstanding.clone());
         let room_leader = Family::<RoomLabel, Gauge>::default();
         registry.register("room_leader", "1 when this instance runs the room's scheduler", room_leader.clone());
+        let admit_rate = Family::<RoomLabel, Gauge>::default();
+        registry.register(
+            "admit_per_minute",
+            "The rate turns are granted at now: admit_per_minute, or the adaptive rate when lower",
+            admit_rate.clone(),
+        );
+        let upstream_p95 = Family::<RoomLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "adaptive_upstream_p95_seconds",
+            "The upstream's p95 latency for the room over the last window the leader judged ([rooms.adaptive])",
+            upstream_p95.clone(),
+        );
         let feed_sockets = Gauge::default();
         registry.register("feed_sockets", "Waiting-page feed sockets open on this instance", feed_sockets.clone());
         let upstream_duration = Family::<ClassLabel, AtomicHistogram>::default();
@@ -270,6 +284,8 @@ impl Metrics {
             active_sessions,
             grants_outstanding,
             room_leader,
+            admit_rate,
+            upstream_p95,
             feed_sockets,
             upstream_duration,
             store_duration,
@@ -304,6 +320,8 @@ impl Metrics {
             active_sessions: self.active_sessions.get_or_create(&label).clone(),
             grants_outstanding: self.grants_outstanding.get_or_create(&label).clone(),
             leader: self.room_leader.get_or_create(&label).clone(),
+            admit_rate: self.admit_rate.get_or_create(&label).clone(),
+            upstream_p95: self.upstream_p95.get_or_create(&label).clone(),
         }
     }
 
@@ -362,6 +380,8 @@ pub struct RoomMetrics {
     pub active_sessions: Gauge,
     pub grants_outstanding: Gauge,
     pub leader: Gauge,
+    pub admit_rate: Gauge,
+    pub upstream_p95: Gauge<f64, AtomicU64>,
 }
 
 impl RoomMetrics {

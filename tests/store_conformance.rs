@@ -22,6 +22,7 @@ fn limits(admit_per_minute: u32, max_active: u32) -> Limits {
         abandon_ms: 120_000,
         idle_ms: 300_000,
         max_waiting: 0,
+        adaptive_per_minute: 0,
     }
 }
 
@@ -232,6 +233,22 @@ async fn a_full_line_takes_no_ticket_until_a_place_frees(store: Store) {
     assert_eq!(store.join(ROOM, &open, true, 1_000).await.unwrap(), Joined::Waiting { ticket: 7 });
 }
 
+async fn the_adaptive_rate_binds_grants_below_admit_per_minute(store: Store) {
+    // The leader decided 60 a minute where the room says 600: one turn a second, not ten.
+    let slow = Limits { adaptive_per_minute: 60, ..limits(600, 1_000) };
+    join_confirmed(&store, &slow, 40, 0).await;
+    let first = store.advance(ROOM, &slow, 1_000, JUDGE).await.unwrap();
+    assert_eq!((first.granted, first.stats.adaptive_per_minute), (1, Some(60)));
+    assert_eq!(store.advance(ROOM, &slow, 2_000, JUDGE).await.unwrap().granted, 1);
+    // Never above admit_per_minute, whatever the leader says.
+    let above = Limits { adaptive_per_minute: 6_000, ..limits(600, 1_000) };
+    let step = store.advance(ROOM, &above, 3_000, JUDGE).await.unwrap();
+    assert_eq!((step.granted, step.stats.adaptive_per_minute), (10, Some(600)));
+    // The leader cleared it: the room's own rate again.
+    let step = store.advance(ROOM, &limits(600, 1_000), 4_000, JUDGE).await.unwrap();
+    assert_eq!((step.granted, step.stats.adaptive_per_minute), (10, None));
+}
+
 async fn redis_store(server: &RedisServer) -> Store {
     let store = RedisStore::connect(&server.url(), Duration::from_secs(2), Duration::from_secs(2))
         .await
@@ -390,6 +407,28 @@ async fn a_live_capacity_binds_every_instance_and_survives_a_lost_line() {
 }
 
 #[tokio::test]
+async fn the_leaders_adaptive_rate_binds_every_instance_and_comes_back_after_a_lost_line() {
+    let server = RedisServer::start();
+    let (leader, follower) = (redis_store(&server).await, redis_store(&server).await);
+    let room = limits(600, 1_000);
+    let decided = Limits { adaptive_per_minute: 60, ..room };
+    leader.advance(ROOM, &decided, 0, JUDGE).await.unwrap();
+    // A follower, whose room has not learned the rate yet, is bound by it in the store: its
+    // reads report it, and its joins draw on a bucket of one second at it (one turn, where
+    // 600 a minute would hold ten).
+    assert_eq!(follower.stats(ROOM, &room, 0).await.unwrap().adaptive_per_minute, Some(60));
+    assert!(matches!(follower.join(ROOM, &room, true, 0).await.unwrap(), Joined::Admitted { ticket: 1, .. }));
+    assert_eq!(follower.join(ROOM, &room, true, 0).await.unwrap(), Joined::Waiting { ticket: 2 });
+    // An operator's batch, from the follower, leaves the leader's rate as it is.
+    follower.admit(ROOM, &room, 1, 500, JUDGE).await.unwrap();
+    assert_eq!(follower.stats(ROOM, &room, 500).await.unwrap().adaptive_per_minute, Some(60));
+    // Redis loses the line: the leader's next step puts the rate back.
+    flush(&server).await;
+    let step = leader.advance(ROOM, &decided, 1_000, JUDGE).await.unwrap();
+    assert_eq!(step.stats.adaptive_per_minute, Some(60));
+}
+
+#[tokio::test]
 async fn every_instance_merges_what_it_knew_into_a_restored_line() {
     let server = RedisServer::start();
     let (one, two) = (redis_store(&server).await, redis_store(&server).await);
@@ -476,6 +515,7 @@ on_every_store!(
     a_ticket_beyond_the_last_keeps_its_place,
     live_overrides_are_kept_merged_and_cleared,
     a_full_line_takes_no_ticket_until_a_place_frees,
+    the_adaptive_rate_binds_grants_below_admit_per_minute,
 );
 
 #[tokio::test]

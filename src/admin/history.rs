@@ -62,7 +62,7 @@ impl History {
                 t: now,
                 waiting: number("waiting"),
                 admitted_last_minute: number("admitted_last_minute"),
-                admit_per_minute: number("admit_per_minute"),
+                admit_per_minute: number("admitting_per_minute"),
                 active: number("active_sessions") + number("grants_outstanding"),
                 max_active: number("max_active"),
                 eta_seconds: view["eta_seconds"].as_u64(),

@@ -351,6 +351,17 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
         "max_active": settings.max_active(),
         "session_seconds": config.session_seconds,
         "max_waiting": config.max_waiting,
+        // The rate turns are granted at now: admit_per_minute, or the adaptive rate when lower.
+        "admitting_per_minute": room.limits().per_minute(),
+        "adaptive": config.adaptive.as_ref().map(|adaptive| json!({
+            "per_minute": room.limits().per_minute(),
+            "p95_ms_target": adaptive.p95_ms,
+            "error_ratio_target": adaptive.error_ratio,
+            "window_seconds": adaptive.window_seconds,
+            "min_per_minute": adaptive.min_per_minute(settings.admit_per_minute()),
+            // The last window judged, on the instance that leads the room.
+            "last_window": room.adaptive.last_verdict(),
+        })),
         "waiting": waiting,
         "active_sessions": stats.active,
         "grants_outstanding": stats.outstanding,

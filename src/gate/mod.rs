@@ -395,7 +395,14 @@ impl Gate {
     pub(crate) fn record(&self, trail: &Trail, method: &Method, client: IpAddr, status: StatusCode, started: Instant) {
         let outcome = trail.outcome.unwrap_or(Outcome::Forwarded);
         match &trail.room {
-            Some(room) => room.metrics.request(outcome),
+            Some(room) => {
+                room.metrics.request(outcome);
+                if matches!(outcome, Outcome::Admitted | Outcome::Entered | Outcome::Bypassed | Outcome::UpstreamFailed)
+                {
+                    let failed = outcome == Outcome::UpstreamFailed || status.is_server_error();
+                    room.upstream_answered(started.elapsed(), failed);
+                }
+            }
             None => self.metrics.outside(outcome),
         }
         if self.access_log.load(Ordering::Relaxed) {

@@ -42,6 +42,9 @@ pub struct Limits {
     /// Most tickets waiting (after the cursor, leavers not counted) before a join is refused
     /// as [`Joined::Full`]; 0 for no limit.
     pub max_waiting: u64,
+    /// The rate the room's leader decided from the upstream's health (`[rooms.adaptive]`),
+    /// per minute; 0 for none. Turns are granted at the lower of it and `admit_per_minute`.
+    pub adaptive_per_minute: u32,
 }
 
 /// The rate budget counts in 1/60000ths of a turn, so that one millisecond refills exactly
@@ -66,14 +69,22 @@ pub const MAX_SKIPS: usize = 1_000;
 pub const MAX_ENDS: usize = 1_000;
 
 impl Limits {
+    /// The rate in force, per minute: `admit_per_minute`, or the adaptive rate when lower.
+    pub fn per_minute(&self) -> u32 {
+        match self.adaptive_per_minute {
+            0 => self.admit_per_minute,
+            adaptive => adaptive.min(self.admit_per_minute),
+        }
+    }
+
     /// Budget units refilled per millisecond.
     fn refill_per_ms(&self) -> u64 {
-        u64::from(self.admit_per_minute)
+        u64::from(self.per_minute())
     }
 
     /// The bucket holds one second's worth of turns, and at least one turn.
     fn burst(&self) -> u64 {
-        (u64::from(self.admit_per_minute) * 1_000).max(TURN)
+        (u64::from(self.per_minute()) * 1_000).max(TURN)
     }
 }
 
@@ -161,6 +172,8 @@ pub struct Stats {
     /// Which change of the room's live overrides the store holds (0: none; the memory store
     /// leaves them to the room).
     pub settings_version: u64,
+    /// The adaptive rate in force (`[rooms.adaptive]`), per minute, as the leader decided it.
+    pub adaptive_per_minute: Option<u32>,
 }
 
 impl Stats {
@@ -528,6 +541,7 @@ impl Line {
             epoch: 0,
             line: self.id,
             settings_version: 0,
+            adaptive_per_minute: (limits.adaptive_per_minute > 0).then_some(limits.per_minute()),
         }
     }
 }
@@ -546,6 +560,7 @@ mod tests {
             abandon_ms: 120_000,
             idle_ms: 300_000,
             max_waiting: 0,
+            adaptive_per_minute: 0,
         }
     }
 

@@ -6,6 +6,7 @@
 //! step and publishes a [`Snapshot`] on a `watch` channel; pages, status calls and feed sockets
 //! compute `ticket - cursor` from it in memory.
 
+pub mod adaptive;
 pub mod feed;
 pub mod page;
 pub mod settings;
@@ -184,6 +185,8 @@ pub struct Room {
     feeds: AtomicUsize,
     /// Whether the last renewal of a session failed (said once in the log until one works).
     renewal_failing: AtomicBool,
+    /// Admission that listens to the upstream (`[rooms.adaptive]`).
+    pub adaptive: adaptive::Listening,
     stop: CancellationToken,
 }
 
@@ -241,6 +244,7 @@ impl Room {
             metrics,
             feeds: AtomicUsize::new(0),
             renewal_failing: AtomicBool::new(false),
+            adaptive: adaptive::Listening::default(),
             stop,
         }
     }
@@ -273,7 +277,59 @@ impl Room {
 
     /// How the line admits now.
     pub fn limits(&self) -> Limits {
-        self.settings.load().limits()
+        self.limits_of(&self.settings.load())
+    }
+
+    /// How the line admits under `settings`: with the adaptive rate in force, if any.
+    fn limits_of(&self, settings: &Settings) -> Limits {
+        let mut limits = settings.limits();
+        if settings.config.adaptive.is_some() {
+            limits.adaptive_per_minute = self.adaptive.rate();
+        }
+        limits
+    }
+
+    /// A request forwarded into the room was answered after `took` (`failed`: a 5xx, or no
+    /// answer): what the adaptive rate listens to, when the room has one.
+    pub fn upstream_answered(&self, took: std::time::Duration, failed: bool) {
+        if self.settings.load().config.adaptive.is_some() {
+            self.adaptive.health.observe(took, failed);
+        }
+    }
+
+    /// Put this instance's reading of the upstream in the store; while leading an open room,
+    /// judge a window of every instance's readings and set the rate.
+    async fn listen(&self, store: &Store, settings: &Settings, leads: bool, now: u64) -> Result<(), StoreError> {
+        let Some(config) = &settings.config.adaptive else {
+            if self.adaptive.rate() != 0 {
+                self.adaptive.off();
+            }
+            return Ok(());
+        };
+        if let Some(reading) = self.adaptive.reading_due(now) {
+            store.report_health(&self.id, &reading).await?;
+        }
+        if !leads || !self.adaptive.decision_due(config, now) {
+            return Ok(());
+        }
+        let readings = store.read_health(&self.id).await?;
+        let before = self.adaptive.rate();
+        let verdict = self.adaptive.decide(config, settings.admit_per_minute(), &readings, now);
+        if let Some(p95) = verdict.p95_ms {
+            self.metrics.upstream_p95.set(p95 / 1_000.0);
+        }
+        if verdict.per_minute != before {
+            tracing::info!(
+                room = %self.id,
+                judged = verdict.judged,
+                p95_ms = verdict.p95_ms,
+                error_ratio = verdict.error_ratio,
+                requests = verdict.requests,
+                per_minute = verdict.per_minute,
+                "adaptive admission: the rate changes"
+            );
+        }
+        Ok(())
     }
 
     /// Whether a request from `client` with these headers passes without a token
@@ -631,7 +687,6 @@ impl Room {
     async fn try_step(&self, store: &Store, now: u64, was_available: bool) -> Result<(), StoreError> {
         self.report(store, now).await?;
         let settings = self.settings();
-        let limits = settings.limits();
         let was_leading = self.leading.load(Ordering::Relaxed);
         let try_lease = if was_leading {
             // Renewed at every step while the line moves; an empty line's only as often as
@@ -668,6 +723,9 @@ impl Room {
         // An empty line moves nothing: advanced once per EMPTY_STEP rather than every step.
         let due = !self.empty.load(Ordering::Relaxed)
             || now >= self.advanced_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64;
+        let open = settings.state() == RoomState::Open;
+        self.listen(store, &settings, open && leading && was_available, now).await?;
+        let limits = self.limits_of(&settings);
         let stats = if settings.state() == RoomState::Open && leading && was_available && !due {
             None
         } else if settings.state() == RoomState::Open && leading && was_available {
@@ -706,6 +764,10 @@ impl Room {
             self.read_at.fetch_max(now, Ordering::Relaxed);
             self.observe_line(stats.line);
             self.observe_stats(stats, now);
+            if settings.config.adaptive.is_some() {
+                self.adaptive.learn(stats.adaptive_per_minute);
+            }
+            self.metrics.admit_rate.set(i64::from(self.limits_of(&settings).per_minute()));
             // Another instance changed the live overrides (and the announcement did not reach
             // us, or not yet): read them.
             if stats.settings_version > settings.version {

@@ -109,6 +109,7 @@ impl Settings {
             abandon_ms: self.config.abandon_seconds * 1_000,
             idle_ms: self.config.session_idle_seconds * 1_000,
             max_waiting: self.config.max_waiting.map_or(0, |max| max.get()),
+            adaptive_per_minute: 0,
         }
     }
 }

@@ -13,6 +13,8 @@ pub struct MemoryStore {
     rooms: Mutex<HashMap<String, Line>>,
     /// Each room's live overrides and how many changes made them.
     overrides: Mutex<HashMap<String, (Overrides, u64)>>,
+    /// Each room's last reading of the upstream's health (this process is its only instance).
+    health: Mutex<HashMap<String, String>>,
 }
 
 impl MemoryStore {
@@ -30,6 +32,16 @@ impl MemoryStore {
     pub(crate) fn overrides(&self, room: &str) -> (Overrides, u64) {
         let overrides = self.overrides.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         overrides.get(room).cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn report_health(&self, room: &str, reading: &str) {
+        let mut health = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        health.insert(room.to_owned(), reading.to_owned());
+    }
+
+    pub(crate) fn read_health(&self, room: &str) -> Vec<(String, String)> {
+        let health = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        health.get(room).map(|reading| vec![("this".to_owned(), reading.clone())]).unwrap_or_default()
     }
 
     pub(crate) fn change_overrides(&self, room: &str, change: Option<&Overrides>) -> (Overrides, u64) {

@@ -173,6 +173,26 @@ impl Store {
         }
     }
 
+    /// Put this instance's reading of the upstream's health (`[rooms.adaptive]`) where the
+    /// room's leader reads it.
+    pub async fn report_health(&self, room: &str, reading: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(store) => {
+                store.report_health(room, reading);
+                Ok(())
+            }
+            Store::Redis(store) => store.report_health(room, reading).await,
+        }
+    }
+
+    /// Every instance's last reading of the upstream's health, by instance.
+    pub async fn read_health(&self, room: &str) -> Result<Vec<(String, String)>, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.read_health(room)),
+            Store::Redis(store) => store.read_health(room).await,
+        }
+    }
+
     /// Grant the next `count` turns now, outside the rate budget (`max_active` still holds),
     /// and announce the new cursor: an operator's batch.
     pub async fn admit(

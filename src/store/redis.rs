@@ -187,6 +187,14 @@ pub fn settings_channel(room: &str) -> String {
     format!("vestibule:{{{room}}}:settings")
 }
 
+/// Each instance's reading of the upstream's health for a room (`[rooms.adaptive]`).
+fn health_key(room: &str) -> String {
+    format!("vestibule:{{{room}}}:health")
+}
+
+/// How long the readings of the upstream's health are kept after the last one.
+const HEALTH_KEPT_MS: i64 = 60_000;
+
 /// The channel on which a room's cursor moves are announced to every instance.
 pub fn cursor_channel(room: &str) -> String {
     format!("vestibule:{{{room}}}:cursor")
@@ -251,10 +259,10 @@ fn classify(error: RedisError) -> StoreError {
 }
 
 /// The report every line script can give (`report()` in `lua/common.lua`).
-type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64);
+type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64, u32);
 
 fn stats_of(report: Report, now: u64) -> Stats {
-    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line, settings_version) = report;
+    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line, settings_version, adaptive) = report;
     Stats {
         cursor,
         last_ticket,
@@ -266,6 +274,7 @@ fn stats_of(report: Report, now: u64) -> Stats {
         epoch,
         line,
         settings_version,
+        adaptive_per_minute: (adaptive > 0).then_some(adaptive),
     }
 }
 
@@ -644,18 +653,30 @@ impl RedisStore {
             .run(operation, room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.advance, room, limits, now, absence);
                 invocation.arg(cursor_channel(room)).arg(revocations_channel(room));
-                if let Some(count) = batch {
-                    invocation.arg(count.max(1));
-                }
+                match batch {
+                    // An operator's batch, from any instance, leaves the leader's rate as it is.
+                    Some(count) => invocation.arg("").arg(count.max(1)),
+                    None => invocation.arg(limits.adaptive_per_minute),
+                };
                 invocation
             })
             .await?;
         let malformed = || StoreError::Failed("unexpected redis reply to advance".into());
-        let (head, ended) = reply.split_at_checked(10).ok_or_else(malformed)?;
+        let (head, ended) = reply.split_at_checked(11).ok_or_else(malformed)?;
         let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
         let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
-        let report =
-            (number(1)?, number(2)?, count(3)?, count(4)?, number(5)?, head[6], number(7)?, number(8)?, number(9)?);
+        let report = (
+            number(1)?,
+            number(2)?,
+            count(3)?,
+            count(4)?,
+            number(5)?,
+            head[6],
+            number(7)?,
+            number(8)?,
+            number(9)?,
+            count(10)?,
+        );
         let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
         let stats = self.reported(room, limits, now, report).await?;
         Ok(Advanced { granted: count(0)?, ended, stats })
@@ -807,6 +828,29 @@ impl RedisStore {
             })
             .await?;
         Ok(renewed == 1)
+    }
+
+    /// Put this instance's reading of the upstream's health for `room` where the leader reads
+    /// it (one field per instance; the hash lasts a minute past the last reading).
+    pub async fn report_health(&self, room: &str, reading: &str) -> Result<(), StoreError> {
+        let key = health_key(room);
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, &self.instance, reading).ignore().pexpire(&key, HEALTH_KEPT_MS).ignore();
+        let started = std::time::Instant::now();
+        let result = self.bounded(pipe.query_async::<()>(&mut self.connection.clone())).await;
+        self.observe("health", started, result.as_ref().err());
+        result
+    }
+
+    /// Every instance's last reading of the upstream's health for `room`.
+    pub async fn read_health(&self, room: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let started = std::time::Instant::now();
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("HGETALL");
+        command.arg(health_key(room));
+        let result = self.bounded(command.query_async(&mut connection)).await;
+        self.observe("health", started, result.as_ref().err());
+        result
     }
 
     fn lease_keys(room: &str) -> [String; 2] {

@@ -2,15 +2,27 @@
 -- leavers and, when absence is judged, waiters not seen for abandon_ms or unconfirmed for
 -- CONFIRM_MS, and end sessions not used for idle_ms. At most MAX_SKIPS tickets skipped and
 -- MAX_ENDS sessions ended per call; the next steps carry on.
--- With ARGV[12] (an operator's batch: `POST /rooms/{id}/admit`), grant up to that many turns
+-- With ARGV[13] (an operator's batch: `POST /rooms/{id}/admit`), grant up to that many turns
 -- now, outside the budget (capacity still holds), and end no idle session.
 -- KEYS: as in common.lua.  ARGV[10] the channel of cursor moves, ARGV[11] the channel of
--- ended sessions, ARGV[12] (optional) how many to grant outside the budget.
+-- ended sessions, ARGV[12] the adaptive rate the leader decided (per minute; 0: none, '':
+-- leave it as it is), ARGV[13] (optional) how many to grant outside the budget.
 -- Returns {granted, the report of common.lua..., ended sessions as ticket, until, ...}.
 if lost() then
   return redis.error_reply(LOST)
 end
-local batch = tonumber(ARGV[12] or '0')
+if ARGV[12] ~= '' then
+  local decided = tonumber(ARGV[12])
+  if decided > 0 and decided ~= adaptive then
+    redis.call('HSET', KEYS[1], 'a_per_minute', decided)
+    adaptive = decided
+  elseif decided == 0 and adaptive then
+    redis.call('HDEL', KEYS[1], 'a_per_minute')
+    adaptive = false
+  end
+  per_minute = adaptive and math.min(ceiling, adaptive) or ceiling
+end
+local batch = tonumber(ARGV[13] or '0')
 local budget = refill()
 expire()
 local ended = {}

@@ -14,7 +14,8 @@
 --                            taken by what the lost line held, and how many were taken over
 --                            since), grown_at (ms: the line grew to a ticket beyond its last),
 --                            o_state, o_admit_per_minute, o_max_active, o_message, o_version
---                            (the live overrides: settings.lua)
+--                            (the live overrides: settings.lua), a_per_minute (the adaptive
+--                            rate the leader decided: advance.lua)
 -- KEYS[2]  grants      zset: ticket -> granted at (ms); granted turns not yet redeemed
 -- KEYS[3]  sessions    zset: ticket -> expires at (ms); active sessions
 -- KEYS[4]  left        set:  tickets after the cursor whose holders left
@@ -55,9 +56,13 @@ local now = tonumber(ARGV[1])
 -- script counts as a command of its own, and one at a time they were a third of what Redis
 -- spent on a join (`cargo bench --bench line`).
 local head = redis.call('HMGET', KEYS[1], 'epoch', 'o_admit_per_minute', 'o_max_active', 'restored_at', 'budget',
-  'budget_at')
+  'budget_at', 'a_per_minute')
 -- A live override of the rate or the capacity (settings.lua) binds every instance at once.
-local per_minute = tonumber(head[2] or ARGV[2])
+-- The rate the leader decided from the upstream's health ([rooms.adaptive]; advance.lua
+-- sets it), or false: turns are granted at the lower of the two.
+local ceiling = tonumber(head[2] or ARGV[2])
+local adaptive = head[7] and tonumber(head[7])
+local per_minute = adaptive and math.min(ceiling, adaptive) or ceiling
 local max_active = tonumber(head[3] or ARGV[3])
 -- When the line was last restored (ms), or false: as the script began (restore.lua, which
 -- sets it, reads the hash afresh).
@@ -223,7 +228,8 @@ local function overrides_json()
 end
 
 -- What the room looks like: {cursor, last, active, outstanding, admissions in the window,
--- first admission (ms) or -1, epoch, line id, version of the live overrides}.
+-- first admission (ms) or -1, epoch, line id, version of the live overrides, the adaptive
+-- rate in force or 0}.
 local function report()
   local first = redis.call('LINDEX', KEYS[8], 0)
   return {
@@ -236,5 +242,6 @@ local function report()
     number(KEYS[1], 'epoch'),
     number(KEYS[1], 'line_id'),
     number(KEYS[1], 'o_version'),
+    adaptive and per_minute or 0,
   }
 end
