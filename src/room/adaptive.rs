@@ -193,8 +193,15 @@ impl Controller {
         } else {
             "healthy"
         };
+        // Far over the latency target, the step goes deeper than `decrease`: down to
+        // target/p95 of the rate (a quarter at most), so a checkout ten times too slow is not
+        // given several windows more of the crowd that made it so.
+        let factor = match p95_ms {
+            Some(p95) if p95 > 0.0 => config.decrease.min((config.p95_ms as f64 / p95).max(DEEPEST_STEP)),
+            _ => config.decrease,
+        };
         self.rate = match judged {
-            "strained" => self.rate * config.decrease,
+            "strained" => self.rate * factor,
             "healthy" => self.rate + f64::from(config.increase_per_minute(ceiling as u32)),
             _ => self.rate,
         }
@@ -210,6 +217,9 @@ impl Controller {
 
 /// How often an instance puts its reading in the store (when it saw new requests).
 pub const REPORT_EVERY_MS: u64 = 1_000;
+
+/// The deepest single step down: a quarter of the rate.
+const DEEPEST_STEP: f64 = 0.25;
 
 /// An instance's reading as it travels through the store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -326,6 +336,10 @@ mod tests {
         toml::from_str(text).unwrap()
     }
 
+    fn config_with_decrease(decrease: f64) -> AdaptiveConfig {
+        config(&format!("p95_ms = 200\ndecrease = {decrease}\nmin_requests = 10"))
+    }
+
     fn window(latency_ms: u64, requests: u64, errors: u64) -> Totals {
         let health = Health::default();
         for i in 0..requests {
@@ -370,16 +384,22 @@ mod tests {
     fn the_rate_steps_down_by_a_factor_and_climbs_back_by_steps_never_past_the_ceiling() {
         let config = config("p95_ms = 200\nerror_ratio = 0.05\ndecrease = 0.5\nmin_requests = 10");
         let mut controller = Controller::new(600);
-        let slow = window(400, 50, 0);
+        let slow = window(300, 50, 0);
         let fast = window(20, 50, 0);
         let failing = window(20, 50, 10);
         let rates: Vec<u32> = [&slow, &slow, &failing, &fast, &fast]
             .iter()
             .map(|w| controller.decide(&config, 600, w).per_minute)
             .collect();
-        // Down by half on each strained window; up by a tenth of the ceiling (60) on each
-        // healthy one.
+        // Down by half on each strained window (p95 of 300 ms against 200: no deeper); up by a
+        // tenth of the ceiling (60) on each healthy one.
         assert_eq!(rates, vec![300, 150, 75, 135, 195]);
+        // Ten times over the target, one step goes down to a quarter.
+        let mut severe = Controller::new(600);
+        assert_eq!(severe.decide(&config, 600, &window(2_000, 50, 0)).per_minute, 150);
+        let mut mild = Controller::new(600);
+        let just_over = config_with_decrease(0.9);
+        assert_eq!(mild.decide(&just_over, 600, &window(210, 50, 0)).per_minute, 540, "just over: by `decrease`");
         for _ in 0..20 {
             controller.decide(&config, 600, &fast);
         }
@@ -420,7 +440,8 @@ mod tests {
         here.health.observe(Duration::from_millis(900), false);
         assert_eq!(here.decide(&config, 600, &readings(0), 0).judged, "unsure");
         assert!(!here.decision_due(&config, 4_999) && here.decision_due(&config, 5_000));
-        // Fast here, slow there: together the p95 is slow, and the rate halves.
+        // Fast here, slow there: together the p95 is slow (4.5 times the target), and the rate
+        // steps down to a quarter.
         for _ in 0..20 {
             here.health.observe(Duration::from_millis(10), false);
         }
@@ -428,11 +449,11 @@ mod tests {
             there.health.observe(Duration::from_millis(900), false);
         }
         let verdict = here.decide(&config, 600, &readings(5_000), 5_000);
-        assert_eq!((verdict.requests, verdict.judged, verdict.per_minute), (30, "strained", 300));
-        assert_eq!(here.rate(), 300);
+        assert_eq!((verdict.requests, verdict.judged, verdict.per_minute), (30, "strained", 150));
+        assert_eq!(here.rate(), 150);
         // The other instance follows the rate the store carries.
         there.learn(Some(here.rate()));
-        assert_eq!(there.rate(), 300);
+        assert_eq!(there.rate(), 150);
         // A reading three windows old is an instance gone: it no longer counts.
         for _ in 0..20 {
             here.health.observe(Duration::from_millis(10), false);
@@ -440,7 +461,7 @@ mod tests {
         let mut stale = readings(25_000);
         stale[1].1 = serde_json::to_string(&Reading { at: 5_000, totals: there.health.totals() }).unwrap();
         let verdict = here.decide(&config, 600, &stale, 25_000);
-        assert_eq!((verdict.requests, verdict.judged, verdict.per_minute), (20, "healthy", 360));
+        assert_eq!((verdict.requests, verdict.judged, verdict.per_minute), (20, "healthy", 210));
     }
 
     #[test]

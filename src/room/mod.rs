@@ -764,10 +764,6 @@ impl Room {
             self.read_at.fetch_max(now, Ordering::Relaxed);
             self.observe_line(stats.line);
             self.observe_stats(stats, now);
-            if settings.config.adaptive.is_some() {
-                self.adaptive.learn(stats.adaptive_per_minute);
-            }
-            self.metrics.admit_rate.set(i64::from(self.limits_of(&settings).per_minute()));
             // Another instance changed the live overrides (and the announcement did not reach
             // us, or not yet): read them.
             if stats.settings_version > settings.version {
@@ -815,6 +811,12 @@ impl Room {
         self.metrics.waiting.set(clamp(stats.waiting));
         self.metrics.active_sessions.set(i64::from(stats.active));
         self.metrics.grants_outstanding.set(i64::from(stats.outstanding));
+        // The adaptive rate as the leader decided it: every read of the room learns it.
+        let settings = self.settings.load();
+        if settings.config.adaptive.is_some() {
+            self.adaptive.learn(stats.adaptive_per_minute);
+        }
+        self.metrics.admit_rate.set(i64::from(self.limits_of(&settings).per_minute()));
         if let Ok(mut kept) = self.stats.lock() {
             *kept = Some((stats, now));
         }
