@@ -278,6 +278,9 @@ pub struct RoomConfig {
     /// full" answer (503 with `Retry-After`) and no ticket. Unlimited when unset.
     #[serde(default)]
     pub max_waiting: Option<std::num::NonZeroU64>,
+    /// The site's name, at the end of the waiting page's tab title ("(12) In line - Shop").
+    #[serde(default)]
+    pub site_name: Option<String>,
     /// Admission that listens to the upstream (`[rooms.adaptive]`): off when unset.
     #[serde(default)]
     pub adaptive: Option<AdaptiveConfig>,
@@ -695,6 +698,9 @@ impl Config {
             }
             if room.message.as_ref().is_some_and(|m| m.len() > 500) {
                 return Err((key("message"), "at most 500 characters".into()));
+            }
+            if room.site_name.as_ref().is_some_and(|name| name.is_empty() || name.len() > 100) {
+                return Err((key("site_name"), "from 1 to 100 characters".into()));
             }
             if ![200, 202, 429, 503].contains(&room.queued_status) {
                 return Err((key("queued_status"), "one of 200, 202, 429 and 503".into()));

@@ -51,6 +51,29 @@ async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tab_shows_the_place_and_a_locked_phone_comes_back_in_line_and_is_notified() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = chromium();
+    let stop = CancellationToken::new();
+    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    let gate = start_room(shop, "admit_per_minute = 600\nmax_active = 1\nsite_name = \"Shop\"\n").await;
+    let base = format!("http://{}", gate.addr);
+    let script = root.join("tests/browser/tab_and_phone.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node").arg(script).arg(base).env("CHROMIUM", chromium).output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "the tab and the phone:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 4, "{stdout}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_solves_the_proof_of_work_and_the_visitor_goes_on() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chromium = chromium();

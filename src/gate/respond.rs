@@ -109,8 +109,12 @@ fn status_answer(
     wants_page: bool,
     status: StatusCode,
 ) -> Response<Body> {
-    let mut response =
-        if wants_page { page(page::render(&room.id, &current, start_position, why)) } else { json(&current) };
+    let site_name = room.settings().config.site_name.clone();
+    let mut response = if wants_page {
+        page(page::render(&room.id, site_name.as_deref(), &current, start_position, why))
+    } else {
+        json(&current)
+    };
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -39,8 +39,9 @@ pub fn why(gone: Gone) -> Option<&'static str> {
     }
 }
 
-/// The page for a visitor at `status`, who joined at `start_position`.
-pub fn render(room: &str, status: &Status, start_position: u64, why: Option<&str>) -> String {
+/// The page for a visitor at `status`, who joined at `start_position`; `site_name` ends the
+/// tab's title.
+pub fn render(room: &str, site_name: Option<&str>, status: &Status, start_position: u64, why: Option<&str>) -> String {
     let position = status.position.unwrap_or(0);
     let progress = if start_position > 0 {
         (100.0 * (1.0 - position as f64 / start_position as f64)).clamp(0.0, 100.0).round() as u64
@@ -59,6 +60,7 @@ pub fn render(room: &str, status: &Status, start_position: u64, why: Option<&str
     let page = environment().get_template("waiting.html").expect("the template was added");
     page.render(context! {
         room,
+        site_name,
         status => status.status,
         position,
         start_position => start_position.max(position),
@@ -80,11 +82,12 @@ mod tests {
 
     #[test]
     fn the_page_shows_place_wait_progress_and_message_without_external_assets() {
-        let html = render("checkout", &waiting(42, Some(150), Some("Sale ends at 6")), 84, None);
+        let html = render("checkout", Some("Shop"), &waiting(42, Some(150), Some("Sale ends at 6")), 84, None);
         assert!(html.contains(r#"<p class="place" id="position">42</p>"#));
         assert!(html.contains("About 3 minutes to go."));
         assert!(html.contains("width: 50%"));
         assert!(html.contains("Sale ends at 6"));
+        assert!(html.contains("<title>(42) In line - Shop</title>"), "the tab shows the place and the site");
         assert!(html.contains(r#"aria-live="polite""#));
         assert!(html.contains(r#"<meta http-equiv="refresh" content="20">"#));
         assert!(html.contains(r#"/_vestibule/ws?room="#));
@@ -93,7 +96,7 @@ mod tests {
 
     #[test]
     fn messages_are_escaped() {
-        let html = render("checkout", &waiting(1, None, Some("<script>alert(1)</script>")), 1, None);
+        let html = render("checkout", None, &waiting(1, None, Some("<script>alert(1)</script>")), 1, None);
         assert!(!html.contains("<script>alert(1)</script>"));
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("Estimating your wait"));
@@ -101,7 +104,7 @@ mod tests {
 
     #[test]
     fn a_returning_visitor_is_told_why() {
-        let html = render("checkout", &waiting(9, None, None), 9, why(Gone::Lapsed));
+        let html = render("checkout", None, &waiting(9, None, None), 9, why(Gone::Lapsed));
         assert!(html.contains("joined the line again"));
     }
 }
