@@ -339,7 +339,7 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
     let eta = if waiting == 0 && !full && settings.state() == crate::config::RoomState::Open {
         Some(0)
     } else {
-        line::eta_seconds(waiting + 1, snapshot.rate_per_second)
+        line::eta_seconds(waiting + 1, snapshot.eta_rate())
     };
     let store_ok = snapshot.available && gate.store_answers();
     let config = &settings.config;

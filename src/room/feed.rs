@@ -178,7 +178,7 @@ fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<Shown> {
         RoomState::Closed => Shown::Closed { message: snapshot.message.clone() },
         RoomState::Open | RoomState::Passthrough => {
             let position = line::position(ticket, snapshot.cursor);
-            Shown::Position { position, eta_seconds: line::eta_seconds(position, snapshot.rate_per_second) }
+            Shown::Position { position, eta_seconds: line::eta_seconds(position, snapshot.eta_rate()) }
         }
     })
 }

@@ -95,6 +95,9 @@ pub struct Snapshot {
     pub state: RoomState,
     pub message: Option<String>,
     pub rate_per_second: Option<f64>,
+    /// The rate in force (admit_per_minute, or the adaptive rate), per second: the estimate
+    /// of the wait until a rate has been observed.
+    pub configured_per_second: f64,
     /// Whether the store answered at the last step; while it does not, the line is paused.
     pub available: bool,
     /// Bumped when waiters must be seen again at once: the line was restored, or the store
@@ -103,6 +106,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The rate to estimate a wait from, per second: the one observed over the last minute,
+    /// or before any was (a fresh room, a quiet minute) the rate in force, so that a visitor
+    /// gets an estimate from the first second.
+    pub fn eta_rate(&self) -> Option<f64> {
+        self.rate_per_second.or(Some(self.configured_per_second))
+    }
+
     /// The state a waiter sees: paused while the store is away.
     pub fn waiting_state(&self) -> RoomState {
         match self.state {
@@ -209,6 +219,7 @@ impl Room {
             state: config.state,
             message: config.message.clone(),
             rate_per_second: None,
+            configured_per_second: f64::from(config.admit_per_minute.get()) / 60.0,
             available: true,
             generation: 0,
         };
@@ -775,10 +786,12 @@ impl Room {
         // written over with the step's older view).
         let settings = self.settings.load();
         let (state, message) = (settings.state(), settings.message());
+        let configured_per_second = f64::from(self.limits_of(&settings).per_minute()) / 60.0;
         self.snapshot.send_if_modified(|snapshot| {
             let mut next = snapshot.clone();
             next.state = state;
             next.message = message;
+            next.configured_per_second = configured_per_second;
             if let Some(stats) = stats {
                 // The cursor never moves back, whatever order steps finish in.
                 next.cursor = next.cursor.max(stats.cursor);
@@ -915,7 +928,7 @@ impl Room {
             RoomState::Closed => "closed",
             RoomState::Open | RoomState::Passthrough => "waiting",
         };
-        Status::of(status, Some(position), line::eta_seconds(position, snapshot.rate_per_second), message)
+        Status::of(status, Some(position), line::eta_seconds(position, snapshot.eta_rate()), message)
     }
 }
 
@@ -1031,6 +1044,26 @@ mod tests {
         assert_eq!(snapshot.cursor, stats.cursor, "the snapshot follows the store");
         let rate = snapshot.rate_per_second.expect("a rate was observed");
         assert!((rate - 2.0).abs() < 0.1, "observed {rate}/s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_room_estimates_the_wait_from_its_rate_until_one_is_observed() {
+        let room = room("admit_per_minute = 120\nmax_active = 1\nabandon_seconds = 3600");
+        let store = Store::memory();
+        let clock = Clock::new();
+        for _ in 0..31 {
+            store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap();
+        }
+        room.step(&store, clock.now_ms()).await.unwrap();
+        // Nobody admitted by the line yet: 30 places at the configured 2 a second.
+        assert_eq!(room.snapshot().rate_per_second, None, "no rate observed yet");
+        let status = room.status(Holding::Ticket(31));
+        assert_eq!((status.position, status.eta_seconds), (Some(30), Some(15)));
+        // A live change of the rate changes the estimate at the next step.
+        let slower = Overrides { admit_per_minute: std::num::NonZeroU32::new(60), ..Overrides::default() };
+        room.apply_overrides(slower, 0);
+        room.step(&store, clock.now_ms()).await.unwrap();
+        assert_eq!(room.status(Holding::Ticket(31)).eta_seconds, Some(30));
     }
 
     #[tokio::test(start_paused = true)]
