@@ -278,6 +278,13 @@ pub struct RoomConfig {
     /// full" answer (503 with `Retry-After`) and no ticket. Unlimited when unset.
     #[serde(default)]
     pub max_waiting: Option<std::num::NonZeroU64>,
+    /// The room's own waiting page: a minijinja template (README: *The waiting page*),
+    /// relative to this file's folder. The bundled page when unset.
+    #[serde(default)]
+    pub template: Option<PathBuf>,
+    /// The template compiled (and checked) when the configuration was read.
+    #[serde(skip)]
+    pub page: Option<std::sync::Arc<crate::room::page::WaitingPage>>,
     /// The site's name, at the end of the waiting page's tab title ("(12) In line - Shop").
     #[serde(default)]
     pub site_name: Option<String>,
@@ -557,6 +564,7 @@ impl Config {
         })?;
         config.resolve_paths(base);
         config.validate().map_err(|(key, message)| error(key, message))?;
+        config.load_pages().map_err(|(key, message)| error(key, message))?;
         Ok(config)
     }
 
@@ -568,10 +576,23 @@ impl Config {
         };
         resolve(&mut self.tokens.signing_key);
         self.tokens.verify_keys.iter_mut().for_each(resolve);
+        self.rooms.iter_mut().filter_map(|room| room.template.as_mut()).for_each(resolve);
         if let Some(tls) = &mut self.server.tls {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
         }
+    }
+
+    /// Read and check every room's own waiting page.
+    fn load_pages(&mut self) -> Result<(), (String, String)> {
+        for (i, room) in self.rooms.iter_mut().enumerate() {
+            if let Some(path) = &room.template {
+                let page =
+                    crate::room::page::WaitingPage::load(path).map_err(|e| (format!("rooms[{i}].template"), e))?;
+                room.page = Some(std::sync::Arc::new(page));
+            }
+        }
+        Ok(())
     }
 
     /// Semantic checks serde cannot make: `Err((key, message))`.

@@ -395,6 +395,98 @@ async fn reload_applies_a_new_room_and_a_key_rotation_and_refuses_a_bad_file() {
     assert_eq!(authorized(admin, "GET", "/rooms", "").await.1.as_array().unwrap().len(), 2);
 }
 
+/// A template that uses every variable the waiting page is given (README: *The waiting page*).
+const EVERY_VARIABLE: &str =
+    "<!doctype html><html><head><title>({{ position }}) {{ status }}{{ suffix }}</title></head>\n\
+<body><h1 id=\"title\">{{ room }} at {{ site_name }}</h1>\n\
+<p id=\"position\">{{ position }}</p><p>of {{ start_position }}, {{ progress }}% done</p>\n\
+<p id=\"eta\">{{ eta_text }} ({{ eta_seconds }} s)</p><p id=\"message\">{{ message }}</p>\n\
+{% if why %}<p>{{ why }}</p>{% endif %}\n{{ script }}</body></html>\n";
+
+#[tokio::test]
+async fn a_rooms_own_template_is_rendered_previewed_and_reloaded() {
+    let (upstream, _) = start_upstream().await;
+    let dir = TempDir::new("template");
+    std::fs::write(dir.path().join("waiting.html"), EVERY_VARIABLE).unwrap();
+    let room = format!(
+        "{ROOM}admit_per_minute = 60\nmax_active = 1\nsite_name = \"Shop\"\nmessage = \"Big sale\"\ntemplate = {:?}\n",
+        dir.path().join("waiting.html")
+    );
+    let gate = start_admin(upstream, &room).await;
+    let page = |cookie: Option<String>| {
+        let mut request = Request::get("/checkout").header("host", "shop.test").header("accept", "text/html");
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.body(Full::new(Bytes::new())).unwrap()
+    };
+    // The first visitor takes the only place; the second waits and sees the room's page.
+    send(gate.running.addr, page(None)).await;
+    let (status, _, body) = send(gate.running.addr, page(None)).await;
+    assert_eq!(status, StatusCode::OK);
+    for shown in [
+        "<title>(1) waiting - Shop</title>",
+        "checkout at Shop",
+        r#"<p id="position">1</p><p>of 1, 0% done</p>"#,
+        "Less than a minute to go. (1 s)",
+        r#"<p id="message">Big sale</p>"#,
+        "/_vestibule/ws?room=",
+    ] {
+        assert!(body.contains(shown), "{shown:?} missing from:\n{body}");
+    }
+    // The admin preview renders it in each state, with a sample place.
+    let admin = gate.addr();
+    let (status, preview) = authorized(admin, "GET", "/rooms/checkout/preview?state=paused", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let preview = preview.as_str().unwrap().to_owned();
+    assert!(preview.contains("<title>(12) paused - Shop</title>") && preview.contains("of 40, 70% done"), "{preview}");
+    let (status, refused) = authorized(admin, "GET", "/rooms/checkout/preview?state=gone", "").await;
+    assert_eq!((status, refused["field"].as_str()), (StatusCode::BAD_REQUEST, Some("state")), "{refused}");
+    assert_eq!(call(admin, "GET", "/rooms/checkout/preview", None, "").await.0, StatusCode::UNAUTHORIZED);
+
+    // A changed file is read again on reload (SIGHUP); a broken one is refused with its line
+    // and the page in force stays.
+    std::fs::write(dir.path().join("waiting.html"), EVERY_VARIABLE.replace("<h1", "<h1 class=\"new\"")).unwrap();
+    let (status, reloaded) = authorized(admin, "POST", "/reload", "").await;
+    assert_eq!((status, &reloaded["changed"]), (StatusCode::OK, &json!(["checkout"])), "{reloaded}");
+    let (_, preview) = authorized(admin, "GET", "/rooms/checkout/preview", "").await;
+    assert!(preview.as_str().unwrap().contains(r#"<h1 class="new""#));
+    std::fs::write(dir.path().join("waiting.html"), "<p>\n{{ postion }}</p>").unwrap();
+    let (status, refused) = authorized(admin, "POST", "/reload", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "rooms[0].template");
+    assert!(refused["error"].as_str().unwrap().contains("waiting.html, line 2"), "{refused}");
+    let (_, preview) = authorized(admin, "GET", "/rooms/checkout/preview", "").await;
+    assert!(preview.as_str().unwrap().contains(r#"<h1 class="new""#), "the page in force stays");
+}
+
+#[test]
+fn a_broken_template_is_refused_at_check_with_its_file_and_line() {
+    let dir = TempDir::new("broken-template");
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+    for (template, line, what) in [
+        ("<p>\n{% if position %}\n<p>never closed</p>\n", 2, "syntax error"),
+        ("<p>{{ position }}</p>\n\n<p>{{ postion }}</p>\n", 3, "undefined"),
+        ("<p>{{ position | shout }}</p>\n", 1, "unknown filter"),
+    ] {
+        std::fs::write(dir.path().join("waiting.html"), template).unwrap();
+        let room = format!("{ROOM}admit_per_minute = 60\nmax_active = 1\ntemplate = \"waiting.html\"\n");
+        let config = dir.path().join("proxy.toml");
+        std::fs::write(&config, config_file_text("127.0.0.1:9".parse().unwrap(), &key, &room)).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_vestibule"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).to_string() + &String::from_utf8_lossy(&output.stdout);
+        assert!(!output.status.success(), "{template:?} passed check: {said}");
+        assert!(said.contains("rooms[0].template"), "{said}");
+        assert!(said.contains(&format!("waiting.html, line {line}")), "{template:?}: {said}");
+        assert!(said.to_lowercase().contains(what), "{template:?}: {said}");
+    }
+}
+
 /// The `vestibule` binary with an admin listener: (process, public address, admin address,
 /// the lines it logs from then on).
 fn spawn_with_admin(config: &Path) -> (Proxy, SocketAddr, SocketAddr, std::sync::mpsc::Receiver<String>) {

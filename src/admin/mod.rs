@@ -212,6 +212,17 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
             answer["admitted"] = json!(admitted);
             Ok(json(StatusCode::OK, &answer))
         }
+        ["rooms", id, "preview"] => {
+            only(&method, &[Method::GET])?;
+            let room = room(state, id)?;
+            let wanted = crate::gate::query_param(request.uri(), "state");
+            let wanted = wanted.as_deref().unwrap_or("waiting");
+            if !crate::room::page::PREVIEW_STATES.contains(&wanted) {
+                let states = crate::room::page::PREVIEW_STATES.join(", ");
+                return Err(Problem::field("state", format!("one of {states}")));
+            }
+            Ok(preview(&room, wanted))
+        }
         ["history"] => {
             only(&method, &[Method::GET])?;
             let since = crate::gate::query_param(request.uri(), "since").and_then(|since| since.parse().ok());
@@ -223,6 +234,26 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
         }
         _ => Err(Problem::not_found()),
     }
+}
+
+/// `GET /rooms/{id}/preview?state=...`: the room's waiting page (its own template, or the
+/// bundled one) with a sample place, as a visitor would see it.
+fn preview(room: &Room, state: &str) -> Response<Body> {
+    use crate::room::page;
+    let settings = room.settings();
+    let config = &settings.config;
+    let status = page::sample_status(state, settings.message());
+    let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
+    let shown = page::Shown {
+        room: &room.id,
+        site_name: config.site_name.as_deref(),
+        status: &status,
+        start_position: 40,
+        why: None,
+    };
+    let mut response = crate::gate::respond::page(template.render(&shown));
+    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response
 }
 
 /// `POST /rooms/{id}/admit`.

@@ -11,7 +11,7 @@
 mod entry;
 mod reload;
 mod reserved;
-mod respond;
+pub(crate) mod respond;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -15,7 +15,7 @@ pub const PENDING_RETRY_SECONDS: u32 = 1;
 
 /// The script and style policy of the gate's own pages: inline only, nothing fetched.
 const PAGE_POLICY: &str =
-    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'";
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:";
 
 /// Cookie changes for one response: HttpOnly, SameSite=Lax, `Secure` over TLS.
 #[derive(Debug, Default)]
@@ -109,9 +109,12 @@ fn status_answer(
     wants_page: bool,
     status: StatusCode,
 ) -> Response<Body> {
-    let site_name = room.settings().config.site_name.clone();
     let mut response = if wants_page {
-        page(page::render(&room.id, site_name.as_deref(), &current, start_position, why))
+        let settings = room.settings();
+        let config = &settings.config;
+        let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
+        let site_name = config.site_name.as_deref();
+        page(template.render(&page::Shown { room: &room.id, site_name, status: &current, start_position, why }))
     } else {
         json(&current)
     };

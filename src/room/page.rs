@@ -1,21 +1,24 @@
-//! The waiting page, rendered on the server (minijinja) from the room's snapshot.
+//! The waiting page, rendered on the server (minijinja) from the room's snapshot: the bundled
+//! template, or a room's own (`template = "waiting.html"`), checked when the configuration
+//! is read (a syntax error, an unknown variable or filter is refused with the file and line)
+//! and compiled once per load or reload.
 
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
-use minijinja::{context, Environment};
+use minijinja::{context, Environment, UndefinedBehavior, Value};
 
 use crate::line::Gone;
 use crate::room::Status;
 
 const TEMPLATE: &str = include_str!("waiting.html");
+const SCRIPT: &str = include_str!("script.html");
 const CHALLENGE: &str = include_str!("challenge.html");
 
-fn environment() -> &'static Environment<'static> {
+fn challenge_environment() -> &'static Environment<'static> {
     static ENVIRONMENT: OnceLock<Environment<'static>> = OnceLock::new();
     ENVIRONMENT.get_or_init(|| {
         let mut environment = Environment::new();
-        // `.html` templates are auto-escaped: room messages cannot inject markup.
-        environment.add_template("waiting.html", TEMPLATE).expect("the waiting page template parses");
         environment.add_template("challenge.html", CHALLENGE).expect("the challenge page template parses");
         environment
     })
@@ -24,7 +27,7 @@ fn environment() -> &'static Environment<'static> {
 /// The page that solves a room's proof of work in the browser, stores the solution in the
 /// cookie `cookie`, and loads the page again.
 pub fn render_challenge(challenge: &str, difficulty: u8, cookie: &str) -> String {
-    let page = environment().get_template("challenge.html").expect("the template was added");
+    let page = challenge_environment().get_template("challenge.html").expect("the template was added");
     page.render(context! { challenge, difficulty, cookie })
         .unwrap_or_else(|error| format!("<!doctype html><title>One moment</title><p>Please reload. ({error})</p>"))
 }
@@ -39,16 +42,125 @@ pub fn why(gone: Gone) -> Option<&'static str> {
     }
 }
 
-/// The page for a visitor at `status`, who joined at `start_position`; `site_name` ends the
-/// tab's title.
-pub fn render(room: &str, site_name: Option<&str>, status: &Status, start_position: u64, why: Option<&str>) -> String {
-    let position = status.position.unwrap_or(0);
-    let progress = if start_position > 0 {
-        (100.0 * (1.0 - position as f64 / start_position as f64)).clamp(0.0, 100.0).round() as u64
-    } else {
-        0
-    };
-    let eta_text = match status.eta_seconds {
+/// A room's waiting page: its template compiled, with the live script beside it.
+pub struct WaitingPage {
+    environment: Environment<'static>,
+    /// The operator's file, or `None` for the bundled page.
+    path: Option<PathBuf>,
+    /// A digest of the file, so that a reload tells a changed template from the same one.
+    digest: u64,
+}
+
+impl std::fmt::Debug for WaitingPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitingPage").field("path", &self.path).field("digest", &self.digest).finish()
+    }
+}
+
+/// What a page shows: one visitor's place, or a sample for the admin preview.
+#[derive(Debug, Clone)]
+pub struct Shown<'a> {
+    pub room: &'a str,
+    pub site_name: Option<&'a str>,
+    pub status: &'a Status,
+    pub start_position: u64,
+    pub why: Option<&'a str>,
+}
+
+impl WaitingPage {
+    fn with(source: String, path: Option<PathBuf>) -> Result<WaitingPage, minijinja::Error> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        source.hash(&mut hasher);
+        let mut environment = Environment::new();
+        // An operator's typo (`{{ postion }}`) is an error when the file is checked, not an
+        // empty place on the page.
+        environment.set_undefined_behavior(UndefinedBehavior::Strict);
+        // `.html` templates are auto-escaped: room messages cannot inject markup.
+        environment.add_template("script.html", SCRIPT)?;
+        environment.add_template_owned("waiting.html", source)?;
+        Ok(WaitingPage { environment, path, digest: hasher.finish() })
+    }
+
+    /// The bundled page.
+    pub fn bundled() -> Arc<WaitingPage> {
+        static BUNDLED: OnceLock<Arc<WaitingPage>> = OnceLock::new();
+        BUNDLED
+            .get_or_init(|| Arc::new(WaitingPage::with(TEMPLATE.to_owned(), None).expect("the bundled page parses")))
+            .clone()
+    }
+
+    /// An operator's template at `path`: read, compiled, and rendered once in every state
+    /// with sample values, so that what would fail for a visitor fails now. The error names
+    /// the file and the line.
+    pub fn load(path: &Path) -> Result<WaitingPage, String> {
+        let source =
+            std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+        let page = WaitingPage::with(source, Some(path.to_owned())).map_err(|error| describe(&error, path))?;
+        for state in PREVIEW_STATES {
+            let status = sample_status(state, None);
+            let shown = Shown { room: "room", site_name: Some("Shop"), status: &status, start_position: 40, why: None };
+            page.try_render(&shown).map_err(|error| describe(&error, path))?;
+        }
+        Ok(page)
+    }
+
+    fn try_render(&self, shown: &Shown<'_>) -> Result<String, minijinja::Error> {
+        let status = shown.status;
+        let position = status.position.unwrap_or(0);
+        let start_position = shown.start_position.max(position);
+        let progress = if start_position > 0 {
+            (100.0 * (1.0 - position as f64 / start_position as f64)).clamp(0.0, 100.0).round() as u64
+        } else {
+            0
+        };
+        let suffix = shown.site_name.map(|name| format!(" - {name}")).unwrap_or_default();
+        let context = context! {
+            room => shown.room,
+            site_name => shown.site_name,
+            suffix,
+            status => status.status,
+            position,
+            start_position,
+            progress,
+            eta_seconds => status.eta_seconds,
+            eta_text => eta_text(status.eta_seconds),
+            message => status.message.as_deref(),
+            why => shown.why,
+        };
+        let script = self.environment.get_template("script.html")?.render(&context)?;
+        let context = context! { script => Value::from_safe_string(script), ..context };
+        self.environment.get_template("waiting.html")?.render(context)
+    }
+
+    /// The page for `shown`; a template that fails now (it rendered at check time) says so
+    /// in a plain page that still holds the place.
+    pub fn render(&self, shown: &Shown<'_>) -> String {
+        self.try_render(shown).unwrap_or_else(|error| {
+            tracing::error!(path = ?self.path, error = %error, "the waiting page template failed");
+            "<!doctype html><title>In line</title><meta http-equiv=\"refresh\" content=\"20\"><p>You are in line. This page refreshes itself.</p>".to_owned()
+        })
+    }
+}
+
+/// The states an operator's template is checked (and previewed) in.
+pub const PREVIEW_STATES: [&str; 4] = ["waiting", "paused", "closed", "full"];
+
+/// A sample status for the preview and the check: place 12 of 40, four minutes to go.
+pub fn sample_status(state: &str, message: Option<String>) -> Status {
+    let placed = matches!(state, "waiting" | "paused");
+    let status = PREVIEW_STATES.iter().find(|s| **s == state).copied().unwrap_or("waiting");
+    Status {
+        status,
+        position: placed.then_some(12),
+        eta_seconds: placed.then_some(240),
+        message: message.or_else(|| Some("A sample message from the operator.".to_owned())),
+    }
+}
+
+/// The wait in words.
+fn eta_text(eta_seconds: Option<u64>) -> String {
+    match eta_seconds {
         None => "Estimating your wait…".to_owned(),
         Some(s) if s < 60 => "Less than a minute to go.".to_owned(),
         Some(s) if s < 3_600 => {
@@ -56,20 +168,22 @@ pub fn render(room: &str, site_name: Option<&str>, status: &Status, start_positi
             format!("About {minutes} minute{} to go.", if minutes == 1 { "" } else { "s" })
         }
         Some(_) => "More than an hour to go.".to_owned(),
-    };
-    let page = environment().get_template("waiting.html").expect("the template was added");
-    page.render(context! {
-        room,
-        site_name,
-        status => status.status,
-        position,
-        start_position => start_position.max(position),
-        progress,
-        eta_text,
-        message => status.message.as_deref(),
-        why,
-    })
-    .unwrap_or_else(|error| format!("<!doctype html><title>In line</title><p>You are in line. ({error})</p>"))
+    }
+}
+
+/// A template error as an operator reads it: file, line, what.
+fn describe(error: &minijinja::Error, path: &Path) -> String {
+    let what = error.detail().map_or_else(|| error.kind().to_string(), |detail| format!("{}: {detail}", error.kind()));
+    match error.line() {
+        Some(line) => format!("{}, line {line}: {what}", path.display()),
+        None => format!("{}: {what}", path.display()),
+    }
+}
+
+/// The page for a visitor at `status` with the bundled template (tests, and rooms without
+/// their own).
+pub fn render(room: &str, site_name: Option<&str>, status: &Status, start_position: u64, why: Option<&str>) -> String {
+    WaitingPage::bundled().render(&Shown { room, site_name, status, start_position, why })
 }
 
 #[cfg(test)]
