@@ -285,6 +285,14 @@ pub struct RoomConfig {
     /// The template compiled (and checked) when the configuration was read.
     #[serde(skip)]
     pub page: Option<std::sync::Arc<crate::room::page::WaitingPage>>,
+    /// The page's language whatever the visitor's browser asks for (a bundled one); the
+    /// visitor's `Accept-Language` decides when unset.
+    #[serde(default)]
+    pub lang: Option<String>,
+    /// The operator's own words over the bundled ones, by language then key
+    /// (`strings = { fr = { title_full = "Complet" } }`).
+    #[serde(default)]
+    pub strings: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
     /// The site's name, at the end of the waiting page's tab title ("(12) In line - Shop").
     #[serde(default)]
     pub site_name: Option<String>,
@@ -720,6 +728,7 @@ impl Config {
             if room.message.as_ref().is_some_and(|m| m.len() > 500) {
                 return Err((key("message"), "at most 500 characters".into()));
             }
+            crate::room::lang::check(room.lang.as_deref(), &room.strings).map_err(|(k, message)| (key(&k), message))?;
             if room.site_name.as_ref().is_some_and(|name| name.is_empty() || name.len() > 100) {
                 return Err((key("site_name"), "from 1 to 100 characters".into()));
             }

@@ -221,7 +221,14 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
                 let states = crate::room::page::PREVIEW_STATES.join(", ");
                 return Err(Problem::field("state", format!("one of {states}")));
             }
-            Ok(preview(&room, wanted))
+            let lang = crate::gate::query_param(request.uri(), "lang");
+            if let Some(lang) = &lang {
+                if crate::room::lang::find(lang).is_none() {
+                    let codes: Vec<&str> = crate::room::lang::bundled().iter().map(|l| l.code.as_str()).collect();
+                    return Err(Problem::field("lang", format!("one of {}", codes.join(", "))));
+                }
+            }
+            Ok(preview(&room, wanted, lang.as_deref()))
         }
         ["history"] => {
             only(&method, &[Method::GET])?;
@@ -238,19 +245,16 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
 
 /// `GET /rooms/{id}/preview?state=...`: the room's waiting page (its own template, or the
 /// bundled one) with a sample place, as a visitor would see it.
-fn preview(room: &Room, state: &str) -> Response<Body> {
-    use crate::room::page;
+fn preview(room: &Room, state: &str, lang: Option<&str>) -> Response<Body> {
+    use crate::room::{lang::Words, page};
     let settings = room.settings();
     let config = &settings.config;
     let status = page::sample_status(state, settings.message());
     let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
-    let shown = page::Shown {
-        room: &room.id,
-        site_name: config.site_name.as_deref(),
-        status: &status,
-        start_position: 40,
-        why: None,
-    };
+    let words = Words::for_visitor(lang.or(config.lang.as_deref()), &config.strings, None);
+    let site_name = config.site_name.as_deref();
+    let shown =
+        page::Shown { room: &room.id, site_name, status: &status, start_position: 40, why: None, words: &words };
     let mut response = crate::gate::respond::page(template.render(&shown));
     response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     response

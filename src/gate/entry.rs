@@ -54,6 +54,7 @@ impl Gate {
     ) -> Result<Response<Body>, GateError> {
         let entry = self.line_step(room, request.headers(), client).await?;
         let page = wants_page(&request);
+        let accept_language = request.headers().get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok());
         let cookies = Cookies::new(self.secure_cookies);
         trail.outcome = Some(match entry {
             Entry::Admit { .. } => Outcome::Entered,
@@ -68,7 +69,7 @@ impl Gate {
             }
             Entry::Wait { ticket, start, why, new_ticket, retry_after } => {
                 room.touch(ticket);
-                let mut response = respond::waiting(room, ticket, start, why.and_then(page::why), page);
+                let mut response = respond::waiting(room, ticket, start, why, page, accept_language);
                 if let Some(seconds) = retry_after {
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 }
@@ -80,11 +81,11 @@ impl Gate {
             }
             Entry::Closed => {
                 let closed = StatusCode::SERVICE_UNAVAILABLE;
-                let response = respond::room_status(room, Holding::Nothing, 0, None, page, closed);
+                let response = respond::room_status(room, Holding::Nothing, 0, None, page, accept_language, closed);
                 cookies.clear_if_sent(request.headers(), &room.ticket_cookie).on(response)
             }
             Entry::Full => {
-                let response = respond::line_full(room, page);
+                let response = respond::line_full(room, page, accept_language);
                 cookies.clear_if_sent(request.headers(), &room.ticket_cookie).on(response)
             }
             Entry::Challenge { difficulty, refused } => {

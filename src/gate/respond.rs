@@ -4,6 +4,7 @@
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
+use crate::line::Gone;
 use crate::room::{page, Holding, Room};
 
 /// `Retry-After` for visitors who wait: the no-JavaScript page refreshes this often too.
@@ -88,33 +89,44 @@ pub fn room_status(
     room: &Room,
     holding: Holding,
     start_position: u64,
-    why: Option<&str>,
+    why: Option<Gone>,
     wants_page: bool,
+    accept_language: Option<&str>,
     status: StatusCode,
 ) -> Response<Body> {
-    status_answer(room, room.status(holding), start_position, why, wants_page, status)
+    let current = room.status(holding);
+    status_answer(room, current, start_position, why, wants_page, accept_language, status)
 }
 
 /// The line is full (`max_waiting`): the page that says so and tries again later, or the
 /// status JSON; 503 with `Retry-After`.
-pub fn line_full(room: &Room, wants_page: bool) -> Response<Body> {
-    status_answer(room, room.full_status(), 0, None, wants_page, StatusCode::SERVICE_UNAVAILABLE)
+pub fn line_full(room: &Room, wants_page: bool, accept_language: Option<&str>) -> Response<Body> {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    status_answer(room, room.full_status(), 0, None, wants_page, accept_language, unavailable)
 }
 
 fn status_answer(
     room: &Room,
     current: crate::room::Status,
     start_position: u64,
-    why: Option<&str>,
+    why: Option<Gone>,
     wants_page: bool,
+    accept_language: Option<&str>,
     status: StatusCode,
 ) -> Response<Body> {
     let mut response = if wants_page {
         let settings = room.settings();
         let config = &settings.config;
         let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
+        let words = crate::room::lang::Words::for_visitor(config.lang.as_deref(), &config.strings, accept_language);
         let site_name = config.site_name.as_deref();
-        page(template.render(&page::Shown { room: &room.id, site_name, status: &current, start_position, why }))
+        let shown = page::Shown { room: &room.id, site_name, status: &current, start_position, why, words: &words };
+        let mut response = page(template.render(&shown));
+        if config.lang.is_none() {
+            // The page's language follows the visitor's: caches must keep one per language.
+            response.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept-Language"));
+        }
+        response
     } else {
         json(&current)
     };
@@ -129,7 +141,14 @@ fn status_answer(
 
 /// The waiting answer: the page for people (200, or the room's `queued_status`), the status
 /// JSON with 503 for the rest.
-pub fn waiting(room: &Room, ticket: u64, start_position: u64, why: Option<&str>, wants_page: bool) -> Response<Body> {
+pub fn waiting(
+    room: &Room,
+    ticket: u64,
+    start_position: u64,
+    why: Option<Gone>,
+    wants_page: bool,
+    accept_language: Option<&str>,
+) -> Response<Body> {
     let status = if wants_page { room.queued_status() } else { StatusCode::SERVICE_UNAVAILABLE };
-    room_status(room, Holding::Ticket(ticket), start_position, why, wants_page, status)
+    room_status(room, Holding::Ticket(ticket), start_position, why, wants_page, accept_language, status)
 }

@@ -8,6 +8,7 @@
 
 pub mod adaptive;
 pub mod feed;
+pub mod lang;
 pub mod page;
 pub mod settings;
 

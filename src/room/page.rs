@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use minijinja::{context, Environment, UndefinedBehavior, Value};
 
 use crate::line::Gone;
+use crate::room::lang::Words;
 use crate::room::Status;
 
 const TEMPLATE: &str = include_str!("waiting.html");
@@ -32,12 +33,12 @@ pub fn render_challenge(challenge: &str, difficulty: u8, cookie: &str) -> String
         .unwrap_or_else(|error| format!("<!doctype html><title>One moment</title><p>Please reload. ({error})</p>"))
 }
 
-/// Why a visitor is back at the end of the line, in their words.
-pub fn why(gone: Gone) -> Option<&'static str> {
+/// Why a visitor is back at the end of the line: the key of its words.
+fn why_key(gone: Gone) -> Option<&'static str> {
     match gone {
-        Gone::Lapsed => Some("Your turn came while this page was closed, so you have joined the line again."),
-        Gone::Left => Some("You were away for a while and lost your place, so you have joined the line again."),
-        Gone::Used => Some("That place in line was already used, so you have joined the line again."),
+        Gone::Lapsed => Some("why_lapsed"),
+        Gone::Left => Some("why_left"),
+        Gone::Used => Some("why_used"),
         Gone::Unknown => None,
     }
 }
@@ -64,7 +65,10 @@ pub struct Shown<'a> {
     pub site_name: Option<&'a str>,
     pub status: &'a Status,
     pub start_position: u64,
-    pub why: Option<&'a str>,
+    /// Why a returning visitor is at the end of the line again.
+    pub why: Option<Gone>,
+    /// The words of the visitor's language.
+    pub words: &'a Words,
 }
 
 impl WaitingPage {
@@ -97,10 +101,21 @@ impl WaitingPage {
         let source =
             std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
         let page = WaitingPage::with(source, Some(path.to_owned())).map_err(|error| describe(&error, path))?;
-        for state in PREVIEW_STATES {
-            let status = sample_status(state, None);
-            let shown = Shown { room: "room", site_name: Some("Shop"), status: &status, start_position: 40, why: None };
-            page.try_render(&shown).map_err(|error| describe(&error, path))?;
+        for language in crate::room::lang::bundled() {
+            let words = Words::for_visitor(Some(&language.code), &Default::default(), None);
+            for state in PREVIEW_STATES {
+                let status = sample_status(state, None);
+                let why = Some(Gone::Lapsed);
+                let shown = Shown {
+                    room: "room",
+                    site_name: Some("Shop"),
+                    status: &status,
+                    start_position: 40,
+                    why,
+                    words: &words,
+                };
+                page.try_render(&shown).map_err(|error| describe(&error, path))?;
+            }
         }
         Ok(page)
     }
@@ -115,7 +130,11 @@ impl WaitingPage {
             0
         };
         let suffix = shown.site_name.map(|name| format!(" - {name}")).unwrap_or_default();
+        let words = shown.words;
         let context = context! {
+            lang => words.code,
+            dir => if words.rtl { "rtl" } else { "ltr" },
+            t => &words.strings,
             room => shown.room,
             site_name => shown.site_name,
             suffix,
@@ -124,9 +143,9 @@ impl WaitingPage {
             start_position,
             progress,
             eta_seconds => status.eta_seconds,
-            eta_text => eta_text(status.eta_seconds),
+            eta_text => words.eta(status.eta_seconds),
             message => status.message.as_deref(),
-            why => shown.why,
+            why => shown.why.and_then(why_key).map(|key| words.get(key)),
         };
         let script = self.environment.get_template("script.html")?.render(&context)?;
         let context = context! { script => Value::from_safe_string(script), ..context };
@@ -158,19 +177,6 @@ pub fn sample_status(state: &str, message: Option<String>) -> Status {
     }
 }
 
-/// The wait in words.
-fn eta_text(eta_seconds: Option<u64>) -> String {
-    match eta_seconds {
-        None => "Estimating your wait…".to_owned(),
-        Some(s) if s < 60 => "Less than a minute to go.".to_owned(),
-        Some(s) if s < 3_600 => {
-            let minutes = (s as f64 / 60.0).round() as u64;
-            format!("About {minutes} minute{} to go.", if minutes == 1 { "" } else { "s" })
-        }
-        Some(_) => "More than an hour to go.".to_owned(),
-    }
-}
-
 /// A template error as an operator reads it: file, line, what.
 fn describe(error: &minijinja::Error, path: &Path) -> String {
     let what = error.detail().map_or_else(|| error.kind().to_string(), |detail| format!("{}: {detail}", error.kind()));
@@ -180,10 +186,11 @@ fn describe(error: &minijinja::Error, path: &Path) -> String {
     }
 }
 
-/// The page for a visitor at `status` with the bundled template (tests, and rooms without
-/// their own).
-pub fn render(room: &str, site_name: Option<&str>, status: &Status, start_position: u64, why: Option<&str>) -> String {
-    WaitingPage::bundled().render(&Shown { room, site_name, status, start_position, why })
+/// The page for a visitor at `status` with the bundled template, in English (tests).
+#[cfg(test)]
+fn render(room: &str, site_name: Option<&str>, status: &Status, start_position: u64, why: Option<Gone>) -> String {
+    let words = Words::for_visitor(None, &Default::default(), None);
+    WaitingPage::bundled().render(&Shown { room, site_name, status, start_position, why, words: &words })
 }
 
 #[cfg(test)]
@@ -218,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_returning_visitor_is_told_why() {
-        let html = render("checkout", None, &waiting(9, None, None), 9, why(Gone::Lapsed));
+        let html = render("checkout", None, &waiting(9, None, None), 9, Some(Gone::Lapsed));
         assert!(html.contains("joined the line again"));
     }
 }
