@@ -74,6 +74,61 @@ async fn the_tab_shows_the_place_and_a_locked_phone_comes_back_in_line_and_is_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bundled_language_is_negotiated_laid_out_and_worded_live() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = chromium();
+    let stop = CancellationToken::new();
+    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    let gate = start_room(shop, "admit_per_minute = 6\nmax_active = 1\nabandon_seconds = 3600\n").await;
+    // What each page must show: its heading, its direction, and its words for a wait (a
+    // number of minutes as a pattern).
+    let expected: serde_json::Map<String, serde_json::Value> = vestibule::room::lang::bundled()
+        .iter()
+        .map(|language| {
+            let pattern = |key: &str| regex_escape(&language.strings[key]).replace("\\{n\\}", "\\d+");
+            let eta: Vec<String> =
+                ["eta_estimating", "eta_soon", "eta_one_minute", "eta_minutes", "eta_long"].map(pattern).to_vec();
+            let value = serde_json::json!({ "title": language.strings["title_waiting"], "rtl": language.rtl, "eta": eta });
+            (language.code.clone(), value)
+        })
+        .collect();
+    let shots = root.join("target/languages");
+    std::fs::create_dir_all(&shots).unwrap();
+    let expected_file = shots.join("expected.json");
+    std::fs::write(&expected_file, serde_json::to_string(&expected).unwrap()).unwrap();
+    let base = format!("http://{}", gate.addr);
+    let script = root.join("tests/browser/languages.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node").arg(script).arg(base).arg(expected_file).arg(shots).env("CHROMIUM", chromium).output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "languages:\n{stdout}\n{stderr}");
+    let languages = vestibule::room::lang::bundled().len();
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), languages + 1, "{stdout}");
+    for language in vestibule::room::lang::bundled() {
+        assert!(root.join(format!("target/languages/waiting-page-{}.png", language.code)).exists());
+    }
+    stop.cancel();
+}
+
+/// `text` as a regular expression that matches it exactly.
+fn regex_escape(text: &str) -> String {
+    let mut escaped = String::new();
+    for c in text.chars() {
+        if "\\^$.|?*+()[]{}/".contains(c) {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_solves_the_proof_of_work_and_the_visitor_goes_on() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chromium = chromium();
