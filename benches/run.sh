@@ -10,6 +10,8 @@
 #   4. what idle rooms cost Redis: 10 instances x 100 rooms, nobody waiting (benches/idle-rooms.sh)
 #   5. crowds through `vestibule loadtest`, three instances on one Redis: admission rate vs
 #      configured, FIFO inversions, capacity overshoot (HTML reports with plots)
+#   6. admission that listens: a checkout slowed tenfold under a crowd, the rate following it
+#      down and back, against the same run without [rooms.adaptive] (cargo bench --bench adaptive)
 # and ends with each figure against the goal of the speed issue.
 #
 #   bash benches/run.sh                      # about 20 minutes
@@ -26,23 +28,23 @@ out=target/bench-results
 mkdir -p "$out"
 command -v redis-server >/dev/null || { echo "redis-server is not on the PATH (apt-get install redis-server)" >&2; exit 1; }
 
-echo "== 1/5 admitted path"
+echo "== 1/6 admitted path"
 bash benches/admitted.sh | tee "$out/admitted.txt"
 TLS=1 bash benches/admitted.sh | tee "$out/admitted-tls.txt"
 WORKERS=2 bash benches/admitted.sh | tee "$out/admitted-2.txt"
 bash benches/syscalls.sh | tee "$out/syscalls.txt"
 
-echo; echo "== 2/5 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
+echo; echo "== 2/6 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
 DURATION=$LINE_SECONDS cargo bench --quiet --bench line | tee "$out/line.txt"
 
-echo; echo "== 3/5 waiting sockets (${SOCKETS})"
+echo; echo "== 3/6 waiting sockets (${SOCKETS})"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo bench --quiet --bench feed -- "$SOCKETS" | tee "$out/feed.txt"
 
-echo; echo "== 4/5 idle rooms"
+echo; echo "== 4/6 idle rooms"
 bash benches/idle-rooms.sh | tee "$out/idle-rooms.txt"
 
-echo; echo "== 5/5 crowds, three instances on one Redis"
+echo; echo "== 5/6 crowds, three instances on one Redis"
 source tests/lib.sh
 release_setup
 
@@ -99,6 +101,10 @@ crowd rate --room checkout --arrival-rate 30 --duration "${CROWD_SECONDS}s" \
 # 40 a second, each staying 2 s, into 50 places (25 a second at most): the places bind.
 crowd capacity --room capacity --path /product --arrival-rate 40 --hold 2s --duration "$((CROWD_SECONDS / 2))s" \
   --max-inversions 0 --max-errors 0 --max-overshoot 0
+
+echo; echo "== 6/6 admission that listens (a checkout slowed tenfold; then the same without [rooms.adaptive])"
+cargo bench --quiet --bench adaptive | tee "$out/adaptive.txt"
+ADAPTIVE=0 cargo bench --quiet --bench adaptive | tee "$out/adaptive-off.txt"
 
 echo; echo "== against the goals of the speed issue (full output in $out/)"
 goal() { # name, measured, limit, "min" or "max", unit

@@ -20,6 +20,7 @@
 //!   who it saw ([`Absence::Judge`]): not in the first seconds after a store outage, when
 //!   what the instances saw meanwhile is still on its way.
 
+pub mod shuffle;
 mod sorted;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
