@@ -40,6 +40,8 @@ pub struct Forwarded {
     pub response: Response<Body>,
     /// The upstream sent `Vestibule-Session: end` (removed before the client sees it).
     pub session_ended: bool,
+    /// How long the upstream took to its response head.
+    pub took: Duration,
 }
 
 /// The protected upstream.
@@ -148,7 +150,8 @@ impl Upstream {
         let started = std::time::Instant::now();
         let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
-        self.timer.observe(status, started.elapsed());
+        let took = started.elapsed();
+        self.timer.observe(status, took);
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
             Ok(Err(error)) => {
@@ -176,7 +179,7 @@ impl Upstream {
         }
         let body_timeout = self.body_timeout;
         let response = response.map(|incoming| body::boxed(TimeoutBody::new(body_timeout, incoming)));
-        Ok(Forwarded { response, session_ended })
+        Ok(Forwarded { response, session_ended, took })
     }
 
     /// Join both sides of an upgraded connection once each has switched protocols, until

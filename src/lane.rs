@@ -97,7 +97,10 @@ where
         let started = Instant::now();
         let method = request.method.clone();
         let (status, keep) = match forward(&mut io, gate, connection, request, admitted.as_ref(), &mut buffers).await {
-            Exchange::Answered { status, keep } => (status, keep),
+            Exchange::Answered { status, keep, took } => {
+                trail.answered_after(took);
+                (status, keep)
+            }
             Exchange::Failed { error, wants_json, head, close } => {
                 let status = error.status();
                 if status.is_server_error() {
@@ -251,7 +254,7 @@ struct Buffers {
 
 enum Exchange {
     /// The response went to the client; `keep` when the client connection stays open.
-    Answered { status: StatusCode, keep: bool },
+    Answered { status: StatusCode, keep: bool, took: Duration },
     /// Nothing went to the client: it gets the gate's error answer.
     Failed { error: GateError, wants_json: bool, head: bool, close: bool },
     /// The response broke off after its head was sent: the client connection must close.
@@ -337,7 +340,8 @@ where
         }
         Ok(Ok(sent)) => sent,
     };
-    upstream.observe(Some(response.status), started.elapsed());
+    let took = started.elapsed();
+    upstream.observe(Some(response.status), took);
     let ResponseHead { length, status, mut headers, framing, reusable } = response;
     buffers.upstream.advance(length);
 
@@ -369,7 +373,7 @@ where
             if reusable && clean {
                 upstream.pool().give_back_stream(stream);
             }
-            Exchange::Answered { status, keep: !close }
+            Exchange::Answered { status, keep: !close, took }
         }
         Err(Relay::Unsent(error)) => {
             upstream.failed(&error, false);

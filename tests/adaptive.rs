@@ -19,20 +19,26 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-/// An upstream that answers every request after `delay` ms.
-async fn upstream_with_delay(delay: Arc<AtomicU64>) -> SocketAddr {
+/// An upstream that answers every request's head after `delay` ms, and its body `body_delay`
+/// ms after the head.
+async fn upstream_with_delay(delay: Arc<AtomicU64>, body_delay: Arc<AtomicU64>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let delay = delay.clone();
+            let (delay, body_delay) = (delay.clone(), body_delay.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |_request| {
                     let wait = Duration::from_millis(delay.load(Ordering::Relaxed));
+                    let body_wait = Duration::from_millis(body_delay.load(Ordering::Relaxed));
                     async move {
                         tokio::time::sleep(wait).await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        let body = futures_util::stream::once(async move {
+                            tokio::time::sleep(body_wait).await;
+                            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"ok")))
+                        });
+                        Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(body)))
                     }
                 });
                 let _ =
@@ -62,8 +68,8 @@ async fn rate_until(gate: &Harness, what: &str, within: Duration, wanted: impl F
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_steps_down_while_the_upstream_is_slow_and_climbs_back_when_it_recovers() {
-    let delay = Arc::new(AtomicU64::new(0));
-    let upstream = upstream_with_delay(delay.clone()).await;
+    let (delay, body_delay) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let upstream = upstream_with_delay(delay.clone(), body_delay.clone()).await;
     let room = "admit_per_minute = 600\nmax_active = 1000\n\
                 [rooms.adaptive]\np95_ms = 100\nwindow_seconds = 1\ndecrease = 0.5\nmin_requests = 5\n\
                 increase_per_minute = 200\n";
@@ -95,6 +101,17 @@ async fn the_rate_steps_down_while_the_upstream_is_slow_and_climbs_back_when_it_
     }
     // Fast upstream: the room admits at its own rate.
     rate_until(&gate, "the configured rate", DEADLINE, |rate| rate == 600).await;
+    // A slow body after a fast head (a large page, a slow client) is not the upstream
+    // straining: three windows of it leave the rate alone (on the fast lane the body is
+    // relayed by the gate; only the time to the head counts).
+    body_delay.store(250, Ordering::Relaxed);
+    let judged = |gate: &Harness| gate.running.gate().room_by_id("checkout").unwrap().adaptive.last_verdict();
+    let before = judged(&gate).map(|v| v.requests);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let verdict = judged(&gate).expect("windows were judged");
+    assert!(Some(verdict.requests) != before && verdict.judged == "healthy", "{verdict:?}");
+    assert_eq!(rate(&gate), 600, "a slow body is not a slow upstream");
+    body_delay.store(0, Ordering::Relaxed);
     // Slow upstream (p95 of 250 ms against a target of 100): down by half each window.
     delay.store(250, Ordering::Relaxed);
     let down = rate_until(&gate, "a step down", DEADLINE, |rate| rate < 600).await;
@@ -115,4 +132,46 @@ async fn the_rate_steps_down_while_the_upstream_is_slow_and_climbs_back_when_it_
     assert_eq!(view["adaptive"]["per_minute"], 600);
     assert_eq!(view["adaptive"]["last_window"]["judged"], "healthy");
     eprintln!("stepped down {down:?} after the upstream slowed; back at the top {up:?} after it recovered");
+}
+
+#[tokio::test]
+async fn a_new_leader_takes_up_the_rate_in_force_instead_of_resetting_it() {
+    use vestibule::line::{Absence, Limits};
+    use vestibule::store::{RedisStore, Store};
+    let server = common::redis_server::RedisServer::start();
+    let connect = || async {
+        let store = RedisStore::connect(&server.url(), Duration::from_secs(2), Duration::from_secs(2)).await.unwrap();
+        Store::Redis(Box::new(store))
+    };
+    // The last leader had stepped the rate down to 150 of 600 and is gone.
+    let before = connect().await;
+    let decided = Limits {
+        admit_per_minute: 600,
+        max_active: 1000,
+        grant_ms: 120_000,
+        session_ms: 600_000,
+        abandon_ms: 120_000,
+        idle_ms: 300_000,
+        max_waiting: 0,
+        adaptive_per_minute: 150,
+    };
+    before.advance("checkout", &decided, 0, Absence::Judge).await.unwrap();
+    // A new process starts with the room and leads at its first step.
+    let store = connect().await;
+    let config: vestibule::config::RoomConfig = toml::from_str(
+        "id = \"checkout\"\npaths = [\"/checkout\"]\nadmit_per_minute = 600\nmax_active = 1000\n\
+         [adaptive]\np95_ms = 100\nwindow_seconds = 1\n",
+    )
+    .unwrap();
+    let room = vestibule::room::Room::new(
+        &config,
+        tokio_util::sync::CancellationToken::new(),
+        vestibule::metrics::RoomMetrics::detached(),
+    );
+    let now = vestibule::clock::Clock::new().now_ms();
+    room.step(&store, now).await.unwrap();
+    assert!(room.is_leading());
+    assert_eq!(room.limits().per_minute(), 150, "the rate in force, read from the store");
+    let stats = store.stats("checkout", &room.limits(), now).await.unwrap();
+    assert_eq!(stats.adaptive_per_minute, Some(150), "not reset to admit_per_minute by the first step");
 }

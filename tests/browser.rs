@@ -88,7 +88,8 @@ async fn every_bundled_language_is_negotiated_laid_out_and_worded_live() {
             let pattern = |key: &str| regex_escape(&language.strings[key]).replace("\\{n\\}", "\\d+");
             let eta: Vec<String> =
                 ["eta_estimating", "eta_soon", "eta_one_minute", "eta_minutes", "eta_long"].map(pattern).to_vec();
-            let value = serde_json::json!({ "title": language.strings["title_waiting"], "rtl": language.rtl, "eta": eta });
+            let value =
+                serde_json::json!({ "title": language.strings["title_waiting"], "rtl": language.rtl, "eta": eta });
             (language.code.clone(), value)
         })
         .collect();

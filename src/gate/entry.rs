@@ -65,7 +65,7 @@ impl Gate {
         });
         Ok(match entry {
             Entry::Admit { visitor, place, expires_at } => {
-                return self.admit(room, &visitor, place, expires_at, request, connection, path).await;
+                return self.admit(room, &visitor, place, expires_at, request, connection, path, trail).await;
             }
             Entry::Wait { ticket, start, why, new_ticket, retry_after } => {
                 room.touch(ticket);
@@ -261,6 +261,7 @@ impl Gate {
         request: Request<Incoming>,
         connection: &Connection,
         path: &CanonicalPath,
+        trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
         let ticket = place.ticket;
         let token =
@@ -274,7 +275,10 @@ impl Gate {
         // the visitor keeps the token (and their place) rather than losing both with the error.
         room.session_in_use(ticket, expires_at_ms);
         let (response, session_ended) = match self.forward(request, connection, path, Some((room, visitor))).await {
-            Ok(forwarded) => (forwarded.response, forwarded.session_ended),
+            Ok(forwarded) => {
+                trail.answered_after(forwarded.took);
+                (forwarded.response, forwarded.session_ended)
+            }
             Err(error) => (error.into_response(json), false),
         };
         let cookies = if session_ended {

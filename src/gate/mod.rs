@@ -158,19 +158,27 @@ pub(crate) struct Trail {
     outcome: Option<Outcome>,
     /// The canonical path (kept only for the access log).
     path: Option<String>,
+    /// How long the upstream took to the response head, when it answered (what adaptive
+    /// admission listens to: not the client's download, not the gate's own store calls).
+    upstream_took: Option<std::time::Duration>,
 }
 
 impl Trail {
     /// A request forwarded (admitted when inside a room).
     pub(crate) fn forwarded(room: Option<Arc<Room>>, path: Option<String>) -> Trail {
         let outcome = Some(if room.is_some() { Outcome::Admitted } else { Outcome::Forwarded });
-        Trail { room, outcome, path }
+        Trail { room, outcome, path, upstream_took: None }
+    }
+
+    /// The upstream answered after `took` (to its response head).
+    pub(crate) fn answered_after(&mut self, took: std::time::Duration) {
+        self.upstream_took = Some(took);
     }
 
     /// A request let through by a room's bypass rules; logged, as each one is.
     pub(crate) fn bypassed(room: &Arc<Room>, client: IpAddr, path: Option<String>) -> Trail {
         tracing::info!(room = %room.id, %client, "let through by the room's bypass rules");
-        Trail { room: Some(room.clone()), outcome: Some(Outcome::Bypassed), path }
+        Trail { room: Some(room.clone()), outcome: Some(Outcome::Bypassed), path, upstream_took: None }
     }
 
     /// The request was answered with `error`.
@@ -397,10 +405,10 @@ impl Gate {
         match &trail.room {
             Some(room) => {
                 room.metrics.request(outcome);
-                if matches!(outcome, Outcome::Admitted | Outcome::Entered | Outcome::Bypassed | Outcome::UpstreamFailed)
-                {
-                    let failed = outcome == Outcome::UpstreamFailed || status.is_server_error();
-                    room.upstream_answered(started.elapsed(), failed);
+                match trail.upstream_took {
+                    Some(took) => room.upstream_answered(took, status.is_server_error()),
+                    None if outcome == Outcome::UpstreamFailed => room.upstream_answered(started.elapsed(), true),
+                    None => {}
                 }
             }
             None => self.metrics.outside(outcome),
@@ -462,12 +470,14 @@ impl Gate {
             Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
             Decision::Bypass(room) => {
                 *trail = Trail::bypassed(&room, client, trail.path.take());
-                Ok(self.forward(request, connection, &path, None).await?.response)
+                let forwarded = self.forward(request, connection, &path, None).await?;
+                trail.answered_after(forwarded.took);
+                Ok(forwarded.response)
             }
             Decision::Forward(Some((room, admission))) => {
                 trail.outcome = Some(Outcome::Admitted);
                 trail.room = Some(room.clone());
-                self.admitted(&room, &admission, request, connection, &path).await
+                self.admitted(&room, &admission, request, connection, &path, trail).await
             }
             Decision::Wait(room) => {
                 trail.room = Some(room.clone());
@@ -559,8 +569,10 @@ impl Gate {
         request: Request<Incoming>,
         connection: &Connection,
         path: &CanonicalPath,
+        trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
         let forwarded = self.forward(request, connection, path, Some((room, &admission.visitor))).await?;
+        trail.answered_after(forwarded.took);
         let cookies = self.settle(room, admission, forwarded.session_ended).await;
         Ok(cookies.on(forwarded.response))
     }

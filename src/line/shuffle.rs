@@ -63,7 +63,9 @@ impl Shuffle {
     /// place): drawn for a pre-queue ticket, its own number for any other.
     pub fn place(&self, ticket: u64) -> u64 {
         match ticket.checked_sub(self.first) {
-            Some(offset) if (offset as usize) < self.places.len() => self.first + u64::from(self.places[offset as usize]),
+            Some(offset) if (offset as usize) < self.places.len() => {
+                self.first + u64::from(self.places[offset as usize])
+            }
             _ => ticket,
         }
     }

@@ -230,6 +230,14 @@ struct Reading {
     totals: Totals,
 }
 
+/// What the leader decided, and the instances whose readings are gone stale (three windows
+/// old, or unreadable): to be removed from the store.
+#[derive(Debug)]
+pub struct Decided {
+    pub verdict: Verdict,
+    pub stale: Vec<String>,
+}
+
 /// A room's part in adaptive admission, on every instance: what it saw of the upstream, the
 /// rate in force, and, while it leads, the controller and the readings it last merged.
 #[derive(Debug, Default)]
@@ -238,6 +246,9 @@ pub struct Listening {
     /// The adaptive rate in force, per minute (decided here, or learned from the store); 0
     /// for none.
     rate: AtomicU32,
+    /// Whether the rate is known: read from the store, or decided here. A new process does
+    /// not decide (nor tell the store a rate) before it knows the one in force.
+    known: std::sync::atomic::AtomicBool,
     leader: Mutex<Leader>,
 }
 
@@ -265,11 +276,18 @@ impl Listening {
     /// The rate in force as the store says (a follower learns the leader's decisions so).
     pub fn learn(&self, rate: Option<u32>) {
         self.rate.store(rate.unwrap_or(0), Ordering::Relaxed);
+        self.known.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the rate in force is known here (read from the store, or decided here).
+    pub fn knows(&self) -> bool {
+        self.known.load(Ordering::Relaxed)
     }
 
     /// Adaptive admission is off (or was turned off by a reload): forget the rate.
     pub fn off(&self) {
         self.rate.store(0, Ordering::Relaxed);
+        self.known.store(false, Ordering::Relaxed);
         self.leader().controller = None;
     }
 
@@ -294,21 +312,22 @@ impl Listening {
     /// The leader's step: merge what every instance reported since the last window (an
     /// instance first heard of now, or silent for three windows, counts from its next
     /// reading), judge it, and set the rate.
-    pub fn decide(&self, config: &AdaptiveConfig, ceiling: u32, readings: &[(String, String)], now: u64) -> Verdict {
+    pub fn decide(&self, config: &AdaptiveConfig, ceiling: u32, readings: &[(String, String)], now: u64) -> Decided {
         let mut leader = self.leader();
         let mut window = Totals::default();
-        let mut seen = HashMap::new();
+        let mut latest = HashMap::new();
+        let mut stale = Vec::new();
         for (instance, text) in readings {
-            let Ok(reading) = serde_json::from_str::<Reading>(text) else { continue };
-            if reading.at + 3 * config.window_ms() < now {
+            let reading = serde_json::from_str::<Reading>(text).ok();
+            let Some(reading) = reading.filter(|r| r.at + 3 * config.window_ms() >= now) else {
+                stale.push(instance.clone());
                 continue;
-            }
+            };
             if let Some(before) = leader.readings.get(instance) {
                 window.add(&reading.totals.since(before));
             }
-            seen.insert(instance.clone(), reading.totals);
+            latest.insert(instance.clone(), reading.totals);
         }
-        leader.readings = seen;
         leader.decided_at = now;
         let in_force = match self.rate() {
             0 => ceiling,
@@ -317,9 +336,21 @@ impl Listening {
         let controller = leader.controller.get_or_insert_with(|| Controller::new(in_force));
         controller.follow(in_force);
         let verdict = controller.decide(config, ceiling, &window);
+        if verdict.judged == "unsure" {
+            // Too few requests to judge: the window goes on (each instance's baseline stays)
+            // until it holds enough, so a low rate's little traffic is judged in the end
+            // rather than thrown away window after window.
+            for (instance, totals) in latest {
+                leader.readings.entry(instance).or_insert(totals);
+            }
+            leader.readings.retain(|instance, _| !stale.contains(instance));
+        } else {
+            leader.readings = latest;
+        }
         self.rate.store(verdict.per_minute, Ordering::Relaxed);
+        self.known.store(true, Ordering::Relaxed);
         leader.last = Some(verdict);
-        verdict
+        Decided { verdict, stale }
     }
 
     /// The last window the leader judged here.
@@ -438,7 +469,7 @@ mod tests {
         };
         // The first readings are where windows start: nothing judged yet.
         here.health.observe(Duration::from_millis(900), false);
-        assert_eq!(here.decide(&config, 600, &readings(0), 0).judged, "unsure");
+        assert_eq!(here.decide(&config, 600, &readings(0), 0).verdict.judged, "unsure");
         assert!(!here.decision_due(&config, 4_999) && here.decision_due(&config, 5_000));
         // Fast here, slow there: together the p95 is slow (4.5 times the target), and the rate
         // steps down to a quarter.
@@ -448,7 +479,7 @@ mod tests {
         for _ in 0..10 {
             there.health.observe(Duration::from_millis(900), false);
         }
-        let verdict = here.decide(&config, 600, &readings(5_000), 5_000);
+        let verdict = here.decide(&config, 600, &readings(5_000), 5_000).verdict;
         assert_eq!((verdict.requests, verdict.judged, verdict.per_minute), (30, "strained", 150));
         assert_eq!(here.rate(), 150);
         // The other instance follows the rate the store carries.
@@ -460,8 +491,32 @@ mod tests {
         }
         let mut stale = readings(25_000);
         stale[1].1 = serde_json::to_string(&Reading { at: 5_000, totals: there.health.totals() }).unwrap();
-        let verdict = here.decide(&config, 600, &stale, 25_000);
+        let decided = here.decide(&config, 600, &stale, 25_000);
+        let verdict = decided.verdict;
         assert_eq!((verdict.requests, verdict.judged, verdict.per_minute), (20, "healthy", 210));
+        assert_eq!(decided.stale, vec!["b".to_owned()], "a gone instance's reading is to be removed");
+    }
+
+    #[test]
+    fn windows_too_small_to_judge_add_up_until_one_can_be_judged() {
+        // A low rate brings little traffic: 8 requests a window against min_requests = 20.
+        let config = config("p95_ms = 200\nwindow_seconds = 5\nmin_requests = 20\nincrease_per_minute = 60");
+        let listening = Listening::default();
+        listening.learn(Some(60));
+        let reading = |at: u64| {
+            let totals = listening.health.totals();
+            vec![("a".to_owned(), serde_json::to_string(&Reading { at, totals }).unwrap())]
+        };
+        listening.decide(&config, 600, &reading(0), 0); // the baseline
+        let mut judged = Vec::new();
+        for window in 1..=3u64 {
+            for _ in 0..8 {
+                listening.health.observe(Duration::from_millis(10), false);
+            }
+            judged.push(listening.decide(&config, 600, &reading(window * 5_000), window * 5_000).verdict);
+        }
+        let seen: Vec<(&str, u64, u32)> = judged.iter().map(|v| (v.judged, v.requests, v.per_minute)).collect();
+        assert_eq!(seen, vec![("unsure", 8, 60), ("unsure", 16, 60), ("healthy", 24, 120)]);
     }
 
     #[test]

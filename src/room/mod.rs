@@ -310,7 +310,8 @@ impl Room {
     }
 
     /// Put this instance's reading of the upstream in the store; while leading an open room,
-    /// judge a window of every instance's readings and set the rate.
+    /// judge a window of every instance's readings and set the rate. What fails here is
+    /// logged and the step goes on: the line does not pause over its telemetry.
     async fn listen(&self, store: &Store, settings: &Settings, leads: bool, now: u64) -> Result<(), StoreError> {
         let Some(config) = &settings.config.adaptive else {
             if self.adaptive.rate() != 0 {
@@ -318,15 +319,35 @@ impl Room {
             }
             return Ok(());
         };
+        if !self.adaptive.knows() {
+            // A process new to the room learns the rate in force before its first step
+            // (whose advance writes the rate it holds) and before it judges anything.
+            let stats = store.stats(&self.id, &self.limits_of(settings), now).await?;
+            self.observe_stats(stats, now);
+        }
         if let Some(reading) = self.adaptive.reading_due(now) {
-            store.report_health(&self.id, &reading).await?;
+            if let Err(error) = store.report_health(&self.id, &reading).await {
+                tracing::debug!(room = %self.id, %error, "the upstream's health was not reported");
+            }
         }
         if !leads || !self.adaptive.decision_due(config, now) {
             return Ok(());
         }
-        let readings = store.read_health(&self.id).await?;
+        let readings = match store.read_health(&self.id).await {
+            Ok(readings) => readings,
+            Err(error) => {
+                tracing::debug!(room = %self.id, %error, "the upstream's health was not read");
+                return Ok(());
+            }
+        };
         let before = self.adaptive.rate();
-        let verdict = self.adaptive.decide(config, settings.admit_per_minute(), &readings, now);
+        let decided = self.adaptive.decide(config, settings.admit_per_minute(), &readings, now);
+        if !decided.stale.is_empty() {
+            if let Err(error) = store.forget_health(&self.id, &decided.stale).await {
+                tracing::debug!(room = %self.id, %error, "stale health readings stay for now");
+            }
+        }
+        let verdict = decided.verdict;
         if let Some(p95) = verdict.p95_ms {
             self.metrics.upstream_p95.set(p95 / 1_000.0);
         }

@@ -44,6 +44,11 @@ impl MemoryStore {
         health.get(room).map(|reading| vec![("this".to_owned(), reading.clone())]).unwrap_or_default()
     }
 
+    pub(crate) fn forget_health(&self, room: &str) {
+        let mut health = self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        health.remove(room);
+    }
+
     pub(crate) fn change_overrides(&self, room: &str, change: Option<&Overrides>) -> (Overrides, u64) {
         let mut overrides = self.overrides.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (current, version) = overrides.entry(room.to_owned()).or_default();

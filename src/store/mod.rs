@@ -193,6 +193,17 @@ impl Store {
         }
     }
 
+    /// Remove the readings of instances gone (stale for three windows).
+    pub async fn forget_health(&self, room: &str, instances: &[String]) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(store) => {
+                store.forget_health(room);
+                Ok(())
+            }
+            Store::Redis(store) => store.forget_health(room, instances).await,
+        }
+    }
+
     /// Grant the next `count` turns now, outside the rate budget (`max_active` still holds),
     /// and announce the new cursor: an operator's batch.
     pub async fn admit(

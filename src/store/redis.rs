@@ -853,6 +853,17 @@ impl RedisStore {
         result
     }
 
+    /// Remove the readings of these instances (gone: their readings went stale).
+    pub async fn forget_health(&self, room: &str, instances: &[String]) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("HDEL");
+        command.arg(health_key(room)).arg(instances);
+        let started = std::time::Instant::now();
+        let result = self.bounded(command.query_async::<()>(&mut connection)).await;
+        self.observe("health", started, result.as_ref().err());
+        result
+    }
+
     fn lease_keys(room: &str) -> [String; 2] {
         [format!("vestibule:{{{room}}}:leader"), format!("vestibule:{{{room}}}:instances")]
     }
