@@ -96,6 +96,18 @@ impl JoinLimiter {
     }
 
     /// Forget the buckets that have refilled (at most once a second per shard).
+    /// Give back a join taken by [`take`](Self::take) that took no ticket in the end (the line
+    /// was full): visitors behind one address retrying a full line keep their allowance.
+    pub fn give_back(&self, addr: IpAddr) {
+        let key = address_key(addr);
+        let mut shard = self.shards[shard_of(&key)].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let capacity = self.capacity();
+        let shard = &mut *shard;
+        if let Some(bucket) = shard.buckets.get_mut(&key).or(shard.overflow.as_mut()) {
+            bucket.units = (bucket.units + JOIN).min(capacity);
+        }
+    }
+
     fn prune(&self, shard: &mut Shard, now: u64) {
         if shard.pruned_at != 0 && now < shard.pruned_at + 1_000 {
             return;
@@ -142,6 +154,21 @@ mod tests {
         assert_eq!(limiter.take(addr(2), 0), Ok(()), "another address has its own");
         assert_eq!(limiter.take(addr(1), 9_999), Err(1));
         assert_eq!(limiter.take(addr(1), 10_000), Ok(()));
+    }
+
+    #[test]
+    fn a_join_given_back_can_be_taken_again_but_never_above_a_minutes_worth() {
+        let limiter = JoinLimiter::new(2, 1_000);
+        assert_eq!((limiter.take(addr(1), 0), limiter.take(addr(1), 0)), (Ok(()), Ok(())));
+        assert!(limiter.take(addr(1), 0).is_err());
+        limiter.give_back(addr(1));
+        assert_eq!(limiter.take(addr(1), 0), Ok(()), "a full line's refusal costs no join");
+        limiter.give_back(addr(1));
+        limiter.give_back(addr(1));
+        limiter.give_back(addr(1));
+        assert_eq!((limiter.take(addr(1), 0), limiter.take(addr(1), 0)), (Ok(()), Ok(())));
+        assert!(limiter.take(addr(1), 0).is_err(), "at most a minute's worth");
+        limiter.give_back(addr(9)); // never seen: nothing to give back, nothing breaks
     }
 
     #[test]

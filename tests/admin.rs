@@ -469,6 +469,8 @@ fn a_broken_template_is_refused_at_check_with_its_file_and_line() {
         ("<p>\n{% if position %}\n<p>never closed</p>\n", 2, "syntax error"),
         ("<p>{{ position }}</p>\n\n<p>{{ postion }}</p>\n", 3, "undefined"),
         ("<p>{{ position | shout }}</p>\n", 1, "unknown filter"),
+        // Fine with a message, broken without one (the usual case): refused all the same.
+        ("<p>\n{% if message | length > 3 %}{{ message }}{% endif %}</p>\n", 2, "length"),
     ] {
         std::fs::write(dir.path().join("waiting.html"), template).unwrap();
         let room = format!("{ROOM}admit_per_minute = 60\nmax_active = 1\ntemplate = \"waiting.html\"\n");

@@ -233,6 +233,30 @@ async fn a_full_line_takes_no_ticket_until_a_place_frees(store: Store) {
     assert_eq!(store.join(ROOM, &open, true, 1_000).await.unwrap(), Joined::Waiting { ticket: 7 });
 }
 
+async fn a_full_line_counts_only_waiters_still_here(store: Store) {
+    let limits = Limits { max_waiting: 3, ..limits(60, 1) }; // abandon_ms 120 s
+    store.join(ROOM, &limits, true, 0).await.unwrap(); // a session
+                                                       // Three joins nobody confirms (a client without cookies, say): the line is full...
+    for _ in 0..3 {
+        store.join(ROOM, &limits, true, 0).await.unwrap();
+    }
+    assert_eq!(store.join(ROOM, &limits, true, 0).await.unwrap(), Joined::Full);
+    // ...until they count as held by nobody (CONFIRM_MS), long before the line reaches them.
+    let waiter = store.join(ROOM, &limits, true, CONFIRM_MS).await.unwrap();
+    assert_eq!(waiter, Joined::Waiting { ticket: 5 });
+    store.touch(ROOM, &limits, &[5], &[], CONFIRM_MS).await.unwrap();
+    for ticket in [6, 7] {
+        assert_eq!(store.join(ROOM, &limits, true, CONFIRM_MS).await.unwrap(), Joined::Waiting { ticket });
+    }
+    store.touch(ROOM, &limits, &[6, 7], &[], CONFIRM_MS).await.unwrap();
+    assert_eq!(store.join(ROOM, &limits, true, CONFIRM_MS).await.unwrap(), Joined::Full);
+    // Seen again, 5 and 6 stay; 7, not seen for abandon_ms, has left.
+    let later = CONFIRM_MS + 120_000;
+    store.touch(ROOM, &limits, &[5, 6], &[], later - 1).await.unwrap();
+    assert_eq!(store.join(ROOM, &limits, true, later).await.unwrap(), Joined::Waiting { ticket: 8 });
+    assert_eq!(store.join(ROOM, &limits, true, later).await.unwrap(), Joined::Full);
+}
+
 async fn the_adaptive_rate_binds_grants_below_admit_per_minute(store: Store) {
     // The leader decided 60 a minute where the room says 600: one turn a second, not ten.
     let slow = Limits { adaptive_per_minute: 60, ..limits(600, 1_000) };
@@ -515,6 +539,7 @@ on_every_store!(
     a_ticket_beyond_the_last_keeps_its_place,
     live_overrides_are_kept_merged_and_cleared,
     a_full_line_takes_no_ticket_until_a_place_frees,
+    a_full_line_counts_only_waiters_still_here,
     the_adaptive_rate_binds_grants_below_admit_per_minute,
 );
 

@@ -155,6 +155,7 @@ impl Gate {
         let admit_now = snapshot.state == RoomState::Open;
         let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
             Ok(Joined::Full) => {
+                room.joins.give_back(client);
                 return Ok(Entry::Full);
             }
             Ok(joined) => joined,

@@ -341,7 +341,7 @@ impl Line {
     pub fn join(&mut self, limits: &Limits, admit_now: bool, now: u64) -> Joined {
         self.refill(limits, now);
         self.expire(limits, now);
-        if limits.max_waiting > 0 && self.waiting() >= limits.max_waiting {
+        if limits.max_waiting > 0 && self.waiting_here(limits, now) >= limits.max_waiting {
             return Joined::Full;
         }
         self.last_ticket += 1;
@@ -359,9 +359,16 @@ impl Line {
         Joined::Waiting { ticket }
     }
 
-    /// Tickets after the cursor whose holders have not said they left.
-    fn waiting(&self) -> u64 {
-        self.last_ticket.saturating_sub(self.cursor).saturating_sub(self.left.len() as u64)
+    /// Waiters still here: in line and seen within `abandon_ms`, less those whose join was
+    /// never confirmed by its holder within [`CONFIRM_MS`] (a bot without cookies, an answer
+    /// lost). Leavers are out of `seen` already. Costs as many steps as there are absent
+    /// waiters the line has not reached yet.
+    fn waiting_here(&self, limits: &Limits, now: u64) -> u64 {
+        let gone_before = now.checked_sub(limits.abandon_ms);
+        let absent = gone_before.map_or(0, |before| self.seen.count_between(None, before));
+        let unconfirmed =
+            now.checked_sub(CONFIRM_MS).map_or(0, |before| self.unconfirmed.count_between(gone_before, before));
+        (self.seen.len() - absent).saturating_sub(unconfirmed) as u64
     }
 
     /// Whether the waiting `ticket` is absent now: not seen for `abandon_ms`, unconfirmed for

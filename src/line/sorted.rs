@@ -45,6 +45,12 @@ impl Sorted {
         self.scores.len()
     }
 
+    /// How many members are scored above `low` and at or below `high` (`ZCOUNT (low high`):
+    /// linear in how many are at or below `high`.
+    pub fn count_between(&self, low: Option<u64>, high: u64) -> usize {
+        self.by_score.iter().take_while(|(s, _)| *s <= high).filter(|(s, _)| low.is_none_or(|low| *s > low)).count()
+    }
+
     /// Remove and return up to `most` members scored at or below `score`, lowest first.
     pub fn pop_until(&mut self, score: u64, most: usize) -> Vec<(u64, u64)> {
         let due: Vec<(u64, u64)> = self.by_score.iter().take_while(|(s, _)| *s <= score).take(most).copied().collect();
@@ -70,6 +76,7 @@ mod tests {
         set.raise(8, 1); // a lower score is ignored
         set.raise(10, 25);
         assert_eq!((set.len(), set.score(7), set.score(8)), (4, Some(5), Some(10)));
+        assert_eq!((set.count_between(None, 20), set.count_between(Some(5), 25)), (3, 3));
         assert_eq!(set.pop_until(20, 2), [(7, 5), (8, 10)]);
         assert_eq!(set.pop_until(20, 10), [(9, 20)]);
         assert_eq!(set.remove(10), Some(25));

@@ -108,10 +108,13 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The rate to estimate a wait from, per second: the one observed over the last minute,
-    /// or before any was (a fresh room, a quiet minute) the rate in force, so that a visitor
-    /// gets an estimate from the first second.
+    /// or before any was (a fresh room, a quiet minute) the rate in force while the room is
+    /// open, so that a visitor gets an estimate from the first second.
     pub fn eta_rate(&self) -> Option<f64> {
-        self.rate_per_second.or(Some(self.configured_per_second))
+        // Only an open room moves at its rate: paused (or the store away), nothing to
+        // estimate from.
+        let moving = self.state == RoomState::Open && self.available;
+        self.rate_per_second.or_else(|| moving.then_some(self.configured_per_second))
     }
 
     /// The state a waiter sees: paused while the store is away.

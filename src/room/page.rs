@@ -101,20 +101,22 @@ impl WaitingPage {
         let source =
             std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
         let page = WaitingPage::with(source, Some(path.to_owned())).map_err(|error| describe(&error, path))?;
+        // Every language, every state, with every optional value set and with none set (no
+        // site name, no message, no reason, no estimate yet).
         for language in crate::room::lang::bundled() {
             let words = Words::for_visitor(Some(&language.code), &Default::default(), None);
             for state in PREVIEW_STATES {
-                let status = sample_status(state, None);
-                let why = Some(Gone::Lapsed);
-                let shown = Shown {
-                    room: "room",
-                    site_name: Some("Shop"),
-                    status: &status,
-                    start_position: 40,
-                    why,
-                    words: &words,
-                };
-                page.try_render(&shown).map_err(|error| describe(&error, path))?;
+                for full in [true, false] {
+                    let mut status = sample_status(state, None);
+                    if !full {
+                        status.message = None;
+                        status.eta_seconds = None;
+                    }
+                    let (site_name, why) = if full { (Some("Shop"), Some(Gone::Lapsed)) } else { (None, None) };
+                    let shown =
+                        Shown { room: "room", site_name, status: &status, start_position: 40, why, words: &words };
+                    page.try_render(&shown).map_err(|error| describe(&error, path))?;
+                }
             }
         }
         Ok(page)

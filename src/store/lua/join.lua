@@ -2,7 +2,7 @@
 -- room and budget. A waiting ticket stays unconfirmed until its holder is seen.
 -- KEYS: as in common.lua.  ARGV[10] admit_now (1 or 0), ARGV[11] this instance's id,
 -- ARGV[12] the id of the join's proof of work ('' for none): each is taken once, or the error
--- REUSED.  ARGV[13] max_waiting: most tickets waiting (after the cursor, leavers not counted),
+-- REUSED.  ARGV[13] max_waiting: most waiters still here (seen lately, their join confirmed),
 -- 0 for no limit.
 -- Returns {admitted (1/0; 2: the line is full and no ticket was taken), ticket, session
 -- expires at (ms) or 0, line id}; the error RESTORING for a moment after a restore.
@@ -14,8 +14,11 @@ if restored_at and now < restored_at + JOIN_HOLD_MS then
 end
 local max_waiting = tonumber(ARGV[13])
 if max_waiting > 0 then
-  local ends = redis.call('HMGET', KEYS[1], 'last', 'cursor')
-  local waiting = (tonumber(ends[1]) or 0) - (tonumber(ends[2]) or 0) - redis.call('SCARD', KEYS[4])
+  -- Waiters still here (src/line/mod.rs, waiting_here): seen within abandon_ms, less those
+  -- whose join nobody confirmed within CONFIRM_MS. Leavers are out of `seen` already.
+  local gone_before = now - abandon_ms
+  local waiting = redis.call('ZCARD', KEYS[5]) - redis.call('ZCOUNT', KEYS[5], '-inf', gone_before)
+    - redis.call('ZCOUNT', KEYS[10], string.format('(%d', gone_before), now - CONFIRM_MS)
   if waiting >= max_waiting then
     return {2, 0, 0, number(KEYS[1], 'line_id')}
   end
