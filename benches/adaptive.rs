@@ -16,7 +16,6 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use support::{call, connect, start_instance_with, Instance};
+use support::{call, connect, start_instance_with, start_redis};
 
 const TOKEN: &str = "bench-admin-token-000";
 /// The checkout's workers, and each request's service time when healthy and when straining.
@@ -152,16 +151,7 @@ async fn main() {
     let adaptive = std::env::var("ADAPTIVE").map_or(true, |v| v != "0");
     let dir = std::env::temp_dir().join(format!("vestibule-adaptive-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _redis = Instance(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH (apt-get install redis-server)"),
-    );
+    let (_redis, port) = start_redis(&dir);
     let started = Instant::now();
     let (slow, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Seen::default()));
     let upstream = checkout(slow.clone(), seen.clone(), started).await;
@@ -177,10 +167,6 @@ async fn main() {
     let tables = format!(
         "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}/\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\""
     );
-    // Wait for Redis before the instances (they would start anyway, and retry).
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let (_a, a, a_admin) = start_instance_with(&dir, upstream, &room, &tables);
     let (_b, b, b_admin) = start_instance_with(&dir, upstream, &room, &tables);
     let admins = [a_admin.unwrap(), b_admin.unwrap()];

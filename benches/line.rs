@@ -12,12 +12,12 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{call, connect, cpu_us, start_instance, start_shop, Instance};
+use support::{call, connect, cpu_us, start_instance, start_redis, start_shop, Instance};
 
 const CLIENTS: usize = 32;
 const JOIN_SECONDS: u64 = 10;
@@ -81,16 +81,7 @@ async fn main() {
     let duration: u64 = std::env::var("DURATION").ok().and_then(|d| d.parse().ok()).unwrap_or(60);
     let dir = std::env::temp_dir().join(format!("vestibule-line-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server on the PATH");
-    let _redis = Instance(redis);
-    while !redis_cli(port, &["ping"]).contains("PONG") {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (_redis, port) = start_redis(&dir);
     let store = format!("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}/\"");
     let (_shop, shop) = start_shop();
     let one_place = "admit_per_minute = 60\nmax_active = 1\nabandon_seconds = 3600";

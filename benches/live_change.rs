@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use support::{call, connect, start_instance_with, start_shop, Instance};
+use support::{call, connect, start_instance_with, start_redis, start_shop};
 
 const TOKEN: &str = "bench-admin-token-000";
 
@@ -37,17 +36,7 @@ async fn main() {
     let rounds = numbers.next().unwrap_or(20);
     let dir = std::env::temp_dir().join(format!("vestibule-live-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let redis = Instance(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH (apt-get install redis-server)"),
-    );
-    wait_for_port(port).await;
+    let (redis, port) = start_redis(&dir);
     let (_shop, shop) = start_shop();
     let room = "admit_per_minute = 1\nmax_active = 1\nabandon_seconds = 3600";
     let tables = |admin_port: u16| {
@@ -154,14 +143,4 @@ async fn patch(admin: std::net::SocketAddr, body: &str) {
     let response = sender.send_request(request).await.unwrap();
     assert!(response.status().is_success(), "PATCH answered {}", response.status());
     response.into_body().collect().await.unwrap();
-}
-
-async fn wait_for_port(port: u16) {
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("redis-server did not start on port {port}");
 }

@@ -1,43 +1,47 @@
-//! The waiting page in a real headless browser (Debian's `chromium`, driven by
-//! `playwright-core`): see `tests/browser/waiting_room.mjs`. `tests/run` installs both.
+//! The waiting page and the dashboard in a real headless browser (Debian's `chromium`, driven
+//! by `playwright-core`): the journeys are in `tests/browser/*.mjs`. `tests/run` installs both.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
 use tokio_util::sync::CancellationToken;
 
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Debian's chromium, and playwright-core in tests/browser: both installed by `tests/run`.
 fn chromium() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
         "{chromium} is missing: run `bash tests/run` (it installs Debian's chromium), or set CHROMIUM"
     );
     assert!(
-        root.join("tests/browser/node_modules/playwright-core").exists(),
+        root().join("tests/browser/node_modules/playwright-core").exists(),
         "playwright-core is missing: run `bash tests/run` (it runs npm ci in tests/browser)"
     );
     chromium
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let chromium = chromium();
-
+/// The demo shop behind a gate whose room `checkout` is configured by `room` (and `[server]`
+/// by `server_extra`); the shop stops with the token.
+async fn shop_and_gate(server_extra: &str, room: &str) -> (Harness, CancellationToken) {
     let stop = CancellationToken::new();
     let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
-    let gate = start_room(shop, "admit_per_minute = 600\nmax_active = 1\n").await;
-    let screenshot = root.join("target/waiting-page-320px.png");
+    (start_room_with(shop, server_extra, room).await, stop)
+}
 
-    let base = format!("http://{}", gate.addr);
-    let script = root.join("tests/browser/waiting_room.mjs");
+/// Run the journey `tests/browser/{script}` with `args` in Node: it must succeed; how many
+/// expectations it met (its `ok - ` lines).
+async fn journey(script: &str, args: Vec<String>) -> usize {
+    let chromium = chromium();
+    let path = root().join("tests/browser").join(script);
     let output = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg(script).arg(base).arg(screenshot).env("CHROMIUM", chromium).output()
+        Command::new("node").arg(path).args(args).env("CHROMIUM", chromium).output()
     })
     .await
     .unwrap()
@@ -45,44 +49,41 @@ async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
-    assert!(output.status.success(), "the browser journey failed:\n{stdout}\n{stderr}");
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 7, "{stdout}");
+    assert!(output.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    stdout.lines().filter(|l| l.starts_with("ok - ")).count()
+}
+
+fn base(gate: &Harness) -> String {
+    format!("http://{}", gate.addr)
+}
+
+fn path(path: PathBuf) -> String {
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_waits_watches_their_place_and_is_handed_over() {
+    let (gate, stop) = shop_and_gate("", "admit_per_minute = 600\nmax_active = 1\n").await;
+    let screenshot = path(root().join("target/waiting-page-320px.png"));
+    assert_eq!(journey("waiting_room.mjs", vec![base(&gate), screenshot]).await, 7);
     stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tab_shows_the_place_and_a_locked_phone_comes_back_in_line_and_is_notified() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let chromium = chromium();
-    let stop = CancellationToken::new();
-    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
-    let gate = start_room(shop, "admit_per_minute = 600\nmax_active = 1\nsite_name = \"Shop\"\n").await;
-    let base = format!("http://{}", gate.addr);
-    let script = root.join("tests/browser/tab_and_phone.mjs");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg(script).arg(base).env("CHROMIUM", chromium).output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(output.status.success(), "the tab and the phone:\n{stdout}\n{stderr}");
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 4, "{stdout}");
+    let room = "admit_per_minute = 600\nmax_active = 1\nsite_name = \"Shop\"\n";
+    let (gate, stop) = shop_and_gate("", room).await;
+    assert_eq!(journey("tab_and_phone.mjs", vec![base(&gate)]).await, 4);
     stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bundled_language_is_negotiated_laid_out_and_worded_live() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let chromium = chromium();
-    let stop = CancellationToken::new();
-    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
-    let gate = start_room(shop, "admit_per_minute = 6\nmax_active = 1\nabandon_seconds = 3600\n").await;
+    let (gate, stop) = shop_and_gate("", "admit_per_minute = 6\nmax_active = 1\nabandon_seconds = 3600\n").await;
     // What each page must show: its heading, its direction, and its words for a wait (a
     // number of minutes as a pattern).
-    let expected: serde_json::Map<String, serde_json::Value> = vestibule::room::lang::bundled()
+    let languages = vestibule::room::lang::bundled();
+    let expected: serde_json::Map<String, serde_json::Value> = languages
         .iter()
         .map(|language| {
             let pattern = |key: &str| regex_escape(&language.strings[key]).replace("\\{n\\}", "\\d+");
@@ -93,26 +94,14 @@ async fn every_bundled_language_is_negotiated_laid_out_and_worded_live() {
             (language.code.clone(), value)
         })
         .collect();
-    let shots = root.join("target/languages");
+    let shots = root().join("target/languages");
     std::fs::create_dir_all(&shots).unwrap();
     let expected_file = shots.join("expected.json");
     std::fs::write(&expected_file, serde_json::to_string(&expected).unwrap()).unwrap();
-    let base = format!("http://{}", gate.addr);
-    let script = root.join("tests/browser/languages.mjs");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg(script).arg(base).arg(expected_file).arg(shots).env("CHROMIUM", chromium).output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(output.status.success(), "languages:\n{stdout}\n{stderr}");
-    let languages = vestibule::room::lang::bundled().len();
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), languages + 1, "{stdout}");
-    for language in vestibule::room::lang::bundled() {
-        assert!(root.join(format!("target/languages/waiting-page-{}.png", language.code)).exists());
+    let met = journey("languages.mjs", vec![base(&gate), path(expected_file), path(shots.clone())]).await;
+    assert_eq!(met, languages.len() + 1);
+    for language in languages {
+        assert!(shots.join(format!("waiting-page-{}.png", language.code)).exists());
     }
     stop.cancel();
 }
@@ -131,57 +120,20 @@ fn regex_escape(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_solves_the_proof_of_work_and_the_visitor_goes_on() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let chromium = chromium();
-    let stop = CancellationToken::new();
-    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
     // The default difficulty; an idle room, so each visitor is let through once solved.
-    let gate = start_room(shop, "admit_per_minute = 6000\nmax_active = 100\nchallenge = \"pow\"\n").await;
-    let base = format!("http://{}", gate.addr);
+    let (gate, stop) = shop_and_gate("", "admit_per_minute = 6000\nmax_active = 100\nchallenge = \"pow\"\n").await;
     let rounds = std::env::var("POW_ROUNDS").unwrap_or_else(|_| "3".into());
-    let script = root.join("tests/browser/challenge.mjs");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg(script).arg(base).arg(&rounds).env("CHROMIUM", chromium).output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(output.status.success(), "the browser did not get through the challenge:\n{stdout}\n{stderr}");
-    assert!(stdout.lines().filter(|l| l.starts_with("ok - ")).count() >= 1, "{stdout}");
+    assert!(journey("challenge.mjs", vec![base(&gate), rounds]).await >= 1);
     stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_signs_in_watches_the_line_grow_and_pauses_it_from_the_dashboard() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let chromium = chromium();
-    let stop = CancellationToken::new();
-    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
     let token = "dashboard-test-token";
     let admin = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n");
-    let gate = start_room_with(shop, &admin, "admit_per_minute = 1\nmax_active = 1\n").await;
+    let (gate, stop) = shop_and_gate(&admin, "admit_per_minute = 1\nmax_active = 1\n").await;
     let admin_url = format!("http://{}", gate.running.admin.unwrap());
-    let base = format!("http://{}", gate.addr);
-    let screenshots = root.join("target");
-    let script = root.join("tests/browser/dashboard.mjs");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(script)
-            .args([&admin_url, &base, token])
-            .arg(screenshots)
-            .env("CHROMIUM", chromium)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(output.status.success(), "the dashboard journey failed:\n{stdout}\n{stderr}");
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), 9, "{stdout}");
+    let args = vec![admin_url, base(&gate), token.to_owned(), path(root().join("target"))];
+    assert_eq!(journey("dashboard.mjs", args).await, 9);
     stop.cancel();
 }

@@ -71,6 +71,28 @@ pub fn start_shop() -> (Instance, SocketAddr) {
 /// more) and high socket caps, the room
 /// `checkout` configured by `room` (TOML lines), and `store` (a whole `[store]` table, or
 /// nothing for memory). The signing key is shared by every instance started in `dir`.
+/// A `redis-server` of the benchmark's own on a free loopback port, nothing saved, its files
+/// in `dir`; up (it answers) when this returns. Its port.
+pub fn start_redis(dir: &std::path::Path) -> (Instance, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let redis = Instance(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH (apt-get install redis-server)"),
+    );
+    for _ in 0..250 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (redis, port);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("redis-server did not start on port {port}");
+}
+
 pub fn start_instance(dir: &std::path::Path, upstream: SocketAddr, room: &str, store: &str) -> (Instance, SocketAddr) {
     let (instance, addr, _) = start_instance_with(dir, upstream, room, store);
     (instance, addr)

@@ -6,21 +6,15 @@
 //
 // The gate must guard /checkout in front of the demo shop with `challenge = "pow"`, the room
 // idle (each visitor is let through at once once solved).
-import { chromium } from "playwright-core";
+import { run } from "./launch.mjs";
 
 const [base, rounds = "5"] = process.argv.slice(2);
 if (!base) {
   console.error("usage: challenge.mjs BASE_URL [ROUNDS]");
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const browser = await chromium.launch({
-  executablePath,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
 const timeout = 60_000;
-try {
+await run(async (browser) => {
   for (let round = 1; round <= Number(rounds); round++) {
     const context = await browser.newContext({ viewport: { width: 320, height: 640 } });
     const page = await context.newPage();
@@ -33,9 +27,4 @@ try {
     console.log(`ok - visitor ${round} solved the proof of work in ${solved} ms and reached the shop in ${total} ms`);
     await context.close();
   }
-} catch (error) {
-  console.error(`not ok - ${error.message}`);
-  await browser.close();
-  process.exit(1);
-}
-await browser.close();
+});

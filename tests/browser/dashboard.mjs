@@ -6,22 +6,15 @@
 //
 // The gate must guard /checkout with a room that lets at most one visitor in, so that a
 // crowd waits. Exits non-zero with a message on the first failed expectation.
-import { chromium } from "playwright-core";
+import { run, step, timeout } from "./launch.mjs";
 
 const [admin, gate, token, screenshots] = process.argv.slice(2);
 if (!admin || !gate || !token) {
   console.error("usage: dashboard.mjs ADMIN_URL GATE_URL TOKEN [SCREENSHOT_DIR]");
   process.exit(2);
 }
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
-const step = (text) => console.log(`ok - ${text}`);
-const timeout = 15_000;
 
-try {
+await run(async (browser) => {
   // The operator, on a phone.
   const operatorContext = await browser.newContext({ viewport: { width: 390, height: 844 } });
   const operator = await operatorContext.newPage();
@@ -90,9 +83,4 @@ try {
     await operator.setViewportSize({ width: 1280, height: 900 });
     await operator.screenshot({ path: `${screenshots}/dashboard-1280px.png`, fullPage: true });
   }
-} catch (error) {
-  console.error(`not ok - ${error.message}`);
-  await browser.close();
-  process.exit(1);
-}
-await browser.close();
+});

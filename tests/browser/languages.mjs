@@ -8,21 +8,13 @@
 // EXPECTED.json maps each language code to {title, rtl, eta: [its wait strings]}. The gate
 // must guard /checkout with max_active = 1 in front of the demo shop.
 import { readFileSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { run, step, timeout } from "./launch.mjs";
 
 const [base, expectedFile, shots] = process.argv.slice(2);
 const expected = JSON.parse(readFileSync(expectedFile, "utf8"));
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const browser = await chromium.launch({
-  executablePath,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
-const step = (text) => console.log(`ok - ${text}`);
-const timeout = 15_000;
 
 // What a page shows: its language, direction, heading, and the wait as the script words it.
-async function visit(headers, locale) {
+async function visit(browser, headers, locale) {
   const context = await browser.newContext({ viewport: { width: 360, height: 720 }, locale, extraHTTPHeaders: headers });
   const page = await context.newPage();
   await page.goto(`${base}/checkout`);
@@ -39,13 +31,13 @@ async function visit(headers, locale) {
   return { page, context, seen };
 }
 
-try {
+await run(async (browser) => {
   const first = await (await browser.newContext()).newPage();
   await first.goto(`${base}/checkout`);
   await first.getByRole("heading", { name: "Checkout" }).waitFor({ timeout });
 
   for (const [code, want] of Object.entries(expected)) {
-    const { page, context, seen } = await visit({ "Accept-Language": `${code}-XX, ${code};q=0.9, en;q=0.1` }, code);
+    const { page, context, seen } = await visit(browser, { "Accept-Language": `${code}-XX, ${code};q=0.9, en;q=0.1` }, code);
     const problems = [];
     if (seen.lang !== code) problems.push(`lang ${seen.lang}`);
     if (seen.dir !== (want.rtl ? "rtl" : "ltr")) problems.push(`direction ${seen.dir}`);
@@ -58,13 +50,8 @@ try {
   }
 
   // Quality values decide; what is not bundled is passed over.
-  const { context, seen } = await visit({ "Accept-Language": "xx, de;q=0.5, fr;q=0.9" });
+  const { context, seen } = await visit(browser, { "Accept-Language": "xx, de;q=0.5, fr;q=0.9" });
   if (seen.lang !== "fr") throw new Error(`xx, de;q=0.5, fr;q=0.9 gave ${seen.lang}`);
   await context.close();
   step("xx, de;q=0.5, fr;q=0.9 gives fr");
-} catch (error) {
-  console.error(`not ok - ${error.message}`);
-  await browser.close();
-  process.exit(1);
-}
-await browser.close();
+});

@@ -7,23 +7,15 @@
 //
 // The gate must guard /checkout with max_active = 1 and site_name = "Shop" in front of the
 // demo shop. Exits non-zero with a message on the first failed expectation.
-import { chromium } from "playwright-core";
+import { run, step, timeout } from "./launch.mjs";
 
 const [base] = process.argv.slice(2);
 if (!base) {
   console.error("usage: tab_and_phone.mjs BASE_URL");
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const browser = await chromium.launch({
-  executablePath,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
-const step = (text) => console.log(`ok - ${text}`);
-const timeout = 15_000;
 
-try {
+await run(async (browser) => {
   const first = await (await browser.newContext()).newPage();
   // The waiter: notifications allowed; whether the page is looked at is ours to say; each
   // notification shown is noted in localStorage (the page reloads when it goes in).
@@ -92,9 +84,4 @@ try {
     throw new Error(`notifications shown: ${JSON.stringify(shown)}`);
   }
   step(`one notification: ${JSON.stringify(shown[0].title)}`);
-} catch (error) {
-  console.error(`not ok - ${error.message}`);
-  await browser.close();
-  process.exit(1);
-}
-await browser.close();
+});

@@ -5,23 +5,15 @@
 //
 // The gate must guard /checkout with max_active = 1 in front of the demo shop. Exits non-zero
 // with a message on the first failed expectation.
-import { chromium } from "playwright-core";
+import { run, step, timeout } from "./launch.mjs";
 
 const [base, screenshot] = process.argv.slice(2);
 if (!base) {
   console.error("usage: waiting_room.mjs BASE_URL [SCREENSHOT]");
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const browser = await chromium.launch({
-  executablePath,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
-const step = (text) => console.log(`ok - ${text}`);
-const timeout = 15_000;
 
-try {
+await run(async (browser) => {
   // Three visitors, each with their own cookies; phones, 320 px wide.
   const visitor = async () => {
     const context = await browser.newContext({ viewport: { width: 320, height: 640 } });
@@ -65,9 +57,4 @@ try {
   await second.getByRole("button", { name: "Place order" }).click();
   await third.getByRole("heading", { name: "Checkout" }).waitFor({ timeout });
   step("the third visitor lands on the page they asked for when their turn comes");
-} catch (error) {
-  console.error(`not ok - ${error.message}`);
-  await browser.close();
-  process.exit(1);
-}
-await browser.close();
+});
