@@ -296,6 +296,9 @@ pub struct RoomConfig {
     /// The site's name, at the end of the waiting page's tab title ("(12) In line - Shop").
     #[serde(default)]
     pub site_name: Option<String>,
+    /// The room's title on its waiting page ("Spring sale").
+    #[serde(default)]
+    pub title: Option<String>,
     /// Admission that listens to the upstream (`[rooms.adaptive]`): off when unset.
     #[serde(default)]
     pub adaptive: Option<AdaptiveConfig>,
@@ -731,6 +734,9 @@ impl Config {
             crate::room::lang::check(room.lang.as_deref(), &room.strings).map_err(|(k, message)| (key(&k), message))?;
             if room.site_name.as_ref().is_some_and(|name| name.is_empty() || name.len() > 100) {
                 return Err((key("site_name"), "from 1 to 100 characters".into()));
+            }
+            if room.title.as_ref().is_some_and(|title| title.is_empty() || title.len() > 100) {
+                return Err((key("title"), "from 1 to 100 characters".into()));
             }
             if ![200, 202, 429, 503].contains(&room.queued_status) {
                 return Err((key("queued_status"), "one of 200, 202, 429 and 503".into()));

@@ -252,9 +252,9 @@ fn preview(room: &Room, state: &str, lang: Option<&str>) -> Response<Body> {
     let status = page::sample_status(state, settings.message());
     let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
     let words = Words::for_visitor(lang.or(config.lang.as_deref()), &config.strings, None);
-    let site_name = config.site_name.as_deref();
+    let (site_name, title) = (config.site_name.as_deref(), config.title.as_deref());
     let shown =
-        page::Shown { room: &room.id, site_name, status: &status, start_position: 40, why: None, words: &words };
+        page::Shown { room: &room.id, site_name, title, status: &status, start_position: 40, why: None, words: &words };
     let mut response = crate::gate::respond::page(template.render(&shown));
     response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     response

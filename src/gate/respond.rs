@@ -120,7 +120,9 @@ fn status_answer(
         let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
         let words = crate::room::lang::Words::for_visitor(config.lang.as_deref(), &config.strings, accept_language);
         let site_name = config.site_name.as_deref();
-        let shown = page::Shown { room: &room.id, site_name, status: &current, start_position, why, words: &words };
+        let title = config.title.as_deref();
+        let status = &current;
+        let shown = page::Shown { room: &room.id, site_name, title, status, start_position, why, words: &words };
         let mut response = page(template.render(&shown));
         if config.lang.is_none() {
             // The page's language follows the visitor's: caches must keep one per language.

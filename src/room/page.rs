@@ -63,6 +63,8 @@ impl std::fmt::Debug for WaitingPage {
 pub struct Shown<'a> {
     pub room: &'a str,
     pub site_name: Option<&'a str>,
+    /// The room's title ("Spring sale").
+    pub title: Option<&'a str>,
     pub status: &'a Status,
     pub start_position: u64,
     /// Why a returning visitor is at the end of the line again.
@@ -112,9 +114,17 @@ impl WaitingPage {
                         status.message = None;
                         status.eta_seconds = None;
                     }
-                    let (site_name, why) = if full { (Some("Shop"), Some(Gone::Lapsed)) } else { (None, None) };
-                    let shown =
-                        Shown { room: "room", site_name, status: &status, start_position: 40, why, words: &words };
+                    let (site_name, title, why) =
+                        if full { (Some("Shop"), Some("Sale"), Some(Gone::Lapsed)) } else { (None, None, None) };
+                    let shown = Shown {
+                        room: "room",
+                        site_name,
+                        title,
+                        status: &status,
+                        start_position: 40,
+                        why,
+                        words: &words,
+                    };
                     page.try_render(&shown).map_err(|error| describe(&error, path))?;
                 }
             }
@@ -139,6 +149,7 @@ impl WaitingPage {
             t => &words.strings,
             room => shown.room,
             site_name => shown.site_name,
+            title => shown.title,
             suffix,
             status => status.status,
             position,
@@ -192,7 +203,7 @@ fn describe(error: &minijinja::Error, path: &Path) -> String {
 #[cfg(test)]
 fn render(room: &str, site_name: Option<&str>, status: &Status, start_position: u64, why: Option<Gone>) -> String {
     let words = Words::for_visitor(None, &Default::default(), None);
-    WaitingPage::bundled().render(&Shown { room, site_name, status, start_position, why, words: &words })
+    WaitingPage::bundled().render(&Shown { room, site_name, title: None, status, start_position, why, words: &words })
 }
 
 #[cfg(test)]
@@ -215,6 +226,28 @@ mod tests {
         assert!(html.contains(r#"<meta http-equiv="refresh" content="20">"#));
         assert!(html.contains(r#"/_vestibule/ws?room="#));
         assert!(!html.contains("src=") && !html.contains("href="), "no external assets");
+    }
+
+    #[test]
+    fn the_page_names_the_site_and_the_room_and_speaks_the_visitors_language() {
+        let words = Words::for_visitor(None, &Default::default(), Some("de-AT, en;q=0.5"));
+        let status = waiting(3, Some(200), None);
+        let shown = Shown {
+            room: "checkout",
+            site_name: Some("Shop"),
+            title: Some("Spring sale"),
+            status: &status,
+            start_position: 12,
+            why: Some(Gone::Left),
+            words: &words,
+        };
+        let html = WaitingPage::bundled().render(&shown);
+        assert!(html.contains("Shop · Spring sale"), "{html}");
+        assert!(html.contains(r#"<html lang="de" dir="ltr">"#));
+        assert!(html.contains("<title>(3) In der Schlange - Shop</title>"));
+        assert!(html.contains("Noch etwa 3 Minuten."));
+        assert!(html.contains("haben Ihren Platz verloren"));
+        assert!(html.contains("width: 75%"), "9 of the 12 places ahead are behind them");
     }
 
     #[test]
