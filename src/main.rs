@@ -292,6 +292,8 @@ paths = ["/checkout"]
 admit_per_minute = 3
 max_active = 2
 session_seconds = 180
+site_name = "Demo shop"
+title = "Checkout"
 message = "This is the vestibule demo: visitors are let in three a minute, two at a time."
 "#
     )
