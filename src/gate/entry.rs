@@ -81,7 +81,8 @@ impl Gate {
             }
             Entry::Closed => {
                 let closed = StatusCode::SERVICE_UNAVAILABLE;
-                let response = respond::room_status(room, Holding::Nothing, 0, None, page, accept_language, closed);
+                let response =
+                    respond::room_status(room, room.status(Holding::Nothing), 0, None, page, accept_language, closed);
                 cookies.clear_if_sent(request.headers(), &room.ticket_cookie).on(response)
             }
             Entry::Full => {

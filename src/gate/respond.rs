@@ -83,29 +83,17 @@ pub fn page(html: String) -> Response<Body> {
     response
 }
 
-/// What `holding` sees of `room`: the waiting (or closed) page for people, the status JSON
-/// for the rest, with `status` and, for 503, `Retry-After`.
-pub fn room_status(
-    room: &Room,
-    holding: Holding,
-    start_position: u64,
-    why: Option<Gone>,
-    wants_page: bool,
-    accept_language: Option<&str>,
-    status: StatusCode,
-) -> Response<Body> {
-    let current = room.status(holding);
-    status_answer(room, current, start_position, why, wants_page, accept_language, status)
-}
-
 /// The line is full (`max_waiting`): the page that says so and tries again later, or the
 /// status JSON; 503 with `Retry-After`.
 pub fn line_full(room: &Room, wants_page: bool, accept_language: Option<&str>) -> Response<Body> {
     let unavailable = StatusCode::SERVICE_UNAVAILABLE;
-    status_answer(room, room.full_status(), 0, None, wants_page, accept_language, unavailable)
+    room_status(room, room.full_status(), 0, None, wants_page, accept_language, unavailable)
 }
 
-fn status_answer(
+/// What a visitor sees of `room` (`current`: their status in it): the waiting, closed or full
+/// page for people, in their language, the status JSON for the rest, with `status` and, for
+/// 503 and 429, `Retry-After`.
+pub fn room_status(
     room: &Room,
     current: crate::room::Status,
     start_position: u64,
@@ -152,5 +140,6 @@ pub fn waiting(
     accept_language: Option<&str>,
 ) -> Response<Body> {
     let status = if wants_page { room.queued_status() } else { StatusCode::SERVICE_UNAVAILABLE };
-    room_status(room, Holding::Ticket(ticket), start_position, why, wants_page, accept_language, status)
+    let current = room.status(Holding::Ticket(ticket));
+    room_status(room, current, start_position, why, wants_page, accept_language, status)
 }
