@@ -378,6 +378,7 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
     };
     let store_ok = snapshot.available && gate.store_answers();
     let config = &settings.config;
+    let admitting = room.limits().per_minute();
     json!({
         "id": room.id,
         "state": settings.state(),
@@ -387,9 +388,9 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
         "session_seconds": config.session_seconds,
         "max_waiting": config.max_waiting,
         // The rate turns are granted at now: admit_per_minute, or the adaptive rate when lower.
-        "admitting_per_minute": room.limits().per_minute(),
+        "admitting_per_minute": admitting,
         "adaptive": config.adaptive.as_ref().map(|adaptive| json!({
-            "per_minute": room.limits().per_minute(),
+            "per_minute": admitting,
             "p95_ms_target": adaptive.p95_ms,
             "error_ratio_target": adaptive.error_ratio,
             "window_seconds": adaptive.window_seconds,

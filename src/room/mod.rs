@@ -932,6 +932,11 @@ impl Room {
         }
     }
 
+    /// What a newcomer sees when the line is full (`max_waiting`).
+    pub fn full_status(&self) -> Status {
+        Status::of("full", None, None, self.snapshot.borrow().notice())
+    }
+
     /// What a visitor holding `ticket` (or a token) sees now.
     pub fn status(&self, holding: Holding) -> Status {
         let snapshot = self.snapshot.borrow();
@@ -954,13 +959,6 @@ impl Room {
             RoomState::Open | RoomState::Passthrough => "waiting",
         };
         Status::of(status, Some(position), line::eta_seconds(position, snapshot.eta_rate()), message)
-    }
-}
-
-impl Room {
-    /// What a newcomer sees when the line is full (`max_waiting`).
-    pub fn full_status(&self) -> Status {
-        Status::of("full", None, None, self.snapshot.borrow().notice())
     }
 }
 
