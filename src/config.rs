@@ -302,6 +302,90 @@ pub struct RoomConfig {
     /// Admission that listens to the upstream (`[rooms.adaptive]`): off when unset.
     #[serde(default)]
     pub adaptive: Option<AdaptiveConfig>,
+    /// Scheduled sales (`[[rooms.events]]`), in order of their start.
+    #[serde(default)]
+    pub events: Vec<EventConfig>,
+}
+
+/// `[[rooms.events]]`: a scheduled sale. From `prequeue_at` visitors take a pre-queue number
+/// and see a countdown; at `starts_at` every pre-queue number is given its place in one
+/// random order (see [`crate::line::shuffle`]), and later arrivals line up behind. The
+/// overrides are in force from `prequeue_at` until `ends_at` (or the next event's pre-queue).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventConfig {
+    /// Its name, shown to visitors and in the published seed.
+    pub name: String,
+    /// When the pre-queue opens (a TOML date-time with its offset), in unix ms.
+    #[serde(deserialize_with = "moment")]
+    pub prequeue_at: u64,
+    /// When the sale starts: the pre-queue is drawn and admission begins (unix ms).
+    #[serde(deserialize_with = "moment")]
+    pub starts_at: u64,
+    /// When its overrides end (unix ms); the next event's pre-queue, or never, when unset.
+    #[serde(default, deserialize_with = "some_moment")]
+    pub ends_at: Option<u64>,
+    /// Draw the pre-queue's order at the start (the default), or keep the order of arrival.
+    #[serde(default = "defaults::yes")]
+    pub shuffle: bool,
+    #[serde(default)]
+    pub admit_per_minute: Option<NonZeroU32>,
+    #[serde(default)]
+    pub max_active: Option<NonZeroU32>,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The event's own waiting page (as a room's `template`).
+    #[serde(default)]
+    pub template: Option<PathBuf>,
+    /// The template compiled (and checked) when the configuration was read.
+    #[serde(skip)]
+    pub page: Option<std::sync::Arc<crate::room::page::WaitingPage>>,
+}
+
+impl EventConfig {
+    /// The event's id in the store and in pre-queue tickets: its start, in unix seconds.
+    pub fn id(&self) -> u64 {
+        self.starts_at / 1_000
+    }
+}
+
+/// A TOML offset date-time (`2026-12-24T10:00:00Z`, `2026-12-24T11:00:00+01:00`) as unix ms.
+fn moment<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let datetime = toml::value::Datetime::deserialize(deserializer)?;
+    unix_ms(&datetime).map_err(serde::de::Error::custom)
+}
+
+fn some_moment<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    moment(deserializer).map(Some)
+}
+
+/// Unix ms of a TOML date-time that has a date, a time and an offset. By hand: the date's
+/// day number is the one line of calendar arithmetic needed (days from 1970-01-01 in the
+/// proleptic Gregorian calendar, after Howard Hinnant's `days_from_civil`), not worth a
+/// date crate.
+fn unix_ms(datetime: &toml::value::Datetime) -> Result<u64, String> {
+    use toml::value::Offset;
+    let (Some(date), Some(time), Some(offset)) = (datetime.date, datetime.time, datetime.offset) else {
+        return Err(format!("{datetime}: give a date, a time and an offset (2026-12-24T10:00:00Z)"));
+    };
+    let (year, month, day) = (i64::from(date.year), i64::from(date.month), i64::from(date.day));
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let offset_minutes = match offset {
+        Offset::Z => 0,
+        Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let seconds = days * 86_400
+        + i64::from(time.hour) * 3_600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second.unwrap_or(0))
+        - offset_minutes * 60;
+    let ms = seconds * 1_000 + i64::from(time.nanosecond.unwrap_or(0) / 1_000_000);
+    u64::try_from(ms).map_err(|_| format!("{datetime}: before 1970"))
 }
 
 /// `[rooms.adaptive]`: targets for the upstream's health; the rate steps down by `decrease`
@@ -588,6 +672,11 @@ impl Config {
         resolve(&mut self.tokens.signing_key);
         self.tokens.verify_keys.iter_mut().for_each(resolve);
         self.rooms.iter_mut().filter_map(|room| room.template.as_mut()).for_each(resolve);
+        self.rooms
+            .iter_mut()
+            .flat_map(|room| room.events.iter_mut())
+            .filter_map(|event| event.template.as_mut())
+            .for_each(resolve);
         if let Some(tls) = &mut self.server.tls {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
@@ -601,6 +690,13 @@ impl Config {
                 let page =
                     crate::room::page::WaitingPage::load(path).map_err(|e| (format!("rooms[{i}].template"), e))?;
                 room.page = Some(std::sync::Arc::new(page));
+            }
+            for (j, event) in room.events.iter_mut().enumerate() {
+                if let Some(path) = &event.template {
+                    let page = crate::room::page::WaitingPage::load(path)
+                        .map_err(|e| (format!("rooms[{i}].events[{j}].template"), e))?;
+                    event.page = Some(std::sync::Arc::new(page));
+                }
             }
         }
         Ok(())
@@ -757,6 +853,31 @@ impl Config {
                 if adaptive.min_per_minute.is_some_and(|min| min > room.admit_per_minute) {
                     return Err((key("adaptive.min_per_minute"), "at most admit_per_minute".into()));
                 }
+            }
+            let mut previous: Option<&EventConfig> = None;
+            for (j, event) in room.events.iter().enumerate() {
+                let key = |field: &str| format!("rooms[{i}].events[{j}].{field}");
+                if event.name.is_empty() || event.name.len() > 100 {
+                    return Err((key("name"), "from 1 to 100 characters".into()));
+                }
+                if event.prequeue_at > event.starts_at {
+                    return Err((key("prequeue_at"), "at or before starts_at".into()));
+                }
+                if event.ends_at.is_some_and(|ends| ends <= event.starts_at) {
+                    return Err((key("ends_at"), "after starts_at".into()));
+                }
+                if event.message.as_ref().is_some_and(|m| m.len() > 500) {
+                    return Err((key("message"), "at most 500 characters".into()));
+                }
+                if let Some(previous) = previous {
+                    if event.prequeue_at < previous.ends_at.unwrap_or(previous.starts_at) {
+                        return Err((
+                            key("prequeue_at"),
+                            "at or after the previous event's start (or its ends_at): events follow one another".into(),
+                        ));
+                    }
+                }
+                previous = Some(event);
             }
             if let Some(bypass) = &mut room.bypass {
                 match (&bypass.secret, &bypass.secret_env) {

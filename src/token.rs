@@ -57,6 +57,10 @@ pub struct Claims {
     /// memory store, a Redis emptied with no instance left to restore it) admits nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ln: Option<u64>,
+    /// Pre-queue tickets only (audience `prequeue:<room>`): the scheduled sale (its start,
+    /// unix seconds) whose pre-queue number `tkt` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ev: Option<u64>,
 }
 
 /// A verified token or ticket: what the gate needs to forward a request or hold a place.
@@ -72,6 +76,8 @@ pub struct Admission {
     pub cursor_at_join: Option<u64>,
     /// The line it belongs to; 0 when it names none (a token minted by hand).
     pub line: u64,
+    /// Pre-queue tickets: the scheduled sale whose pre-queue number `ticket` is.
+    pub event: Option<u64>,
     /// When this token's session was last reported in use (kept with the verified token, so
     /// that an admitted request reports it without a lookup of its own).
     pub used: UseMark,
@@ -111,6 +117,12 @@ const TICKET_AUDIENCE: &str = "ticket:";
 /// The audience of a room's tickets.
 pub fn ticket_audience(room: &str) -> String {
     format!("{TICKET_AUDIENCE}{room}")
+}
+
+/// The audience of a room's pre-queue tickets: apart from its line tickets, so that neither
+/// passes for the other.
+pub fn prequeue_audience(room: &str) -> String {
+    format!("prequeue:{room}")
 }
 
 /// Why a key file could not be used.
@@ -288,6 +300,8 @@ pub struct KeyRing {
     keys: HashMap<String, RingKey>,
     jwks: Bytes,
     signature_checks: AtomicU64,
+    /// The secret scheduled sales' seeds are drawn from (see [`crate::line::shuffle`]).
+    event_secret: [u8; 32],
 }
 
 /// A key file, understood.
@@ -393,6 +407,13 @@ impl KeyRing {
             keys: HashMap::new(),
             jwks: Bytes::new(),
             signature_checks: AtomicU64::new(0),
+            event_secret: {
+                let digest = ring::digest::digest(
+                    &ring::digest::SHA256,
+                    &[b"vestibule event v1\0".as_slice(), &ticket_secret].concat(),
+                );
+                digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+            },
         };
         let mut published = Vec::new();
         let verify = config.verify_keys.iter().map(|p| load_key(p));
@@ -425,6 +446,12 @@ impl KeyRing {
         let jwks = serde_json::to_vec(&JwkSet { keys: published }).expect("a JWK set always serializes");
         ring.jwks = Bytes::from(jwks);
         Ok(ring)
+    }
+
+    /// The secret scheduled sales' seeds are drawn from: derived from the signing key, so
+    /// every instance has the same one and nobody without the key can compute a seed.
+    pub fn event_secret(&self) -> [u8; 32] {
+        self.event_secret
     }
 
     /// The `kid` of the signing key.
@@ -570,6 +597,27 @@ impl Tokens {
         self.sign(ticket_audience(room), visitor, (ticket, line), Some(cursor_at_join), expires_at)
     }
 
+    /// A ticket cookie holding pre-queue number `number` of scheduled sale `event` in `room`.
+    pub fn mint_prequeue(
+        &self,
+        room: &str,
+        visitor: &str,
+        number: u64,
+        line: u64,
+        event: u64,
+        lifetime: Duration,
+    ) -> Result<String, TokenError> {
+        let expires_at = self.now() + lifetime.as_secs().max(1);
+        let mut claims = self.claims(prequeue_audience(room), visitor, (number, line), None, expires_at);
+        claims.ev = Some(event);
+        self.ring.sign_ticket(&claims)
+    }
+
+    /// The pre-queue number a ticket cookie holds in `room`, if it is one and valid now.
+    pub fn prequeue(&self, token: &str, room: &str) -> Result<Arc<Admission>, TokenError> {
+        self.check(token, &prequeue_audience(room))
+    }
+
     /// Sign the claims of a token or ticket holding `place` (ticket number, line).
     fn sign(
         &self,
@@ -579,9 +627,18 @@ impl Tokens {
         c0: Option<u64>,
         exp: u64,
     ) -> Result<String, TokenError> {
+        let claims = self.claims(aud, visitor, place, c0, exp);
+        if claims.aud.starts_with(TICKET_AUDIENCE) {
+            self.ring.sign_ticket(&claims)
+        } else {
+            self.ring.sign(&claims)
+        }
+    }
+
+    fn claims(&self, aud: String, visitor: &str, place: (u64, u64), c0: Option<u64>, exp: u64) -> Claims {
         let (tkt, line) = place;
         let now = self.now();
-        let claims = Claims {
+        Claims {
             iss: self.issuer.clone(),
             aud,
             sub: visitor.to_owned(),
@@ -592,11 +649,7 @@ impl Tokens {
             tkt,
             c0,
             ln: (line != 0).then_some(line),
-        };
-        if claims.aud.starts_with(TICKET_AUDIENCE) {
-            self.ring.sign_ticket(&claims)
-        } else {
-            self.ring.sign(&claims)
+            ev: None,
         }
     }
 
@@ -638,6 +691,7 @@ impl Tokens {
                     ticket: claims.tkt,
                     cursor_at_join: claims.c0,
                     line: claims.ln.unwrap_or(0),
+                    event: claims.ev,
                     used: UseMark::default(),
                 });
                 // Only tokens that verified are remembered, so garbage cannot fill the cache.
@@ -727,6 +781,7 @@ mod tests {
                 tkt: 42,
                 c0,
                 ln: c0.map(|c| c + 1),
+                ev: None,
             };
             let fast = ring.sign(&claims).unwrap();
             let library = jsonwebtoken::encode(&header, &claims, &ring.signing).unwrap();
@@ -772,6 +827,7 @@ mod tests {
                 tkt: 8,
                 c0: None,
                 ln: None,
+                ev: None,
             };
             let forged = ring.tickets.as_ref().unwrap().sign(&claims).unwrap();
             assert!(matches!(tokens.admit(&forged, "checkout"), Err(TokenError::Rejected(_))));

@@ -16,12 +16,23 @@ use crate::body::Body;
 use crate::challenge::{self, Refused};
 use crate::config::RoomState;
 use crate::error::{wants_page, GateError};
-use crate::line::{Gone, Joined, Redeemed};
+use crate::line::{Gone, Joined, Prequeued, Redeemed};
 use crate::metrics::Outcome;
 use crate::path::CanonicalPath;
+use crate::room::settings::Phase;
 use crate::room::{page, Holding, Room};
 use crate::store::StoreError;
-use crate::token::random_id;
+use crate::token::{random_id, Admission};
+
+/// What a pre-queue number holds.
+enum Prequeue {
+    /// Still the pre-queue (before the start, or the seating not known yet): the countdown.
+    Waits(Entry),
+    /// This place in line, drawn at the start.
+    Holds(Arc<Admission>),
+    /// Nothing: a sale no longer in force, or a number not given before its start.
+    Gone,
+}
 
 /// How long a ticket cookie holds a place.
 const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -33,6 +44,9 @@ enum Entry {
     /// In line (`start` places from the front when they joined), with a new ticket to set if
     /// one was just taken, and why they are back at the end if they are.
     Wait { ticket: u64, start: u64, why: Option<Gone>, new_ticket: Option<String>, retry_after: Option<u32> },
+    /// In a scheduled sale's pre-queue with this number (of `event`), with a new pre-queue
+    /// ticket to set if one was just taken.
+    Prequeue { event: u64, number: u64, new_ticket: Option<String> },
     /// The room takes nobody new.
     Closed,
     /// `max_waiting` people wait already: no ticket.
@@ -58,7 +72,7 @@ impl Gate {
         let cookies = Cookies::new(self.secure_cookies);
         trail.outcome = Some(match entry {
             Entry::Admit { .. } => Outcome::Entered,
-            Entry::Wait { .. } => Outcome::Waiting,
+            Entry::Wait { .. } | Entry::Prequeue { .. } => Outcome::Waiting,
             Entry::Closed => Outcome::Closed,
             Entry::Full => Outcome::Full,
             Entry::Challenge { .. } => Outcome::Challenged,
@@ -73,6 +87,16 @@ impl Gate {
                 if let Some(seconds) = retry_after {
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 }
+                let cookies = match new_ticket {
+                    Some(ticket) => cookies.set(&room.ticket_cookie, &ticket, TICKET_LIFETIME.as_secs()),
+                    None => cookies,
+                };
+                cookies.on(response)
+            }
+            Entry::Prequeue { event, number, new_ticket } => {
+                let holding = Holding::Prequeue { event, number };
+                room.seen(holding);
+                let response = respond::held(room, holding, 0, None, page, accept_language);
                 let cookies = match new_ticket {
                     Some(ticket) => cookies.set(&room.ticket_cookie, &ticket, TICKET_LIFETIME.as_secs()),
                     None => cookies,
@@ -100,12 +124,32 @@ impl Gate {
     /// new one.
     async fn line_step(&self, room: &Arc<Room>, headers: &HeaderMap, client: IpAddr) -> Result<Entry, GateError> {
         let now = self.clock.now_ms();
+        room.at(now);
         let limits = room.limits();
         let mut why = None;
-        if let Some(ticket) = self.ticket(headers, room) {
+        // A pre-queue number: the countdown before the start, the place it drew after.
+        let mut seated = None;
+        if let Some(held) = self.prequeue_ticket(headers, room) {
+            match self.prequeued(room, &held, now).await {
+                Prequeue::Waits(entry) => return Ok(entry),
+                Prequeue::Holds(ticket) => seated = Some(ticket),
+                Prequeue::Gone => why = Some(Gone::Unknown),
+            }
+        }
+        // Its new ticket cookie, set with whatever answer follows.
+        let new_ticket = match &seated {
+            Some(ticket) => Some(self.sign_ticket(room, ticket)?),
+            None => None,
+        };
+        if let Some(ticket) = seated.or_else(|| self.ticket(headers, room)) {
             let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
-            let waiting =
-                |retry_after| Entry::Wait { ticket: ticket.ticket, start, why: None, new_ticket: None, retry_after };
+            let waiting = |retry_after| Entry::Wait {
+                ticket: ticket.ticket,
+                start,
+                why: None,
+                new_ticket: new_ticket.clone(),
+                retry_after,
+            };
             // While the store is away, a waiter keeps their place on a paused page.
             if !room.is_available() {
                 return Ok(waiting(None));
@@ -136,6 +180,8 @@ impl Gate {
         if snapshot.state == RoomState::Closed {
             return Ok(Entry::Closed);
         }
+        let prequeue_event =
+            room.settings().event().filter(|(_, phase)| *phase == Phase::Prequeue).map(|(event, _)| event.id());
         // Nobody joins a line the store cannot keep: come back shortly.
         if !snapshot.available {
             return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
@@ -153,6 +199,9 @@ impl Gate {
             room.metrics.joins_refused.inc();
             GateError::TooManyJoins { retry_after_seconds }
         })?;
+        if let Some(event) = prequeue_event {
+            return self.join_prequeue(room, &limits, client, event, now).await;
+        }
         let admit_now = snapshot.state == RoomState::Open;
         let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
             Ok(Joined::Full) => {
@@ -199,6 +248,95 @@ impl Gate {
                 Entry::Wait { ticket, start: ticket - cursor, why, new_ticket: Some(signed), retry_after: None }
             }
         })
+    }
+
+    /// What a pre-queue number holds now.
+    async fn prequeued(&self, room: &Arc<Room>, held: &Admission, now: u64) -> Prequeue {
+        let Some(event) = held.event else { return Prequeue::Gone };
+        let settings = room.settings();
+        let in_force = settings.event().filter(|(config, _)| config.id() == event).map(|(_, phase)| phase);
+        let countdown = |number| Prequeue::Waits(Entry::Prequeue { event, number, new_ticket: None });
+        let seating = match (room.sale.seating(event), in_force) {
+            (Some(seating), _) => seating,
+            (None, Some(Phase::Prequeue)) => {
+                // Presented again: a store that lost the pre-queue learns its count back.
+                return match self.store.prequeue(&room.id, &room.limits(), event, held.ticket, now).await {
+                    Err(error) => {
+                        store_failed(room, &error);
+                        countdown(held.ticket)
+                    }
+                    Ok(_) => countdown(held.ticket),
+                };
+            }
+            (None, Some(Phase::Started)) => match room.seating(&self.store, now).await {
+                Ok(Some(seating)) => seating,
+                // The store is away at the start: the number keeps its place; a moment.
+                Ok(None) | Err(_) => return countdown(held.ticket),
+            },
+            // A sale no longer in force whose seating this instance never learned.
+            (None, None) => return Prequeue::Gone,
+        };
+        match seating.ticket(held.ticket) {
+            Some(ticket) => Prequeue::Holds(Arc::new(Admission {
+                room: held.room.clone(),
+                visitor: held.visitor.clone(),
+                not_before: held.not_before,
+                expires_at: held.expires_at,
+                jti: held.jti.clone(),
+                ticket,
+                cursor_at_join: Some(seating.seated.base),
+                line: held.line,
+                event: None,
+                used: Default::default(),
+            })),
+            None => Prequeue::Gone,
+        }
+    }
+
+    /// A ticket cookie for the place `ticket` holds.
+    fn sign_ticket(&self, room: &Room, ticket: &Admission) -> Result<String, GateError> {
+        let cursor = ticket.cursor_at_join.unwrap_or(0);
+        self.tokens()
+            .mint_ticket(&room.id, &ticket.visitor, ticket.ticket, ticket.line, cursor, TICKET_LIFETIME)
+            .map_err(|error| {
+                tracing::error!(room = %room.id, %error, "cannot sign a ticket");
+                GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
+            })
+    }
+
+    /// A newcomer in a sale's pre-queue: a pre-queue number (the join limit applied as to
+    /// any join), or "full".
+    async fn join_prequeue(
+        &self,
+        room: &Arc<Room>,
+        limits: &crate::line::Limits,
+        client: IpAddr,
+        event: u64,
+        now: u64,
+    ) -> Result<Entry, GateError> {
+        let number = match self.store.prequeue(&room.id, limits, event, 0, now).await {
+            Ok(Prequeued::Number(number)) => number,
+            Ok(Prequeued::Full) => {
+                room.joins.give_back(client);
+                return Ok(Entry::Full);
+            }
+            // The sale started meanwhile (another instance's clock is ahead): come back.
+            Ok(Prequeued::Seated(_)) => return Err(GateError::Unavailable { retry_after_seconds: 1 }),
+            Err(error) => {
+                store_failed(room, &error);
+                return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+            }
+        };
+        room.metrics.joins.inc();
+        let line = self.store.line(&room.id);
+        room.observe_line(line);
+        let visitor = random_id();
+        let signed =
+            self.tokens().mint_prequeue(&room.id, &visitor, number, line, event, TICKET_LIFETIME).map_err(|error| {
+                tracing::error!(room = %room.id, %error, "cannot sign a pre-queue ticket");
+                GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
+            })?;
+        Ok(Entry::Prequeue { event, number, new_ticket: Some(signed) })
     }
 
     /// The request's proof of work for `room` (the `Vestibule-Pow` header, or the cookie the

@@ -196,7 +196,9 @@ impl Gate {
     /// Build the gate from a validated configuration and its store. `stop` ends feeds,
     /// schedulers and upgraded tunnels.
     pub fn new(config: &Config, store: Store, stop: CancellationToken, metrics: Arc<Metrics>) -> anyhow::Result<Gate> {
-        let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| new_room(c, &stop, &metrics)).collect();
+        let tokens = Tokens::new(&config.tokens)?;
+        let secret = tokens.ring().event_secret();
+        let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| new_room(c, &stop, &metrics, secret)).collect();
         for room in &rooms {
             // Known at once in memory; with Redis, at the first read.
             room.observe_line(store.line(&room.id));
@@ -206,7 +208,7 @@ impl Gate {
         let ids = rooms.iter().map(|room| room.id.clone()).collect();
         Ok(Gate {
             routing: ArcSwap::from_pointee(Routing::new(rooms)),
-            tokens: ArcSwap::from_pointee(Tokens::new(&config.tokens)?),
+            tokens: ArcSwap::from_pointee(tokens),
             upstream: ArcSwap::from_pointee(Upstream::new(
                 &config.upstream,
                 stop.clone(),
@@ -549,13 +551,23 @@ impl Gate {
         self.tokens.load().ticket(ticket, &room.id).ok().filter(|ticket| room.same_line(ticket.line))
     }
 
+    /// The pre-queue number the request's ticket cookie holds for `room`, if valid and of
+    /// this room's line.
+    fn prequeue_ticket(&self, headers: &HeaderMap, room: &Room) -> Option<Arc<Admission>> {
+        let ticket = cookies(headers, &room.ticket_cookie).next()?;
+        self.tokens.load().prequeue(ticket, &room.id).ok().filter(|ticket| room.same_line(ticket.line))
+    }
+
     /// What a visitor holds for `room`.
     fn holding(&self, headers: &HeaderMap, room: &Room) -> Holding {
         if self.admission(headers, room).is_some() {
             return Holding::Token;
         }
-        match self.ticket(headers, room) {
-            Some(ticket) => Holding::Ticket(ticket.ticket),
+        if let Some(ticket) = self.ticket(headers, room) {
+            return Holding::Ticket(ticket.ticket);
+        }
+        match self.prequeue_ticket(headers, room) {
+            Some(ticket) => room.seated(Holding::Prequeue { event: ticket.event.unwrap_or(0), number: ticket.ticket }),
             None => Holding::Nothing,
         }
     }
@@ -751,7 +763,10 @@ impl std::fmt::Debug for Gate {
     }
 }
 
-/// Make a room of `config`, with its scheduler's stop a child of `stop`.
-fn new_room(config: &RoomConfig, stop: &CancellationToken, metrics: &Metrics) -> Arc<Room> {
-    Arc::new(Room::new(config, stop.child_token(), metrics.room(&config.id)))
+/// Make a room of `config`, with its scheduler's stop a child of `stop`, drawing its sales'
+/// seeds from `event_secret`.
+fn new_room(config: &RoomConfig, stop: &CancellationToken, metrics: &Metrics, event_secret: [u8; 32]) -> Arc<Room> {
+    let room = Room::new(config, stop.child_token(), metrics.room(&config.id));
+    room.sale.set_secret(event_secret);
+    Arc::new(room)
 }

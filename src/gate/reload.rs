@@ -68,7 +68,7 @@ impl Gate {
                     rooms.push(room);
                 }
                 None => {
-                    let room = new_room(room_config, &self.stop, &self.metrics);
+                    let room = new_room(room_config, &self.stop, &self.metrics, tokens.ring().event_secret());
                     room.observe_line(self.store.line(&room.id));
                     reloaded.added.push(room.id.clone());
                     rooms.push(room);

@@ -37,17 +37,21 @@ impl Gate {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
             return Ok(response);
         }
-        if !matches!(endpoint, "status" | "leave" | "ws") {
+        if !matches!(endpoint, "status" | "leave" | "ws" | "events") {
             return Err(GateError::NotFound);
         }
         let room_id = query_param(request.uri(), "room").ok_or(GateError::BadRequest("Name the room: ?room=ID"))?;
         let room = self.room_by_id(&room_id).ok_or(GateError::NotFound)?;
+        room.at(self.clock.now_ms());
         match (endpoint, method) {
+            ("events", Method::GET) => {
+                let mut response = respond::json(&room.events_published());
+                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                Ok(response)
+            }
             ("status", Method::GET) => {
                 let holding = self.holding(request.headers(), &room);
-                if let Holding::Ticket(ticket) = holding {
-                    room.touch(ticket);
-                }
+                room.seen(holding);
                 let mut response = respond::json(&room.status(holding));
                 response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(response)
@@ -72,8 +76,8 @@ impl Gate {
                 let holding = self.holding(request.headers(), &room);
                 let slot =
                     self.feeds.admit(client).ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
-                if let Holding::Ticket(ticket) = holding {
-                    room.touch(ticket);
+                room.seen(holding);
+                if let Holding::Ticket(_) = holding {
                     room.refresh(&self.store, self.clock.now_ms()).await;
                 }
                 let on_upgrade = hyper::upgrade::on(&mut request);

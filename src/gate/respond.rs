@@ -105,7 +105,7 @@ pub fn room_status(
     let mut response = if wants_page {
         let settings = room.settings();
         let config = &settings.config;
-        let template = config.page.clone().unwrap_or_else(page::WaitingPage::bundled);
+        let template = settings.page().cloned().unwrap_or_else(page::WaitingPage::bundled);
         let words = crate::room::lang::Words::for_visitor(config.lang.as_deref(), &config.strings, accept_language);
         let site_name = config.site_name.as_deref();
         let title = config.title.as_deref();
@@ -139,7 +139,19 @@ pub fn waiting(
     wants_page: bool,
     accept_language: Option<&str>,
 ) -> Response<Body> {
+    held(room, Holding::Ticket(ticket), start_position, why, wants_page, accept_language)
+}
+
+/// The answer to a visitor holding `holding` (a place in line, a pre-queue number): the page
+/// for people (200, or the room's `queued_status`), the status JSON with 503 for the rest.
+pub fn held(
+    room: &Room,
+    holding: Holding,
+    start_position: u64,
+    why: Option<Gone>,
+    wants_page: bool,
+    accept_language: Option<&str>,
+) -> Response<Body> {
     let status = if wants_page { room.queued_status() } else { StatusCode::SERVICE_UNAVAILABLE };
-    let current = room.status(Holding::Ticket(ticket));
-    room_status(room, current, start_position, why, wants_page, accept_language, status)
+    room_status(room, room.status(holding), start_position, why, wants_page, accept_language, status)
 }

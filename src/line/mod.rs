@@ -62,6 +62,11 @@ pub const CONFIRM_MS: u64 = 10_000;
 /// it saw well within it.
 pub const RESEE_MS: u64 = 5_000;
 
+/// How long the places of a sale's pre-queue wait to be seen after the start before they are
+/// skipped: every instance reports at once the pre-queue numbers it saw lately, as their
+/// places.
+pub const SEATED_SEE_MS: u64 = 10_000;
+
 /// Most tickets skipped (left, absent) by one step: the rest are skipped by the next steps, so
 /// that a step's work is bounded however many left.
 pub const MAX_SKIPS: usize = 1_000;
@@ -120,6 +125,33 @@ impl Joined {
     }
 }
 
+/// A scheduled sale's pre-queue given its places (DESIGN §8): pre-queue number `p` (1 to
+/// `count`) holds ticket `base + place(p)`, its place in the order `seed` draws
+/// ([`shuffle`]). Made once per event; a store that lost it gets it back from the instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seated {
+    /// The event (its start, unix seconds).
+    pub event: u64,
+    /// The last ticket given before the start.
+    pub base: u64,
+    /// Pre-queue numbers given.
+    pub count: u64,
+    /// When (ms).
+    pub at: u64,
+    pub seed: shuffle::Seed,
+}
+
+/// The result of taking (or presenting) a pre-queue number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prequeued {
+    /// In the pre-queue with this number.
+    Number(u64),
+    /// `max_waiting` numbers were given already: none taken.
+    Full,
+    /// The sale started: the pre-queue has its places.
+    Seated(Seated),
+}
+
 /// Why a ticket no longer holds a place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gone {
@@ -175,6 +207,8 @@ pub struct Stats {
     pub settings_version: u64,
     /// The adaptive rate in force (`[rooms.adaptive]`), per minute, as the leader decided it.
     pub adaptive_per_minute: Option<u32>,
+    /// Pre-queue numbers given for the room's latest scheduled sale.
+    pub prequeued: u64,
 }
 
 impl Stats {
@@ -257,6 +291,11 @@ pub struct Line {
     /// Admission times over the last minute, for the observed rate.
     admitted: VecDeque<u64>,
     started: bool,
+    /// The event of the last pre-queue, and the last number it gave.
+    prequeue_event: u64,
+    prequeue_last: u64,
+    /// The last sale's seating.
+    seated: Option<Seated>,
 }
 
 impl Line {
@@ -359,6 +398,42 @@ impl Line {
         Joined::Waiting { ticket }
     }
 
+    /// Take a pre-queue number for `event` (`number` 0), or present one taken earlier, which
+    /// the count rises to (a store that lost it learns it back). Once the event is seated,
+    /// its seating instead. A new event's pre-queue starts from 1.
+    pub fn prequeue(&mut self, limits: &Limits, event: u64, number: u64) -> Prequeued {
+        if let Some(seated) = self.seated.filter(|seated| seated.event == event) {
+            return Prequeued::Seated(seated);
+        }
+        if self.prequeue_event != event {
+            self.prequeue_event = event;
+            self.prequeue_last = 0;
+        }
+        if number > 0 {
+            self.prequeue_last = self.prequeue_last.max(number);
+            return Prequeued::Number(number);
+        }
+        if limits.max_waiting > 0 && self.prequeue_last >= limits.max_waiting {
+            return Prequeued::Full;
+        }
+        self.prequeue_last += 1;
+        Prequeued::Number(self.prequeue_last)
+    }
+
+    /// Start `event`: its pre-queue takes the tickets after the last one given, in the order
+    /// `seed` draws, and later joins line up behind. Once: calling again returns the seating
+    /// made, with its seed.
+    pub fn seat(&mut self, event: u64, seed: shuffle::Seed, now: u64) -> Seated {
+        if let Some(seated) = self.seated.filter(|seated| seated.event == event) {
+            return seated;
+        }
+        let count = if self.prequeue_event == event { self.prequeue_last } else { 0 };
+        let seated = Seated { event, base: self.last_ticket, count, at: now, seed };
+        self.last_ticket += count;
+        self.seated = Some(seated);
+        seated
+    }
+
     /// Waiters still here: in line and seen within `abandon_ms`, less those whose join was
     /// never confirmed by its holder within [`CONFIRM_MS`] (a bot without cookies, an answer
     /// lost). Leavers are out of `seen` already. Costs as many steps as there are absent
@@ -381,6 +456,12 @@ impl Line {
                     || self.unconfirmed.score(ticket).is_some_and(|at| at + CONFIRM_MS <= now),
             ),
             None if now < self.grown_at + RESEE_MS => None,
+            None if self
+                .seated
+                .is_some_and(|s| ticket > s.base && ticket <= s.base + s.count && now < s.at + SEATED_SEE_MS) =>
+            {
+                None
+            }
             None => Some(true),
         }
     }
@@ -550,6 +631,7 @@ impl Line {
             line: self.id,
             settings_version: 0,
             adaptive_per_minute: (limits.adaptive_per_minute > 0).then_some(limits.per_minute()),
+            prequeued: self.prequeue_last,
         }
     }
 }

@@ -28,6 +28,18 @@ pub fn hex(seed: &Seed) -> String {
     seed.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+/// A seed from its hex form.
+pub fn parse_hex(text: &str) -> Option<Seed> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut seed = [0u8; 32];
+    for (byte, pair) in seed.iter_mut().zip(text.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(seed)
+}
+
 /// A ticket's sort key under `seed`: `SHA-256(hex(seed) + ":" + ticket)`.
 pub fn key(seed: &Seed, ticket: u64) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, format!("{}:{ticket}", hex(seed)).as_bytes());

@@ -139,10 +139,23 @@ fn config() -> WebSocketConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Shown {
     Admitted,
-    Closed { message: Option<String> },
-    Paused { message: Option<String> },
-    Position { position: u64, eta_seconds: Option<u64> },
-    Message { message: String },
+    Closed {
+        message: Option<String>,
+    },
+    Paused {
+        message: Option<String>,
+    },
+    Position {
+        position: u64,
+        eta_seconds: Option<u64>,
+    },
+    Message {
+        message: String,
+    },
+    /// In a scheduled sale's pre-queue: seconds until it starts.
+    Prequeue {
+        starts_in: u64,
+    },
 }
 
 impl Shown {
@@ -159,9 +172,14 @@ impl Shown {
 }
 
 /// The message a waiter should see for this snapshot.
-fn message_for(snapshot: &Snapshot, holding: Holding) -> Option<Shown> {
+fn message_for(room: &Room, snapshot: &Snapshot, holding: Holding) -> Option<Shown> {
     let ticket = match holding {
         Holding::Token => return Some(Shown::Admitted),
+        // Before the start; after it, until this instance knows the seating (a moment), the
+        // countdown stays at zero.
+        Holding::Prequeue { .. } => {
+            return Some(Shown::Prequeue { starts_in: snapshot.starts_at.map_or(0, |at| room.starts_in(at)) })
+        }
         Holding::Nothing if snapshot.state == RoomState::Closed => {
             return Some(Shown::Closed { message: snapshot.message.clone() })
         }
@@ -189,7 +207,7 @@ pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: 
 }
 
 /// [`serve`] on any byte stream.
-pub async fn serve_on<S>(io: S, room: Arc<Room>, holding: Holding, stop: CancellationToken, _slot: SocketSlot)
+pub async fn serve_on<S>(io: S, room: Arc<Room>, mut holding: Holding, stop: CancellationToken, _slot: SocketSlot)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -217,7 +235,15 @@ where
                 let restored = snapshot.generation != generation;
                 generation = snapshot.generation;
                 let mut outgoing = Vec::new();
-                if let Some(next) = message_for(&snapshot, holding) {
+                // A pre-queue number takes its place once the seating is known here.
+                let seated = room.seated(holding);
+                if seated != holding {
+                    holding = seated;
+                    if let Holding::Ticket(ticket) = holding {
+                        room.touch(ticket);
+                    }
+                }
+                if let Some(next) = message_for(&room, &snapshot, holding) {
                     let position = next.position();
                     let too_soon = position.is_some() && last_position_at.elapsed() < MIN_GAP;
                     // A shown place never goes back.
@@ -282,11 +308,11 @@ where
                 }
                 pong_due.get_or_insert(Instant::now() + PONG_DEADLINE);
             }
-            _ = touch.tick() => {
-                if let Holding::Ticket(ticket) = holding {
-                    room.touch(ticket);
-                }
-            }
+            _ = touch.tick() => match holding {
+                Holding::Ticket(ticket) => room.touch(ticket),
+                Holding::Prequeue { event, number } => room.prequeue_seen(event, number),
+                _ => {}
+            },
             () = stop.cancelled() => {
                 let _ = tokio::time::timeout(SEND_DEADLINE, socket.close(None)).await;
                 return;

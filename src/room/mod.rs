@@ -10,9 +10,10 @@ pub mod adaptive;
 pub mod feed;
 pub mod lang;
 pub mod page;
+pub mod sale;
 pub mod settings;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -102,8 +103,11 @@ pub struct Snapshot {
     /// Whether the store answered at the last step; while it does not, the line is paused.
     pub available: bool,
     /// Bumped when waiters must be seen again at once: the line was restored, or the store
-    /// is back after an outage. Feed sockets then report their waiter alive.
+    /// is back after an outage, or a sale's pre-queue got its places. Feed sockets then
+    /// report their waiter alive.
     pub generation: u64,
+    /// While a scheduled sale is in its pre-queue: when it starts (unix ms).
+    pub starts_at: Option<u64>,
 }
 
 impl Snapshot {
@@ -153,7 +157,8 @@ pub struct Room {
     pub ticket_cookie: String,
     snapshot: watch::Sender<Snapshot>,
     /// Waiters seen since the last report to the store.
-    touched: Mutex<HashSet<u64>>,
+    /// Kept in order, so that the front of the line is reported first.
+    touched: Mutex<BTreeSet<u64>>,
     /// Sessions in use since the last report: ticket → token expiry (ms).
     used: Mutex<HashMap<u64, u64>>,
     /// Waiters seen lately: ticket → when (ms); told again to a rebuilt line.
@@ -201,6 +206,12 @@ pub struct Room {
     renewal_failing: AtomicBool,
     /// Admission that listens to the upstream (`[rooms.adaptive]`).
     pub adaptive: adaptive::Listening,
+    /// Scheduled sales (`[[rooms.events]]`) as this instance sees them.
+    pub sale: sale::Sale,
+    /// The latest time the room was brought to ([`Room::at`]), and when the sale in force
+    /// changes next (0: to be worked out).
+    at_ms: AtomicU64,
+    event_change_at: AtomicU64,
     stop: CancellationToken,
 }
 
@@ -226,6 +237,7 @@ impl Room {
             configured_per_second: f64::from(config.admit_per_minute.get()) / 60.0,
             available: true,
             generation: 0,
+            starts_at: None,
         };
         Room {
             id: config.id.clone(),
@@ -260,6 +272,9 @@ impl Room {
             feeds: AtomicUsize::new(0),
             renewal_failing: AtomicBool::new(false),
             adaptive: adaptive::Listening::default(),
+            sale: sale::Sale::default(),
+            at_ms: AtomicU64::new(0),
+            event_change_at: AtomicU64::new(0),
             stop,
         }
     }
@@ -401,7 +416,7 @@ impl Room {
             if version != 0 && version < current.version {
                 return Arc::clone(current);
             }
-            Arc::new(Settings { config: current.config.clone(), overrides: overrides.clone(), version })
+            Arc::new(Settings { overrides: overrides.clone(), version, ..Settings::clone(current) })
         });
         self.publish_settings();
     }
@@ -410,13 +425,68 @@ impl Room {
     pub fn reconfigure(&self, config: RoomConfig) {
         self.joins.set_per_minute(config.joins_per_address_per_minute.get());
         self.settings.rcu(|current| {
-            Arc::new(Settings {
-                config: config.clone(),
-                overrides: current.overrides.clone(),
-                version: current.version,
-            })
+            let (event, _) = settings::event_at(&config.events, self.at_ms.load(Ordering::Relaxed));
+            Arc::new(Settings { config: config.clone(), event, ..Settings::clone(current) })
         });
+        self.event_change_at.store(0, Ordering::Relaxed);
         self.publish_settings();
+    }
+
+    /// Bring the room to `now` (unix ms): the scheduled sale in force, and its overrides,
+    /// change exactly when the clock passes one of its times. One atomic load otherwise.
+    pub fn at(&self, now: u64) {
+        self.at_ms.fetch_max(now, Ordering::Relaxed);
+        if now < self.event_change_at.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut next = u64::MAX;
+        self.settings.rcu(|current| {
+            let (event, change) = settings::event_at(&current.config.events, now);
+            next = change;
+            Arc::new(Settings { event, ..Settings::clone(current) })
+        });
+        self.event_change_at.store(next, Ordering::Relaxed);
+        self.publish_settings();
+    }
+
+    /// The seating of the sale in force once it started: made in the store by the first
+    /// instance to ask after the start (once for every instance), its order drawn here once.
+    /// The pre-queue numbers seen here lately are then seen at their places at once. `None`
+    /// outside a started sale.
+    pub async fn seating(&self, store: &Store, now: u64) -> Result<Option<Arc<sale::Seating>>, StoreError> {
+        let settings = self.settings();
+        let Some((event, settings::Phase::Started)) = settings.event() else { return Ok(None) };
+        let id = event.id();
+        if let Some(seating) = self.sale.seating(id) {
+            return Ok(Some(seating));
+        }
+        let _held = self.sale.seating_lock.lock().await;
+        if let Some(seating) = self.sale.seating(id) {
+            return Ok(Some(seating));
+        }
+        let limits = self.limits_of(&settings);
+        let seed = self.sale.seed(&self.id, &event.name, id);
+        let seated = store.seat(&self.id, &limits, id, &seed, now).await?;
+        let shuffled = event.shuffle;
+        let seating = tokio::task::spawn_blocking(move || sale::Seating::new(seated, shuffled))
+            .await
+            .map_err(|error| StoreError::Failed(format!("drawing the pre-queue's order: {error}")))?;
+        let seating = Arc::new(seating);
+        self.sale.set_seating(seating.clone());
+        let seen = self.sale.seen_since(id, now.saturating_sub(limits.abandon_ms));
+        tracing::info!(
+            room = %self.id,
+            event = %event.name,
+            prequeued = seated.count,
+            seen_here = seen.len(),
+            first_ticket = seated.base + 1,
+            seed = %seating.seed(),
+            "the sale started: the pre-queue has its places"
+        );
+        self.touch_all(seen.into_iter().filter_map(|number| seating.ticket(number)));
+        // Feeds of the pre-queue learn their places now.
+        self.snapshot.send_modify(|snapshot| snapshot.generation += 1);
+        Ok(Some(seating))
     }
 
     /// Change the room's state and message here only (tests); published at once.
@@ -430,10 +500,13 @@ impl Room {
     fn publish_settings(&self) {
         let settings = self.settings.load();
         let (state, message) = (settings.state(), settings.message());
+        let starts_at =
+            settings.event().filter(|(_, phase)| *phase == settings::Phase::Prequeue).map(|(e, _)| e.starts_at);
         self.snapshot.send_if_modified(|snapshot| {
-            let changed = snapshot.state != state || snapshot.message != message;
+            let changed = snapshot.state != state || snapshot.message != message || snapshot.starts_at != starts_at;
             snapshot.state = state;
             snapshot.message = message;
+            snapshot.starts_at = starts_at;
             changed
         });
     }
@@ -701,10 +774,11 @@ impl Room {
         if let Ok(mut revoked) = self.revoked.write() {
             revoked.retain(|_, until| *until > now);
         }
+        let abandon_ms = self.limits().abandon_ms;
         if let Ok(mut recent) = self.recent.lock() {
-            let abandon_ms = self.limits().abandon_ms;
             recent.retain(|_, seen| *seen + abandon_ms > now);
         }
+        self.sale.prune(now.saturating_sub(abandon_ms));
     }
 
     /// One scheduler step: release sessions ended while the store was away, flush liveness,
@@ -713,6 +787,7 @@ impl Room {
     /// leader); between reads it learns cursor moves from the leader's announcements.
     pub async fn step(&self, store: &Store, now: u64) -> Result<(), StoreError> {
         store.keep_time().await;
+        self.at(now);
         self.prune(now);
         let was_available = self.is_available();
         let result = self.try_step(store, now, was_available).await;
@@ -722,6 +797,9 @@ impl Room {
 
     async fn try_step(&self, store: &Store, now: u64, was_available: bool) -> Result<(), StoreError> {
         self.report(store, now).await?;
+        // A sale that started is seated at once by whichever instance steps first, and every
+        // instance learns the seating (its pre-queue visitors are then seen at their places).
+        self.seating(store, now).await?;
         let settings = self.settings();
         let was_leading = self.leading.load(Ordering::Relaxed);
         let try_lease = if was_leading {
@@ -937,12 +1015,92 @@ impl Room {
         Status::of("full", None, None, self.snapshot.borrow().notice())
     }
 
+    /// What a visitor holding a pre-queue number holds now: still the number before the
+    /// start, its place once this instance knows the seating (`Nothing` for a number of
+    /// another sale, or never given before the start).
+    pub fn seated(&self, holding: Holding) -> Holding {
+        let Holding::Prequeue { event, number } = holding else { return holding };
+        match self.sale.seating(event) {
+            Some(seating) => seating.ticket(number).map_or(Holding::Nothing, Holding::Ticket),
+            None if self.settings.load().event().is_some_and(|(e, _)| e.id() == event) => holding,
+            None => Holding::Nothing,
+        }
+    }
+
+    /// Seconds until the sale in its pre-queue starts, as of the room's latest time.
+    pub fn starts_in(&self, starts_at: u64) -> u64 {
+        starts_at.saturating_sub(self.at_ms.load(Ordering::Relaxed)).div_ceil(1_000)
+    }
+
+    /// The visitor holding `holding` was seen now: a waiter, or a pre-queue number.
+    pub fn seen(&self, holding: Holding) {
+        match holding {
+            Holding::Ticket(ticket) => self.touch(ticket),
+            Holding::Prequeue { event, number } => self.prequeue_seen(event, number),
+            Holding::Nothing | Holding::Token => {}
+        }
+    }
+
+    /// The room's scheduled sales as `/_vestibule/events?room=` publishes them: each with its
+    /// times and phase; once a sale started and its seating is known here, its seed and how
+    /// to check one's own place with it.
+    pub fn events_published(&self) -> serde_json::Value {
+        let settings = self.settings.load();
+        let in_force = settings.event;
+        let events: Vec<serde_json::Value> = settings
+            .config
+            .events
+            .iter()
+            .enumerate()
+            .map(|(index, event)| {
+                let phase = in_force.filter(|e| e.index == index).map(|e| e.phase);
+                let seating = self.sale.seating(event.id());
+                let draw = seating.as_ref().map(|seating| {
+                    serde_json::json!({
+                        "seed": seating.seed(),
+                        "prequeued": seating.seated.count,
+                        "first_ticket": seating.seated.base + 1,
+                        "shuffled": event.shuffle,
+                        "started_at": seating.seated.at / 1_000,
+                    })
+                });
+                serde_json::json!({
+                    "name": event.name,
+                    "id": event.id(),
+                    "prequeue_at": event.prequeue_at / 1_000,
+                    "starts_at": event.starts_at / 1_000,
+                    "ends_at": event.ends_at.map(|at| at / 1_000),
+                    "phase": phase,
+                    "draw": draw,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "room": self.id,
+            "events": events,
+            "rule": shuffle_rule(),
+        })
+    }
+
+    /// Pre-queue number `number` of `event` was seen now.
+    pub fn prequeue_seen(&self, event: u64, number: u64) {
+        self.sale.seen(event, number, self.at_ms.load(Ordering::Relaxed));
+    }
+
     /// What a visitor holding `ticket` (or a token) sees now.
     pub fn status(&self, holding: Holding) -> Status {
+        let holding = self.seated(holding);
         let snapshot = self.snapshot.borrow();
         let message = snapshot.notice();
         let ticket = match holding {
             Holding::Token => return Status::of("admitted", None, None, message),
+            Holding::Prequeue { number, .. } => {
+                let mut status = Status::of("prequeue", None, None, message);
+                status.number = Some(number);
+                // Started, and the seating not known here yet: a moment.
+                status.starts_in = Some(snapshot.starts_at.map_or(0, |at| self.starts_in(at)));
+                return status;
+            }
             Holding::Nothing => {
                 let status = if snapshot.state == RoomState::Closed { "closed" } else { "none" };
                 return Status::of(status, None, None, message);
@@ -962,6 +1120,15 @@ impl Room {
     }
 }
 
+/// How anyone checks a place drawn at a sale's start, as published with the seed.
+fn shuffle_rule() -> &'static str {
+    "Your pre-queue number n is in your status (GET /_vestibule/status?room=ID during the \
+     pre-queue). At the start every pre-queue number 1..prequeued is ranked by the hex digest \
+     SHA-256(seed + \":\" + number), seed in hex and number in decimal, smallest first: your \
+     place among the pre-queue is 1 + how many numbers rank before yours, and your ticket is \
+     first_ticket - 1 + that place. With shuffled = false the place is the number itself."
+}
+
 /// A feed socket counted open (see [`Room::feed_opened`]).
 pub struct FeedOpen<'a>(&'a AtomicUsize);
 
@@ -976,6 +1143,11 @@ impl Drop for FeedOpen<'_> {
 pub enum Holding {
     Nothing,
     Ticket(u64),
+    /// Pre-queue number `number` of the scheduled sale `event`.
+    Prequeue {
+        event: u64,
+        number: u64,
+    },
     Token,
 }
 
@@ -983,17 +1155,23 @@ pub enum Holding {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
     /// `waiting`, `admitted`, `paused`, `closed`, `full` (the line is, and the visitor is not
-    /// in it) or `none`.
+    /// in it), `prequeue` (in a scheduled sale's pre-queue) or `none`.
     pub status: &'static str,
     pub position: Option<u64>,
     pub eta_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// In the pre-queue: seconds until the sale starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub starts_in: Option<u64>,
+    /// In the pre-queue: the visitor's pre-queue number (to check the draw with).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<u64>,
 }
 
 impl Status {
     fn of(status: &'static str, position: Option<u64>, eta_seconds: Option<u64>, message: Option<String>) -> Status {
-        Status { status, position, eta_seconds, message }
+        Status { status, position, eta_seconds, message, starts_in: None, number: None }
     }
 }
 

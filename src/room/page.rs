@@ -113,6 +113,7 @@ impl WaitingPage {
                     if !full {
                         status.message = None;
                         status.eta_seconds = None;
+                        status.starts_in = status.starts_in.map(|_| 0);
                     }
                     let (site_name, title, why) =
                         if full { (Some("Shop"), Some("Sale"), Some(Gone::Lapsed)) } else { (None, None, None) };
@@ -157,6 +158,8 @@ impl WaitingPage {
             progress,
             eta_seconds => status.eta_seconds,
             eta_text => words.eta(status.eta_seconds),
+            starts_in => status.starts_in,
+            starts_text => status.starts_in.map(countdown),
             message => status.message.as_deref(),
             why => shown.why.and_then(why_key).map(|key| words.get(key)),
         };
@@ -176,7 +179,17 @@ impl WaitingPage {
 }
 
 /// The states an operator's template is checked (and previewed) in.
-pub const PREVIEW_STATES: [&str; 4] = ["waiting", "paused", "closed", "full"];
+pub const PREVIEW_STATES: [&str; 5] = ["waiting", "paused", "closed", "full", "prequeue"];
+
+/// Seconds as a countdown: `12:05`, `1:02:05`.
+pub fn countdown(seconds: u64) -> String {
+    let (hours, minutes, seconds) = (seconds / 3_600, seconds / 60 % 60, seconds % 60);
+    if hours > 0 {
+        format!("{hours}:{minutes:02}:{seconds:02}")
+    } else {
+        format!("{minutes}:{seconds:02}")
+    }
+}
 
 /// A sample status for the preview and the check: place 12 of 40, four minutes to go.
 pub fn sample_status(state: &str, message: Option<String>) -> Status {
@@ -187,6 +200,8 @@ pub fn sample_status(state: &str, message: Option<String>) -> Status {
         position: placed.then_some(12),
         eta_seconds: placed.then_some(240),
         message: message.or_else(|| Some("A sample message from the operator.".to_owned())),
+        starts_in: (status == "prequeue").then_some(754),
+        number: (status == "prequeue").then_some(1_234),
     }
 }
 
@@ -211,7 +226,14 @@ mod tests {
     use super::*;
 
     fn waiting(position: u64, eta: Option<u64>, message: Option<&str>) -> Status {
-        Status { status: "waiting", position: Some(position), eta_seconds: eta, message: message.map(str::to_owned) }
+        Status {
+            status: "waiting",
+            position: Some(position),
+            eta_seconds: eta,
+            message: message.map(str::to_owned),
+            starts_in: None,
+            number: None,
+        }
     }
 
     #[test]

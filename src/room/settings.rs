@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{RoomConfig, RoomState};
+use crate::config::{EventConfig, RoomConfig, RoomState};
 use crate::line::Limits;
 
 /// Longest room message, in bytes (as `proxy.toml` allows).
@@ -72,31 +72,96 @@ pub struct Settings {
     pub overrides: Overrides,
     /// Which change of the overrides this is (the store counts them); 0: none yet.
     pub version: u64,
+    /// The scheduled sale in force (`[[rooms.events]]`), if any.
+    pub event: Option<EventInForce>,
+}
+
+/// Where a scheduled sale stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// From `prequeue_at`: newcomers take a pre-queue number; nobody is admitted.
+    Prequeue,
+    /// From `starts_at`: the pre-queue has its places, later arrivals line up behind.
+    Started,
+}
+
+/// The event in force: which of the room's events, and its phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventInForce {
+    pub index: usize,
+    pub phase: Phase,
+}
+
+/// The event of `events` in force at `now` (unix ms), and when that changes next (`u64::MAX`:
+/// never). An event is in force from its `prequeue_at` until its `ends_at`, or else until the
+/// next event's `prequeue_at`.
+pub fn event_at(events: &[EventConfig], now: u64) -> (Option<EventInForce>, u64) {
+    let mut next_change = u64::MAX;
+    let mut in_force = None;
+    for (index, event) in events.iter().enumerate() {
+        let ends = event.ends_at.or_else(|| events.get(index + 1).map(|next| next.prequeue_at)).unwrap_or(u64::MAX);
+        if now < event.prequeue_at {
+            next_change = next_change.min(event.prequeue_at);
+        } else if now < event.starts_at {
+            in_force = Some(EventInForce { index, phase: Phase::Prequeue });
+            next_change = next_change.min(event.starts_at);
+        } else if now < ends {
+            in_force = Some(EventInForce { index, phase: Phase::Started });
+            next_change = next_change.min(ends);
+        }
+    }
+    (in_force, next_change)
 }
 
 impl Settings {
     pub fn new(config: RoomConfig) -> Settings {
-        Settings { config, overrides: Overrides::default(), version: 0 }
+        Settings { config, overrides: Overrides::default(), version: 0, event: None }
     }
 
+    /// The event in force, with its configuration.
+    pub fn event(&self) -> Option<(&EventConfig, Phase)> {
+        let in_force = self.event?;
+        Some((self.config.events.get(in_force.index)?, in_force.phase))
+    }
+
+    /// Whether the room is in a sale's pre-queue now.
+    pub fn in_prequeue(&self) -> bool {
+        self.event.is_some_and(|event| event.phase == Phase::Prequeue)
+    }
+
+    /// The waiting page in force: the event's, else the room's (`None`: the bundled one).
+    pub fn page(&self) -> Option<&std::sync::Arc<crate::room::page::WaitingPage>> {
+        self.event().and_then(|(event, _)| event.page.as_ref()).or(self.config.page.as_ref())
+    }
+
+    /// The operator's live state; else, during a sale, paused in its pre-queue (nobody is
+    /// admitted) and open once it started; else `proxy.toml`'s.
     pub fn state(&self) -> RoomState {
-        self.overrides.state.unwrap_or(self.config.state)
+        let event = self.event.map(|event| match event.phase {
+            Phase::Prequeue => RoomState::Paused,
+            Phase::Started => RoomState::Open,
+        });
+        self.overrides.state.or(event).unwrap_or(self.config.state)
     }
 
+    /// Each setting: the operator's live override, else the event's, else `proxy.toml`'s.
     pub fn message(&self) -> Option<String> {
         match &self.overrides.message {
             Some(message) if message.is_empty() => None,
             Some(message) => Some(message.clone()),
-            None => self.config.message.clone(),
+            None => self.event().and_then(|(event, _)| event.message.clone()).or_else(|| self.config.message.clone()),
         }
     }
 
     pub fn admit_per_minute(&self) -> u32 {
-        self.overrides.admit_per_minute.unwrap_or(self.config.admit_per_minute).get()
+        let event = self.event().and_then(|(event, _)| event.admit_per_minute);
+        self.overrides.admit_per_minute.or(event).unwrap_or(self.config.admit_per_minute).get()
     }
 
     pub fn max_active(&self) -> u32 {
-        self.overrides.max_active.unwrap_or(self.config.max_active).get()
+        let event = self.event().and_then(|(event, _)| event.max_active);
+        self.overrides.max_active.or(event).unwrap_or(self.config.max_active).get()
     }
 
     /// How the line admits now.

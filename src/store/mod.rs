@@ -14,7 +14,8 @@ pub use announce::Announcement;
 pub use memory::MemoryStore;
 pub use redis::{cursor_channel, lease_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
 
-use crate::line::{Absence, Joined, Limits, Redeemed, Stats};
+use crate::line::shuffle::Seed;
+use crate::line::{Absence, Joined, Limits, Prequeued, Redeemed, Seated, Stats};
 use crate::room::settings::Overrides;
 
 /// What a lease call found.
@@ -151,6 +152,37 @@ impl Store {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.join(limits, admit_now, now))),
             Store::Redis(store) => store.join(room, limits, admit_now, now, proof).await,
+        }
+    }
+
+    /// Take a pre-queue number for a scheduled sale (`number` 0), or present one taken
+    /// earlier; the seating once the sale started.
+    pub async fn prequeue(
+        &self,
+        room: &str,
+        limits: &Limits,
+        event: u64,
+        number: u64,
+        now: u64,
+    ) -> Result<Prequeued, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.prequeue(limits, event, number))),
+            Store::Redis(store) => store.prequeue(room, limits, event, number, now).await,
+        }
+    }
+
+    /// Start a scheduled sale once: its pre-queue takes its places in the order `seed` draws.
+    pub async fn seat(
+        &self,
+        room: &str,
+        limits: &Limits,
+        event: u64,
+        seed: &Seed,
+        now: u64,
+    ) -> Result<Seated, StoreError> {
+        match self {
+            Store::Memory(store) => Ok(store.with(room, |line| line.seat(event, *seed, now))),
+            Store::Redis(store) => store.seat(room, limits, event, seed, now).await,
         }
     }
 

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::{Advanced, Lease, StoreError};
 use crate::clock::Clock;
-use crate::line::{Absence, Gone, Joined, Limits, Redeemed, Stats};
+use crate::line::{shuffle, Absence, Gone, Joined, Limits, Prequeued, Redeemed, Seated, Stats};
 use crate::metrics::Metrics;
 
 const PRELUDE: &str = include_str!("lua/common.lua");
@@ -39,6 +39,8 @@ struct Scripts {
     renew: Script,
     restore: Script,
     unanswered: Script,
+    prequeue: Script,
+    seat: Script,
     settings: Script,
     lease: Script,
     unlease: Script,
@@ -58,6 +60,8 @@ impl Scripts {
             renew: with_prelude(include_str!("lua/renew.lua")),
             restore: with_prelude(include_str!("lua/restore.lua")),
             unanswered: with_prelude(include_str!("lua/unanswered.lua")),
+            prequeue: with_prelude(include_str!("lua/prequeue.lua")),
+            seat: with_prelude(include_str!("lua/seat.lua")),
             settings: with_prelude(include_str!("lua/settings.lua")),
             lease: Script::new(include_str!("lua/lease.lua")),
             unlease: Script::new(include_str!("lua/unlease.lua")),
@@ -78,6 +82,25 @@ struct Knowledge {
     line: u64,
     /// The live overrides it knew (JSON), and their version.
     overrides: Option<(String, u64)>,
+    /// The scheduled sale's pre-queue it knew: the event and the highest number given or
+    /// presented (a line Redis lost gets it back, so that no number is given twice).
+    prequeue: Option<(u64, u64)>,
+    /// The sale's seating it knew: a line Redis lost gets it back, never redrawn.
+    seated: Option<Seated>,
+}
+
+impl Knowledge {
+    fn learn_seated(&mut self, seated: Seated) {
+        self.last = self.last.max(seated.base + seated.count);
+        self.seated = Some(seated);
+    }
+}
+
+/// A seating as a script returned it.
+fn seated_of(event: u64, base: u64, count: u64, at: u64, seed: &str) -> Result<Seated, StoreError> {
+    let seed =
+        shuffle::parse_hex(seed).ok_or_else(|| StoreError::Failed("redis: a seating without its seed".into()))?;
+    Ok(Seated { event, base, count, at, seed })
 }
 
 /// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
@@ -259,10 +282,11 @@ fn classify(error: RedisError) -> StoreError {
 }
 
 /// The report every line script can give (`report()` in `lua/common.lua`).
-type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64, u32);
+type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64, u32, u64);
 
 fn stats_of(report: Report, now: u64) -> Stats {
-    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line, settings_version, adaptive) = report;
+    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line, settings_version, adaptive, prequeued) =
+        report;
     Stats {
         cursor,
         last_ticket,
@@ -275,6 +299,7 @@ fn stats_of(report: Report, now: u64) -> Stats {
         line,
         settings_version,
         adaptive_per_minute: (adaptive > 0).then_some(adaptive),
+        prequeued,
     }
 }
 
@@ -557,6 +582,13 @@ impl RedisStore {
             .arg(known.line);
         let (overrides, version) = known.overrides.clone().unwrap_or_else(|| ("{}".into(), 0));
         invocation.arg(overrides).arg(version);
+        match known.prequeue {
+            Some((event, last)) => invocation.arg(event).arg(last),
+            None => invocation.arg("").arg(0),
+        };
+        let seated =
+            known.seated.map(|s| format!("{} {} {} {} {}", s.event, s.base, s.count, s.at, shuffle::hex(&s.seed)));
+        invocation.arg(seated.unwrap_or_default());
         let epoch: u64 = self.invoke("restore", invocation).await?;
         if known.last > 0 && epoch != known.epoch {
             tracing::warn!(
@@ -607,6 +639,73 @@ impl RedisStore {
             }
         });
         Ok(stats)
+    }
+
+    /// Take a pre-queue number for `event` (`number` 0), or present one (see
+    /// [`Line::prequeue`](crate::line::Line::prequeue)).
+    pub async fn prequeue(
+        &self,
+        room: &str,
+        limits: &Limits,
+        event: u64,
+        number: u64,
+        now: u64,
+    ) -> Result<Prequeued, StoreError> {
+        type Reply = (u8, u64, u64, u64, u64, String, u64);
+        let (kind, number, base, count, at, seed, line): Reply = self
+            .run("prequeue", room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.prequeue, room, limits, now, Absence::Excuse);
+                invocation.arg(event).arg(number).arg(limits.max_waiting);
+                invocation
+            })
+            .await?;
+        let prequeued = match kind {
+            0 => Prequeued::Number(number),
+            2 => Prequeued::Full,
+            _ => Prequeued::Seated(seated_of(event, base, count, at, &seed)?),
+        };
+        self.learn(room, |k| {
+            if line != 0 {
+                k.line = line;
+            }
+            match prequeued {
+                Prequeued::Number(number) => {
+                    let known = k.prequeue.filter(|(known, _)| *known == event).map_or(0, |(_, last)| last);
+                    k.prequeue = Some((event, known.max(number)));
+                }
+                Prequeued::Seated(seated) => k.learn_seated(seated),
+                Prequeued::Full => {}
+            }
+        });
+        Ok(prequeued)
+    }
+
+    /// Start `event` once: its pre-queue takes its places (see
+    /// [`Line::seat`](crate::line::Line::seat)); the seating made first, with its seed.
+    pub async fn seat(
+        &self,
+        room: &str,
+        limits: &Limits,
+        event: u64,
+        seed: &shuffle::Seed,
+        now: u64,
+    ) -> Result<Seated, StoreError> {
+        let seed = shuffle::hex(seed);
+        let (base, count, at, seed, line): (u64, u64, u64, String, u64) = self
+            .run("seat", room, limits, now, |store| {
+                let mut invocation = store.invocation(&store.scripts.seat, room, limits, now, Absence::Excuse);
+                invocation.arg(event).arg(&seed);
+                invocation
+            })
+            .await?;
+        let seated = seated_of(event, base, count, at, &seed)?;
+        self.learn(room, |k| {
+            if line != 0 {
+                k.line = line;
+            }
+            k.learn_seated(seated);
+        });
+        Ok(seated)
     }
 
     pub async fn join(
@@ -662,7 +761,7 @@ impl RedisStore {
             })
             .await?;
         let malformed = || StoreError::Failed("unexpected redis reply to advance".into());
-        let (head, ended) = reply.split_at_checked(11).ok_or_else(malformed)?;
+        let (head, ended) = reply.split_at_checked(12).ok_or_else(malformed)?;
         let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
         let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
         let report = (
@@ -676,6 +775,7 @@ impl RedisStore {
             number(8)?,
             number(9)?,
             count(10)?,
+            number(11)?,
         );
         let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
         let stats = self.reported(room, limits, now, report).await?;

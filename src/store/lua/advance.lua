@@ -45,6 +45,13 @@ local restored_upto = number(KEYS[1], 'restored_upto')
 -- Tickets up to restored_upto may never have been seen by this line (it was rebuilt, or grew
 -- to a ticket beyond its last): their holders have RESEE_MS from then to be reported.
 local resee_until = math.max(restored_at or 0, number(KEYS[1], 'grown_at')) + RESEE_MS
+-- A scheduled sale's pre-queue was given its places (seat.lua): those places' holders have
+-- SEATED_SEE_MS from then to be reported (every instance reports the ones it saw in the
+-- pre-queue at once).
+local seated = redis.call('HMGET', KEYS[1], 'seated_base', 'seated_count', 'seated_at')
+local seated_from = tonumber(seated[1] or '0') + 1
+local seated_upto = tonumber(seated[1] or '0') + tonumber(seated[2] or '0')
+local seated_see_until = tonumber(seated[3] or '0') + SEATED_SEE_MS
 local room_left = free()
 local granted = 0
 local skipped = 0
@@ -68,6 +75,8 @@ while cursor < last and may_grant() and room_left > 0 and skipped < MAX_SKIPS do
       end
     elseif ticket <= restored_upto and now < resee_until then
       absent = nil -- a waiter of a restored line not reported yet: wait for them a while
+    elseif ticket >= seated_from and ticket <= seated_upto and now < seated_see_until then
+      absent = nil -- a place of the pre-queue not reported yet: the same
     else
       absent = true
     end

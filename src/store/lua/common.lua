@@ -15,7 +15,10 @@
 --                            since), grown_at (ms: the line grew to a ticket beyond its last),
 --                            o_state, o_admit_per_minute, o_max_active, o_message, o_version
 --                            (the live overrides: settings.lua), a_per_minute (the adaptive
---                            rate the leader decided: advance.lua)
+--                            rate the leader decided: advance.lua), pq_event, pq_last (a
+--                            scheduled sale's pre-queue: its event id and the last number
+--                            given: prequeue.lua), seated_event, seated_base, seated_count,
+--                            seated_at, seated_seed (its places: seat.lua)
 -- KEYS[2]  grants      zset: ticket -> granted at (ms); granted turns not yet redeemed
 -- KEYS[3]  sessions    zset: ticket -> expires at (ms); active sessions
 -- KEYS[4]  left        set:  tickets after the cursor whose holders left
@@ -87,6 +90,8 @@ local CONFIRM_MS = 10000
 local JOIN_HOLD_MS = 2000
 -- After a restore: waiters the restored line never saw get this long to be reported again.
 local RESEE_MS = 5000
+-- After a sale's start: the pre-queue's places get this long to be reported (src/line/mod.rs).
+local SEATED_SEE_MS = 10000
 local LOST = 'LOST the line of this room is missing from the store'
 
 local function number(key, field)
@@ -229,7 +234,7 @@ end
 
 -- What the room looks like: {cursor, last, active, outstanding, admissions in the window,
 -- first admission (ms) or -1, epoch, line id, version of the live overrides, the adaptive
--- rate in force or 0}.
+-- rate in force or 0, the last pre-queue number given}.
 local function report()
   local first = redis.call('LINDEX', KEYS[8], 0)
   return {
@@ -243,5 +248,6 @@ local function report()
     number(KEYS[1], 'line_id'),
     number(KEYS[1], 'o_version'),
     adaptive and per_minute or 0,
+    number(KEYS[1], 'pq_last'),
   }
 end

@@ -4,7 +4,9 @@
 -- KEYS: as in common.lua.  ARGV[10] the epoch the instance knew (0: none), ARGV[11] the last
 -- ticket it knew, ARGV[12] the cursor it knew, ARGV[13] the sessions and ARGV[14] the
 -- turns granted (not yet redeemed) it knew, ARGV[15] the line id it knew (0: none), ARGV[16]
--- the live overrides it knew (JSON) and ARGV[17] their version (0: none).
+-- the live overrides it knew (JSON) and ARGV[17] their version (0: none), ARGV[18] the event
+-- of the pre-queue it knew ('' for none) and ARGV[19] the last pre-queue number it knew,
+-- ARGV[20] the seating it knew as "event base count at seed" ('' for none).
 -- Returns the line's epoch.
 local known_epoch = tonumber(ARGV[10])
 local known_last = tonumber(ARGV[11])
@@ -27,23 +29,47 @@ local function restore_overrides()
   end
   redis.call('HSET', KEYS[1], 'o_version', known_overrides_version)
 end
+-- A scheduled sale's pre-queue and its seating come back as the instance knew them: the
+-- pre-queue's count by maximum, the seating (once made, never redrawn) if the line lost it.
+local function restore_sale()
+  if ARGV[18] ~= '' then
+    local event = redis.call('HGET', KEYS[1], 'pq_event')
+    if not event then
+      redis.call('HSET', KEYS[1], 'pq_event', ARGV[18], 'pq_last', ARGV[19])
+    elseif event == ARGV[18] and tonumber(ARGV[19]) > number(KEYS[1], 'pq_last') then
+      redis.call('HSET', KEYS[1], 'pq_last', ARGV[19])
+    end
+  end
+  if ARGV[20] ~= '' and not redis.call('HGET', KEYS[1], 'seated_event') then
+    local e, base, count, at, seed = string.match(ARGV[20], '^(%d+) (%d+) (%d+) (%d+) (%x+)$')
+    if e then
+      redis.call('HSET', KEYS[1], 'seated_event', e, 'seated_base', base, 'seated_count', count, 'seated_at', at,
+        'seated_seed', seed)
+    end
+  end
+end
+-- An instance that knew only a pre-queue (no ticket given yet) knew the line all the same.
+local knew_nothing = known_last == 0 and ARGV[18] == ''
 local epoch = number(KEYS[1], 'epoch')
-if epoch ~= 0 and (epoch == known_epoch or known_last == 0) then
+if epoch ~= 0 and (epoch == known_epoch or knew_nothing) then
   restore_overrides()
+  restore_sale()
   return epoch
 end
 if epoch == 0 then
   local time = redis.call('TIME')
   epoch = tonumber(time[1]) * 1000000 + tonumber(time[2])
   redis.call('HSET', KEYS[1], 'epoch', string.format('%d', epoch))
-  if known_last == 0 then
+  if knew_nothing then
     -- A new line: its id is its first epoch.
     redis.call('HSET', KEYS[1], 'line_id', string.format('%d', epoch))
     restore_overrides()
+    restore_sale()
     return epoch
   end
 end
 restore_overrides()
+restore_sale()
 -- The lost line goes on under its id; a line started afresh meanwhile by an instance that
 -- knew nothing takes it too, if it has given out no ticket yet.
 if known_line ~= 0 and (not redis.call('HGET', KEYS[1], 'line_id') or number(KEYS[1], 'last') == 0) then
