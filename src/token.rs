@@ -57,7 +57,7 @@ pub struct Claims {
     /// memory store, a Redis emptied with no instance left to restore it) admits nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ln: Option<u64>,
-    /// Pre-queue tickets only (audience `prequeue:<room>`): the scheduled sale (its start,
+    /// Pre-queue tickets only (audience `ticket:prequeue:<room>`): the scheduled sale (its start,
     /// unix seconds) whose pre-queue number `tkt` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ev: Option<u64>,
@@ -120,9 +120,9 @@ pub fn ticket_audience(room: &str) -> String {
 }
 
 /// The audience of a room's pre-queue tickets: apart from its line tickets, so that neither
-/// passes for the other.
+/// passes for the other (no room id holds a `:`), and signed with the ticket key.
 pub fn prequeue_audience(room: &str) -> String {
-    format!("prequeue:{room}")
+    format!("{TICKET_AUDIENCE}prequeue:{room}")
 }
 
 /// Why a key file could not be used.

@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use vestibule::line::{Absence, Gone, Joined, Limits, Redeemed, CONFIRM_MS, MAX_SKIPS, RESEE_MS};
+use vestibule::line::{
+    Absence, Gone, Joined, Limits, Prequeued, Redeemed, Seated, CONFIRM_MS, MAX_SKIPS, RESEE_MS, SEATED_SEE_MS,
+};
 use vestibule::room::settings::Overrides;
 use vestibule::store::{RedisStore, Store, StoreError};
 
@@ -500,6 +502,89 @@ async fn live_overrides_are_kept_merged_and_cleared(store: Store) {
     assert!(third > second);
 }
 
+const EVENT: u64 = 1_790_000_000;
+const SEED: [u8; 32] = [9; 32];
+
+async fn prequeue_number(store: &Store, limits: &Limits, number: u64, now: u64) -> u64 {
+    match store.prequeue(ROOM, limits, EVENT, number, now).await.unwrap() {
+        Prequeued::Number(number) => number,
+        other => panic!("a pre-queue number, not {other:?}"),
+    }
+}
+
+async fn a_sale_seats_its_prequeue_once_after_the_line_and_before_later_arrivals(store: Store) {
+    let limits = Limits { max_waiting: 4, ..limits(600, 1) };
+    // Someone waits from before the pre-queue (the room was open, and full).
+    assert_eq!(join_confirmed(&store, &limits, 2, 0).await, [1, 2]);
+    let numbers: Vec<u64> = {
+        let mut numbers = Vec::new();
+        for _ in 0..4 {
+            numbers.push(prequeue_number(&store, &limits, 0, 100).await);
+        }
+        numbers
+    };
+    assert_eq!(numbers, [1, 2, 3, 4], "numbers in order of arrival");
+    assert_eq!(store.prequeue(ROOM, &limits, EVENT, 0, 100).await.unwrap(), Prequeued::Full, "max_waiting");
+    assert_eq!(prequeue_number(&store, &limits, 3, 200).await, 3, "presented again: the same number");
+    assert_eq!(store.stats(ROOM, &limits, 200).await.unwrap().prequeued, 4);
+
+    let seated = store.seat(ROOM, &limits, EVENT, &SEED, 1_000).await.unwrap();
+    assert_eq!(seated, Seated { event: EVENT, base: 2, count: 4, at: 1_000, seed: SEED });
+    let again = store.seat(ROOM, &limits, EVENT, &[1; 32], 2_000).await.unwrap();
+    assert_eq!(again, seated, "once: a second call (another instance) gets the same seating and seed");
+    assert_eq!(store.prequeue(ROOM, &limits, EVENT, 0, 2_000).await.unwrap(), Prequeued::Seated(seated));
+    assert_eq!(store.join(ROOM, &limits, true, 2_000).await.unwrap(), Joined::Waiting { ticket: 7 }, "behind them");
+    // The places 3 to 6 wait SEATED_SEE_MS to be seen: 3 and 5 are, the others never.
+    store.touch(ROOM, &limits, &[3, 5, 7], &[], 2_000).await.unwrap();
+    let limits = Limits { max_active: 10, ..limits };
+    let step = store.advance(ROOM, &limits, 2_100, JUDGE).await.unwrap();
+    assert_eq!(step.granted, 2, "ticket 2 (from before), then 3; 4 not seen yet holds the line");
+    assert_eq!(store.advance(ROOM, &limits, 5_000, JUDGE).await.unwrap().granted, 0);
+    let step = store.advance(ROOM, &limits, 1_000 + SEATED_SEE_MS, JUDGE).await.unwrap();
+    assert_eq!(step.granted, 2, "then 4 and 6 are skipped: 5 and 7 go");
+    assert_eq!(store.redeem(ROOM, &limits, 4, 12_000, JUDGE).await.unwrap(), Redeemed::Gone(Gone::Left));
+}
+
+async fn a_new_sale_starts_its_prequeue_afresh(store: Store) {
+    let limits = limits(600, 10);
+    assert_eq!(prequeue_number(&store, &limits, 0, 0).await, 1);
+    store.seat(ROOM, &limits, EVENT, &SEED, 1_000).await.unwrap();
+    match store.prequeue(ROOM, &limits, EVENT + 86_400, 0, 2_000).await.unwrap() {
+        Prequeued::Number(number) => assert_eq!(number, 1, "the next sale's first number"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_prequeue_and_its_seating_survive_a_redis_restarted_empty() {
+    let server = RedisServer::start();
+    let (one, two) = (redis_store(&server).await, redis_store(&server).await);
+    let limits = limits(600, 10);
+    for _ in 0..3 {
+        prequeue_number(&one, &limits, 0, 0).await; // one gave 1 to 3
+    }
+    assert_eq!(prequeue_number(&two, &limits, 0, 0).await, 4, "two gave 4");
+    assert_eq!(prequeue_number(&one, &limits, 0, 0).await, 5, "one gave 5");
+    let before = one.stats(ROOM, &limits, 0).await.unwrap();
+    flush(&server).await;
+
+    // Each instance merges what it knew; joins wait meanwhile, so no number is given twice.
+    assert_eq!(two.prequeue(ROOM, &limits, EVENT, 0, 1_000).await, Err(StoreError::Restoring));
+    assert_eq!(two.stats(ROOM, &limits, 1_000).await.unwrap().line, before.line, "the same line");
+    assert_eq!(one.stats(ROOM, &limits, 1_100).await.unwrap().prequeued, 5);
+    assert_eq!(prequeue_number(&two, &limits, 0, 3_500).await, 6);
+    // A number presented that no instance knew (its answer's instance died) raises the count.
+    assert_eq!(prequeue_number(&two, &limits, 8, 3_500).await, 8);
+    assert_eq!(prequeue_number(&one, &limits, 0, 3_500).await, 9);
+    assert_eq!(one.seat(ROOM, &limits, EVENT, &SEED, 4_000).await.unwrap().count, 9, "all of them are seated");
+
+    // Lost again after the start: the seating comes back as it was, never redrawn.
+    let seated = two.seat(ROOM, &limits, EVENT, &SEED, 4_000).await.unwrap();
+    flush(&server).await;
+    assert_eq!(two.seat(ROOM, &limits, EVENT, &[1; 32], 9_000).await.unwrap(), seated);
+    assert_eq!(two.join(ROOM, &limits, false, 12_000).await.unwrap(), Joined::Waiting { ticket: 10 });
+}
+
 /// Each behaviour as a test on each store.
 macro_rules! on_every_store {
     ($($behaviour:ident),* $(,)?) => {
@@ -541,6 +626,8 @@ on_every_store!(
     a_full_line_takes_no_ticket_until_a_place_frees,
     a_full_line_counts_only_waiters_still_here,
     the_adaptive_rate_binds_grants_below_admit_per_minute,
+    a_sale_seats_its_prequeue_once_after_the_line_and_before_later_arrivals,
+    a_new_sale_starts_its_prequeue_afresh,
 );
 
 #[tokio::test]

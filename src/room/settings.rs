@@ -150,7 +150,12 @@ impl Settings {
         match &self.overrides.message {
             Some(message) if message.is_empty() => None,
             Some(message) => Some(message.clone()),
-            None => self.event().and_then(|(event, _)| event.message.clone()).or_else(|| self.config.message.clone()),
+            // During a sale its own message (or none) replaces the room's, which is often
+            // about before it ("opens at ten").
+            None => match self.event() {
+                Some((event, _)) => event.message.clone(),
+                None => self.config.message.clone(),
+            },
         }
     }
 
