@@ -921,6 +921,54 @@ mod tests {
         parse(text).expect_err("config should be refused").to_string()
     }
 
+    const ROOM_WITH_EVENTS: &str = r#"
+        [[rooms]]
+        id = "drop"
+        paths = ["/drop"]
+        admit_per_minute = 60
+        max_active = 10
+        [[rooms.events]]
+        name = "First"
+        prequeue_at = 2026-12-24T09:30:00Z
+        starts_at = 2026-12-24T11:00:00+01:00
+        ends_at = 2026-12-24T12:00:00.250Z
+    "#;
+
+    #[test]
+    fn events_take_offset_date_times_as_unix_ms() {
+        let config = parse(&format!("{MINIMAL}{ROOM_WITH_EVENTS}")).unwrap();
+        let event = &config.rooms[0].events[0];
+        // date -u -d 2026-12-24T09:30:00Z +%s
+        assert_eq!(event.prequeue_at, 1_798_104_600_000);
+        assert_eq!(event.starts_at, 1_798_106_400_000, "11:00 at +01:00 is 10:00 UTC");
+        assert_eq!(event.ends_at, Some(1_798_113_600_250));
+        assert!(event.shuffle, "drawn by default");
+        assert_eq!(event.id(), 1_798_106_400);
+        let leap = toml::from_str::<toml::Table>("t = 2024-02-29T00:00:00Z").unwrap();
+        assert_eq!(unix_ms(leap["t"].as_datetime().unwrap()), Ok(1_709_164_800_000));
+    }
+
+    #[test]
+    fn events_are_refused_when_their_times_do_not_follow() {
+        let base = format!("{MINIMAL}{ROOM_WITH_EVENTS}");
+        let message =
+            error_of(&base.replace("prequeue_at = 2026-12-24T09:30:00Z", "prequeue_at = 2026-12-24T09:30:00"));
+        assert!(message.contains("offset"), "{message}");
+        let message = error_of(&base.replace("09:30:00Z", "10:30:00Z"));
+        assert!(
+            message.contains("rooms[0].events[0].prequeue_at") && message.contains("before starts_at"),
+            "{message}"
+        );
+        let message = error_of(&base.replace("12:00:00.250Z", "09:00:00Z"));
+        assert!(message.contains("ends_at"), "{message}");
+        let overlapping = format!(
+            "{base}\n[[rooms.events]]\nname = \"Second\"\nprequeue_at = 2026-12-24T11:59:00Z\nstarts_at = 2026-12-24T13:00:00Z\n"
+        );
+        let message = error_of(&overlapping);
+        assert!(message.contains("rooms[0].events[1].prequeue_at"), "{message}");
+        assert!(parse(&overlapping.replace("11:59:00Z", "12:00:01Z")).is_ok(), "after the first one's end");
+    }
+
     #[test]
     fn minimal_config_gets_defaults_and_resolved_paths() {
         let config = parse(MINIMAL).unwrap();

@@ -214,6 +214,39 @@ mod tests {
     }
 
     #[test]
+    fn the_event_in_force_follows_its_times_and_its_settings_win_until_an_operators() {
+        let mut config = config();
+        config.state = RoomState::Closed;
+        config.events = toml::from_str::<RoomConfig>(
+            "id = \"c\"\npaths = [\"/c\"]\nadmit_per_minute = 60\nmax_active = 10\n\
+             [[events]]\nname = \"a\"\nprequeue_at = 1970-01-01T00:00:10Z\nstarts_at = 1970-01-01T00:00:20Z\n\
+             admit_per_minute = 600\n\
+             [[events]]\nname = \"b\"\nprequeue_at = 1970-01-01T00:01:00Z\nstarts_at = 1970-01-01T00:02:00Z\n\
+             ends_at = 1970-01-01T00:03:00Z\n",
+        )
+        .unwrap()
+        .events;
+        let at = |now| event_at(&config.events, now);
+        assert_eq!(at(0), (None, 10_000));
+        assert_eq!(at(10_000), (Some(EventInForce { index: 0, phase: Phase::Prequeue }), 20_000));
+        assert_eq!(at(20_000), (Some(EventInForce { index: 0, phase: Phase::Started }), 60_000), "until the next");
+        assert_eq!(at(60_000).0, Some(EventInForce { index: 1, phase: Phase::Prequeue }));
+        assert_eq!(at(180_000), (None, u64::MAX), "after the last one's end: the room as configured");
+
+        let mut settings = Settings::new(config.clone());
+        settings.event = at(10_000).0;
+        assert_eq!((settings.state(), settings.admit_per_minute()), (RoomState::Paused, 600), "the pre-queue");
+        assert_eq!(settings.message(), None, "the closed room's message is not the sale's");
+        settings.event = at(20_000).0;
+        assert_eq!(settings.state(), RoomState::Open);
+        settings.overrides = serde_json::from_str(r#"{"state":"paused","admit_per_minute":30}"#).unwrap();
+        assert_eq!((settings.state(), settings.admit_per_minute()), (RoomState::Paused, 30), "the operator wins");
+        settings.event = at(180_000).0;
+        settings.overrides = Overrides::default();
+        assert_eq!((settings.state(), settings.admit_per_minute()), (RoomState::Closed, 60));
+    }
+
+    #[test]
     fn bad_changes_are_named() {
         assert!(serde_json::from_str::<Overrides>(r#"{"rate":3}"#)
             .unwrap_err()
