@@ -637,3 +637,48 @@ async fn the_access_log_has_one_line_per_request_and_never_a_query_cookie_or_tok
         assert!(event["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{event}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdown_to_the_feed() {
+    let (upstream, _) = start_upstream().await;
+    let starts = std::time::SystemTime::now() + Duration::from_secs(3);
+    let at = |time| humantime::format_rfc3339_seconds(time).to_string();
+    let rooms = format!(
+        "{ROOM}admit_per_minute = 600\nmax_active = 50\n[[rooms.events]]\nname = \"Drop\"\n\
+         prequeue_at = {}\nstarts_at = {}\nmax_active = 5\n",
+        at(std::time::SystemTime::now() - Duration::from_secs(5)),
+        at(starts),
+    );
+    let admin = start_admin(upstream, &rooms).await;
+    let mut visitors: Vec<Visitor> = (0..3).map(|_| Visitor::new(admin.running.addr)).collect();
+    for visitor in &mut visitors {
+        assert_eq!(visitor.open("/checkout").await.0, StatusCode::OK);
+    }
+    let view = view_until(admin.addr(), "the pre-queue", |view| view["sale"]["prequeued"] == 3).await;
+    assert_eq!(view["sale"]["phase"], "prequeue", "{view}");
+    assert_eq!((view["state"].clone(), view["max_active"].clone()), (json!("paused"), json!(5)), "the event's");
+    assert!(view["sale"]["starts_in"].as_u64().unwrap() <= 4);
+    assert!(view["sale"]["draw"].is_null() && view["events"][0]["draw"].is_null(), "no seed before the start");
+
+    // The feed counts down, then gives the place the draw gave.
+    let mut feed = visitors[0].feed().await;
+    let countdown = feed_until(&mut feed, "prequeue").await;
+    assert!(countdown["starts_in"].as_u64().unwrap() <= 4, "{countdown}");
+    let placed = loop {
+        let message = common::visitor::next_message(&mut feed).await;
+        if message["type"] != "prequeue" {
+            break message;
+        }
+    };
+    // Its place (1 to 3), or its turn already: a moment after the start, at 10 a second.
+    let placed_or_in = placed["type"] == "admitted" || (1..=3).contains(&placed["position"].as_u64().unwrap_or(0));
+    assert!(placed_or_in, "{placed}");
+
+    let view = view_until(admin.addr(), "the draw", |view| !view["sale"]["draw"].is_null()).await;
+    assert_eq!(view["sale"]["phase"], "started");
+    assert_eq!(view["sale"]["draw"]["prequeued"], 3);
+    let (_, _, body) = get(admin.running.addr, "/_vestibule/events?room=checkout", &[]).await;
+    let published: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(published["events"][0]["draw"]["seed"], view["sale"]["draw"]["seed"]);
+    assert_eq!(published["events"][0]["name"], "Drop");
+}

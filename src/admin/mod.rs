@@ -398,6 +398,18 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
             // The last window judged, on the instance that leads the room.
             "last_window": room.adaptive.last_verdict(),
         })),
+        // The scheduled sale in force (`[[rooms.events]]`): its phase, the pre-queue's count,
+        // and once started its draw; every event of the room with its times.
+        "sale": settings.event().map(|(event, phase)| {
+            let starts_in = snapshot.starts_at.map(|at| room.starts_in(at));
+            let draw = room.sale.seating(event.id()).map(|seating| json!({
+                "seed": seating.seed(),
+                "prequeued": seating.seated.count,
+                "first_ticket": seating.seated.base + 1,
+            }));
+            json!({ "name": event.name, "phase": phase, "starts_in": starts_in, "prequeued": stats.prequeued, "draw": draw })
+        }),
+        "events": room.events_published()["events"],
         "waiting": waiting,
         "active_sessions": stats.active,
         "grants_outstanding": stats.outstanding,
