@@ -194,3 +194,39 @@ async fn the_crowd_solves_a_rooms_proof_of_work() {
     assert_eq!(report.retries.get("join asked for a proof of work, solved"), Some(&30), "{:?}", report.retries);
     assert_eq!(upstream.requests().len(), 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_rehearsal_reports_every_place_against_the_published_draw() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let starts = std::time::SystemTime::now() + Duration::from_secs(3);
+    let at = |time| humantime::format_rfc3339_seconds(time).to_string();
+    let room = format!(
+        "admit_per_minute = 60\nmax_active = 100\nstate = \"closed\"\n[[rooms.events]]\nname = \"Drop\"\n\
+         prequeue_at = {}\nstarts_at = {}\nadmit_per_minute = 6000\n",
+        at(std::time::SystemTime::now() - Duration::from_secs(5)),
+        at(starts),
+    );
+    let gate = start_room(upstream_addr, &room).await;
+    let target = format!("http://{}/", gate.addr);
+    let json = gate.dir.path().join("sale.json");
+    // 40 visitors in the pre-queue within a second, then the start.
+    let mut args = strings(&["--target", &target, "--visitors", "40", "--arrival-rate", "50", "--rehearse-sale"]);
+    args.extend(["--report".into(), json.display().to_string(), "--patience".into(), "20s".into()]);
+    let (code, stdout, stderr) = loadtest_command(args).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("placed by the published draw 40 of 40 (misplaced 0)"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let sale = &report["sale"];
+    assert_eq!((sale["prequeued"].as_u64(), sale["prequeue_visitors"].as_u64()), (Some(40), Some(40)), "{sale}");
+    assert_eq!((report["fifo_inversions"].as_u64(), report["places_lost"].as_u64()), (Some(0), Some(0)));
+    assert!(sale["first_admission_after_start"].as_f64().unwrap() < 2.0, "{sale}");
+    assert!(sale["arrival_admission_correlation"].as_f64().unwrap() < 0.9, "drawn, not first come: {sale}");
+    assert_eq!(upstream.requests().len(), 40, "nobody before the start, everyone after");
+
+    // Without a pre-queue, a rehearsal is refused rather than passed.
+    let plain = start_room(upstream_addr, ROOM).await;
+    let args = strings(&["--target", &format!("http://{}/", plain.addr), "--visitors", "3", "--rehearse-sale"]);
+    let (code, _, stderr) = loadtest_command(args).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("nobody went through a pre-queue"), "{stderr}");
+}

@@ -108,6 +108,17 @@ pub struct Args {
     /// one (needs the rate, and a crowd that outruns the room).
     #[arg(long, value_name = "PERCENT")]
     max_rate_error: Option<f64>,
+    /// Rehearse a scheduled sale's start: the crowd arrives during the room's pre-queue (an
+    /// event of its configuration), and the report says how fair the start was: every
+    /// visitor's place against the published draw, the rank correlation of arrival and
+    /// admission, the time from the start to the first and the 1000th admission. Fails when
+    /// nobody went through a pre-queue.
+    #[arg(long)]
+    rehearse_sale: bool,
+    /// Fail when more pre-queue visitors than this get another place than the published draw
+    /// gives their number.
+    #[arg(long, default_value_t = 0)]
+    max_misplaced: u64,
 }
 
 impl Args {
@@ -229,6 +240,16 @@ impl Args {
                 Some(_) => {}
                 None => failed.push("admission rate not measured (no configured rate, or nobody waited)".into()),
             }
+        }
+        match &report.sale {
+            Some(sale) if sale.misplaced > self.max_misplaced => failed.push(format!(
+                "{} pre-queue visitors placed otherwise than the published draw (> {})",
+                sale.misplaced, self.max_misplaced
+            )),
+            None if self.rehearse_sale => {
+                failed.push("nobody went through a pre-queue: is one of the room's events in its pre-queue?".into())
+            }
+            _ => {}
         }
         failed
     }

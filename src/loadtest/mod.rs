@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -111,7 +112,10 @@ impl Options {
 pub(crate) struct Outcome {
     pub arrived: Duration,
     /// The ticket the visitor was admitted with (their last, if they were sent to the back).
+    /// For a visitor of a sale's pre-queue, the place its number drew, once known.
     pub ticket: Option<u64>,
+    /// The visitor's pre-queue number, when it joined a scheduled sale's pre-queue.
+    pub prequeue: Option<u64>,
     pub join_us: Option<u64>,
     /// In line: from the join's answer to the turn (or the error).
     pub waited: Option<(Duration, Duration)>,
@@ -276,7 +280,63 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         None => Vec::new(),
     };
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
-    Ok(Report::new(&outcomes, seconds, &options, &marks))
+    // A scheduled sale's pre-queue was in the run: what the room published of its draw.
+    let draw = if outcomes.iter().any(|o| o.prequeue.is_some()) {
+        Some(published_draw(&options).await.context("reading the sale's draw from /_vestibule/events")?)
+    } else {
+        None
+    };
+    let draw = draw.map(|draw| (draw, started_unix_ms));
+    Ok(Report::new(&outcomes, seconds, &options, &marks, draw.as_ref()))
+}
+
+/// What a room published of a scheduled sale once it started (`/_vestibule/events`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draw {
+    pub event: String,
+    pub starts_at_unix_ms: u64,
+    pub seed: crate::line::shuffle::Seed,
+    pub prequeued: u64,
+    pub first_ticket: u64,
+    pub shuffled: bool,
+}
+
+impl Draw {
+    /// The ticket pre-queue number `number` must hold by the published rule.
+    pub fn ticket(&self, order: &crate::line::shuffle::Shuffle, number: u64) -> u64 {
+        let place = if self.shuffled { order.place(number) } else { number };
+        self.first_ticket - 1 + place
+    }
+}
+
+/// The latest drawn sale of the room, read from the first target.
+async fn published_draw(options: &Options) -> anyhow::Result<Draw> {
+    let target = options.targets[0];
+    let stream = TcpStream::connect(target).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get(format!("/_vestibule/events?room={}", options.room))
+        .header(http::header::HOST, target.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    anyhow::ensure!(response.status() == StatusCode::OK, "answered {}", response.status());
+    let body = response.into_body().collect().await?.to_bytes();
+    let published: serde_json::Value = serde_json::from_slice(&body)?;
+    let events = published["events"].as_array().context("no events")?;
+    let (event, draw) = events
+        .iter()
+        .rev()
+        .find_map(|event| Some((event, event.get("draw").filter(|d| !d.is_null())?)))
+        .context("no sale of the room has started (no draw published)")?;
+    let number = |value: &serde_json::Value| value.as_u64().context("a number");
+    Ok(Draw {
+        event: event["name"].as_str().unwrap_or_default().to_owned(),
+        starts_at_unix_ms: number(&event["starts_at"])? * 1_000,
+        seed: crate::line::shuffle::parse_hex(draw["seed"].as_str().unwrap_or_default()).context("a seed")?,
+        prequeued: number(&draw["prequeued"])?,
+        first_ticket: number(&draw["first_ticket"])?,
+        shuffled: draw["shuffled"].as_bool().unwrap_or(true),
+    })
 }
 
 fn unix_ms() -> u64 {
@@ -287,7 +347,6 @@ fn unix_ms() -> u64 {
 /// Moments of the run named in a marks file (`unix_ms label` a line, written while the run
 /// goes, e.g. by a chaos script when a fault ends), as times from the start of the run.
 fn read_marks(path: &std::path::Path, started_unix_ms: u64) -> anyhow::Result<Vec<(Duration, String)>> {
-    use anyhow::Context;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut marks = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
@@ -325,9 +384,14 @@ async fn show_progress(live: Arc<Live>, started: Instant) {
 /// The ticket number in a ticket cookie (the `tkt` claim; read, not verified: the load
 /// generator only orders what the proxy signed).
 fn ticket_of(cookie: &str) -> Option<u64> {
+    claims_of(cookie)?["tkt"].as_u64()
+}
+
+/// The claims of a ticket or token cookie, read, not verified.
+fn claims_of(cookie: &str) -> Option<serde_json::Value> {
     let payload = cookie.split('.').nth(1)?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    serde_json::from_slice::<serde_json::Value>(&json).ok()?["tkt"].as_u64()
+    serde_json::from_slice::<serde_json::Value>(&json).ok()
 }
 
 /// One visitor, from the first request to the leave, behaving as the waiting page does on a
@@ -342,7 +406,13 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
     let joined = join(visitor, patience).await?;
     // A waiter's ticket is in the ticket cookie; a visitor admitted at once has it in the token.
     let held = visitor.cookie(&ticket_cookie).or(visitor.cookie(&token_cookie));
-    visitor.outcome.ticket = held.and_then(|t| ticket_of(t));
+    match held.and_then(|t| claims_of(t)) {
+        // A pre-queue number: the place comes at the sale's start.
+        Some(claims) if claims["aud"].as_str().is_some_and(|aud| aud.starts_with("ticket:prequeue:")) => {
+            visitor.outcome.prequeue = claims["tkt"].as_u64();
+        }
+        claims => visitor.outcome.ticket = claims.and_then(|c| c["tkt"].as_u64()),
+    }
     if visitor.cookie(&token_cookie).is_some() {
         // Admitted at once: the join was the forwarded request.
         visitor.outcome.admitted = Some(joined);
@@ -445,16 +515,27 @@ async fn wait_in_line(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
         visitor.outcome.admitted.get_or_insert(learned);
         visitor.live.sessions.fetch_add(1, Ordering::Relaxed);
         let answer = until_answered(visitor, "GET", &visitor.options.path, far).await?;
-        if visitor.cookie(&token_cookie).is_some() {
+        if let Some(token) = visitor.cookie(&token_cookie) {
             if answer.status != StatusCode::OK {
                 return Err("admitted, but the forwarded request failed");
+            }
+            // A pre-queue visitor admitted at its first request after the start: the token
+            // names the place drawn.
+            if visitor.outcome.ticket.is_none() {
+                visitor.outcome.ticket = ticket_of(token);
             }
             visitor.outcome.forwarded_us = Some((visitor.now() - learned).as_micros() as u64);
             return Ok(());
         }
         visitor.live.sessions.fetch_sub(1, Ordering::Relaxed);
         let ticket = visitor.cookie(&ticket_cookie).and_then(|t| ticket_of(t));
+        // A pre-queue number swapped for the place it drew: not a place lost.
+        let drawn = visitor.outcome.prequeue.is_some() && visitor.outcome.ticket.is_none();
         match ticket {
+            Some(ticket) if drawn => {
+                visitor.outcome.ticket = Some(ticket);
+                visitor.retried("pre-queue number swapped for its drawn place, waited again");
+            }
             Some(ticket) if Some(ticket) == visitor.outcome.ticket => {
                 visitor.retried("turn not honoured yet, waited again");
                 tokio::time::sleep(RELOAD_AFTER).await;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::{Options, Outcome};
+use super::{Draw, Options, Outcome};
 
 /// Two admissions closer than one scheduler step are simultaneous: a step grants several
 /// turns at once, and their messages reach the crowd in any order.
@@ -118,7 +118,95 @@ pub struct Report {
     /// For each mark of `--marks` (e.g. the end of a fault): how long until the next turn.
     pub recoveries: Vec<Recovery>,
     pub errors: BTreeMap<String, u64>,
+    /// A scheduled sale's start, when the crowd went through its pre-queue.
+    pub sale: Option<SaleReport>,
     pub timeline: Vec<Second>,
+}
+
+/// How fair a sale's start was, as the crowd saw it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SaleReport {
+    pub event: String,
+    /// The start, in seconds from the start of the run.
+    pub starts_at: f64,
+    /// Pre-queue numbers the draw placed (the whole pre-queue, whoever made it).
+    pub prequeued: u64,
+    /// This run's visitors who took a pre-queue number.
+    pub prequeue_visitors: u64,
+    /// The published seed.
+    pub seed: String,
+    /// Pre-queue visitors admitted (or placed) with exactly the ticket the published draw
+    /// gives their number, and those with another.
+    pub placed_by_draw: u64,
+    pub misplaced: u64,
+    /// Spearman's rank correlation between the order of arrival in the pre-queue and the
+    /// order of admission: about 0 when arriving early gave no head start, 1 for first come
+    /// first served.
+    pub arrival_admission_correlation: Option<f64>,
+    /// Seconds from the start to the first admission, and to the 1000th.
+    pub first_admission_after_start: Option<f64>,
+    pub thousandth_admission_after_start: Option<f64>,
+    /// Visitors who came after the start and were admitted more than one step before a
+    /// pre-queue visitor's turn can have come (0: they lined up behind).
+    pub later_arrivals_ahead: u64,
+}
+
+impl SaleReport {
+    fn new(outcomes: &[Outcome], draw: &Draw, started_unix_ms: u64) -> SaleReport {
+        let order = crate::line::shuffle::Shuffle::new(&draw.seed, 1, draw.prequeued);
+        let prequeued: Vec<&Outcome> = outcomes.iter().filter(|o| o.prequeue.is_some()).collect();
+        let placed = prequeued.iter().filter(|o| o.ticket.is_some());
+        let (matched, misplaced): (Vec<&&Outcome>, Vec<&&Outcome>) =
+            placed.partition(|o| o.ticket == o.prequeue.map(|n| draw.ticket(&order, n)));
+        let starts_at = Duration::from_millis(draw.starts_at_unix_ms.saturating_sub(started_unix_ms));
+        let mut admissions: Vec<Duration> =
+            outcomes.iter().filter_map(|o| o.admitted).filter(|at| *at >= starts_at).collect();
+        admissions.sort();
+        let after_start = |n: usize| admissions.get(n).map(|at| (*at - starts_at).as_secs_f64());
+        let last_prequeue_turn = prequeued.iter().filter_map(|o| o.turn_from.or(o.admitted)).max();
+        let later_arrivals_ahead = outcomes
+            .iter()
+            .filter(|o| o.prequeue.is_none() && o.arrived >= starts_at)
+            .filter_map(|o| o.admitted)
+            .filter(|learned| last_prequeue_turn.is_some_and(|last| *learned + SAME_STEP < last))
+            .count() as u64;
+        let ranked: Vec<(u64, Duration)> = prequeued.iter().filter_map(|o| Some((o.prequeue?, o.admitted?))).collect();
+        SaleReport {
+            event: draw.event.clone(),
+            starts_at: starts_at.as_secs_f64(),
+            prequeued: draw.prequeued,
+            prequeue_visitors: prequeued.len() as u64,
+            seed: crate::line::shuffle::hex(&draw.seed),
+            placed_by_draw: matched.len() as u64,
+            misplaced: misplaced.len() as u64,
+            arrival_admission_correlation: spearman(&ranked),
+            first_admission_after_start: after_start(0),
+            thousandth_admission_after_start: after_start(999),
+            later_arrivals_ahead,
+        }
+    }
+}
+
+/// Spearman's rank correlation of pairs (ties broken by position: admissions in one step
+/// come in any order, which only pulls it towards 0); `None` for fewer than 3.
+fn spearman(pairs: &[(u64, Duration)]) -> Option<f64> {
+    let n = pairs.len();
+    if n < 3 {
+        return None;
+    }
+    let ranks = |mut keyed: Vec<(usize, u128)>| {
+        keyed.sort_by_key(|(_, key)| *key);
+        let mut ranks = vec![0f64; n];
+        for (rank, (index, _)) in keyed.into_iter().enumerate() {
+            ranks[index] = rank as f64;
+        }
+        ranks
+    };
+    let first = ranks(pairs.iter().enumerate().map(|(i, (a, _))| (i, u128::from(*a))).collect());
+    let second = ranks(pairs.iter().enumerate().map(|(i, (_, b))| (i, b.as_nanos())).collect());
+    let squares: f64 = first.iter().zip(&second).map(|(a, b)| (a - b) * (a - b)).sum();
+    let n = n as f64;
+    Some(1.0 - 6.0 * squares / (n * (n * n - 1.0)))
 }
 
 /// The next turn after a marked moment.
@@ -144,12 +232,20 @@ impl Report {
     }
 
     /// The report of a run of `options` that took `seconds`.
-    pub(crate) fn new(outcomes: &[Outcome], seconds: f64, options: &Options, marks: &[(Duration, String)]) -> Report {
+    /// `draw`: what the room published of its sale, and when the run started (unix ms).
+    pub(crate) fn new(
+        outcomes: &[Outcome],
+        seconds: f64,
+        options: &Options,
+        marks: &[(Duration, String)],
+        draw: Option<&(Draw, u64)>,
+    ) -> Report {
         let configured = options.configured;
         let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
         let (mut errors, mut lost, mut retries) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for outcome in outcomes {
-            let never_admitted = outcome.ticket.is_some() && outcome.admitted.is_none();
+            let joined = outcome.ticket.is_some() || outcome.prequeue.is_some();
+            let never_admitted = joined && outcome.admitted.is_none();
             if let Some(how) = outcome.lost.or(never_admitted.then_some("joined, never admitted")) {
                 *lost.entry(how.to_owned()).or_insert(0) += 1;
             }
@@ -174,7 +270,7 @@ impl Report {
             .filter_map(|o| Some(Turn { ticket: o.ticket?, from: o.turn_from.or(o.admitted)?, learned: o.admitted? }))
             .collect();
         order.sort_by_key(|turn| turn.ticket);
-        let joined = outcomes.iter().filter(|o| o.ticket.is_some()).count() as u64;
+        let joined = outcomes.iter().filter(|o| o.ticket.is_some() || o.prequeue.is_some()).count() as u64;
         let admissions_per_minute = admission_rate(outcomes);
         let end = Duration::from_secs_f64(seconds);
         let arrivals_end = options.arrivals_end();
@@ -207,6 +303,7 @@ impl Report {
             retries,
             recoveries: marks.iter().map(|(at, label)| recovery(&order, *at, label)).collect(),
             errors,
+            sale: draw.map(|(draw, started_unix_ms)| SaleReport::new(outcomes, draw, *started_unix_ms)),
             timeline: timeline(outcomes, end, &|at| match arrivals_end {
                 Some(arrivals_end) if at >= arrivals_end => 0.0,
                 _ => options.arrivals.rate_at(at),
@@ -384,6 +481,26 @@ pub fn print(report: &Report) {
     for (kind, count) in &report.errors {
         println!("  error: {kind}: {count}");
     }
+    if let Some(sale) = &report.sale {
+        let seconds = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{s:.2} s"));
+        println!(
+            "  sale {:?} started at {:.2} s: {} in the pre-queue ({} of this run), seed {}",
+            sale.event, sale.starts_at, sale.prequeued, sale.prequeue_visitors, sale.seed
+        );
+        println!(
+            "    placed by the published draw {} of {} (misplaced {}), arrival/admission rank correlation {}",
+            sale.placed_by_draw,
+            sale.placed_by_draw + sale.misplaced,
+            sale.misplaced,
+            sale.arrival_admission_correlation.map_or("-".to_owned(), |r| format!("{r:+.3}"))
+        );
+        println!(
+            "    first admission {} after the start, 1000th {}; later arrivals ahead of the pre-queue {}",
+            seconds(sale.first_admission_after_start),
+            seconds(sale.thousandth_admission_after_start),
+            sale.later_arrivals_ahead
+        );
+    }
 }
 
 /// Write the report as JSON.
@@ -435,7 +552,7 @@ mod tests {
             Outcome { retries: vec!["feed dropped, reconnected"; 2], ..admitted(5, None) },
         ];
         let options = Options::new("127.0.0.1:1".parse().unwrap(), 6, 1.0).unwrap();
-        let report = Report::new(&outcomes, 1.0, &options, &[]);
+        let report = Report::new(&outcomes, 1.0, &options, &[], None);
         assert_eq!(report.places_lost, 3);
         let lost: Vec<(&str, u64)> = report.lost.iter().map(|(how, n)| (how.as_str(), *n)).collect();
         assert_eq!(
@@ -444,6 +561,61 @@ mod tests {
         );
         assert_eq!(report.retries.get("feed dropped, reconnected"), Some(&2));
         assert_eq!(report.error_count(), 2);
+    }
+
+    #[test]
+    fn a_sale_report_checks_each_place_against_the_draw_and_times_the_start() {
+        let draw = Draw {
+            event: "Drop".into(),
+            starts_at_unix_ms: 10_000,
+            seed: [3; 32],
+            prequeued: 4,
+            first_ticket: 11,
+            shuffled: true,
+        };
+        let order = crate::line::shuffle::Shuffle::new(&draw.seed, 1, 4);
+        // Numbers 1 to 4, admitted in their drawn order from 1 s after the start; number 4's
+        // place is not the one drawn.
+        let mut outcomes: Vec<Outcome> = (1..=4)
+            .map(|n| {
+                let ticket = draw.ticket(&order, n);
+                Outcome {
+                    prequeue: Some(n),
+                    ticket: Some(if n == 4 { 99 } else { ticket }),
+                    admitted: Some(ms(1_000 + (ticket - 10) * 100)),
+                    ..Outcome::default()
+                }
+            })
+            .collect();
+        // A later arrival admitted behind them, and one ahead of them.
+        outcomes.push(Outcome {
+            arrived: ms(3_000),
+            ticket: Some(15),
+            admitted: Some(ms(3_100)),
+            ..Outcome::default()
+        });
+        outcomes.push(Outcome { arrived: ms(3_000), ticket: Some(16), admitted: Some(ms(500)), ..Outcome::default() });
+        let sale = SaleReport::new(&outcomes, &draw, 9_000);
+        assert_eq!((sale.placed_by_draw, sale.misplaced, sale.prequeue_visitors), (3, 1, 4));
+        assert_eq!(sale.starts_at, 1.0);
+        assert_eq!(sale.first_admission_after_start, Some(0.1), "ticket 11 at 1.1 s");
+        assert_eq!(sale.thousandth_admission_after_start, None, "not a thousand of them");
+        assert_eq!(sale.later_arrivals_ahead, 1);
+        assert_eq!(sale.seed, "03".repeat(32));
+    }
+
+    #[test]
+    fn the_rank_correlation_tells_first_come_first_served_from_a_draw() {
+        let pairs = |order: &[u64]| -> Vec<(u64, Duration)> {
+            order.iter().enumerate().map(|(i, n)| (*n, ms(i as u64 * 10))).collect()
+        };
+        assert_eq!(spearman(&pairs(&[1, 2, 3, 4, 5])), Some(1.0));
+        assert_eq!(spearman(&pairs(&[5, 4, 3, 2, 1])), Some(-1.0));
+        assert_eq!(spearman(&pairs(&[1, 2])), None);
+        let drawn = crate::line::shuffle::Shuffle::new(&[5; 32], 1, 2_000);
+        let by_draw: Vec<u64> = (1..=2_000).map(|place| drawn.ticket_at(place)).collect();
+        let rho = spearman(&pairs(&by_draw)).unwrap();
+        assert!(rho.abs() < 0.1, "a draw owes nothing to the order of arrival: {rho}");
     }
 
     #[test]
