@@ -105,6 +105,9 @@ pub struct Report {
     pub capacity_overshoot: Option<u64>,
     /// Pairs admitted out of join (ticket) order, by more than one scheduler step.
     pub fifo_inversions: u64,
+    /// By how much the worst of them was out of order: from the later ticket's turn learned
+    /// to the earliest the earlier one's can have come, in ms.
+    pub worst_inversion_ms: Option<f64>,
     /// The first few of them: the earlier ticket, when its turn can have come at the
     /// earliest (s), the later ticket, and when it learned of its turn (s).
     pub inversion_examples: Vec<(u64, f64, u64, f64)>,
@@ -294,6 +297,9 @@ impl Report {
                 .filter(|_| options.leave)
                 .map(|room| peak_sessions.saturating_sub(room.max_active.into())),
             fifo_inversions: inversions(&order),
+            worst_inversion_ms: inverted(&order)
+                .map(|(earlier, later)| (earlier.from - later.learned).as_secs_f64() * 1_000.0)
+                .reduce(f64::max),
             inversion_examples: inverted(&order)
                 .take(10)
                 .map(|(e, l)| (e.ticket, e.from.as_secs_f64(), l.ticket, l.learned.as_secs_f64()))
@@ -438,13 +444,14 @@ pub fn print(report: &Report) {
         )
     };
     println!(
-        "{} visitors in {:.1} s: {} joined ({:.0}/s), {} admitted, {} FIFO inversions, {} errors",
+        "{} visitors in {:.1} s: {} joined ({:.0}/s), {} admitted, {} FIFO inversions{}, {} errors",
         report.visitors,
         report.seconds,
         report.joined,
         report.joins_per_second,
         report.admitted,
         report.fifo_inversions,
+        report.worst_inversion_ms.map_or(String::new(), |ms| format!(" (worst by {ms:.0} ms)")),
         report.error_count()
     );
     p("join", &report.join_latency_ms);
@@ -602,6 +609,16 @@ mod tests {
         assert_eq!(sale.thousandth_admission_after_start, None, "not a thousand of them");
         assert_eq!(sale.later_arrivals_ahead, 1);
         assert_eq!(sale.seed, "03".repeat(32));
+    }
+
+    #[test]
+    fn the_worst_inversion_is_measured() {
+        let turn = |ticket: u64, at: u64| Outcome { ticket: Some(ticket), admitted: Some(ms(at)), ..Outcome::default() };
+        let options = Options::new("127.0.0.1:1".parse().unwrap(), 3, 1.0).unwrap();
+        let report = Report::new(&[turn(1, 1_000), turn(2, 0), turn(3, 700)], 2.0, &options, &[], None);
+        assert_eq!((report.fifo_inversions, report.worst_inversion_ms), (2, Some(1_000.0)));
+        let report = Report::new(&[turn(1, 0), turn(2, 50)], 2.0, &options, &[], None);
+        assert_eq!((report.fifo_inversions, report.worst_inversion_ms), (0, None));
     }
 
     #[test]
