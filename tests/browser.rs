@@ -78,6 +78,22 @@ async fn the_tab_shows_the_place_and_a_locked_phone_comes_back_in_line_and_is_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prequeue_counts_down_and_the_page_takes_its_drawn_place_at_the_start() {
+    let lead = 5;
+    let at = |time| humantime::format_rfc3339_seconds(time).to_string();
+    let now = std::time::SystemTime::now();
+    let room = format!(
+        "admit_per_minute = 600\nmax_active = 10\nstate = \"closed\"\n[[rooms.events]]\nname = \"Drop\"\n\
+         prequeue_at = {}\nstarts_at = {}\nmax_active = 1\n",
+        at(now - std::time::Duration::from_secs(60)),
+        at(now + std::time::Duration::from_secs(lead)),
+    );
+    let (gate, stop) = shop_and_gate("", &room).await;
+    assert_eq!(journey("sale.mjs", vec![base(&gate), lead.to_string()]).await, 4);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bundled_language_is_negotiated_laid_out_and_worded_live() {
     let (gate, stop) = shop_and_gate("", "admit_per_minute = 6\nmax_active = 1\nabandon_seconds = 3600\n").await;
     // What each page must show: its heading, its direction, and its words for a wait (a
