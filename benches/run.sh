@@ -28,23 +28,23 @@ out=target/bench-results
 mkdir -p "$out"
 command -v redis-server >/dev/null || { echo "redis-server is not on the PATH (apt-get install redis-server)" >&2; exit 1; }
 
-echo "== 1/6 admitted path"
+echo "== 1/7 admitted path"
 bash benches/admitted.sh | tee "$out/admitted.txt"
 TLS=1 bash benches/admitted.sh | tee "$out/admitted-tls.txt"
 WORKERS=2 bash benches/admitted.sh | tee "$out/admitted-2.txt"
 bash benches/syscalls.sh | tee "$out/syscalls.txt"
 
-echo; echo "== 2/6 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
+echo; echo "== 2/7 the line on Redis (joins, calls per join, admissions over ${LINE_SECONDS} s)"
 DURATION=$LINE_SECONDS cargo bench --quiet --bench line | tee "$out/line.txt"
 
-echo; echo "== 3/6 waiting sockets (${SOCKETS})"
+echo; echo "== 3/7 waiting sockets (${SOCKETS})"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo bench --quiet --bench feed -- "$SOCKETS" | tee "$out/feed.txt"
 
-echo; echo "== 4/6 idle rooms"
+echo; echo "== 4/7 idle rooms"
 bash benches/idle-rooms.sh | tee "$out/idle-rooms.txt"
 
-echo; echo "== 5/6 crowds, three instances on one Redis"
+echo; echo "== 5/7 crowds, three instances on one Redis"
 source tests/lib.sh
 release_setup
 
@@ -102,9 +102,13 @@ crowd rate --room checkout --arrival-rate 30 --duration "${CROWD_SECONDS}s" \
 crowd capacity --room capacity --path /product --arrival-rate 40 --hold 2s --duration "$((CROWD_SECONDS / 2))s" \
   --max-inversions 0 --max-errors 0 --max-overshoot 0
 
-echo; echo "== 6/6 admission that listens (a checkout slowed tenfold; then the same without [rooms.adaptive])"
+echo; echo "== 6/7 admission that listens (a checkout slowed tenfold; then the same without [rooms.adaptive])"
 cargo bench --quiet --bench adaptive | tee "$out/adaptive.txt"
 ADAPTIVE=0 cargo bench --quiet --bench adaptive | tee "$out/adaptive-off.txt"
+
+echo; echo "== 7/7 a sale's start (5000 visitors in the pre-queue, two instances; then through a Redis restarted empty)"
+VESTIBULE=target/release/vestibule bash benches/sale.sh | tee "$out/sale-run.txt"
+VESTIBULE=target/release/vestibule RESTART=1 bash benches/sale.sh | tee "$out/sale-restart.txt"
 
 echo; echo "== against the goals of the speed issue (full output in $out/)"
 goal() { # name, measured, limit, "min" or "max", unit

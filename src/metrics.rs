@@ -193,6 +193,7 @@ pub struct Metrics {
     grants_outstanding: Family<RoomLabel, Gauge>,
     room_leader: Family<RoomLabel, Gauge>,
     admit_rate: Family<RoomLabel, Gauge>,
+    prequeued: Family<RoomLabel, Gauge>,
     upstream_p95: Family<RoomLabel, Gauge<f64, AtomicU64>>,
     pub feed_sockets: Gauge,
     upstream_duration: Family<ClassLabel, AtomicHistogram>,
@@ -243,6 +244,12 @@ impl Metrics {
             "The rate turns are granted at now: admit_per_minute, or the adaptive rate when lower",
             admit_rate.clone(),
         );
+        let prequeued = Family::<RoomLabel, Gauge>::default();
+        registry.register(
+            "prequeued",
+            "Pre-queue numbers given for the room's latest scheduled sale ([[rooms.events]])",
+            prequeued.clone(),
+        );
         let upstream_p95 = Family::<RoomLabel, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "adaptive_upstream_p95_seconds",
@@ -285,6 +292,7 @@ impl Metrics {
             grants_outstanding,
             room_leader,
             admit_rate,
+            prequeued,
             upstream_p95,
             feed_sockets,
             upstream_duration,
@@ -321,6 +329,7 @@ impl Metrics {
             grants_outstanding: self.grants_outstanding.get_or_create(&label).clone(),
             leader: self.room_leader.get_or_create(&label).clone(),
             admit_rate: self.admit_rate.get_or_create(&label).clone(),
+            prequeued: self.prequeued.get_or_create(&label).clone(),
             upstream_p95: self.upstream_p95.get_or_create(&label).clone(),
         }
     }
@@ -381,6 +390,7 @@ pub struct RoomMetrics {
     pub grants_outstanding: Gauge,
     pub leader: Gauge,
     pub admit_rate: Gauge,
+    pub prequeued: Gauge,
     pub upstream_p95: Gauge<f64, AtomicU64>,
 }
 

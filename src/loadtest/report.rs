@@ -613,7 +613,8 @@ mod tests {
 
     #[test]
     fn the_worst_inversion_is_measured() {
-        let turn = |ticket: u64, at: u64| Outcome { ticket: Some(ticket), admitted: Some(ms(at)), ..Outcome::default() };
+        let turn =
+            |ticket: u64, at: u64| Outcome { ticket: Some(ticket), admitted: Some(ms(at)), ..Outcome::default() };
         let options = Options::new("127.0.0.1:1".parse().unwrap(), 3, 1.0).unwrap();
         let report = Report::new(&[turn(1, 1_000), turn(2, 0), turn(3, 700)], 2.0, &options, &[], None);
         assert_eq!((report.fifo_inversions, report.worst_inversion_ms), (2, Some(1_000.0)));

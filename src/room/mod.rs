@@ -799,7 +799,11 @@ impl Room {
         self.report(store, now).await?;
         // A sale that started is seated at once by whichever instance steps first, and every
         // instance learns the seating (its pre-queue visitors are then seen at their places).
-        self.seating(store, now).await?;
+        // While a line just restored waits for every instance to merge, the next step seats.
+        match self.seating(store, now).await {
+            Ok(_) | Err(StoreError::Restoring) => {}
+            Err(error) => return Err(error),
+        }
         let settings = self.settings();
         let was_leading = self.leading.load(Ordering::Relaxed);
         let try_lease = if was_leading {
@@ -933,6 +937,7 @@ impl Room {
             self.adaptive.learn(stats.adaptive_per_minute);
         }
         self.metrics.admit_rate.set(i64::from(self.limits_of(&settings).per_minute()));
+        self.metrics.prequeued.set(i64::try_from(stats.prequeued).unwrap_or(i64::MAX));
         if let Ok(mut kept) = self.stats.lock() {
             *kept = Some((stats, now));
         }
