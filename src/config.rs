@@ -343,9 +343,13 @@ pub struct EventConfig {
 }
 
 impl EventConfig {
-    /// The event's id in the store and in pre-queue tickets: its start, in unix seconds.
+    /// The event's id in the store and in pre-queue tickets: from its name only, so that a
+    /// sale postponed by a reload keeps its pre-queue. 62 bits (a signed integer in every
+    /// store reply), never 0.
     pub fn id(&self) -> u64 {
-        self.starts_at / 1_000
+        let digest = ring::digest::digest(&ring::digest::SHA256, format!("vestibule event\0{}", self.name).as_bytes());
+        let bytes: [u8; 8] = digest.as_ref()[..8].try_into().expect("SHA-256 has 32 bytes");
+        (u64::from_be_bytes(bytes) >> 2).max(1)
     }
 }
 
@@ -869,11 +873,17 @@ impl Config {
                 if event.message.as_ref().is_some_and(|m| m.len() > 500) {
                     return Err((key("message"), "at most 500 characters".into()));
                 }
+                if room.events[..j].iter().any(|other| other.name == event.name) {
+                    return Err((key("name"), format!("{:?} names an earlier event of this room too", event.name)));
+                }
                 if let Some(previous) = previous {
-                    if event.prequeue_at < previous.ends_at.unwrap_or(previous.starts_at) {
+                    // The previous one must have started (and then ended, if it says when).
+                    let must_follow = previous.ends_at.unwrap_or(previous.starts_at + 1);
+                    if event.prequeue_at < must_follow {
                         return Err((
                             key("prequeue_at"),
-                            "at or after the previous event's start (or its ends_at): events follow one another".into(),
+                            "after the previous event's start (at or after its ends_at): events follow one another"
+                                .into(),
                         ));
                     }
                 }
@@ -943,7 +953,9 @@ mod tests {
         assert_eq!(event.starts_at, 1_798_106_400_000, "11:00 at +01:00 is 10:00 UTC");
         assert_eq!(event.ends_at, Some(1_798_113_600_250));
         assert!(event.shuffle, "drawn by default");
-        assert_eq!(event.id(), 1_798_106_400);
+        let postponed = parse(&format!("{MINIMAL}{}", ROOM_WITH_EVENTS.replace("11:00:00+01:00", "11:30:00+01:00")));
+        assert_eq!(postponed.unwrap().rooms[0].events[0].id(), event.id(), "the id follows the name, not the start");
+        assert!(event.id() > 0 && event.id() < 1 << 62);
         let leap = toml::from_str::<toml::Table>("t = 2024-02-29T00:00:00Z").unwrap();
         assert_eq!(unix_ms(leap["t"].as_datetime().unwrap()), Ok(1_709_164_800_000));
     }
@@ -966,6 +978,8 @@ mod tests {
         );
         let message = error_of(&overlapping);
         assert!(message.contains("rooms[0].events[1].prequeue_at"), "{message}");
+        let message = error_of(&overlapping.replace("11:59:00Z", "12:00:01Z").replace("\"Second\"", "\"First\""));
+        assert!(message.contains("rooms[0].events[1].name"), "{message}");
         assert!(parse(&overlapping.replace("11:59:00Z", "12:00:01Z")).is_ok(), "after the first one's end");
     }
 

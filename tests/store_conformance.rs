@@ -506,7 +506,7 @@ const EVENT: u64 = 1_790_000_000;
 const SEED: [u8; 32] = [9; 32];
 
 async fn prequeue_number(store: &Store, limits: &Limits, number: u64, now: u64) -> u64 {
-    match store.prequeue(ROOM, limits, EVENT, number, now).await.unwrap() {
+    match store.prequeue(ROOM, limits, EVENT, number, now, None).await.unwrap() {
         Prequeued::Number(number) => number,
         other => panic!("a pre-queue number, not {other:?}"),
     }
@@ -524,15 +524,15 @@ async fn a_sale_seats_its_prequeue_once_after_the_line_and_before_later_arrivals
         numbers
     };
     assert_eq!(numbers, [1, 2, 3, 4], "numbers in order of arrival");
-    assert_eq!(store.prequeue(ROOM, &limits, EVENT, 0, 100).await.unwrap(), Prequeued::Full, "max_waiting");
+    assert_eq!(store.prequeue(ROOM, &limits, EVENT, 0, 100, None).await.unwrap(), Prequeued::Full, "max_waiting");
     assert_eq!(prequeue_number(&store, &limits, 3, 200).await, 3, "presented again: the same number");
     assert_eq!(store.stats(ROOM, &limits, 200).await.unwrap().prequeued, 4);
 
-    let seated = store.seat(ROOM, &limits, EVENT, &SEED, 1_000).await.unwrap();
-    assert_eq!(seated, Seated { event: EVENT, base: 2, count: 4, at: 1_000, seed: SEED });
-    let again = store.seat(ROOM, &limits, EVENT, &[1; 32], 2_000).await.unwrap();
+    let seated = store.seat(ROOM, &limits, EVENT, (&SEED, true), 1_000).await.unwrap();
+    assert_eq!(seated, Seated { event: EVENT, base: 2, count: 4, at: 1_000, seed: SEED, shuffled: true });
+    let again = store.seat(ROOM, &limits, EVENT, (&[1; 32], true), 2_000).await.unwrap();
     assert_eq!(again, seated, "once: a second call (another instance) gets the same seating and seed");
-    assert_eq!(store.prequeue(ROOM, &limits, EVENT, 0, 2_000).await.unwrap(), Prequeued::Seated(seated));
+    assert_eq!(store.prequeue(ROOM, &limits, EVENT, 0, 2_000, None).await.unwrap(), Prequeued::Seated(seated));
     assert_eq!(store.join(ROOM, &limits, true, 2_000).await.unwrap(), Joined::Waiting { ticket: 7 }, "behind them");
     // The places 3 to 6 wait SEATED_SEE_MS to be seen: 3 and 5 are, the others never.
     store.touch(ROOM, &limits, &[3, 5, 7], &[], 2_000).await.unwrap();
@@ -548,11 +548,45 @@ async fn a_sale_seats_its_prequeue_once_after_the_line_and_before_later_arrivals
 async fn a_new_sale_starts_its_prequeue_afresh(store: Store) {
     let limits = limits(600, 10);
     assert_eq!(prequeue_number(&store, &limits, 0, 0).await, 1);
-    store.seat(ROOM, &limits, EVENT, &SEED, 1_000).await.unwrap();
-    match store.prequeue(ROOM, &limits, EVENT + 86_400, 0, 2_000).await.unwrap() {
+    store.seat(ROOM, &limits, EVENT, (&SEED, true), 1_000).await.unwrap();
+    match store.prequeue(ROOM, &limits, EVENT + 86_400, 0, 2_000, None).await.unwrap() {
         Prequeued::Number(number) => assert_eq!(number, 1, "the next sale's first number"),
         other => panic!("{other:?}"),
     }
+}
+
+async fn a_number_of_another_sale_leaves_the_prequeue_alone(store: Store) {
+    let limits = limits(600, 10);
+    assert_eq!(prequeue_number(&store, &limits, 0, 0).await, 1);
+    // A cookie of an earlier sale, presented during this one's pre-queue.
+    let old = store.prequeue(ROOM, &limits, EVENT - 1, 500, 0, None).await.unwrap();
+    assert_eq!(old, Prequeued::Number(500));
+    assert_eq!(prequeue_number(&store, &limits, 0, 0).await, 2, "this sale's count is untouched");
+    assert_eq!(store.stats(ROOM, &limits, 0).await.unwrap().prequeue_event, EVENT);
+}
+
+#[tokio::test]
+async fn an_instance_that_only_read_the_room_restores_the_prequeue_count() {
+    let server = RedisServer::start();
+    let (one, two) = (redis_store(&server).await, redis_store(&server).await);
+    let limits = limits(600, 10);
+    for _ in 0..7 {
+        prequeue_number(&one, &limits, 0, 0).await;
+    }
+    assert_eq!(two.stats(ROOM, &limits, 0).await.unwrap().prequeued, 7, "two reads the room");
+    flush(&server).await;
+    // Instance one is gone; two restores the line alone, and gives number 8 next.
+    assert_eq!(two.stats(ROOM, &limits, 1_000).await.unwrap().prequeued, 7);
+    assert_eq!(prequeue_number(&two, &limits, 0, 3_500).await, 8);
+}
+
+#[tokio::test]
+async fn a_proof_of_work_takes_one_prequeue_number_across_instances() {
+    let server = RedisServer::start();
+    let (one, two) = (redis_store(&server).await, redis_store(&server).await);
+    let limits = limits(600, 10);
+    assert!(matches!(one.prequeue(ROOM, &limits, EVENT, 0, 0, Some(42)).await, Ok(Prequeued::Number(1))));
+    assert_eq!(two.prequeue(ROOM, &limits, EVENT, 0, 0, Some(42)).await, Err(StoreError::ProofReused));
 }
 
 #[tokio::test]
@@ -569,19 +603,21 @@ async fn a_prequeue_and_its_seating_survive_a_redis_restarted_empty() {
     flush(&server).await;
 
     // Each instance merges what it knew; joins wait meanwhile, so no number is given twice.
-    assert_eq!(two.prequeue(ROOM, &limits, EVENT, 0, 1_000).await, Err(StoreError::Restoring));
+    assert_eq!(two.prequeue(ROOM, &limits, EVENT, 0, 1_000, None).await, Err(StoreError::Restoring));
     assert_eq!(two.stats(ROOM, &limits, 1_000).await.unwrap().line, before.line, "the same line");
     assert_eq!(one.stats(ROOM, &limits, 1_100).await.unwrap().prequeued, 5);
     assert_eq!(prequeue_number(&two, &limits, 0, 3_500).await, 6);
     // A number presented that no instance knew (its answer's instance died) raises the count.
     assert_eq!(prequeue_number(&two, &limits, 8, 3_500).await, 8);
     assert_eq!(prequeue_number(&one, &limits, 0, 3_500).await, 9);
-    assert_eq!(one.seat(ROOM, &limits, EVENT, &SEED, 4_000).await.unwrap().count, 9, "all of them are seated");
+    // The start waits a little longer than joins, for every instance to bring back what it knew.
+    assert_eq!(one.seat(ROOM, &limits, EVENT, (&SEED, true), 4_000).await, Err(StoreError::Restoring));
+    assert_eq!(one.seat(ROOM, &limits, EVENT, (&SEED, true), 6_000).await.unwrap().count, 9, "all of them are seated");
 
     // Lost again after the start: the seating comes back as it was, never redrawn.
-    let seated = two.seat(ROOM, &limits, EVENT, &SEED, 4_000).await.unwrap();
+    let seated = two.seat(ROOM, &limits, EVENT, (&SEED, true), 6_000).await.unwrap();
     flush(&server).await;
-    assert_eq!(two.seat(ROOM, &limits, EVENT, &[1; 32], 9_000).await.unwrap(), seated);
+    assert_eq!(two.seat(ROOM, &limits, EVENT, (&[1; 32], false), 9_000).await.unwrap(), seated);
     assert_eq!(two.join(ROOM, &limits, false, 12_000).await.unwrap(), Joined::Waiting { ticket: 10 });
 }
 
@@ -628,6 +664,7 @@ on_every_store!(
     the_adaptive_rate_binds_grants_below_admit_per_minute,
     a_sale_seats_its_prequeue_once_after_the_line_and_before_later_arrivals,
     a_new_sale_starts_its_prequeue_afresh,
+    a_number_of_another_sale_leaves_the_prequeue_alone,
 );
 
 #[tokio::test]

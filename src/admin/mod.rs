@@ -409,7 +409,7 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
             }));
             json!({ "name": event.name, "phase": phase, "starts_in": starts_in, "prequeued": stats.prequeued, "draw": draw })
         }),
-        "events": room.events_published()["events"],
+        "events": room.events_published(false)["events"],
         "waiting": waiting,
         "active_sessions": stats.active,
         "grants_outstanding": stats.outstanding,

@@ -180,8 +180,11 @@ impl Gate {
         if snapshot.state == RoomState::Closed {
             return Ok(Entry::Closed);
         }
-        let prequeue_event =
-            room.settings().event().filter(|(_, phase)| *phase == Phase::Prequeue).map(|(event, _)| event.id());
+        let prequeue_event = room
+            .settings()
+            .event()
+            .filter(|(_, phase)| *phase == Phase::Prequeue)
+            .map(|(event, _)| (event.id(), event.starts_at));
         // Nobody joins a line the store cannot keep: come back shortly.
         if !snapshot.available {
             return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
@@ -200,7 +203,7 @@ impl Gate {
             GateError::TooManyJoins { retry_after_seconds }
         })?;
         if let Some(event) = prequeue_event {
-            return self.join_prequeue(room, &limits, client, event, now).await;
+            return self.join_prequeue(room, &limits, client, event, now, proof).await;
         }
         let admit_now = snapshot.state == RoomState::Open;
         let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
@@ -250,31 +253,40 @@ impl Gate {
         })
     }
 
-    /// What a pre-queue number holds now.
+    /// What a pre-queue number holds now: the countdown before the start, the place it drew
+    /// after (from the seating known here, or else the store's, whichever sale it is of).
     async fn prequeued(&self, room: &Arc<Room>, held: &Admission, now: u64) -> Prequeue {
         let Some(event) = held.event else { return Prequeue::Gone };
-        let settings = room.settings();
-        let in_force = settings.event().filter(|(config, _)| config.id() == event).map(|(_, phase)| phase);
         let countdown = |number| Prequeue::Waits(Entry::Prequeue { event, number, new_ticket: None });
-        let seating = match (room.sale.seating(event), in_force) {
-            (Some(seating), _) => seating,
-            (None, Some(Phase::Prequeue)) => {
-                // Presented again: a store that lost the pre-queue learns its count back.
-                return match self.store.prequeue(&room.id, &room.limits(), event, held.ticket, now).await {
+        let seating = match room.sale.seating(event) {
+            Some(seating) => seating,
+            None => {
+                let settings = room.settings();
+                let in_force = settings.event().filter(|(config, _)| config.id() == event).map(|(_, phase)| phase);
+                // Presented again: a store that lost the pre-queue learns its count back; one
+                // that seated its sale (another instance's clock is ahead, or the sale ended
+                // before this instance started) says so.
+                match self.store.prequeue(&room.id, &room.limits(), event, held.ticket, now, None).await {
                     Err(error) => {
                         store_failed(room, &error);
-                        countdown(held.ticket)
+                        return countdown(held.ticket);
                     }
-                    Ok(_) => countdown(held.ticket),
-                };
+                    Ok(Prequeued::Seated(seated)) => match room.seated_by_store(seated, now).await {
+                        Ok(seating) => seating,
+                        Err(_) => return countdown(held.ticket),
+                    },
+                    Ok(_) => match in_force {
+                        Some(Phase::Prequeue) => return countdown(held.ticket),
+                        Some(Phase::Started) => match room.seating(&self.store, now).await {
+                            Ok(Some(seating)) => seating,
+                            // The store is away at the start: the number keeps its place.
+                            Ok(None) | Err(_) => return countdown(held.ticket),
+                        },
+                        // A sale no longer in force whose seating nobody kept.
+                        None => return Prequeue::Gone,
+                    },
+                }
             }
-            (None, Some(Phase::Started)) => match room.seating(&self.store, now).await {
-                Ok(Some(seating)) => seating,
-                // The store is away at the start: the number keeps its place; a moment.
-                Ok(None) | Err(_) => return countdown(held.ticket),
-            },
-            // A sale no longer in force whose seating this instance never learned.
-            (None, None) => return Prequeue::Gone,
         };
         match seating.ticket(held.ticket) {
             Some(ticket) => Prequeue::Holds(Arc::new(Admission {
@@ -311,14 +323,22 @@ impl Gate {
         room: &Arc<Room>,
         limits: &crate::line::Limits,
         client: IpAddr,
-        event: u64,
+        event: (u64, u64),
         now: u64,
+        proof: Option<u128>,
     ) -> Result<Entry, GateError> {
-        let number = match self.store.prequeue(&room.id, limits, event, 0, now).await {
+        let (event, starts_at) = event;
+        let number = match self.store.prequeue(&room.id, limits, event, 0, now, proof).await {
             Ok(Prequeued::Number(number)) => number,
             Ok(Prequeued::Full) => {
                 room.joins.give_back(client);
                 return Ok(Entry::Full);
+            }
+            Err(StoreError::ProofReused) => {
+                return Ok(Entry::Challenge {
+                    difficulty: room.challenge().unwrap_or_default(),
+                    refused: Refused::Reused,
+                });
             }
             // The sale started meanwhile (another instance's clock is ahead): come back.
             Ok(Prequeued::Seated(_)) => return Err(GateError::Unavailable { retry_after_seconds: 1 }),
@@ -331,8 +351,10 @@ impl Gate {
         let line = self.store.line(&room.id);
         room.observe_line(line);
         let visitor = random_id();
+        // Kept through the whole pre-queue, however long, and a day after the start.
+        let lifetime = TICKET_LIFETIME + Duration::from_millis(starts_at.saturating_sub(now));
         let signed =
-            self.tokens().mint_prequeue(&room.id, &visitor, number, line, event, TICKET_LIFETIME).map_err(|error| {
+            self.tokens().mint_prequeue(&room.id, &visitor, number, line, event, lifetime).map_err(|error| {
                 tracing::error!(room = %room.id, %error, "cannot sign a pre-queue ticket");
                 GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
             })?;

@@ -45,7 +45,7 @@ impl Gate {
         room.at(self.clock.now_ms());
         match (endpoint, method) {
             ("events", Method::GET) => {
-                let mut response = respond::json(&room.events_published());
+                let mut response = respond::json(&room.events_published(true));
                 response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                 Ok(response)
             }
@@ -64,6 +64,14 @@ impl Gate {
                 }
                 if let Some(ticket) = self.ticket(request.headers(), &room) {
                     room.give_up(ticket.ticket);
+                }
+                // A pre-queue number gives up the place it drew, once the seating is known
+                // here; before the start its place is skipped when nobody shows up for it.
+                if let Some(held) = self.prequeue_ticket(request.headers(), &room) {
+                    let holding = Holding::Prequeue { event: held.event.unwrap_or(0), number: held.ticket };
+                    if let Holding::Ticket(ticket) = room.seated(holding) {
+                        room.give_up(ticket);
+                    }
                 }
                 let cookies = Cookies::new(self.secure_cookies).clear(&room.token_cookie).clear(&room.ticket_cookie);
                 Ok(cookies.on(respond::json(&room.status(Holding::Nothing))))

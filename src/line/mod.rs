@@ -67,6 +67,13 @@ pub const RESEE_MS: u64 = 5_000;
 /// places.
 pub const SEATED_SEE_MS: u64 = 10_000;
 
+/// How long the places of a pre-queue of `count` wait to be seen: [`SEATED_SEE_MS`], and the
+/// time the instances take to report that many (a thousand per 100 ms step each: 0.1 ms a
+/// place), so that nobody present is skipped at a large sale's start.
+pub fn seated_see_ms(count: u64) -> u64 {
+    SEATED_SEE_MS + count / 10
+}
+
 /// Most tickets skipped (left, absent) by one step: the rest are skipped by the next steps, so
 /// that a step's work is bounded however many left.
 pub const MAX_SKIPS: usize = 1_000;
@@ -139,6 +146,8 @@ pub struct Seated {
     /// When (ms).
     pub at: u64,
     pub seed: shuffle::Seed,
+    /// Drawn in the seed's order (`false`: the order of arrival).
+    pub shuffled: bool,
 }
 
 /// The result of taking (or presenting) a pre-queue number.
@@ -207,8 +216,9 @@ pub struct Stats {
     pub settings_version: u64,
     /// The adaptive rate in force (`[rooms.adaptive]`), per minute, as the leader decided it.
     pub adaptive_per_minute: Option<u32>,
-    /// Pre-queue numbers given for the room's latest scheduled sale.
+    /// Pre-queue numbers given for the room's latest scheduled sale, and which sale (0: none).
     pub prequeued: u64,
+    pub prequeue_event: u64,
 }
 
 impl Stats {
@@ -406,6 +416,10 @@ impl Line {
             return Prequeued::Seated(seated);
         }
         if self.prequeue_event != event {
+            if number > 0 && self.prequeue_event != 0 {
+                // A number of another sale than the one in its pre-queue: not counted.
+                return Prequeued::Number(number);
+            }
             self.prequeue_event = event;
             self.prequeue_last = 0;
         }
@@ -423,12 +437,12 @@ impl Line {
     /// Start `event`: its pre-queue takes the tickets after the last one given, in the order
     /// `seed` draws, and later joins line up behind. Once: calling again returns the seating
     /// made, with its seed.
-    pub fn seat(&mut self, event: u64, seed: shuffle::Seed, now: u64) -> Seated {
+    pub fn seat(&mut self, event: u64, seed: shuffle::Seed, shuffled: bool, now: u64) -> Seated {
         if let Some(seated) = self.seated.filter(|seated| seated.event == event) {
             return seated;
         }
         let count = if self.prequeue_event == event { self.prequeue_last } else { 0 };
-        let seated = Seated { event, base: self.last_ticket, count, at: now, seed };
+        let seated = Seated { event, base: self.last_ticket, count, at: now, seed, shuffled };
         self.last_ticket += count;
         self.seated = Some(seated);
         seated
@@ -632,6 +646,7 @@ impl Line {
             settings_version: 0,
             adaptive_per_minute: (limits.adaptive_per_minute > 0).then_some(limits.per_minute()),
             prequeued: self.prequeue_last,
+            prequeue_event: self.prequeue_event,
         }
     }
 }

@@ -61,6 +61,9 @@ pub const READ_EVERY: Duration = Duration::from_secs(1);
 pub const IDLE_READ_EVERY: Duration = Duration::from_secs(10);
 /// Most waiters and sessions seen, buffered between two steps (or while the store is away).
 const MAX_PENDING_TOUCHES: usize = 100_000;
+
+/// How often an instance checks the seating of a sale it knows against the store's (ms).
+const SEATING_CHECK_MS: u64 = 10_000;
 /// Most waiters and sessions reported to the store by one step; the rest go with the next.
 const TOUCH_BATCH: usize = 1_000;
 /// Most departures (sessions ended, places given up) held for the store, and sent by one step.
@@ -212,6 +215,7 @@ pub struct Room {
     /// changes next (0: to be worked out).
     at_ms: AtomicU64,
     event_change_at: AtomicU64,
+    changing_event: Mutex<()>,
     stop: CancellationToken,
 }
 
@@ -275,6 +279,7 @@ impl Room {
             sale: sale::Sale::default(),
             at_ms: AtomicU64::new(0),
             event_change_at: AtomicU64::new(0),
+            changing_event: Mutex::default(),
             stop,
         }
     }
@@ -439,6 +444,13 @@ impl Room {
         if now < self.event_change_at.load(Ordering::Relaxed) {
             return;
         }
+        // One at a time, from the latest time any caller brought the room to: a caller whose
+        // `now` lags never puts an earlier phase back in force.
+        let Ok(_one) = self.changing_event.lock() else { return };
+        let now = self.at_ms.load(Ordering::Relaxed);
+        if now < self.event_change_at.load(Ordering::Relaxed) {
+            return;
+        }
         let mut next = u64::MAX;
         self.settings.rcu(|current| {
             let (event, change) = settings::event_at(&current.config.events, now);
@@ -457,36 +469,85 @@ impl Room {
         let settings = self.settings();
         let Some((event, settings::Phase::Started)) = settings.event() else { return Ok(None) };
         let id = event.id();
-        if let Some(seating) = self.sale.seating(id) {
-            return Ok(Some(seating));
+        let cached = self.sale.seating(id);
+        // Checked against the store now and then: after a double fault (Redis lost while
+        // this instance could not reach it) the store's seating is the one every other
+        // instance follows.
+        let due = |seating: &sale::Seating| now >= seating.checked_at.load(Ordering::Relaxed) + SEATING_CHECK_MS;
+        if let Some(seating) = cached.as_ref().filter(|seating| !due(seating)) {
+            return Ok(Some(seating.clone()));
         }
         let _held = self.sale.seating_lock.lock().await;
-        if let Some(seating) = self.sale.seating(id) {
+        if let Some(seating) = self.sale.seating(id).filter(|seating| !due(seating)) {
             return Ok(Some(seating));
         }
         let limits = self.limits_of(&settings);
         let seed = self.sale.seed(&self.id, &event.name, id);
-        let seated = store.seat(&self.id, &limits, id, &seed, now).await?;
-        let shuffled = event.shuffle;
-        let seating = tokio::task::spawn_blocking(move || sale::Seating::new(seated, shuffled))
+        let seated = store.seat(&self.id, &limits, id, (&seed, event.shuffle), now).await?;
+        match cached {
+            Some(seating) if seating.seated == seated => {
+                seating.checked_at.store(now, Ordering::Relaxed);
+                Ok(Some(seating))
+            }
+            Some(seating) => {
+                tracing::error!(
+                    room = %self.id,
+                    here = ?seating.seated,
+                    store = ?seated,
+                    "this instance's seating of the sale is not the store's: following the store's"
+                );
+                self.install_seating(seated, &event.name, &limits, now).await.map(Some)
+            }
+            None => self.install_seating(seated, &event.name, &limits, now).await.map(Some),
+        }
+    }
+
+    /// Put the seating `seated` in force here: its order drawn (off the runtime), and the
+    /// pre-queue numbers seen here lately seen at their places at once, front first.
+    async fn install_seating(
+        &self,
+        seated: crate::line::Seated,
+        name: &str,
+        limits: &Limits,
+        now: u64,
+    ) -> Result<Arc<sale::Seating>, StoreError> {
+        let seating = tokio::task::spawn_blocking(move || sale::Seating::new(seated, now))
             .await
             .map_err(|error| StoreError::Failed(format!("drawing the pre-queue's order: {error}")))?;
         let seating = Arc::new(seating);
         self.sale.set_seating(seating.clone());
-        let seen = self.sale.seen_since(id, now.saturating_sub(limits.abandon_ms));
+        let seen = self.sale.seen_since(seated.event, now.saturating_sub(limits.abandon_ms));
         tracing::info!(
             room = %self.id,
-            event = %event.name,
+            event = %name,
             prequeued = seated.count,
             seen_here = seen.len(),
             first_ticket = seated.base + 1,
             seed = %seating.seed(),
             "the sale started: the pre-queue has its places"
         );
-        self.touch_all(seen.into_iter().filter_map(|number| seating.ticket(number)));
+        let mut tickets: Vec<u64> = seen.into_iter().filter_map(|number| seating.ticket(number)).collect();
+        tickets.sort_unstable();
+        self.touch_all(tickets);
         // Feeds of the pre-queue learn their places now.
         self.snapshot.send_modify(|snapshot| snapshot.generation += 1);
-        Ok(Some(seating))
+        Ok(seating)
+    }
+
+    /// The seating of a pre-queue number's sale that the store answered with (`seated`):
+    /// the one known here if it is the same, else put in force here.
+    pub async fn seated_by_store(
+        &self,
+        seated: crate::line::Seated,
+        now: u64,
+    ) -> Result<Arc<sale::Seating>, StoreError> {
+        if let Some(seating) = self.sale.seating(seated.event).filter(|seating| seating.seated == seated) {
+            return Ok(seating);
+        }
+        let _held = self.sale.seating_lock.lock().await;
+        let settings = self.settings();
+        let name = settings.config.events.iter().find(|e| e.id() == seated.event).map_or("", |e| e.name.as_str());
+        self.install_seating(seated, name, &self.limits_of(&settings), now).await
     }
 
     /// Change the room's state and message here only (tests); published at once.
@@ -569,7 +630,14 @@ impl Room {
         if let Ok(mut touched) = self.touched.lock() {
             for ticket in tickets {
                 if touched.len() >= MAX_PENDING_TOUCHES {
-                    break;
+                    // Full: the places nearest the front are kept, the farthest wait for the
+                    // next report of their holder.
+                    match touched.last() {
+                        Some(last) if *last > ticket => {
+                            touched.pop_last();
+                        }
+                        _ => continue,
+                    }
                 }
                 touched.insert(ticket);
             }
@@ -1049,14 +1117,17 @@ impl Room {
     /// The room's scheduled sales as `/_vestibule/events?room=` publishes them: each with its
     /// times and phase; once a sale started and its seating is known here, its seed and how
     /// to check one's own place with it.
-    pub fn events_published(&self) -> serde_json::Value {
+    /// `public`: only the events whose pre-queue has opened (the operator sees them all).
+    pub fn events_published(&self, public: bool) -> serde_json::Value {
         let settings = self.settings.load();
         let in_force = settings.event;
+        let now = self.at_ms.load(Ordering::Relaxed);
         let events: Vec<serde_json::Value> = settings
             .config
             .events
             .iter()
             .enumerate()
+            .filter(|(_, event)| !public || event.prequeue_at <= now)
             .map(|(index, event)| {
                 let phase = in_force.filter(|e| e.index == index).map(|e| e.phase);
                 let seating = self.sale.seating(event.id());
@@ -1065,7 +1136,7 @@ impl Room {
                         "seed": seating.seed(),
                         "prequeued": seating.seated.count,
                         "first_ticket": seating.seated.base + 1,
-                        "shuffled": event.shuffle,
+                        "shuffled": seating.seated.shuffled,
                         "started_at": seating.seated.at / 1_000,
                     })
                 });
@@ -1333,6 +1404,18 @@ mod tests {
         room.step(&Store::memory(), clock.now_ms()).await.unwrap();
         assert!(!room.is_revoked(2) && room.is_revoked(1), "forgotten once the token has expired");
         assert_eq!(room.revoked.read().unwrap().len(), 150_000);
+    }
+
+    #[test]
+    fn touches_kept_when_too_many_are_those_nearest_the_front() {
+        let room = room("admit_per_minute = 600\nmax_active = 10");
+        room.touch_all(1_000..1_000 + MAX_PENDING_TOUCHES as u64);
+        room.touch_all([5, 2_000_000]);
+        let touched = room.touched.lock().unwrap();
+        assert_eq!(touched.len(), MAX_PENDING_TOUCHES);
+        assert!(touched.contains(&5) && !touched.contains(&2_000_000));
+        assert!(!touched.contains(&(999 + MAX_PENDING_TOUCHES as u64)), "the farthest made way");
+        assert_eq!(touched.first(), Some(&5), "and the report takes the front first");
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,16 +27,18 @@ const MAX_SEEN: usize = 1_000_000;
 pub struct Seating {
     pub seated: Seated,
     /// The drawn order; `None` for an event that keeps the order of arrival (`shuffle =
-    /// false`).
+    /// false`, as the seating was made: whatever the configuration says now).
     order: Option<Shuffle>,
+    /// When this instance last checked it against the store (ms).
+    pub(super) checked_at: std::sync::atomic::AtomicU64,
 }
 
 impl Seating {
     /// The seating `seated`, its order drawn from its seed (a SHA-256 per pre-queue number
     /// and a sort: about a second for a million).
-    pub fn new(seated: Seated, shuffled: bool) -> Seating {
-        let order = shuffled.then(|| Shuffle::new(&seated.seed, 1, seated.count));
-        Seating { seated, order }
+    pub fn new(seated: Seated, now: u64) -> Seating {
+        let order = seated.shuffled.then(|| Shuffle::new(&seated.seed, 1, seated.count));
+        Seating { seated, order, checked_at: now.into() }
     }
 
     /// The ticket pre-queue number `number` holds: `None` for a number the pre-queue never
@@ -129,13 +131,13 @@ impl Sale {
 mod tests {
     use super::*;
 
-    fn seated(count: u64) -> Seated {
-        Seated { event: 1, base: 40, count, at: 0, seed: [7; 32] }
+    fn seated(count: u64, shuffled: bool) -> Seated {
+        Seated { event: 1, base: 40, count, at: 0, seed: [7; 32], shuffled }
     }
 
     #[test]
     fn every_number_of_the_prequeue_holds_one_ticket_after_the_base() {
-        let seating = Seating::new(seated(1_000), true);
+        let seating = Seating::new(seated(1_000, true), 0);
         let mut tickets: Vec<u64> = (1..=1_000).map(|n| seating.ticket(n).unwrap()).collect();
         assert_ne!(tickets, (41..=1_040).collect::<Vec<_>>(), "drawn, not in order of arrival");
         tickets.sort_unstable();
@@ -145,7 +147,7 @@ mod tests {
 
     #[test]
     fn an_event_without_shuffle_keeps_the_order_of_arrival() {
-        let seating = Seating::new(seated(5), false);
+        let seating = Seating::new(seated(5, false), 0);
         assert_eq!((1..=5).map(|n| seating.ticket(n).unwrap()).collect::<Vec<_>>(), vec![41, 42, 43, 44, 45]);
     }
 

@@ -155,8 +155,9 @@ impl Store {
         }
     }
 
-    /// Take a pre-queue number for a scheduled sale (`number` 0), or present one taken
-    /// earlier; the seating once the sale started.
+    /// Take a pre-queue number for a scheduled sale (`number` 0; with the join's proof of
+    /// work, taken once across every instance), or present one taken earlier; the seating
+    /// once the sale started.
     pub async fn prequeue(
         &self,
         room: &str,
@@ -164,25 +165,27 @@ impl Store {
         event: u64,
         number: u64,
         now: u64,
+        proof: Option<u128>,
     ) -> Result<Prequeued, StoreError> {
         match self {
             Store::Memory(store) => Ok(store.with(room, |line| line.prequeue(limits, event, number))),
-            Store::Redis(store) => store.prequeue(room, limits, event, number, now).await,
+            Store::Redis(store) => store.prequeue(room, limits, event, number, now, proof).await,
         }
     }
 
-    /// Start a scheduled sale once: its pre-queue takes its places in the order `seed` draws.
+    /// Start a scheduled sale once: its pre-queue takes its places in the order `seed` draws
+    /// (`shuffled`), or in the order of arrival.
     pub async fn seat(
         &self,
         room: &str,
         limits: &Limits,
         event: u64,
-        seed: &Seed,
+        draw: (&Seed, bool),
         now: u64,
     ) -> Result<Seated, StoreError> {
         match self {
-            Store::Memory(store) => Ok(store.with(room, |line| line.seat(event, *seed, now))),
-            Store::Redis(store) => store.seat(room, limits, event, seed, now).await,
+            Store::Memory(store) => Ok(store.with(room, |line| line.seat(event, *draw.0, draw.1, now))),
+            Store::Redis(store) => store.seat(room, limits, event, draw, now).await,
         }
     }
 

@@ -94,13 +94,20 @@ impl Knowledge {
         self.last = self.last.max(seated.base + seated.count);
         self.seated = Some(seated);
     }
+
+    /// Pre-queue number `number` of `event` was given (or seen): a later event's pre-queue
+    /// replaces an earlier one's.
+    fn learn_prequeue(&mut self, event: u64, number: u64) {
+        let known = self.prequeue.filter(|(known, _)| *known == event).map_or(0, |(_, last)| last);
+        self.prequeue = Some((event, known.max(number)));
+    }
 }
 
 /// A seating as a script returned it.
-fn seated_of(event: u64, base: u64, count: u64, at: u64, seed: &str) -> Result<Seated, StoreError> {
+fn seated_of(event: u64, base: u64, count: u64, at: u64, seed: &str, shuffled: u8) -> Result<Seated, StoreError> {
     let seed =
         shuffle::parse_hex(seed).ok_or_else(|| StoreError::Failed("redis: a seating without its seed".into()))?;
-    Ok(Seated { event, base, count, at, seed })
+    Ok(Seated { event, base, count, at, seed, shuffled: shuffled == 1 })
 }
 
 /// One Redis server (reconnecting by itself), or a Redis Cluster (routing each script by its
@@ -282,11 +289,23 @@ fn classify(error: RedisError) -> StoreError {
 }
 
 /// The report every line script can give (`report()` in `lua/common.lua`).
-type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64, u32, u64);
+type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64, u32, u64, u64);
 
 fn stats_of(report: Report, now: u64) -> Stats {
-    let (cursor, last_ticket, active, outstanding, admitted, first, epoch, line, settings_version, adaptive, prequeued) =
-        report;
+    let (
+        cursor,
+        last_ticket,
+        active,
+        outstanding,
+        admitted,
+        first,
+        epoch,
+        line,
+        settings_version,
+        adaptive,
+        prequeued,
+        prequeue_event,
+    ) = report;
     Stats {
         cursor,
         last_ticket,
@@ -300,6 +319,7 @@ fn stats_of(report: Report, now: u64) -> Stats {
         settings_version,
         adaptive_per_minute: (adaptive > 0).then_some(adaptive),
         prequeued,
+        prequeue_event,
     }
 }
 
@@ -586,8 +606,9 @@ impl RedisStore {
             Some((event, last)) => invocation.arg(event).arg(last),
             None => invocation.arg("").arg(0),
         };
-        let seated =
-            known.seated.map(|s| format!("{} {} {} {} {}", s.event, s.base, s.count, s.at, shuffle::hex(&s.seed)));
+        let seated = known.seated.map(|s| {
+            format!("{} {} {} {} {} {}", s.event, s.base, s.count, s.at, shuffle::hex(&s.seed), u8::from(s.shuffled))
+        });
         invocation.arg(seated.unwrap_or_default());
         let epoch: u64 = self.invoke("restore", invocation).await?;
         if known.last > 0 && epoch != known.epoch {
@@ -637,6 +658,10 @@ impl RedisStore {
             if stats.line != 0 {
                 k.line = stats.line;
             }
+            // Every read learns the pre-queue's count: no instance is the only one to know it.
+            if stats.prequeue_event != 0 {
+                k.learn_prequeue(stats.prequeue_event, stats.prequeued);
+            }
         });
         Ok(stats)
     }
@@ -650,29 +675,28 @@ impl RedisStore {
         event: u64,
         number: u64,
         now: u64,
+        proof: Option<u128>,
     ) -> Result<Prequeued, StoreError> {
-        type Reply = (u8, u64, u64, u64, u64, String, u64);
-        let (kind, number, base, count, at, seed, line): Reply = self
+        type Reply = (u8, u64, u64, u64, u64, String, u64, u8);
+        let proof = proof.map(|id| format!("{id:032x}")).unwrap_or_default();
+        let (kind, number, base, count, at, seed, line, shuffled): Reply = self
             .run("prequeue", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.prequeue, room, limits, now, Absence::Excuse);
-                invocation.arg(event).arg(number).arg(limits.max_waiting);
+                invocation.arg(event).arg(number).arg(limits.max_waiting).arg(&proof);
                 invocation
             })
             .await?;
         let prequeued = match kind {
             0 => Prequeued::Number(number),
             2 => Prequeued::Full,
-            _ => Prequeued::Seated(seated_of(event, base, count, at, &seed)?),
+            _ => Prequeued::Seated(seated_of(event, base, count, at, &seed, shuffled)?),
         };
         self.learn(room, |k| {
             if line != 0 {
                 k.line = line;
             }
             match prequeued {
-                Prequeued::Number(number) => {
-                    let known = k.prequeue.filter(|(known, _)| *known == event).map_or(0, |(_, last)| last);
-                    k.prequeue = Some((event, known.max(number)));
-                }
+                Prequeued::Number(number) => k.learn_prequeue(event, number),
                 Prequeued::Seated(seated) => k.learn_seated(seated),
                 Prequeued::Full => {}
             }
@@ -687,18 +711,18 @@ impl RedisStore {
         room: &str,
         limits: &Limits,
         event: u64,
-        seed: &shuffle::Seed,
+        draw: (&shuffle::Seed, bool),
         now: u64,
     ) -> Result<Seated, StoreError> {
-        let seed = shuffle::hex(seed);
-        let (base, count, at, seed, line): (u64, u64, u64, String, u64) = self
+        let seed = shuffle::hex(draw.0);
+        let (base, count, at, seed, line, shuffled): (u64, u64, u64, String, u64, u8) = self
             .run("seat", room, limits, now, |store| {
                 let mut invocation = store.invocation(&store.scripts.seat, room, limits, now, Absence::Excuse);
-                invocation.arg(event).arg(&seed);
+                invocation.arg(event).arg(&seed).arg(u8::from(draw.1));
                 invocation
             })
             .await?;
-        let seated = seated_of(event, base, count, at, &seed)?;
+        let seated = seated_of(event, base, count, at, &seed, shuffled)?;
         self.learn(room, |k| {
             if line != 0 {
                 k.line = line;
@@ -761,7 +785,7 @@ impl RedisStore {
             })
             .await?;
         let malformed = || StoreError::Failed("unexpected redis reply to advance".into());
-        let (head, ended) = reply.split_at_checked(12).ok_or_else(malformed)?;
+        let (head, ended) = reply.split_at_checked(13).ok_or_else(malformed)?;
         let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
         let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
         let report = (
@@ -776,6 +800,7 @@ impl RedisStore {
             number(9)?,
             count(10)?,
             number(11)?,
+            number(12)?,
         );
         let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
         let stats = self.reported(room, limits, now, report).await?;

@@ -46,12 +46,13 @@ local restored_upto = number(KEYS[1], 'restored_upto')
 -- to a ticket beyond its last): their holders have RESEE_MS from then to be reported.
 local resee_until = math.max(restored_at or 0, number(KEYS[1], 'grown_at')) + RESEE_MS
 -- A scheduled sale's pre-queue was given its places (seat.lua): those places' holders have
--- SEATED_SEE_MS from then to be reported (every instance reports the ones it saw in the
--- pre-queue at once).
+-- SEATED_SEE_MS from then, and 0.1 ms a place, to be reported (every instance reports the
+-- ones it saw in the pre-queue at once, a thousand a step; src/line/mod.rs, seated_see_ms).
 local seated = redis.call('HMGET', KEYS[1], 'seated_base', 'seated_count', 'seated_at')
+local seated_count = tonumber(seated[2] or '0')
 local seated_from = tonumber(seated[1] or '0') + 1
-local seated_upto = tonumber(seated[1] or '0') + tonumber(seated[2] or '0')
-local seated_see_until = tonumber(seated[3] or '0') + SEATED_SEE_MS
+local seated_upto = tonumber(seated[1] or '0') + seated_count
+local seated_see_until = tonumber(seated[3] or '0') + SEATED_SEE_MS + math.floor(seated_count / 10)
 local room_left = free()
 local granted = 0
 local skipped = 0

@@ -18,7 +18,7 @@
 --                            rate the leader decided: advance.lua), pq_event, pq_last (a
 --                            scheduled sale's pre-queue: its event id and the last number
 --                            given: prequeue.lua), seated_event, seated_base, seated_count,
---                            seated_at, seated_seed (its places: seat.lua)
+--                            seated_at, seated_seed, seated_shuffled (its places: seat.lua)
 -- KEYS[2]  grants      zset: ticket -> granted at (ms); granted turns not yet redeemed
 -- KEYS[3]  sessions    zset: ticket -> expires at (ms); active sessions
 -- KEYS[4]  left        set:  tickets after the cursor whose holders left
@@ -234,7 +234,7 @@ end
 
 -- What the room looks like: {cursor, last, active, outstanding, admissions in the window,
 -- first admission (ms) or -1, epoch, line id, version of the live overrides, the adaptive
--- rate in force or 0, the last pre-queue number given}.
+-- rate in force or 0, the last pre-queue number given, the event of that pre-queue or 0}.
 local function report()
   local first = redis.call('LINDEX', KEYS[8], 0)
   return {
@@ -249,5 +249,6 @@ local function report()
     number(KEYS[1], 'o_version'),
     adaptive and per_minute or 0,
     number(KEYS[1], 'pq_last'),
+    redis.call('HGET', KEYS[1], 'pq_event') or 0,
   }
 end

@@ -6,7 +6,7 @@
 -- turns granted (not yet redeemed) it knew, ARGV[15] the line id it knew (0: none), ARGV[16]
 -- the live overrides it knew (JSON) and ARGV[17] their version (0: none), ARGV[18] the event
 -- of the pre-queue it knew ('' for none) and ARGV[19] the last pre-queue number it knew,
--- ARGV[20] the seating it knew as "event base count at seed" ('' for none).
+-- ARGV[20] the seating it knew as "event base count at seed shuffled" ('' for none).
 -- Returns the line's epoch.
 local known_epoch = tonumber(ARGV[10])
 local known_last = tonumber(ARGV[11])
@@ -41,10 +41,10 @@ local function restore_sale()
     end
   end
   if ARGV[20] ~= '' and not redis.call('HGET', KEYS[1], 'seated_event') then
-    local e, base, count, at, seed = string.match(ARGV[20], '^(%d+) (%d+) (%d+) (%d+) (%x+)$')
+    local e, base, count, at, seed, shuffled = string.match(ARGV[20], '^(%d+) (%d+) (%d+) (%d+) (%x+) ([01])$')
     if e then
       redis.call('HSET', KEYS[1], 'seated_event', e, 'seated_base', base, 'seated_count', count, 'seated_at', at,
-        'seated_seed', seed)
+        'seated_seed', seed, 'seated_shuffled', shuffled)
     end
   end
 end
