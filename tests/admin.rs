@@ -645,9 +645,12 @@ async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdo
     let at = |time| humantime::format_rfc3339_seconds(time).to_string();
     let rooms = format!(
         "{ROOM}admit_per_minute = 600\nmax_active = 50\n[[rooms.events]]\nname = \"Drop\"\n\
-         prequeue_at = {}\nstarts_at = {}\nmax_active = 5\n",
+         prequeue_at = {}\nstarts_at = {}\nmax_active = 5\n\
+         [[rooms.events]]\nname = \"Secret\"\nprequeue_at = {}\nstarts_at = {}\n",
         at(std::time::SystemTime::now() - Duration::from_secs(5)),
         at(starts),
+        at(starts + Duration::from_secs(86_400)),
+        at(starts + Duration::from_secs(86_400 + 3_600)),
     );
     let admin = start_admin(upstream, &rooms).await;
     let mut visitors: Vec<Visitor> = (0..3).map(|_| Visitor::new(admin.running.addr)).collect();
@@ -659,6 +662,11 @@ async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdo
     assert_eq!((view["state"].clone(), view["max_active"].clone()), (json!("paused"), json!(5)), "the event's");
     assert!(view["sale"]["starts_in"].as_u64().unwrap() <= 4);
     assert!(view["sale"]["draw"].is_null() && view["events"][0]["draw"].is_null(), "no seed before the start");
+    assert_eq!(view["events"][1]["name"], "Secret", "the operator sees every event");
+    let (_, _, body) = get(admin.running.addr, "/_vestibule/events?room=checkout", &[]).await;
+    let published: Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = published["events"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(names, ["Drop"], "visitors see an event from its pre-queue on: {published}");
 
     // The feed counts down, then gives the place the draw gave.
     let mut feed = visitors[0].feed().await;
