@@ -128,6 +128,20 @@ local function forget(ticket, why)
   end
 end
 
+-- A join's proof of work (its id; '' for none) is taken once across every instance: false
+-- when it was taken already.
+local function take_proof(id)
+  if id == '' then
+    return true
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', now)
+  if redis.call('ZSCORE', KEYS[15], id) then
+    return false
+  end
+  redis.call('ZADD', KEYS[15], now + 120000, id)
+  return true
+end
+
 -- A session's place is free: it leaves every set that knew it.
 local function drop_session(ticket)
   redis.call('ZREM', KEYS[11], ticket)

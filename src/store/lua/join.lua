@@ -23,12 +23,8 @@ if max_waiting > 0 then
     return {2, 0, 0, number(KEYS[1], 'line_id')}
   end
 end
-if ARGV[12] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', now)
-  if redis.call('ZSCORE', KEYS[15], ARGV[12]) then
-    return redis.error_reply('REUSED the proof of work was used already')
-  end
-  redis.call('ZADD', KEYS[15], now + 120000, ARGV[12])
+if not take_proof(ARGV[12]) then
+  return redis.error_reply('REUSED the proof of work was used already')
 end
 local ticket = redis.call('HINCRBY', KEYS[1], 'last', 1)
 -- Only a join that may be let in at once (nobody ahead) needs the line's ends and its budget

@@ -42,11 +42,7 @@ local max_waiting = tonumber(ARGV[12])
 if max_waiting > 0 and last >= max_waiting then
   return {2, 0, 0, 0, 0, '', line_id, 0}
 end
-if ARGV[13] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', now)
-  if redis.call('ZSCORE', KEYS[15], ARGV[13]) then
-    return redis.error_reply('REUSED the proof of work was used already')
-  end
-  redis.call('ZADD', KEYS[15], now + 120000, ARGV[13])
+if not take_proof(ARGV[13]) then
+  return redis.error_reply('REUSED the proof of work was used already')
 end
 return {0, redis.call('HINCRBY', KEYS[1], 'pq_last', 1), 0, 0, 0, '', line_id, 0}
