@@ -641,7 +641,8 @@ async fn the_access_log_has_one_line_per_request_and_never_a_query_cookie_or_tok
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdown_to_the_feed() {
     let (upstream, _) = start_upstream().await;
-    let starts = std::time::SystemTime::now() + Duration::from_secs(3);
+    // Long enough for three joins and a read of the room on a busy machine.
+    let starts = std::time::SystemTime::now() + Duration::from_secs(8);
     let at = |time| humantime::format_rfc3339_seconds(time).to_string();
     let rooms = format!(
         "{ROOM}admit_per_minute = 600\nmax_active = 50\n[[rooms.events]]\nname = \"Drop\"\n\
@@ -660,7 +661,7 @@ async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdo
     let view = view_until(admin.addr(), "the pre-queue", |view| view["sale"]["prequeued"] == 3).await;
     assert_eq!(view["sale"]["phase"], "prequeue", "{view}");
     assert_eq!((view["state"].clone(), view["max_active"].clone()), (json!("paused"), json!(5)), "the event's");
-    assert!(view["sale"]["starts_in"].as_u64().unwrap() <= 4);
+    assert!(view["sale"]["starts_in"].as_u64().unwrap() <= 9);
     assert!(view["sale"]["draw"].is_null() && view["events"][0]["draw"].is_null(), "no seed before the start");
     assert_eq!(view["events"][1]["name"], "Secret", "the operator sees every event");
     let (_, _, body) = get(admin.running.addr, "/_vestibule/events?room=checkout", &[]).await;
@@ -671,7 +672,7 @@ async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdo
     // The feed counts down, then gives the place the draw gave.
     let mut feed = visitors[0].feed().await;
     let countdown = feed_until(&mut feed, "prequeue").await;
-    assert!(countdown["starts_in"].as_u64().unwrap() <= 4, "{countdown}");
+    assert!(countdown["starts_in"].as_u64().unwrap() <= 9, "{countdown}");
     let placed = loop {
         let message = common::visitor::next_message(&mut feed).await;
         if message["type"] != "prequeue" {

@@ -79,7 +79,8 @@ async fn the_tab_shows_the_place_and_a_locked_phone_comes_back_in_line_and_is_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prequeue_counts_down_and_the_page_takes_its_drawn_place_at_the_start() {
-    let lead = 5;
+    // Long enough for Chromium to start and load both pages while other journeys run.
+    let lead = 20;
     let at = |time| humantime::format_rfc3339_seconds(time).to_string();
     let now = std::time::SystemTime::now();
     let room = format!(

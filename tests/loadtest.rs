@@ -198,7 +198,8 @@ async fn the_crowd_solves_a_rooms_proof_of_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_rehearsal_reports_every_place_against_the_published_draw() {
     let (upstream_addr, upstream) = start_upstream().await;
-    let starts = std::time::SystemTime::now() + Duration::from_secs(3);
+    // Long enough for the command to start and the crowd to arrive on a busy machine.
+    let starts = std::time::SystemTime::now() + Duration::from_secs(8);
     let at = |time| humantime::format_rfc3339_seconds(time).to_string();
     let room = format!(
         "admit_per_minute = 60\nmax_active = 100\nstate = \"closed\"\n[[rooms.events]]\nname = \"Drop\"\n\
