@@ -402,11 +402,7 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
         // and once started its draw; every event of the room with its times.
         "sale": settings.event().map(|(event, phase)| {
             let starts_in = snapshot.starts_at.map(|at| room.starts_in(at));
-            let draw = room.sale.seating(event.id()).map(|seating| json!({
-                "seed": seating.seed(),
-                "prequeued": seating.seated.count,
-                "first_ticket": seating.seated.base + 1,
-            }));
+            let draw = room.sale.seating(event.id()).map(|seating| seating.published());
             json!({ "name": event.name, "phase": phase, "starts_in": starts_in, "prequeued": stats.prequeued, "draw": draw })
         }),
         "events": room.events_published(false)["events"],

@@ -34,6 +34,20 @@ enum Prequeue {
     Gone,
 }
 
+/// A ticket or token that could not be signed: logged, and the visitor asked to come back.
+fn unsigned(room: &Room, what: &str, error: crate::token::TokenError) -> GateError {
+    tracing::error!(room = %room.id, %error, "cannot sign {what}");
+    GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
+}
+
+/// `cookies`, setting a ticket just taken (or swapped) if there is one.
+fn with_ticket(cookies: Cookies, room: &Room, new_ticket: Option<String>) -> Cookies {
+    match new_ticket {
+        Some(ticket) => cookies.set(&room.ticket_cookie, &ticket, TICKET_LIFETIME.as_secs()),
+        None => cookies,
+    }
+}
+
 /// How long a ticket cookie holds a place.
 const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -87,21 +101,13 @@ impl Gate {
                 if let Some(seconds) = retry_after {
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 }
-                let cookies = match new_ticket {
-                    Some(ticket) => cookies.set(&room.ticket_cookie, &ticket, TICKET_LIFETIME.as_secs()),
-                    None => cookies,
-                };
-                cookies.on(response)
+                with_ticket(cookies, room, new_ticket).on(response)
             }
             Entry::Prequeue { event, number, new_ticket } => {
                 let holding = Holding::Prequeue { event, number };
                 room.seen(holding);
                 let response = respond::held(room, holding, 0, None, page, accept_language);
-                let cookies = match new_ticket {
-                    Some(ticket) => cookies.set(&room.ticket_cookie, &ticket, TICKET_LIFETIME.as_secs()),
-                    None => cookies,
-                };
-                cookies.on(response)
+                with_ticket(cookies, room, new_ticket).on(response)
             }
             Entry::Closed => {
                 let closed = StatusCode::SERVICE_UNAVAILABLE;
@@ -244,10 +250,7 @@ impl Gate {
                 let signed = self
                     .tokens()
                     .mint_ticket(&room.id, &visitor, ticket, line, cursor, TICKET_LIFETIME)
-                    .map_err(|error| {
-                        tracing::error!(room = %room.id, %error, "cannot sign a ticket");
-                        GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
-                    })?;
+                    .map_err(|error| unsigned(room, "a ticket", error))?;
                 Entry::Wait { ticket, start: ticket - cursor, why, new_ticket: Some(signed), retry_after: None }
             }
         })
@@ -308,12 +311,9 @@ impl Gate {
     /// A ticket cookie for the place `ticket` holds.
     fn sign_ticket(&self, room: &Room, ticket: &Admission) -> Result<String, GateError> {
         let cursor = ticket.cursor_at_join.unwrap_or(0);
-        self.tokens()
-            .mint_ticket(&room.id, &ticket.visitor, ticket.ticket, ticket.line, cursor, TICKET_LIFETIME)
-            .map_err(|error| {
-                tracing::error!(room = %room.id, %error, "cannot sign a ticket");
-                GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
-            })
+        let signed =
+            self.tokens().mint_ticket(&room.id, &ticket.visitor, ticket.ticket, ticket.line, cursor, TICKET_LIFETIME);
+        signed.map_err(|error| unsigned(room, "a ticket", error))
     }
 
     /// A newcomer in a sale's pre-queue: a pre-queue number (the join limit applied as to
@@ -353,11 +353,10 @@ impl Gate {
         let visitor = random_id();
         // Kept through the whole pre-queue, however long, and a day after the start.
         let lifetime = TICKET_LIFETIME + Duration::from_millis(starts_at.saturating_sub(now));
-        let signed =
-            self.tokens().mint_prequeue(&room.id, &visitor, number, line, event, lifetime).map_err(|error| {
-                tracing::error!(room = %room.id, %error, "cannot sign a pre-queue ticket");
-                GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
-            })?;
+        let signed = self
+            .tokens()
+            .mint_prequeue(&room.id, &visitor, number, line, event, lifetime)
+            .map_err(|error| unsigned(room, "a pre-queue ticket", error))?;
         Ok(Entry::Prequeue { event, number, new_ticket: Some(signed) })
     }
 
@@ -426,11 +425,10 @@ impl Gate {
         trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
         let ticket = place.ticket;
-        let token =
-            self.tokens().mint(&room.id, visitor, ticket, place.line, expires_at_ms / 1_000).map_err(|error| {
-                tracing::error!(room = %room.id, %error, "cannot sign an admission token");
-                GateError::Unavailable { retry_after_seconds: RETRY_SECONDS }
-            })?;
+        let token = self
+            .tokens()
+            .mint(&room.id, visitor, ticket, place.line, expires_at_ms / 1_000)
+            .map_err(|error| unsigned(room, "an admission token", error))?;
         let cookies = Cookies::new(self.secure_cookies).clear_if_sent(request.headers(), &room.ticket_cookie);
         let json = !wants_page(&request);
         // The session exists from here on, confirmed at once: even when the upstream fails,

@@ -308,11 +308,7 @@ where
                 }
                 pong_due.get_or_insert(Instant::now() + PONG_DEADLINE);
             }
-            _ = touch.tick() => match holding {
-                Holding::Ticket(ticket) => room.touch(ticket),
-                Holding::Prequeue { event, number } => room.prequeue_seen(event, number),
-                _ => {}
-            },
+            _ = touch.tick() => room.seen(holding),
             () = stop.cancelled() => {
                 let _ = tokio::time::timeout(SEND_DEADLINE, socket.close(None)).await;
                 return;

@@ -1131,15 +1131,7 @@ impl Room {
             .map(|(index, event)| {
                 let phase = in_force.filter(|e| e.index == index).map(|e| e.phase);
                 let seating = self.sale.seating(event.id());
-                let draw = seating.as_ref().map(|seating| {
-                    serde_json::json!({
-                        "seed": seating.seed(),
-                        "prequeued": seating.seated.count,
-                        "first_ticket": seating.seated.base + 1,
-                        "shuffled": seating.seated.shuffled,
-                        "started_at": seating.seated.at / 1_000,
-                    })
-                });
+                let draw = seating.as_ref().map(|seating| seating.published());
                 serde_json::json!({
                     "name": event.name,
                     "id": event.id(),

@@ -35,7 +35,7 @@ pub struct Seating {
 
 impl Seating {
     /// The seating `seated`, its order drawn from its seed (a SHA-256 per pre-queue number
-    /// and a sort: about a second for a million).
+    /// and a sort; not measured for large pre-queues).
     pub fn new(seated: Seated, now: u64) -> Seating {
         let order = seated.shuffled.then(|| Shuffle::new(&seated.seed, 1, seated.count));
         Seating { seated, order, checked_at: now.into() }
@@ -54,6 +54,17 @@ impl Seating {
     /// The seed in hex, as published.
     pub fn seed(&self) -> String {
         shuffle::hex(&self.seated.seed)
+    }
+
+    /// The draw as `/_vestibule/events` publishes it (and the admin view shows it).
+    pub fn published(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seed": self.seed(),
+            "prequeued": self.seated.count,
+            "first_ticket": self.seated.base + 1,
+            "shuffled": self.seated.shuffled,
+            "started_at": self.seated.at / 1_000,
+        })
     }
 }
 
@@ -115,11 +126,6 @@ impl Sale {
     /// The seating of `event`, if known here.
     pub fn seating(&self, event: u64) -> Option<Arc<Seating>> {
         self.seating.load_full().filter(|seating| seating.seated.event == event)
-    }
-
-    /// The latest seating known here, whichever event.
-    pub fn latest(&self) -> Option<Arc<Seating>> {
-        self.seating.load_full()
     }
 
     pub(super) fn set_seating(&self, seating: Arc<Seating>) {

@@ -125,11 +125,6 @@ impl Settings {
         Some((self.config.events.get(in_force.index)?, in_force.phase))
     }
 
-    /// Whether the room is in a sale's pre-queue now.
-    pub fn in_prequeue(&self) -> bool {
-        self.event.is_some_and(|event| event.phase == Phase::Prequeue)
-    }
-
     /// The waiting page in force: the event's, else the room's (`None`: the bundled one).
     pub fn page(&self) -> Option<&std::sync::Arc<crate::room::page::WaitingPage>> {
         self.event().and_then(|(event, _)| event.page.as_ref()).or(self.config.page.as_ref())
