@@ -51,6 +51,15 @@ impl Verdicts {
         }
     }
 
+    /// Mark the newest verdict not yet taken ambiguous: its body turned out unreadable. False
+    /// when every verdict was taken (its request is being served already).
+    fn taint_newest(&self) -> bool {
+        match self.0.lock() {
+            Ok(mut queue) => queue.back_mut().map(|newest| *newest = true).is_some(),
+            Err(_) => false,
+        }
+    }
+
     /// Queue a verdict; false when the queue is full (the scanner then stops judging).
     fn push(&self, ambiguous: bool) -> bool {
         match self.0.lock() {
@@ -75,6 +84,9 @@ enum State {
 /// Follows request framing through a byte stream.
 pub struct Scanner {
     state: State,
+    /// A request whose body cannot be followed (a chunk size past 63 bits) is being served
+    /// already: the connection is broken off rather than let the body go on.
+    broken: bool,
     max_head: usize,
     max_headers: usize,
     verdicts: Verdicts,
@@ -82,7 +94,7 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn new(max_head: usize, max_headers: usize, verdicts: Verdicts) -> Scanner {
-        Scanner { state: State::Head(Vec::new()), max_head, max_headers, verdicts }
+        Scanner { state: State::Head(Vec::new()), broken: false, max_head, max_headers, verdicts }
     }
 
     /// Observe the next bytes of the stream.
@@ -128,7 +140,11 @@ impl Scanner {
                         self.state = match chunk_size(&line) {
                             Some(0) => State::Trailers(Vec::new()),
                             Some(size) => State::ChunkData(size + 2),
-                            None => State::Stopped,
+                            None => {
+                                // Its request is refused if not yet served, else cut off.
+                                self.broken = !self.verdicts.taint_newest();
+                                State::Stopped
+                            }
                         };
                     } else if buf.len() > 4096 {
                         self.state = State::Stopped;
@@ -181,7 +197,9 @@ impl Scanner {
         let mut length = None;
         let mut chunked = false;
         let mut transfer_encoding = false;
+        let mut upgrade = false;
         for header in request.headers.iter() {
+            upgrade |= header.name.eq_ignore_ascii_case("upgrade");
             if header.name.eq_ignore_ascii_case("content-length") {
                 lengths += 1;
                 length = parse_length(header.value);
@@ -191,9 +209,18 @@ impl Scanner {
                 chunked = value.len() >= 7 && value[value.len() - 7..].eq_ignore_ascii_case(b"chunked");
             }
         }
-        let ambiguous = (transfer_encoding && lengths > 0) || lengths > 1 || (lengths == 1 && length.is_none());
-        if !self.verdicts.push(ambiguous) {
+        // hyper also ends lines with a bare LF: a head that has one may have ended earlier for
+        // it than for this scanner, so it cannot be judged.
+        let bare_lf = head.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'));
+        let ambiguous =
+            (transfer_encoding && lengths > 0) || lengths > 1 || (lengths == 1 && length.is_none()) || bare_lf;
+        if !self.verdicts.push(ambiguous) || bare_lf {
             return State::Stopped; // no room for more verdicts: the heads after get none
+        }
+        if upgrade {
+            // After a websocket's 101 the bytes are frames, not heads: nothing to judge nor
+            // keep. Should the upgrade be refused, a next request gets no verdict (400, closed).
+            return State::Stopped;
         }
         if transfer_encoding {
             if chunked {
@@ -235,11 +262,16 @@ pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// A chunk size line's size: hex digits that fit in 63 bits (as nginx, which refuses larger
+/// with 400), ended by CRLF with no bare LF before it.
 fn chunk_size(line: &[u8]) -> Option<u64> {
     let line = line.strip_suffix(b"\r\n")?;
+    if line.contains(&b'\n') {
+        return None;
+    }
     let hex = line.split(|&b| b == b';').next()?;
     let hex = std::str::from_utf8(hex).ok()?.trim();
-    u64::from_str_radix(hex, 16).ok()
+    u64::from_str_radix(hex, 16).ok().filter(|&size| size <= i64::MAX as u64)
 }
 
 /// A client stream whose incoming bytes pass through a [`Scanner`].
@@ -261,6 +293,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ScannedIo<T> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             this.scanner.feed(&buf.filled()[before..]);
+            if this.scanner.broken {
+                buf.set_filled(before);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "a chunk size past 63 bits")));
+            }
         }
         result
     }
@@ -366,6 +402,53 @@ GET /e HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n";
         let stream = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=1\r\nx\r\n0\r\nX-T: 1\r\n\r\n\
 POST /b HTTP/1.1\r\nContent-Length: +3\r\n\r\n";
         assert_eq!(verdicts_of(stream, 2), [false, true]);
+    }
+
+    #[test]
+    fn a_chunk_size_past_63_bits_taints_its_request() {
+        // The size in the same read as its head: the request is refused before it is served.
+        let stream = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc";
+        assert_eq!(verdicts_of(stream, stream.len()), [true]);
+        assert_eq!(
+            verdicts_of(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n8000000000000000\r\n", 9),
+            [true]
+        );
+        assert_eq!(
+            verdicts_of(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n7fffffffffffffff\r\n", 9),
+            [false]
+        );
+        // Its verdict taken already (the request is being served): the stream is broken off.
+        let verdicts = Verdicts::default();
+        let mut scanner = Scanner::new(16 * 1024, 100, verdicts.clone());
+        scanner.feed(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(verdicts.next(), Verdict::Clear);
+        assert!(!scanner.broken);
+        scanner.feed(b"ffffffffffffffff\r\n");
+        assert!(scanner.broken);
+    }
+
+    #[test]
+    fn a_bare_lf_cannot_be_judged() {
+        // hyper reads `GET /a` up to "\n\n"; this scanner would have read on to the CRLFCRLF.
+        let stream = b"GET /a HTTP/1.1\nHost: x\n\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(verdicts_of(stream, stream.len()), [true]);
+        let stream =
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            verdicts_of(stream, 4),
+            [true],
+            "a size line with a bare LF: its request refused, and no more judged"
+        );
+    }
+
+    #[test]
+    fn nothing_is_kept_after_an_upgrade() {
+        let verdicts = Verdicts::default();
+        let mut scanner = Scanner::new(16 * 1024, 100, verdicts.clone());
+        scanner.feed(b"GET /_vestibule/ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+        scanner.feed(&[0x81; 4096]);
+        assert!(matches!(scanner.state, State::Stopped));
+        assert_eq!((verdicts.next(), verdicts.next()), (Verdict::Clear, Verdict::Unknown));
     }
 
     #[test]
