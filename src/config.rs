@@ -115,6 +115,46 @@ pub struct ServerConfig {
     /// Most feed sockets open at once from one client address.
     #[serde(default = "defaults::max_feed_sockets_per_address")]
     pub max_feed_sockets_per_address: usize,
+    /// Most connections open at once from one client address (an IPv6 client by its /64),
+    /// as nginx's `limit_conn`; beyond it a new connection gets 503 and is closed. Connections
+    /// from a trusted proxy are counted by the client each request names, while it is served.
+    #[serde(default = "defaults::max_connections_per_address")]
+    pub max_connections_per_address: NonZeroUsize,
+    /// A write to a client that makes no progress for this long closes the connection (a
+    /// client that does not read cannot hold one), as nginx's `send_timeout`.
+    #[serde(default = "defaults::send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Whether cookies carry `Secure`: `"auto"` when this request came over TLS (here, or by
+    /// a trusted proxy's `X-Forwarded-Proto: https`), or always (`true`), or never (`false`).
+    #[serde(default)]
+    pub cookie_secure: CookieSecure,
+}
+
+/// When cookies carry `Secure` (`server.cookie_secure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CookieSecure {
+    /// When the request came over TLS, here or to a trusted proxy in front.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl<'de> Deserialize<'de> for CookieSecure {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<CookieSecure, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Flag(bool),
+            Word(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Flag(true) => Ok(CookieSecure::Always),
+            Written::Flag(false) => Ok(CookieSecure::Never),
+            Written::Word(word) if word == "auto" => Ok(CookieSecure::Auto),
+            Written::Word(word) => Err(serde::de::Error::custom(format!("{word:?}: expected \"auto\", true or false"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +177,10 @@ pub struct AdminConfig {
     /// Name of an environment variable that holds the bearer token.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Host names the admin listener answers besides IP literals and `localhost` (421
+    /// otherwise), so that a page in a browser cannot reach it by DNS rebinding.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -544,6 +588,12 @@ mod defaults {
     pub fn max_feed_sockets_per_address() -> usize {
         64
     }
+    pub fn max_connections_per_address() -> NonZeroUsize {
+        NonZeroUsize::new(256).expect("non-zero")
+    }
+    pub fn send_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(3)
     }
@@ -630,6 +680,10 @@ fn de_networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>,
         })
         .collect()
 }
+
+/// Admin tokens that examples show (the shipped `proxy.toml`, the design): refused, since
+/// anyone can read them.
+pub const EXAMPLE_ADMIN_TOKENS: [&str; 2] = ["change-me-please", "change-me"];
 
 /// hyper's HTTP/1 read buffer cannot be smaller than this.
 const MIN_HEADER_BYTES: usize = 8 * 1024;
@@ -718,6 +772,7 @@ impl Config {
         }
         for (key, value) in [
             ("server.header_read_timeout", server.header_read_timeout),
+            ("server.send_timeout", server.send_timeout),
             ("server.body_read_timeout", server.body_read_timeout),
             ("server.tls_handshake_timeout", server.tls_handshake_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
@@ -742,6 +797,22 @@ impl Config {
             }
             if admin.token.as_deref().is_some_and(|t| t.len() < 12) {
                 return fail("admin.token", "too short: use at least 12 characters");
+            }
+            if admin.token.as_deref().is_some_and(|t| EXAMPLE_ADMIN_TOKENS.contains(&t)) {
+                return fail(
+                    "admin.token",
+                    "this is the example token of the shipped proxy.toml, which anyone can read: \
+                     set a secret of your own (head -c 24 /dev/urandom | base64), or token_env",
+                );
+            }
+            for (i, host) in admin.hosts.iter_mut().enumerate() {
+                let valid = !host.is_empty()
+                    && host.len() <= 253
+                    && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if !valid {
+                    return Err((format!("admin.hosts[{i}]"), format!("{host:?} is not a host name")));
+                }
+                host.make_ascii_lowercase();
             }
         }
 

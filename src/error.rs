@@ -14,6 +14,9 @@ pub enum GateError {
     /// A reserved `/_vestibule/` path that does not exist.
     #[error("not found")]
     NotFound,
+    /// A page of another site asked to change a visitor's state (leave, say): refused.
+    #[error("cross-site request refused")]
+    CrossSite,
     /// A reserved endpoint called with the wrong method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -43,6 +46,7 @@ impl GateError {
         match self {
             GateError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GateError::NotFound => StatusCode::NOT_FOUND,
+            GateError::CrossSite => StatusCode::FORBIDDEN,
             GateError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GateError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GateError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -53,11 +57,28 @@ impl GateError {
         }
     }
 
+    /// A name for the log's summary of refusals ([`crate::refusals`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GateError::BadRequest(_) => "bad_request",
+            GateError::NotFound => "not_found",
+            GateError::CrossSite => "cross_site",
+            GateError::MethodNotAllowed => "method_not_allowed",
+            GateError::HeaderTooLarge => "header_too_large",
+            GateError::PayloadTooLarge => "payload_too_large",
+            GateError::UpstreamUnreachable => "upstream_unreachable",
+            GateError::UpstreamTimeout => "upstream_timeout",
+            GateError::Unavailable { .. } => "unavailable",
+            GateError::TooManyJoins { .. } => "too_many_joins",
+        }
+    }
+
     /// A short sentence for the visitor; never contains request data.
     fn explanation(&self) -> &'static str {
         match self {
             GateError::BadRequest(why) => why,
             GateError::NotFound => "There is nothing here.",
+            GateError::CrossSite => "This request came from another site and was refused; nothing has changed.",
             GateError::MethodNotAllowed => "This endpoint does not take that method.",
             GateError::HeaderTooLarge => "A request header is too large.",
             GateError::PayloadTooLarge => "The request body is too large.",
@@ -141,6 +162,7 @@ mod tests {
         let cases = [
             (GateError::BadRequest("x"), 400),
             (GateError::NotFound, 404),
+            (GateError::CrossSite, 403),
             (GateError::MethodNotAllowed, 405),
             (GateError::PayloadTooLarge, 413),
             (GateError::HeaderTooLarge, 431),

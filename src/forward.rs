@@ -12,7 +12,6 @@ use http::{header, Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -120,10 +119,11 @@ impl Upstream {
         self.timer.observe(status, took);
     }
 
-    /// An exchange failed before an answer: said at warn; after a failed connection the name
-    /// may point elsewhere now, so the next connection asks again.
+    /// An exchange failed before an answer: a debug line (the log's summary of refusals
+    /// counts each at info, so that an outage under a crowd is not a line per request); after
+    /// a failed connection the name may point elsewhere now, so the next connection asks again.
     pub fn failed(&self, error: &dyn std::fmt::Display, connect: bool) {
-        tracing::warn!(error = %error, connect, "upstream request failed");
+        tracing::debug!(error = %error, connect, "upstream request failed");
         if connect {
             self.resolver.forget();
         }
@@ -145,7 +145,7 @@ impl Upstream {
     pub async fn send(
         &self,
         request: Request<Body>,
-        upgrade: Option<(OnUpgrade, Option<Arc<OwnedSemaphorePermit>>)>,
+        upgrade: Option<(OnUpgrade, Option<Arc<crate::limit::ConnectionPlace>>)>,
     ) -> Result<Forwarded, GateError> {
         let started = std::time::Instant::now();
         let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
@@ -185,7 +185,12 @@ impl Upstream {
     /// Join both sides of an upgraded connection once each has switched protocols, until
     /// either closes, no byte passes for `tunnel_idle_timeout`, or shutdown. The client
     /// connection's `permit` is held meanwhile.
-    fn splice(&self, client_side: OnUpgrade, upstream_side: OnUpgrade, permit: Option<Arc<OwnedSemaphorePermit>>) {
+    fn splice(
+        &self,
+        client_side: OnUpgrade,
+        upstream_side: OnUpgrade,
+        permit: Option<Arc<crate::limit::ConnectionPlace>>,
+    ) {
         let stop = self.stop.clone();
         let idle_timeout = self.tunnel_idle_timeout;
         self.tunnels.spawn(async move {

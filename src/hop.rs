@@ -27,6 +27,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The client's address as vestibule decided it (DESIGN §9): always ours.
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Other proxies' and CDNs' names for the client's address: believed only from a trusted
+/// proxy, dropped from anyone else.
+const CLIENT_ADDRESS_HEADERS: [&str; 4] = ["true-client-ip", "x-client-ip", "cf-connecting-ip", "fastly-client-ip"];
 pub const VESTIBULE_ROOM: HeaderName = HeaderName::from_static("vestibule-room");
 pub const VESTIBULE_VISITOR: HeaderName = HeaderName::from_static("vestibule-visitor");
 pub const VESTIBULE_TOKEN: HeaderName = HeaderName::from_static("vestibule-token");
@@ -151,13 +156,18 @@ pub fn address_key(addr: IpAddr) -> IpAddr {
 }
 
 /// Drop client-set forwarding and `Vestibule-*` headers (keeping a trusted proxy's chain) and
-/// set ours. `host` is the host the client asked for.
-pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
+/// set ours. `host` is the host the client asked for, `client` the client's address as
+/// [`client_address`] decided it (`X-Real-IP`).
+pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>, client: IpAddr) {
     let ours = |name: &HeaderName| {
         let name = name.as_str();
         let protected = |name: &str| {
             name.starts_with("vestibule-")
-                || (!peer.trusted && (name.starts_with("x-forwarded-") || name == header::FORWARDED))
+                || name == X_REAL_IP
+                || (!peer.trusted
+                    && (name.starts_with("x-forwarded-")
+                        || name == header::FORWARDED
+                        || CLIENT_ADDRESS_HEADERS.contains(&name)))
         };
         // An upstream behind CGI reads `X_Forwarded_For` as `X-Forwarded-For` (both are
         // HTTP_X_FORWARDED_FOR to it): such aliases of our names are ours too.
@@ -172,6 +182,12 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option
     }
 
     let proto = HeaderValue::from_static(if peer.tls { "https" } else { "http" });
+    let real_ip = if peer.trusted {
+        HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+    } else {
+        peer.addr.clone()
+    };
+    headers.insert(X_REAL_IP, real_ip);
     if peer.trusted {
         // A trusted proxy's chain is extended with the address it connected from.
         let chain: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
@@ -235,13 +251,36 @@ mod tests {
             ("forwarded", "for=6.6.6.6"),
             ("vestibule-room", "checkout"),
             ("Vestibule-Visitor", "someone-else"),
+            ("x-real-ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-client-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
+            ("fastly-client-ip", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
         ]);
         let peer = Peer::new("127.0.0.9".parse().unwrap(), false, false);
-        set_forwarding_headers(&mut map, &peer, Some(&HeaderValue::from_static("shop.test")));
+        set_forwarding_headers(
+            &mut map,
+            &peer,
+            Some(&HeaderValue::from_static("shop.test")),
+            "127.0.0.9".parse().unwrap(),
+        );
         assert_eq!(map["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(map["x-real-ip"], "127.0.0.9");
+        assert_eq!(map.get_all("x-real-ip").iter().count(), 1);
         assert_eq!(map["x-forwarded-proto"], "http");
         assert_eq!(map["x-forwarded-host"], "shop.test");
-        for gone in ["x-forwarded-port", "forwarded", "vestibule-room", "vestibule-visitor"] {
+        for gone in [
+            "x-forwarded-port",
+            "forwarded",
+            "vestibule-room",
+            "vestibule-visitor",
+            "true-client-ip",
+            "x-client-ip",
+            "cf-connecting-ip",
+            "fastly-client-ip",
+            "x_real_ip",
+        ] {
             assert!(!map.contains_key(gone), "{gone} should be dropped");
         }
     }
@@ -277,10 +316,17 @@ mod tests {
 
     #[test]
     fn trusted_peer_chain_is_extended() {
-        let mut map = headers(&[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")]);
+        let mut map = headers(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-real-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "203.0.113.7"),
+        ]);
         let peer = Peer::new("10.0.0.2".parse().unwrap(), false, true);
-        set_forwarding_headers(&mut map, &peer, None);
+        set_forwarding_headers(&mut map, &peer, None, "203.0.113.7".parse().unwrap());
         assert_eq!(map["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
         assert_eq!(map["x-forwarded-proto"], "https");
+        assert_eq!(map["x-real-ip"], "203.0.113.7", "ours, the client's address");
+        assert_eq!(map["cf-connecting-ip"], "203.0.113.7", "a trusted proxy's own header is kept");
     }
 }

@@ -84,6 +84,10 @@ where
             return Ended::Handover(Rewind::new(input.freeze(), io));
         };
         let client = gate.client(&request.headers, connection);
+        // Through a trusted proxy, a client at its connection cap is refused by hyper's path.
+        let Ok(_slot) = gate.hold_proxied(connection, client) else {
+            return Ended::Handover(Rewind::new(input.freeze(), io));
+        };
         let path = gate.logs_paths().then(|| request.path.encoded.clone());
         let (admitted, mut trail) = match gate.decide(&request.headers, &request.path, client) {
             Decision::Forward(admitted) => {
@@ -103,10 +107,7 @@ where
             }
             Exchange::Failed { error, wants_json, head, close } => {
                 let status = error.status();
-                if status.is_server_error() {
-                    tracing::info!(%client, status = status.as_u16(), "request not forwarded");
-                }
-                trail.failed(&error);
+                gate.refused(&mut trail, &error, client);
                 match write_error(&mut io, error, wants_json, head, close, &mut buffers.out).await {
                     Ok(keep) => (status, keep),
                     Err(_) => (status, false),
@@ -320,6 +321,7 @@ where
     let failed = |error| Exchange::Failed { error, wants_json, head, close };
     let upstream = gate.upstream();
     let host = headers.get(header::HOST).cloned();
+    let cookies = gate.cookies(&headers, connection);
     let visitor = admitted.map(|(room, admission)| (&**room, admission.visitor.as_str()));
     if let Err(error) = gate.upstream_headers(&upstream, &mut headers, connection, host, visitor) {
         return failed(error);
@@ -364,7 +366,7 @@ where
         headers.insert(header::DATE, date::now());
     }
     if let Some((room, admission)) = admitted {
-        gate.settle(room, admission, session_ended).await.onto(&mut headers);
+        gate.settle(room, admission, session_ended, cookies).await.onto(&mut headers);
     }
     response_head(&mut buffers.out, status, &headers, framing, !close);
 

@@ -23,10 +23,12 @@
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
 //! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
 //! - [`challenge`]: the proof of work a room may ask of a visitor before they join.
-//! - [`limit`]: joins per client address, in bounded memory.
+//! - [`limit`]: per client address: joins, connections and feed sockets, in bounded memory.
+//! - [`refusals`]: refused and failed requests summarised in the log, one line per interval.
 //! - [`error`]: the request-path error type and the one place it maps to HTTP statuses.
 //! - [`body`]: the one body type of the proxy, with `empty()` and `full()`.
-//! - [`server`]: listeners, TLS, the connection cap and graceful shutdown.
+//! - [`server`]: listeners, TLS, the connection caps and graceful shutdown.
+//! - [`slow`]: the send timeout: a client that does not read cannot hold a connection.
 //! - [`admin`]: the admin listener: probes, metrics, live room controls, reload, dashboard.
 //! - [`demo`]: the built-in demo shop that `vestibule demo` puts behind the gate.
 //! - [`telemetry`]: tracing set-up (text or JSON).
@@ -50,9 +52,11 @@ pub mod loadtest;
 pub mod metrics;
 pub mod path;
 pub mod pool;
+pub mod refusals;
 pub mod resolve;
 pub mod room;
 pub mod server;
+pub mod slow;
 pub mod store;
 pub mod telemetry;
 pub mod token;

@@ -1,6 +1,7 @@
-//! Joins per client address: a token bucket per address (per IPv6 /64), in bounded memory.
+//! Limits per client address: joins (a token bucket per address, per IPv6 /64, in bounded
+//! memory) and things held open (connections, feed sockets: [`Slots`]).
 //!
-//! Written by hand rather than with a keyed limiter crate: those keep every key seen until a
+//! The join limiter is written by hand rather than with a keyed limiter crate: those keep every key seen until a
 //! cleanup pass, so a flood from many addresses grows memory between passes. Here each of 16
 //! shards holds at most its share of addresses; a full shard first forgets buckets that have
 //! refilled (their addresses owe nothing), and when none has, newcomers share one overflow
@@ -9,7 +10,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::hop::address_key;
 
@@ -136,6 +138,100 @@ fn shard_of(key: &IpAddr) -> usize {
     (hasher.finish() as usize) % SHARDS
 }
 
+/// A connection's places under the caps: `server.max_connections` and, for a client that
+/// is not a trusted proxy, `server.max_connections_per_address`. Kept by the connection and
+/// by a tunnel it turns into, freed when both are done.
+#[derive(Debug)]
+pub struct ConnectionPlace {
+    pub total: tokio::sync::OwnedSemaphorePermit,
+    pub address: Option<Slot>,
+}
+
+/// How many times its per-address cap one IPv6 /48 may hold (a site's network, which holds
+/// 65 536 /64s: counted by /64 alone, one /48 could take every slot).
+const PER_48: usize = 16;
+
+/// Things held open (connections, feed sockets), capped per client address and in total. An
+/// IPv6 client counts by its /64, and its /48 holds at most [`PER_48`] times that. Memory is
+/// one entry per address holding something now, gone with its last slot.
+#[derive(Debug)]
+pub struct Slots {
+    total: AtomicUsize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+    max_total: usize,
+    max_per_address: usize,
+}
+
+impl Slots {
+    pub fn new(max_total: usize, max_per_address: usize) -> Arc<Slots> {
+        Arc::new(Slots { total: AtomicUsize::new(0), held: Mutex::default(), max_total, max_per_address })
+    }
+
+    /// A slot for `address`, or `None` at a cap.
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+        let keys = keys_of(address);
+        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.total.load(Ordering::Relaxed) >= self.max_total {
+            return None;
+        }
+        for (key, cap) in keys.iter().flatten() {
+            if held.get(key).copied().unwrap_or(0) >= cap * self.max_per_address {
+                return None;
+            }
+        }
+        for (key, _) in keys.iter().flatten() {
+            *held.entry(*key).or_insert(0) += 1;
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(Slot { slots: self.clone(), keys })
+    }
+
+    /// Slots held now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Addresses holding a slot now (for tests of the bound).
+    pub fn addresses(&self) -> usize {
+        self.held.lock().map(|held| held.len()).unwrap_or(0)
+    }
+}
+
+/// The keys `address` counts under, each with its cap in multiples of the per-address cap.
+fn keys_of(address: IpAddr) -> [Option<(IpAddr, usize)>; 2] {
+    let key = address_key(address);
+    match key {
+        IpAddr::V4(_) => [Some((key, 1)), None],
+        IpAddr::V6(v6) => {
+            // The /48 key is kept apart from every /64 key by its low bit, which no /64 sets.
+            let site = IpAddr::V6(((u128::from(v6) & !((1u128 << 80) - 1)) | 1).into());
+            [Some((key, 1)), Some((site, PER_48))]
+        }
+    }
+}
+
+/// One thing held open under the caps; freed on drop.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    keys: [Option<(IpAddr, usize)>; 2],
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.total.fetch_sub(1, Ordering::Relaxed);
+        let mut held = self.slots.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (key, _) in self.keys.iter().flatten() {
+            if let Some(count) = held.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(key);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +291,39 @@ mod tests {
         // A minute later the flood has passed: buckets refilled are forgotten for newcomers.
         assert_eq!(limiter.take(addr(2_000_000), 60_000), Ok(()));
         assert!(limiter.addresses() <= 1_600);
+    }
+
+    #[test]
+    fn slots_are_capped_per_address_and_in_total_and_freed_on_drop() {
+        let slots = Slots::new(5, 2);
+        let a = [slots.admit(addr(1)), slots.admit(addr(1))];
+        assert!(a.iter().all(Option::is_some));
+        assert!(slots.admit(addr(1)).is_none(), "the address is at its cap");
+        let b = [slots.admit(addr(2)), slots.admit(addr(2)), slots.admit(addr(3))];
+        assert!(b.iter().all(Option::is_some));
+        assert_eq!(slots.open(), 5);
+        assert!(slots.admit(addr(4)).is_none(), "the total is reached");
+        drop(a);
+        assert!(slots.admit(addr(1)).is_some());
+        drop(b);
+        assert_eq!(slots.open(), 0);
+        assert_eq!(slots.addresses(), 0, "nothing kept for addresses that hold nothing");
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_address_and_a_48_holds_sixteen_times_the_cap() {
+        let slots = Slots::new(10_000, 2);
+        let one = [slots.admit("2001:db8::1".parse().unwrap()), slots.admit("2001:db8::2".parse().unwrap())];
+        assert!(one.iter().all(Option::is_some));
+        assert!(slots.admit("2001:db8::3".parse().unwrap()).is_none(), "the same /64");
+        // Other /64s of the same /48: 16 x 2 in all, then no more.
+        let held: Vec<_> =
+            (1..100u32).filter_map(|n| slots.admit(format!("2001:db8:0:{n:x}::1").parse().unwrap())).collect();
+        assert_eq!(held.len() + one.len(), 32);
+        assert!(slots.admit("2001:db8:1::1".parse().unwrap()).is_some(), "another /48");
+        // IPv4-mapped addresses count as the IPv4 address they are.
+        let v4 = slots.admit("::ffff:10.0.0.1".parse().unwrap());
+        let _v4b = slots.admit(addr(1));
+        assert!(v4.is_some() && slots.admit(addr(1)).is_none());
     }
 }

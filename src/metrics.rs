@@ -117,6 +117,12 @@ struct OperationLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
 }
@@ -200,6 +206,7 @@ pub struct Metrics {
     store_duration: Family<OperationLabel, AtomicHistogram>,
     store_errors: Family<KindLabel, Counter>,
     pub store_up: Gauge,
+    connection_limits: Family<LimitLabels, Counter>,
     /// Requests outside every room, by outcome (the outcomes they can have: only those series
     /// are shown).
     outside: Vec<Option<Counter>>,
@@ -274,6 +281,15 @@ impl Metrics {
         );
         let store_up = Gauge::default();
         registry.register("store_up", "1 while the store answers", store_up.clone());
+        let connection_limits = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "connection_limits",
+            "Clients held back by a connection limit, by listener and reason: per_address (a new connection \
+             over server.max_connections_per_address, refused), proxied_per_address (a request through a trusted \
+             proxy for a client at that cap, refused), send_timeout (a client that read nothing for \
+             server.send_timeout, closed)",
+            connection_limits.clone(),
+        );
         let outside = Outcome::ALL
             .iter()
             .map(|outcome| {
@@ -299,8 +315,14 @@ impl Metrics {
             store_duration,
             store_errors,
             store_up,
+            connection_limits,
             outside,
         }
+    }
+
+    /// A client held back by a connection limit on `listener` (`public`, `admin`), for `reason`.
+    pub fn connection_limited(&self, listener: &'static str, reason: &'static str) {
+        self.connection_limits.get_or_create(&LimitLabels { listener, reason }).inc();
     }
 
     /// The text exposition of every metric.

@@ -28,7 +28,9 @@ use crate::config::{Config, ServerConfig, TlsConfig};
 use crate::framing::{ScannedIo, Scanner, Verdicts};
 use crate::gate::{Connection, Gate};
 use crate::lane;
+use crate::limit::{ConnectionPlace, Slots};
 use crate::metrics::Metrics;
+use crate::slow::SendTimeout;
 use crate::store::Store;
 
 /// A running server.
@@ -112,7 +114,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     // Stopping the public listener (`shutdown`) is when readiness starts to fail; the admin
     // listener serves until the drain is over.
     let admin = match &config.admin {
-        Some(admin) => Some(crate::admin::start(admin, gate.clone(), stop.clone()).await?),
+        Some(admin) => Some(crate::admin::start(admin, &config.server, gate.clone(), stop.clone()).await?),
         None => None,
     };
     let server = Listener {
@@ -121,6 +123,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         gate: gate.clone(),
         protocols: Protocols::new(&config.server),
         limits: Arc::new(Semaphore::new(config.server.max_connections.get())),
+        per_address: Slots::new(usize::MAX, config.server.max_connections_per_address.get()),
+        send_timed_out: send_timed_out(&gate, "public"),
         server: config.server.clone(),
         stop: stop.clone(),
     };
@@ -137,6 +141,11 @@ struct Listener {
     protocols: Protocols,
     /// One permit per open connection: at the cap, new clients wait in the accept queue.
     limits: Arc<Semaphore>,
+    /// Connections per client address (not counting trusted proxies, whose requests count
+    /// against the clients they name): beyond it a new connection is refused.
+    per_address: Arc<Slots>,
+    /// Counts a client let go for `server.send_timeout`.
+    send_timed_out: Arc<dyn Fn() + Send + Sync>,
     server: ServerConfig,
     stop: CancellationToken,
 }
@@ -156,8 +165,23 @@ impl Listener {
                 () = self.stop.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            // The permit goes with the connection (and an upgraded tunnel it turns into).
-            let connection = self.gate.connection(peer, self.tls.is_some(), Verdicts::default(), Some(permit));
+            let address = if self.gate.trusts(peer.ip()) {
+                None
+            } else {
+                match self.per_address.admit(peer.ip()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        refuse_connection(&stream, self.tls.is_some());
+                        self.gate.metrics().connection_limited("public", "per_address");
+                        tracing::debug!(%peer, "connection refused: server.max_connections_per_address reached");
+                        continue;
+                    }
+                }
+            };
+            let stream = SendTimeout::new(stream, self.server.send_timeout, Some(self.send_timed_out.clone()));
+            // The places go with the connection (and an upgraded tunnel it turns into).
+            let place = ConnectionPlace { total: permit, address };
+            let connection = self.gate.connection(peer, self.tls.is_some(), Verdicts::default(), Some(place));
             let gate = self.gate.clone();
             let protocols = self.protocols.clone();
             let drain = drain.clone();
@@ -211,6 +235,23 @@ impl Listener {
                 }
             }
         }
+    }
+}
+
+/// Counts a client let go for `send_timeout` on `listener`.
+pub(crate) fn send_timed_out(gate: &Arc<Gate>, listener: &'static str) -> Arc<dyn Fn() + Send + Sync> {
+    let metrics = gate.metrics().clone();
+    Arc::new(move || metrics.connection_limited(listener, "send_timeout"))
+}
+
+/// Answer a connection over the per-address cap, as nginx's `limit_conn` does (503), in one
+/// write that never waits: a client that does not read gets nothing. Over TLS there is no
+/// answer before a handshake, so the connection is just closed.
+pub(crate) fn refuse_connection(stream: &TcpStream, tls: bool) {
+    const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n\
+        Content-Type: text/plain; charset=utf-8\r\nContent-Length: 40\r\n\r\nToo many connections from your address.\n";
+    if !tls {
+        let _ = stream.try_write(REFUSED);
     }
 }
 

@@ -59,7 +59,7 @@ async fn start_admin(upstream: SocketAddr, rooms: &str) -> Admin {
 
 /// One admin call; `token` None sends none.
 async fn call(admin: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (StatusCode, Value) {
-    let mut request = Request::builder().method(method).uri(path).header("host", "admin.test");
+    let mut request = Request::builder().method(method).uri(path).header("host", "localhost");
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
@@ -690,4 +690,68 @@ async fn a_sale_shows_its_prequeue_then_its_draw_to_the_operator_and_its_countdo
     let published: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(published["events"][0]["draw"]["seed"], view["sale"]["draw"]["seed"]);
     assert_eq!(published["events"][0]["name"], "Drop");
+}
+
+/// A page in a browser that rebinds its own name to the admin address sends its own name as
+/// `Host`: only IP literals, `localhost` and `admin.hosts` are answered, probes included.
+#[tokio::test]
+async fn the_admin_listener_answers_only_its_own_host_names() {
+    let (upstream, _) = start_upstream().await;
+    let dir = TempDir::new("admin-hosts");
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, generate_key(KeyKind::Eddsa)).unwrap();
+    let rooms = format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n");
+    let text =
+        config_file_text(upstream, &key, &rooms).replace("[upstream]", "hosts = [\"Admin.Internal\"]\n[upstream]");
+    let running = server::start(&Config::parse(&text, "proxy.toml", dir.path()).unwrap()).await.unwrap();
+    let admin = running.admin.unwrap();
+    let get = |host: &'static str, path: &'static str| async move {
+        let request = Request::get(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
+        send(admin, request).await
+    };
+    for host in ["127.0.0.1", "127.0.0.1:9090", "[::1]:9090", "localhost", "admin.internal:9090", "ADMIN.internal"] {
+        assert_eq!(get(host, "/healthz").await.0, StatusCode::OK, "{host}");
+    }
+    for host in ["evil.example", "evil.example:9090", "localhost.evil.example", "127.0.0.1.nip.io"] {
+        for path in ["/healthz", "/metrics", "/rooms"] {
+            let (status, _, body) = get(host, path).await;
+            assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{host}{path}: {body}");
+            assert!(!body.contains("vestibule_"), "no metric is shown to {host}");
+        }
+    }
+}
+
+/// The admin listener's places: one slow scraper (many connections from one address, none
+/// read) cannot take the probes' places; a probe from another address is answered at once.
+#[tokio::test]
+async fn probes_answer_while_one_address_holds_admin_connections() {
+    use tokio::io::AsyncWriteExt;
+    let (upstream, _) = start_upstream().await;
+    let gate = start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n")).await;
+    let admin = gate.addr();
+    // 64 connections (the listener's whole cap) from 127.0.0.1, each asking for /metrics
+    // again and again without reading a byte.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..64 {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let pipelined = "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(64);
+        if stream.write_all(pipelined.as_bytes()).await.is_err() {
+            refused += 1;
+        }
+        held.push(stream);
+    }
+    // A probe from another loopback address is answered within 2 s.
+    let probe = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (status, text) = tokio::time::timeout(Duration::from_secs(2), raw_from("127.0.0.7", admin, probe))
+        .await
+        .expect("the probe was answered within 2 s");
+    assert_eq!(status, 200, "{text}");
+    let scrape = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (_, metrics) = raw_from("127.0.0.7", admin, scrape).await;
+    assert!(
+        metrics.contains("vestibule_connection_limits_total{listener=\"admin\",reason=\"per_address\"}"),
+        "connections over the per-address cap are counted ({refused} writes failed)"
+    );
+    drop(held);
 }

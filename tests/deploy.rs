@@ -255,6 +255,8 @@ fn the_kubernetes_manifests_build_with_kustomize_and_pass_their_schemas() {
     let config = Config::parse(&text, "deploy/kubernetes/proxy.toml", &base).unwrap();
     vestibule::token::Tokens::new(&config.tokens).unwrap();
     assert!(config.server.shutdown_grace + Duration::from_secs(5) < Duration::from_secs(45));
+    // Nothing is trusted to name clients by default: any pod could claim any address.
+    assert!(config.server.trusted_proxies.is_empty(), "{:?}", config.server.trusted_proxies);
 }
 
 #[test]
@@ -346,7 +348,9 @@ fn the_image_builds_with_podman_and_its_binary_serves_from_the_mounted_image() {
          [upstream]\nurl = \"http://127.0.0.1:9\"\n[tokens]\nsigning_key = \"keys/ed25519.pem\"\n[log]\nformat = \"json\"\n",
     )
     .unwrap();
-    std::fs::copy(repo("proxy.toml"), context.join("proxy.toml")).unwrap();
+    // The shipped file with the one change an operator must make: an admin token of their own.
+    let shipped = std::fs::read_to_string(repo("proxy.toml")).unwrap();
+    std::fs::write(context.join("proxy.toml"), shipped.replace("change-me-please", "an-operators-own-secret")).unwrap();
 
     let tag = format!("localhost/vestibule-test:{}", std::process::id());
     run(Command::new(&podman)

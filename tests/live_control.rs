@@ -56,7 +56,7 @@ async fn admin_call(admin: SocketAddr, method: &str, path: &str, body: &str) -> 
     let request = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "admin.test")
+        .header("host", "localhost")
         .header("authorization", format!("Bearer {TOKEN}"))
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
@@ -241,7 +241,7 @@ impl Parts3 for (StatusCode, http::HeaderMap, String) {
 
 /// A number from an instance's `/metrics`: the sample whose name and labels start with `series`.
 async fn metric(instance: &Running, series: &str) -> f64 {
-    let request = Request::get("/metrics").header("host", "admin.test").body(Full::new(Bytes::new())).unwrap();
+    let request = Request::get("/metrics").header("host", "localhost").body(Full::new(Bytes::new())).unwrap();
     let (_, _, text) = send(instance.admin.unwrap(), request).await;
     text.lines().find_map(|line| line.strip_prefix(series)?.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
 }

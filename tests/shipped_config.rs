@@ -5,13 +5,28 @@ use std::path::Path;
 
 use vestibule::config::Config;
 
-const SHIPPED: &str = include_str!("../proxy.toml");
+const SHIPPED_AS_IS: &str = include_str!("../proxy.toml");
+/// The shipped file with the one change an operator must make: an admin token of their own.
+static SHIPPED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| SHIPPED_AS_IS.replace("change-me-please", "an-operators-own-secret"));
 
 #[test]
 fn shipped_config_parses() {
-    let config = Config::parse(SHIPPED, "proxy.toml", Path::new(".")).unwrap();
+    let config = Config::parse(&SHIPPED, "proxy.toml", Path::new(".")).unwrap();
     assert_eq!(config.rooms[0].id, "checkout");
     assert_eq!(config.server.listen.port(), 8080);
+}
+
+#[test]
+fn the_shipped_example_admin_token_is_refused() {
+    let error = Config::parse(SHIPPED_AS_IS, "proxy.toml", Path::new(".")).unwrap_err();
+    assert_eq!(error.key, "admin.token");
+    assert!(error.to_string().contains("example token"), "{error}");
+    // From the environment too.
+    let text = SHIPPED.replace("token = \"an-operators-own-secret\"", "token_env = \"VESTIBULE_TEST_EXAMPLE_TOKEN\"");
+    std::env::set_var("VESTIBULE_TEST_EXAMPLE_TOKEN", "change-me-please");
+    let error = Config::parse(&text, "proxy.toml", Path::new(".")).unwrap_err();
+    assert_eq!(error.key, "admin.token");
 }
 
 #[test]

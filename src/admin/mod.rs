@@ -27,11 +27,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Body};
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, ServerConfig};
 use crate::gate::Gate;
+use crate::limit::Slots;
 use crate::line;
 use crate::room::settings::Overrides;
 use crate::room::Room;
+use crate::slow::SendTimeout;
 use history::History;
 
 /// Largest request body the admin API reads.
@@ -40,6 +42,9 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_ADMIT_BATCH: u32 = 100_000;
 /// Admin connections open at once.
 const MAX_CONNECTIONS: usize = 64;
+/// Admin connections open at once from one client address (at most
+/// `server.max_connections_per_address`): one slow scraper cannot take the probes' places.
+const MAX_CONNECTIONS_PER_ADDRESS: usize = MAX_CONNECTIONS / 4;
 /// How long a client has to send its request head, and its body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,6 +54,8 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 struct State {
     gate: Arc<Gate>,
     token: String,
+    /// `admin.hosts`: the host names answered besides IP literals and `localhost`.
+    hosts: Vec<String>,
     /// Cancelled when a graceful stop begins: readiness says 503 from then on.
     draining: CancellationToken,
     history: History,
@@ -88,21 +95,39 @@ impl Problem {
 
 /// Bind the admin listener and serve it until the gate stops (after the drain, so that
 /// probes see readiness fail during it). `draining` is cancelled when a graceful stop begins.
-pub async fn start(config: &AdminConfig, gate: Arc<Gate>, draining: CancellationToken) -> anyhow::Result<SocketAddr> {
+pub async fn start(
+    config: &AdminConfig,
+    server: &ServerConfig,
+    gate: Arc<Gate>,
+    draining: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.listen))?;
     let addr = listener.local_addr()?;
     let token = config.token.clone().context("admin.token: missing")?;
-    let state = Arc::new(State { gate: gate.clone(), token, draining, history: History::default() });
+    let hosts = config.hosts.clone();
+    let state = Arc::new(State { gate: gate.clone(), token, hosts, draining, history: History::default() });
     let stop = gate.stop_token().clone();
     gate.tasks().spawn(history::sample(state.gate.clone(), state.history.clone(), stop.clone()));
-    gate.tasks().spawn(accept(listener, state, stop));
+    let limits = Limits {
+        per_address: Slots::new(usize::MAX, MAX_CONNECTIONS_PER_ADDRESS.min(server.max_connections_per_address.get())),
+        send_timeout: server.send_timeout,
+        send_timed_out: crate::server::send_timed_out(&gate, "admin"),
+    };
+    gate.tasks().spawn(accept(listener, state, limits, stop));
     tracing::info!(%addr, "admin listening");
     Ok(addr)
 }
 
-async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+/// The admin listener's limits besides `MAX_CONNECTIONS`.
+struct Limits {
+    per_address: Arc<Slots>,
+    send_timeout: Duration,
+    send_timed_out: Arc<dyn Fn() + Send + Sync>,
+}
+
+async fn accept(listener: TcpListener, state: Arc<State>, limits: Limits, stop: CancellationToken) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -113,14 +138,21 @@ async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToke
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Some(slot) = limits.per_address.admit(peer.ip()) else {
+            crate::server::refuse_connection(&stream, false);
+            state.gate.metrics().connection_limited("admin", "per_address");
+            tracing::debug!(%peer, "admin connection refused: too many from this address");
+            continue;
+        };
+        let stream = SendTimeout::new(stream, limits.send_timeout, Some(limits.send_timed_out.clone()));
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _places = (permit, slot);
             let service = service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, request).await) }
@@ -137,6 +169,19 @@ async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToke
     }
 }
 
+/// Whether the admin listener answers a request for `host` (a `Host` value, with or
+/// without a port): an IP literal, `localhost`, or one of `admin.hosts`.
+fn host_answered(host: &str, hosts: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => return rest.split_once(']').is_some_and(|(v6, _)| v6.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(name))
+}
+
 async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -148,6 +193,14 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
 }
 
 async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Body>, Problem> {
+    // A page in a browser that rebinds its own name to this address still sends its name.
+    let host = request.headers().get(header::HOST).map(|host| host.to_str().unwrap_or_default());
+    if host.is_some_and(|host| !host_answered(host, &state.hosts)) {
+        return Err(Problem::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this Host is not answered here: use an IP address, localhost, or a name in admin.hosts",
+        ));
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -476,4 +529,23 @@ fn json(status: StatusCode, value: &Value) -> Response<Body> {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_answered;
+
+    #[test]
+    fn only_ip_literals_localhost_and_listed_names_are_answered() {
+        let hosts = vec!["admin.internal".to_owned()];
+        for host in ["127.0.0.1:9090", "10.1.2.3", "[::1]:9090", "[2001:db8::1]", "localhost:9090", "LOCALHOST"] {
+            assert!(host_answered(host, &hosts), "{host}");
+        }
+        assert!(host_answered("admin.internal:9090", &hosts));
+        assert!(host_answered("Admin.Internal.", &hosts));
+        for host in ["evil.example", "evil.example:9090", "127.0.0.1.evil.example", "[evil]", "localhost.evil", ""] {
+            assert!(!host_answered(host, &hosts), "{host}");
+        }
+        assert!(!host_answered("admin.internal", &[]));
+    }
 }

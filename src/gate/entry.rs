@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::respond::{self, Cookies, PENDING_RETRY_SECONDS, RETRY_SECONDS, STORE_RETRY_SECONDS};
@@ -48,6 +48,22 @@ fn with_ticket(cookies: Cookies, room: &Room, new_ticket: Option<String>) -> Coo
     }
 }
 
+/// `303 See Other` to the same address (canonical: never `//host`), no cookie.
+fn see_other(path: &CanonicalPath, query: Option<&str>) -> Response<Body> {
+    let location = match query {
+        Some(query) => format!("{}?{query}", path.encoded),
+        None => path.encoded.clone(),
+    };
+    let mut response = Response::new(crate::body::empty());
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        headers.insert(header::LOCATION, location);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    response
+}
+
 /// How long a ticket cookie holds a place.
 const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -80,10 +96,18 @@ impl Gate {
         path: &CanonicalPath,
         trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
+        // A page of another site that posts into the room: its request carries none of the
+        // visitor's SameSite=Lax cookies, so answering it would replace their ticket. It is
+        // sent back as a GET of the same address, which brings them.
+        let safe = matches!(*request.method(), Method::GET | Method::HEAD);
+        if !safe && super::origin::cross_site(request.headers(), super::origin::requested_host(&request)) {
+            trail.outcome = Some(Outcome::Refused);
+            return Ok(see_other(path, request.uri().query()));
+        }
         let entry = self.line_step(room, request.headers(), client).await?;
         let page = wants_page(&request);
         let accept_language = request.headers().get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok());
-        let cookies = Cookies::new(self.secure_cookies);
+        let cookies = self.cookies(request.headers(), connection);
         trail.outcome = Some(match entry {
             Entry::Admit { .. } => Outcome::Entered,
             Entry::Wait { .. } | Entry::Prequeue { .. } => Outcome::Waiting,
@@ -406,7 +430,7 @@ impl Gate {
             *response.status_mut() = StatusCode::FORBIDDEN;
             response
         };
-        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
         response
     }
 
@@ -429,7 +453,7 @@ impl Gate {
             .tokens()
             .mint(&room.id, visitor, ticket, place.line, expires_at_ms / 1_000)
             .map_err(|error| unsigned(room, "an admission token", error))?;
-        let cookies = Cookies::new(self.secure_cookies).clear_if_sent(request.headers(), &room.ticket_cookie);
+        let cookies = self.cookies(request.headers(), connection).clear_if_sent(request.headers(), &room.ticket_cookie);
         let json = !wants_page(&request);
         // The session exists from here on, confirmed at once: even when the upstream fails,
         // the visitor keeps the token (and their place) rather than losing both with the error.

@@ -7,8 +7,10 @@
 //!   the answer.
 //! - `respond.rs`: the gate's own answers and the one place cookies are set or cleared.
 //! - `reserved.rs`: the `/_vestibule/` endpoints.
+//! - `origin.rs`: requests made by a page of another site.
 
 mod entry;
+pub mod origin;
 mod reload;
 mod reserved;
 pub(crate) mod respond;
@@ -31,14 +33,14 @@ use tracing::Instrument;
 
 use crate::body::{self, Body};
 use crate::clock::Clock;
-use crate::config::{Config, RoomConfig, RoomState};
+use crate::config::{Config, CookieSecure, RoomConfig, RoomState};
 use crate::error::{wants_page, GateError};
 use crate::forward::{Forwarded, Upstream};
 use crate::framing::{Verdict, Verdicts};
 use crate::hop::{self, Peer};
+use crate::limit::{Slot, Slots};
 use crate::metrics::{Metrics, Outcome};
 use crate::path::{canonicalize, CanonicalPath};
-use crate::room::feed::FeedLimits;
 use crate::room::{run_scheduler, Holding, Room};
 use crate::store::{Announcement, Store, StoreError};
 use crate::token::{Admission, Tokens};
@@ -96,9 +98,9 @@ pub struct Connection {
     /// The forwarding headers' view of the peer, made once per connection.
     pub forwarded: Peer,
     pub verdicts: Verdicts,
-    /// The connection's place under `server.max_connections`: an upgraded tunnel keeps it
-    /// after the connection is handed over (freed when both are done).
-    pub permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// The connection's place under the connection caps: an upgraded tunnel keeps it after
+    /// the connection is handed over (freed when both are done).
+    pub permit: Option<Arc<crate::limit::ConnectionPlace>>,
 }
 
 /// A place in a room's line: a ticket number of one line.
@@ -132,7 +134,12 @@ pub struct Gate {
     upstream: ArcSwap<Upstream>,
     store: Arc<Store>,
     clock: Clock,
-    feeds: Arc<FeedLimits>,
+    feeds: Arc<Slots>,
+    /// Requests in flight through trusted proxies, per client they name: their share of
+    /// `server.max_connections_per_address`.
+    proxied: Arc<Slots>,
+    /// Refused and failed requests, for the log's summary.
+    refusals: Arc<crate::refusals::Refusals>,
     /// Feed sockets, schedulers, the announcement listener: owned, ended by `stop`.
     tasks: TaskTracker,
     /// Upgraded tunnels, across reloads of the upstream.
@@ -143,7 +150,8 @@ pub struct Gate {
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: u64,
     body_read_timeout: Duration,
-    secure_cookies: bool,
+    /// `server.cookie_secure`.
+    cookie_secure: CookieSecure,
     /// The configuration in force (the last one loaded), for reloads to compare with.
     config: ArcSwap<Config>,
     metrics: Arc<Metrics>,
@@ -217,7 +225,9 @@ impl Gate {
             )?),
             store: Arc::new(store),
             clock: Clock::new(),
-            feeds: FeedLimits::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
+            feeds: Slots::new(server.max_feed_sockets, server.max_feed_sockets_per_address),
+            proxied: Slots::new(usize::MAX, server.max_connections_per_address.get()),
+            refusals: Arc::default(),
             tasks: TaskTracker::new(),
             tunnels,
             stop,
@@ -225,7 +235,7 @@ impl Gate {
             trusted_proxies: server.trusted_proxies.clone(),
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: server.body_read_timeout,
-            secure_cookies: server.tls.is_some(),
+            cookie_secure: server.cookie_secure,
             config: ArcSwap::from_pointee(config.clone()),
             metrics,
             access_log: AtomicBool::new(config.log.access),
@@ -242,6 +252,8 @@ impl Gate {
         self.tasks.spawn(async move { gate.follow(announcements).await });
         let gate = self.clone();
         self.tasks.spawn(async move { gate.probe_store().await });
+        let gate = self.clone();
+        self.tasks.spawn(async move { gate.refusals.report(gate.stop.clone()).await });
     }
 
     /// Ask the store whether it answers whenever nothing else did for a second (no room, or
@@ -333,16 +345,46 @@ impl Gate {
         hop::client_address(connection.peer.ip(), &self.trusted_proxies, headers)
     }
 
+    /// Whether `peer` is one of `server.trusted_proxies` (an IPv4-mapped IPv6 address as the
+    /// IPv4 address it is).
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+
     /// The per-connection state for a client at `peer`.
     pub fn connection(
         &self,
         peer: SocketAddr,
         tls: bool,
         verdicts: Verdicts,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        permit: Option<crate::limit::ConnectionPlace>,
     ) -> Connection {
-        let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
+        // A `[::]` listener sees IPv4 clients as `::ffff:a.b.c.d`: the address they are, so
+        // that IPv4 `trusted_proxies` and bypass ranges match them.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let trusted = self.trusts(peer.ip());
         Connection { peer, forwarded: Peer::new(peer.ip(), tls, trusted), verdicts, permit: permit.map(Arc::new) }
+    }
+
+    /// The cookie changes of an answer to a request with `headers` on `connection`: `Secure`
+    /// as `server.cookie_secure` says (for `auto`: TLS here, or a trusted proxy's
+    /// `X-Forwarded-Proto: https`, its left-most value being the client's side).
+    pub(crate) fn cookies(&self, headers: &HeaderMap, connection: &Connection) -> Cookies {
+        let secure = match self.cookie_secure {
+            CookieSecure::Always => true,
+            CookieSecure::Never => false,
+            CookieSecure::Auto => {
+                connection.forwarded.tls
+                    || (connection.forwarded.trusted
+                        && headers
+                            .get(&hop::X_FORWARDED_PROTO)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.split(',').next())
+                            .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https")))
+            }
+        };
+        Cookies::new(secure)
     }
 
     /// The keys in force.
@@ -387,18 +429,40 @@ impl Gate {
         let method = request.method().clone();
         let mut trail = Trail::default();
         let span = tracing::debug_span!("request", %client);
-        let response = match self.serve(request, connection, client, &mut trail).instrument(span).await {
+        let served = async {
+            let _slot = self.hold_proxied(connection, client).map_err(|()| {
+                self.metrics.connection_limited("public", "proxied_per_address");
+                GateError::Unavailable { retry_after_seconds: respond::RETRY_SECONDS }
+            })?;
+            self.serve(request, connection, client, &mut trail).await
+        };
+        let response = match served.instrument(span).await {
             Ok(response) => response,
             Err(error) => {
-                if error.status().is_server_error() || error.status() == StatusCode::TOO_MANY_REQUESTS {
-                    tracing::info!(%client, status = error.status().as_u16(), "request not forwarded");
-                }
-                trail.failed(&error);
+                self.refused(&mut trail, &error, client);
                 error.into_response(wants_json)
             }
         };
         self.record(&trail, &method, client, response.status(), started);
         response
+    }
+
+    /// A request from `client` answered with `error`: counted in its trail (and so in
+    /// metrics), and in the log's summary of refusals, never a line of its own.
+    pub(crate) fn refused(&self, trail: &mut Trail, error: &GateError, client: IpAddr) {
+        trail.failed(error);
+        self.refusals.note(error.reason(), client);
+    }
+
+    /// A request that came through a trusted proxy holds a place under its client's
+    /// `server.max_connections_per_address` while it is served (the proxy's own connections
+    /// are not counted: they carry many clients). `Ok(None)` for any other request, `Err` for
+    /// a client at the cap.
+    pub(crate) fn hold_proxied(&self, connection: &Connection, client: IpAddr) -> Result<Option<Slot>, ()> {
+        match connection.forwarded.trusted {
+            false => Ok(None),
+            true => self.proxied.admit(client).map(Some).ok_or(()),
+        }
     }
 
     /// Count a request by room and outcome, and log it when the access log is on.
@@ -462,11 +526,11 @@ impl Gate {
         if let Some(endpoint) = path.decoded.strip_prefix(RESERVED_PREFIX) {
             trail.outcome = Some(Outcome::Reserved);
             let endpoint = endpoint.to_owned();
-            return self.reserved(&endpoint, request, client).await;
+            return self.reserved(&endpoint, request, connection, client).await;
         }
         if path.decoded == WELL_KNOWN_JWKS {
             trail.outcome = Some(Outcome::Reserved);
-            return self.reserved("jwks.json", request, client).await;
+            return self.reserved("jwks.json", request, connection, client).await;
         }
         match self.decide(request.headers(), &path, client) {
             Decision::Forward(None) => Ok(self.forward(request, connection, &path, None).await?.response),
@@ -583,16 +647,22 @@ impl Gate {
         path: &CanonicalPath,
         trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
+        let cookies = self.cookies(request.headers(), connection);
         let forwarded = self.forward(request, connection, path, Some((room, &admission.visitor))).await?;
         trail.answered_after(forwarded.took);
-        let cookies = self.settle(room, admission, forwarded.session_ended).await;
+        let cookies = self.settle(room, admission, forwarded.session_ended, cookies).await;
         Ok(cookies.on(forwarded.response))
     }
 
     /// After an admitted request was answered: end the session when the upstream said so,
-    /// note it in use, and renew its token when due. Returns the cookies to set.
-    pub(crate) async fn settle(&self, room: &Room, admission: &Admission, session_ended: bool) -> Cookies {
-        let cookies = Cookies::new(self.secure_cookies);
+    /// note it in use, and renew its token when due. Returns `cookies` with what to set.
+    pub(crate) async fn settle(
+        &self,
+        room: &Room,
+        admission: &Admission,
+        session_ended: bool,
+        cookies: Cookies,
+    ) -> Cookies {
         if admission.ticket == 0 {
             return cookies; // a token minted outside any session (`vestibule token`)
         }
@@ -695,8 +765,9 @@ impl Gate {
         host: Option<HeaderValue>,
         admitted: Option<(&Room, &str)>,
     ) -> Result<(), GateError> {
+        let client = self.client(headers, connection);
         hop::strip_hop_by_hop(headers);
-        hop::set_forwarding_headers(headers, &connection.forwarded, host.as_ref());
+        hop::set_forwarding_headers(headers, &connection.forwarded, host.as_ref(), client);
         if let Some((room, visitor)) = admitted {
             let visitor = HeaderValue::from_str(visitor).map_err(|_| GateError::BadRequest("Invalid visitor."))?;
             headers.insert(hop::VESTIBULE_ROOM, HeaderValue::from_str(&room.id).expect("room ids are validated"));

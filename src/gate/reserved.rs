@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use http::{header, HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
-use super::respond::{self, Cookies, RETRY_SECONDS};
-use super::Gate;
+use super::respond::{self, RETRY_SECONDS};
+use super::{Connection, Gate};
 use crate::body::{self, Body};
 use crate::error::GateError;
 use crate::room::{feed, Holding};
@@ -24,6 +24,7 @@ impl Gate {
         &self,
         endpoint: &str,
         mut request: Request<Incoming>,
+        connection: &Connection,
         client: IpAddr,
     ) -> Result<Response<Body>, GateError> {
         let method = request.method().clone();
@@ -53,10 +54,14 @@ impl Gate {
                 let holding = self.holding(request.headers(), &room);
                 room.seen(holding);
                 let mut response = respond::json(&room.status(holding));
-                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
                 Ok(response)
             }
             ("leave", Method::POST) => {
+                // A page of another site cannot make a visitor leave (a form that posts itself).
+                if super::origin::cross_site(request.headers(), super::origin::requested_host(&request)) {
+                    return Err(GateError::CrossSite);
+                }
                 // Answered at once, whatever the store is doing: the room tells it at its next
                 // step, or when it is back.
                 if let Some(admission) = self.admission(request.headers(), &room) {
@@ -73,7 +78,8 @@ impl Gate {
                         room.give_up(ticket);
                     }
                 }
-                let cookies = Cookies::new(self.secure_cookies).clear(&room.token_cookie).clear(&room.ticket_cookie);
+                let cookies =
+                    self.cookies(request.headers(), connection).clear(&room.token_cookie).clear(&room.ticket_cookie);
                 Ok(cookies.on(respond::json(&room.status(Holding::Nothing))))
             }
             ("ws", Method::GET) => {

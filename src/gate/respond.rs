@@ -18,7 +18,9 @@ pub const PENDING_RETRY_SECONDS: u32 = 1;
 const PAGE_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:";
 
-/// Cookie changes for one response: HttpOnly, SameSite=Lax, `Secure` over TLS.
+/// Cookie changes for one response: HttpOnly, SameSite=Lax, `Secure` as
+/// `server.cookie_secure` says. A response that carries any is `Cache-Control: private,
+/// no-store`, so that no shared cache hands one visitor's ticket or token to the next.
 #[derive(Debug, Default)]
 pub struct Cookies {
     secure: bool,
@@ -58,12 +60,41 @@ impl Cookies {
         response
     }
 
-    /// Put them in a response's `headers`.
+    /// Put them in a response's `headers`, and keep the response out of shared caches.
     pub fn onto(self, headers: &mut HeaderMap) {
+        if self.set.is_empty() {
+            return;
+        }
         for cookie in self.set {
             headers.append(header::SET_COOKIE, cookie);
         }
+        private_no_store(headers);
     }
+}
+
+/// `Cache-Control: private, no-store`, merged with what the response said: its directives
+/// that allow storing or sharing (`public`, `max-age`, `s-maxage`, ...) go, the rest stay.
+pub fn private_no_store(headers: &mut HeaderMap) {
+    const DROPPED: [&str; 7] = ["public", "private", "no-store", "max-age", "s-maxage", "immutable", "no-cache"];
+    let kept: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|directive| {
+            let name = directive.split('=').next().unwrap_or_default().trim();
+            !directive.is_empty() && !DROPPED.iter().any(|dropped| name.eq_ignore_ascii_case(dropped))
+        })
+        .map(str::to_owned)
+        .collect();
+    let value = if kept.is_empty() {
+        HeaderValue::from_static("private, no-store")
+    } else {
+        HeaderValue::from_str(&format!("private, no-store, {}", kept.join(", ")))
+            .unwrap_or(HeaderValue::from_static("private, no-store"))
+    };
+    headers.insert(header::CACHE_CONTROL, value);
 }
 
 /// A JSON document.
@@ -122,7 +153,7 @@ pub fn room_status(
     };
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
     if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_SECONDS));
     }
@@ -154,4 +185,38 @@ pub fn held(
 ) -> Response<Body> {
     let status = if wants_page { room.queued_status() } else { StatusCode::SERVICE_UNAVAILABLE };
     room_status(room, room.status(holding), start_position, why, wants_page, accept_language, status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_control_after(upstream: &[&str]) -> String {
+        let mut headers = HeaderMap::new();
+        for value in upstream {
+            headers.append(header::CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+        }
+        Cookies::new(false).set("vestibule-token-checkout", "t", 60).onto(&mut headers);
+        assert_eq!(headers.get_all(header::CACHE_CONTROL).iter().count(), 1);
+        headers[header::CACHE_CONTROL].to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_response_that_sets_a_cookie_is_kept_out_of_shared_caches() {
+        assert_eq!(cache_control_after(&[]), "private, no-store");
+        assert_eq!(cache_control_after(&["public, max-age=600"]), "private, no-store");
+        assert_eq!(cache_control_after(&["s-maxage=60", "no-transform, Max-Age=5"]), "private, no-store, no-transform");
+        assert_eq!(
+            cache_control_after(&["must-revalidate, stale-if-error=60"]),
+            "private, no-store, must-revalidate, stale-if-error=60"
+        );
+    }
+
+    #[test]
+    fn a_response_without_cookies_keeps_its_cache_control() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=600"));
+        Cookies::new(false).onto(&mut headers);
+        assert_eq!(headers[header::CACHE_CONTROL], "public, max-age=600");
+    }
 }

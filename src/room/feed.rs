@@ -5,10 +5,7 @@
 //! waiter. The client has nothing to say, so frames are tiny and buffers small; a ping every
 //! 20 s must be answered within 10 s.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -26,6 +23,7 @@ use super::{Holding, Room, Snapshot};
 use crate::body::{self, Body};
 use crate::config::RoomState;
 use crate::error::GateError;
+use crate::limit::Slot;
 use crate::line;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -37,63 +35,6 @@ pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
 /// At most one position message per socket per this long.
 const MIN_GAP: Duration = Duration::from_secs(1);
-
-/// Caps on feed sockets, per client address and in total.
-#[derive(Debug)]
-pub struct FeedLimits {
-    total: AtomicUsize,
-    per_address: Mutex<HashMap<IpAddr, usize>>,
-    max_total: usize,
-    max_per_address: usize,
-}
-
-impl FeedLimits {
-    pub fn new(max_total: usize, max_per_address: usize) -> Arc<FeedLimits> {
-        Arc::new(FeedLimits { total: AtomicUsize::new(0), per_address: Mutex::default(), max_total, max_per_address })
-    }
-
-    /// A slot for one more socket from `address`, or `None` at a cap.
-    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<SocketSlot> {
-        let address = crate::hop::address_key(address);
-        let mut per_address = self.per_address.lock().ok()?;
-        let count = per_address.entry(address).or_insert(0);
-        if *count >= self.max_per_address || self.total.load(Ordering::Relaxed) >= self.max_total {
-            if *count == 0 {
-                per_address.remove(&address);
-            }
-            return None;
-        }
-        *count += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        Some(SocketSlot { limits: self.clone(), address })
-    }
-
-    /// Sockets open now.
-    pub fn open(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
-    }
-}
-
-/// One socket's place under the caps; freed on drop.
-#[derive(Debug)]
-pub struct SocketSlot {
-    limits: Arc<FeedLimits>,
-    address: IpAddr,
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        self.limits.total.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut per_address) = self.limits.per_address.lock() {
-            if let Some(count) = per_address.get_mut(&self.address) {
-                *count -= 1;
-                if *count == 0 {
-                    per_address.remove(&self.address);
-                }
-            }
-        }
-    }
-}
 
 /// Check a websocket handshake request and make the `101` answer.
 pub fn switching_protocols(headers: &HeaderMap) -> Result<Response<Body>, GateError> {
@@ -202,12 +143,12 @@ fn message_for(room: &Room, snapshot: &Snapshot, holding: Holding) -> Option<Sho
 }
 
 /// Serve one feed socket until the visitor is admitted, leaves, stops answering, or `stop`.
-pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: CancellationToken, slot: SocketSlot) {
+pub async fn serve(upgraded: Upgraded, room: Arc<Room>, holding: Holding, stop: CancellationToken, slot: Slot) {
     serve_on(TokioIo::new(upgraded), room, holding, stop, slot).await
 }
 
 /// [`serve`] on any byte stream.
-pub async fn serve_on<S>(io: S, room: Arc<Room>, mut holding: Holding, stop: CancellationToken, _slot: SocketSlot)
+pub async fn serve_on<S>(io: S, room: Arc<Room>, mut holding: Holding, stop: CancellationToken, _slot: Slot)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -342,9 +283,12 @@ mod tests {
     }
 
     /// A feed socket on an in-memory stream of `capacity` bytes whose client never reads.
-    fn stuck_feed(room: &Arc<Room>, stop: &CancellationToken) -> (Arc<FeedLimits>, tokio::task::JoinHandle<()>) {
+    fn stuck_feed(
+        room: &Arc<Room>,
+        stop: &CancellationToken,
+    ) -> (Arc<crate::limit::Slots>, tokio::task::JoinHandle<()>) {
         let (server, client) = tokio::io::duplex(64);
-        let limits = FeedLimits::new(10, 10);
+        let limits = crate::limit::Slots::new(10, 10);
         let slot = limits.admit("127.0.0.1".parse().unwrap()).unwrap();
         let serving = tokio::spawn(serve_on(server, room.clone(), Holding::Ticket(5), stop.clone(), slot));
         // The client keeps its end open and reads nothing.

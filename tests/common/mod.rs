@@ -324,6 +324,19 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
     (status, text)
 }
 
+/// [`raw`] from the loopback address `source` (127.0.0.x): another client address.
+pub async fn raw_from(source: &str, addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
 /// For upstreams written on bare sockets: the next request head from `stream` (bytes already
 /// read in `buffer`, which keeps what follows the head), or `None` once it closes.
 pub async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<String> {

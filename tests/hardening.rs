@@ -1,0 +1,238 @@
+//! The hour a waiting room exists for, tried as an attacker would (DESIGN §9): a page of
+//! another site posting into a visitor's session, a shared cache keeping a token, slow and
+//! greedy clients from one address, client-address headers, cookies behind a TLS front.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::visitor::Visitor;
+use common::*;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const OPEN_ROOM: &str = "admit_per_minute = 600\nmax_active = 50\n";
+
+/// A request as `visitor` (their cookies) with extra `headers`; the visitor's jar is left as
+/// it was, so that what the answer would have done to it can be read from `Set-Cookie`.
+async fn as_visitor(visitor: &Visitor, method: &str, path: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "shop.test")
+        .header("cookie", visitor.cookie_header());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (status, headers, _) = send(visitor.addr, request.body(Full::new(Bytes::new())).unwrap()).await;
+    (status, headers)
+}
+
+#[tokio::test]
+async fn a_page_of_another_site_cannot_make_a_visitor_leave() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    let mut visitor = Visitor::new(gate.addr);
+    visitor.open("/checkout").await;
+    assert_eq!(visitor.status().await["status"], "admitted");
+
+    let leave = "/_vestibule/leave?room=checkout";
+    for forged in [
+        vec![("sec-fetch-site", "cross-site"), ("origin", "https://evil.example")],
+        vec![("sec-fetch-site", "same-site")],
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "null")],
+        vec![("referer", "https://evil.example/buy-now.html")],
+    ] {
+        let (status, headers) = as_visitor(&visitor, "POST", leave, &forged).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{forged:?}");
+        assert!(!headers.contains_key("set-cookie"), "{forged:?}: no cookie cleared");
+        assert_eq!(visitor.status().await["status"], "admitted", "{forged:?}: the session is still there");
+        assert_eq!(visitor.open("/checkout/pay").await.0, StatusCode::OK);
+    }
+    // The shop's own page, and a client that is not a browser, still can.
+    let (status, _) = as_visitor(&visitor, "POST", leave, &[("sec-fetch-site", "same-origin")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut api = Visitor::new(gate.addr);
+    api.open("/checkout").await;
+    api.leave().await;
+    assert_eq!(api.status().await["status"], "none");
+}
+
+#[tokio::test]
+async fn a_cross_site_post_into_the_room_never_replaces_a_visitors_cookies() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    // A visitor with no cookie for the request (SameSite=Lax keeps them off a cross-site
+    // POST): answering would give the browser a new ticket or token over theirs.
+    let nobody = Visitor::new(gate.addr);
+    let seen_before = upstream.requests().len();
+    for forged in [vec![("sec-fetch-site", "cross-site")], vec![("origin", "https://evil.example")]] {
+        let (status, headers) = as_visitor(&nobody, "POST", "/checkout/pay?item=7", &forged).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{forged:?}");
+        assert_eq!(headers["location"], "/checkout/pay?item=7", "the same address, as a GET that brings the cookies");
+        assert!(!headers.contains_key("set-cookie"), "{forged:?}");
+        assert_eq!(headers["cache-control"], "private, no-store");
+    }
+    assert_eq!(upstream.requests().len(), seen_before, "nothing reached the upstream");
+    // A same-origin POST still joins and goes through.
+    let (status, headers) = as_visitor(&nobody, "POST", "/checkout/pay", &[("origin", "http://shop.test")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["set-cookie"].to_str().unwrap().starts_with("vestibule-token-checkout="));
+}
+
+#[tokio::test]
+async fn every_answer_that_sets_a_vestibule_cookie_is_kept_out_of_shared_caches() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room(upstream_addr, "admit_per_minute = 600\nmax_active = 1\n").await;
+    // The upstream's first answer, which carries the admission token.
+    let mut first = Visitor::new(gate.addr);
+    let (status, headers, _) = first.open("/checkout").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.contains_key("set-cookie"));
+    assert_eq!(headers["cache-control"], "private, no-store");
+    // The waiting page with its ticket, and the status JSON.
+    let mut second = Visitor::new(gate.addr);
+    let (_, headers, _) = second.open("/checkout").await;
+    assert!(headers["set-cookie"].to_str().unwrap().starts_with("vestibule-ticket-checkout="));
+    assert_eq!(headers["cache-control"], "private, no-store");
+    let (_, headers, _) = second.request("GET", "/_vestibule/status?room=checkout", "application/json").await;
+    assert_eq!(headers["cache-control"], "private, no-store");
+    // Leaving clears both cookies: private too.
+    let (_, headers, _) = first.request("POST", "/_vestibule/leave?room=checkout", "application/json").await;
+    assert!(headers.contains_key("set-cookie"));
+    assert_eq!(headers["cache-control"], "private, no-store");
+}
+
+#[tokio::test]
+async fn cookies_are_secure_behind_a_tls_front_that_a_trusted_proxy_names() {
+    let (upstream_addr, _) = start_upstream().await;
+    let secure = |headers: &HeaderMap| headers["set-cookie"].to_str().unwrap().contains("; Secure");
+    // Auto: the trusted proxy (127.0.0.1) says the client came over https.
+    let gate = start_room_with(upstream_addr, "trusted_proxies = [\"127.0.0.1/32\"]", OPEN_ROOM).await;
+    let client = Visitor::new(gate.addr);
+    let (_, headers) =
+        as_visitor(&client, "GET", "/checkout", &[("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")])
+            .await;
+    assert!(secure(&headers), "{headers:?}");
+    let (_, headers) = as_visitor(&client, "GET", "/checkout", &[("x-forwarded-for", "203.0.113.10")]).await;
+    assert!(!secure(&headers), "plain http through the proxy: no Secure");
+    // An untrusted peer cannot claim https.
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    let (_, headers) =
+        as_visitor(&Visitor::new(gate.addr), "GET", "/checkout", &[("x-forwarded-proto", "https")]).await;
+    assert!(!secure(&headers));
+    // true: always.
+    let gate = start_room_with(upstream_addr, "cookie_secure = true", OPEN_ROOM).await;
+    let (_, headers) = as_visitor(&Visitor::new(gate.addr), "GET", "/checkout", &[]).await;
+    assert!(secure(&headers));
+}
+
+#[tokio::test]
+async fn client_address_headers_from_an_untrusted_peer_never_reach_the_upstream() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    let forged = [
+        ("x-real-ip", "6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("cf-connecting-ip", "6.6.6.6"),
+        ("fastly-client-ip", "6.6.6.6"),
+    ];
+    // Both HTTP paths: the fast lane (a bodiless GET outside the rooms) and hyper (a POST).
+    for method in ["GET", "POST"] {
+        let (status, _) = as_visitor(&Visitor::new(gate.addr), method, "/elsewhere", &forged).await;
+        assert_eq!(status, StatusCode::OK);
+        let seen = upstream.last().headers;
+        assert_eq!(seen["x-real-ip"], "127.0.0.1", "{method}: ours, the peer's address");
+        for (name, _) in &forged[1..] {
+            assert!(!seen.contains_key(*name), "{method}: {name} dropped");
+        }
+    }
+}
+
+/// Many connections from one address that never read: another address is still answered at
+/// once, and connections beyond the per-address cap are refused with 503.
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room_with(
+        upstream_addr,
+        "max_connections = 40\nmax_connections_per_address = 30\nsend_timeout = \"60s\"",
+        OPEN_ROOM,
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        // Pipelined requests whose answers are never read.
+        let pipelined = "GET /download/65536 HTTP/1.1\r\nHost: shop.test\r\n\r\n".repeat(32);
+        stream.write_all(pipelined.as_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    // The 31st from the same address: 503 and closed.
+    let (status, text) = raw(gate.addr, b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
+    assert_eq!(status, 503, "{text}");
+    // Another address is answered within 2 s.
+    let (status, text) = tokio::time::timeout(
+        Duration::from_secs(2),
+        raw_from("127.0.0.7", gate.addr, b"GET /checkout HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+    .expect("another address is answered within 2 s");
+    assert_eq!(status, 200, "{text}");
+    let metrics = gate.running.gate().metrics().encode();
+    assert!(
+        metrics.contains("vestibule_connection_limits_total{listener=\"public\",reason=\"per_address\"} 1"),
+        "{metrics}"
+    );
+    drop(held);
+}
+
+/// A client that asks and never reads is let go after `send_timeout`, on both HTTP paths.
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_after_the_send_timeout() {
+    let (upstream_addr, _) = start_upstream().await;
+    for fast_lane in [true, false] {
+        let gate =
+            start_room_with(upstream_addr, &format!("send_timeout = \"1s\"\nfast_lane = {fast_lane}"), OPEN_ROOM).await;
+        let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        // 16 MiB asked for, none read: the socket buffers fill, the writes stop.
+        stream.write_all(b"GET /download/16777216 HTTP/1.1\r\nHost: shop.test\r\n\r\n").await.unwrap();
+        let metrics = gate.running.gate().metrics().clone();
+        wait_for("the send timeout", || metrics.encode().contains("reason=\"send_timeout\"} 1")).await;
+        // The server's side is gone: reading what was buffered ends at its close.
+        let mut sink = vec![0u8; 1 << 20];
+        let drained = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "fast_lane = {fast_lane}: the connection was closed");
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_size_past_63_bits_is_refused_and_never_forwarded() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gate = start_gate(upstream_addr, "", "").await;
+    for size in ["ffffffffffffffff", "8000000000000000"] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nabc\r\n0\r\n\r\n"
+        );
+        let (status, text) = raw(gate.addr, request.as_bytes()).await;
+        assert_eq!(status, 400, "{size}: {text}");
+    }
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    // A bare LF ends a head for hyper but not for the framing scanner: refused.
+    let (status, text) =
+        raw(gate.addr, b"GET /a HTTP/1.1\nHost: a.test\n\nGET /b HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(upstream.requests().is_empty());
+}
