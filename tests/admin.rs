@@ -755,3 +755,23 @@ async fn probes_answer_while_one_address_holds_admin_connections() {
     );
     drop(held);
 }
+
+/// A reload applies a new admin token at once (a leaked one is replaced without a restart),
+/// and names every setting it cannot apply.
+#[tokio::test]
+async fn a_reload_replaces_the_admin_token_and_names_what_needs_a_restart() {
+    let (upstream, _) = start_upstream().await;
+    let rooms = format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n");
+    let gate = start_admin(upstream, &rooms).await;
+    let admin = gate.addr();
+    let text = gate
+        .text(&rooms)
+        .replace(TOKEN, "a-new-admin-token-4567")
+        .replace("shutdown_grace", "trusted_proxies = [\"10.1.0.0/16\"]\nsend_timeout = \"5s\"\nshutdown_grace");
+    std::fs::write(&gate.config, text).unwrap();
+    let (status, reloaded) = authorized(admin, "POST", "/reload", "").await;
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    assert_eq!(reloaded["restart_needed"], json!(["server.trusted_proxies", "server.send_timeout"]));
+    assert_eq!(authorized(admin, "GET", "/rooms", "").await.0, StatusCode::UNAUTHORIZED, "the old token is gone");
+    assert_eq!(call(admin, "GET", "/rooms", Some("a-new-admin-token-4567"), "").await.0, StatusCode::OK);
+}

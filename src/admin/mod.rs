@@ -51,11 +51,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// What every admin call shares.
+/// The token and `admin.hosts` are read from the configuration in force at each call, so that
+/// a reload applies them (a leaked token is replaced without a restart).
 struct State {
     gate: Arc<Gate>,
-    token: String,
-    /// `admin.hosts`: the host names answered besides IP literals and `localhost`.
-    hosts: Vec<String>,
     /// Cancelled when a graceful stop begins: readiness says 503 from then on.
     draining: CancellationToken,
     history: History,
@@ -105,9 +104,8 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.listen))?;
     let addr = listener.local_addr()?;
-    let token = config.token.clone().context("admin.token: missing")?;
-    let hosts = config.hosts.clone();
-    let state = Arc::new(State { gate: gate.clone(), token, hosts, draining, history: History::default() });
+    config.token.as_ref().context("admin.token: missing")?;
+    let state = Arc::new(State { gate: gate.clone(), draining, history: History::default() });
     let stop = gate.stop_token().clone();
     gate.tasks().spawn(history::sample(state.gate.clone(), state.history.clone(), stop.clone()));
     let limits = Limits {
@@ -194,8 +192,10 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
 
 async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Body>, Problem> {
     // A page in a browser that rebinds its own name to this address still sends its name.
+    let config = state.gate.config();
+    let hosts = config.admin.as_ref().map_or(&[][..], |admin| &admin.hosts);
     let host = request.headers().get(header::HOST).map(|host| host.to_str().unwrap_or_default());
-    if host.is_some_and(|host| !host_answered(host, &state.hosts)) {
+    if host.is_some_and(|host| !host_answered(host, hosts)) {
         return Err(Problem::new(
             StatusCode::MISDIRECTED_REQUEST,
             "this Host is not answered here: use an IP address, localhost, or a name in admin.hosts",
@@ -344,8 +344,12 @@ fn authorize(state: &State, request: &Request<Incoming>) -> Result<(), Problem> 
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim);
+    let config = state.gate.config();
+    let expected = config.admin.as_ref().and_then(|admin| admin.token.as_deref());
     // Constant time in the token's content (its length is no secret worth keeping).
-    let valid = presented.is_some_and(|token| bool::from(token.as_bytes().ct_eq(state.token.as_bytes())));
+    let valid = presented
+        .zip(expected)
+        .is_some_and(|(presented, expected)| bool::from(presented.as_bytes().ct_eq(expected.as_bytes())));
     if valid {
         Ok(())
     } else {

@@ -1,7 +1,10 @@
 //! Reload (SIGHUP, or `POST /reload` on the admin listener): `proxy.toml` read again and
 //! validated whole, then rooms, messages, keys and upstream settings applied without dropping
 //! a connection, a feed socket or a place in line. A file that does not validate changes
-//! nothing. Listener addresses, TLS, the store and the runtime need a restart.
+//! nothing. The admin token and `admin.hosts` apply at once (the admin listener reads them at
+//! each call). `[server]` (listeners, TLS, limits, trusted proxies, cookies), `admin.listen`,
+//! the store and the runtime need a restart: a reload that changes them says so, in its
+//! answer and in the log.
 
 use std::sync::Arc;
 
@@ -94,17 +97,31 @@ impl Gate {
             self.upstream.store(Arc::new(upstream));
             reloaded.upstream = true;
         }
+        let (server, old_server) = (&config.server, &old.server);
+        let admin_listen = |config: &Config| debug(&config.admin.as_ref().map(|a| a.listen));
         let needs_restart = [
-            ("server.listen", debug(&config.server.listen) != debug(&old.server.listen)),
-            ("server.tls", debug(&config.server.tls) != debug(&old.server.tls)),
-            ("server.workers", debug(&config.server.workers) != debug(&old.server.workers)),
+            ("server.listen", debug(&server.listen) != debug(&old_server.listen)),
+            ("server.tls", debug(&server.tls) != debug(&old_server.tls)),
+            ("server.workers", debug(&server.workers) != debug(&old_server.workers)),
+            ("server.trusted_proxies", debug(&server.trusted_proxies) != debug(&old_server.trusted_proxies)),
+            ("server.cookie_secure", server.cookie_secure != old_server.cookie_secure),
+            ("server.max_connections", server.max_connections != old_server.max_connections),
             (
-                "admin.listen",
-                debug(&config.admin.as_ref().map(|a| a.listen)) != debug(&old.admin.as_ref().map(|a| a.listen)),
+                "server.max_connections_per_address",
+                server.max_connections_per_address != old_server.max_connections_per_address,
             ),
+            ("server.send_timeout", server.send_timeout != old_server.send_timeout),
+            // Any other key of [server]: the listeners and the gate took them at start.
+            ("server", debug(server) != debug(old_server)),
+            ("admin.listen", admin_listen(&config) != admin_listen(&old)),
             ("store", debug(&config.store) != debug(&old.store)),
         ];
-        reloaded.restart_needed = needs_restart.iter().filter(|(_, changed)| *changed).map(|(key, _)| *key).collect();
+        let mut needs_restart: Vec<_> = needs_restart.into_iter().filter(|(_, changed)| *changed).collect();
+        // "server" names only what the keys above do not.
+        if needs_restart.iter().any(|(key, _)| key.starts_with("server.")) {
+            needs_restart.retain(|(key, _)| *key != "server");
+        }
+        reloaded.restart_needed = needs_restart.iter().map(|(key, _)| *key).collect();
         if !reloaded.restart_needed.is_empty() {
             tracing::warn!(keys = ?reloaded.restart_needed, "these settings take effect after a restart");
         }
