@@ -839,7 +839,7 @@ impl Config {
         if self.tokens.issuer.is_empty() {
             return fail("tokens.issuer", "must not be empty");
         }
-        if self.tokens.leeway_seconds > 30 {
+        if self.tokens.leeway_seconds > crate::token::MAX_LEEWAY_SECONDS {
             return fail("tokens.leeway_seconds", "at most 30");
         }
 

@@ -29,6 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TokensConfig;
 
+/// The most `tokens.leeway_seconds` allowed: a revoked session is remembered this long past
+/// its tokens' expiry.
+pub const MAX_LEEWAY_SECONDS: u64 = 30;
+
 /// Tokens longer than this are not even parsed.
 const MAX_TOKEN_BYTES: usize = 4096;
 /// A `kid` longer than this names no key of ours.

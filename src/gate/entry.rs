@@ -466,7 +466,7 @@ impl Gate {
             Err(error) => (error.into_response(json), false),
         };
         let cookies = if session_ended {
-            room.end_session(ticket, expires_at_ms);
+            room.end_session(ticket, expires_at_ms, self.clock.now_ms());
             cookies
         } else {
             cookies.set(&room.token_cookie, &token, room.limits().session_ms / 1_000)

@@ -669,7 +669,7 @@ impl Gate {
         let now = self.clock.now_ms();
         let expires_at = admission.expires_at * 1_000;
         if session_ended {
-            room.end_session(admission.ticket, expires_at);
+            room.end_session(admission.ticket, expires_at, now);
             return cookies.clear(&room.token_cookie);
         }
         room.session_used(admission.ticket, expires_at, &admission.used, now);

@@ -65,7 +65,7 @@ impl Gate {
                 // Answered at once, whatever the store is doing: the room tells it at its next
                 // step, or when it is back.
                 if let Some(admission) = self.admission(request.headers(), &room) {
-                    room.end_session(admission.ticket, admission.expires_at * 1_000);
+                    room.end_session(admission.ticket, admission.expires_at * 1_000, self.clock.now_ms());
                 }
                 if let Some(ticket) = self.ticket(request.headers(), &room) {
                     room.give_up(ticket.ticket);

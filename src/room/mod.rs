@@ -13,7 +13,7 @@ pub mod page;
 pub mod sale;
 pub mod settings;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -93,6 +93,24 @@ enum Departure {
     Unanswered { ticket: u64 },
 }
 
+impl Departure {
+    /// What the departure is about: one of each is held at a time.
+    fn key(&self) -> (u8, u64) {
+        match *self {
+            Departure::SessionEnded { ticket, .. } => (0, ticket),
+            Departure::PlaceGivenUp { ticket } => (1, ticket),
+            Departure::Unanswered { ticket } => (2, ticket),
+        }
+    }
+}
+
+/// Departures held for the store, in order, at most one of each kind per ticket.
+#[derive(Debug, Default)]
+struct Departures {
+    queue: VecDeque<Departure>,
+    held: HashSet<(u8, u64)>,
+}
+
 /// What every waiter of a room needs to know, published once per step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -167,7 +185,7 @@ pub struct Room {
     /// Waiters seen lately: ticket → when (ms); told again to a rebuilt line.
     recent: Mutex<HashMap<u64, u64>>,
     /// Sessions ended and places given up here, not yet told to the store, in order.
-    departures: Mutex<VecDeque<Departure>>,
+    departures: Mutex<Departures>,
     /// Ended sessions: ticket → when their tokens would have expired (ms). Every token of the
     /// session stops passing on this instance; kept exactly until then.
     revoked: RwLock<HashMap<u64, u64>>,
@@ -573,7 +591,8 @@ impl Room {
     }
 
     /// Stop every token of the session that `ticket` opened (ticket 0 is no session), until
-    /// `until` (ms), when they expire anyway.
+    /// `until` (ms), when they expire anyway, and the tokens' leeway after it (they pass until
+    /// `exp` + `tokens.leeway_seconds`).
     pub fn revoke(&self, ticket: u64, until: u64) {
         if ticket != 0 {
             if let Ok(mut revoked) = self.revoked.write() {
@@ -724,12 +743,15 @@ impl Room {
         });
     }
 
-    /// End a session (its token expires at `expires_at`, ms): its tokens stop passing here at
-    /// once, and the store hears of it at the next step, or when it is back. Never waits.
-    pub fn end_session(&self, ticket: u64, expires_at: u64) {
+    /// End a session (the token presented expires at `expires_at`, ms) at `now`: its tokens
+    /// stop passing here at once, and the store hears of it at the next step, or when it is
+    /// back. Never waits. A renewed token of the session (minted here or elsewhere, from an
+    /// older one) expires within `session_seconds` of now: the revocation lasts until then.
+    pub fn end_session(&self, ticket: u64, expires_at: u64, now: u64) {
         if ticket != 0 {
-            self.revoke(ticket, expires_at);
-            self.depart(Departure::SessionEnded { ticket, expires_at });
+            let until = expires_at.max(now + self.limits().session_ms);
+            self.revoke(ticket, until);
+            self.depart(Departure::SessionEnded { ticket, expires_at: until });
         }
     }
 
@@ -751,8 +773,11 @@ impl Room {
 
     fn depart(&self, departure: Departure) {
         if let Ok(mut departures) = self.departures.lock() {
-            if departures.len() < MAX_PENDING_DEPARTURES {
-                departures.push_back(departure);
+            if departures.held.contains(&departure.key()) {
+                // The same leave again (one ticket, posted in a loop): held once.
+            } else if departures.queue.len() < MAX_PENDING_DEPARTURES {
+                departures.held.insert(departure.key());
+                departures.queue.push_back(departure);
             } else {
                 // Beyond the bound, the store learns of it later anyway: the holder is no
                 // longer seen (idle, abandoned).
@@ -767,8 +792,12 @@ impl Room {
         let limits = self.limits();
         let departures: Vec<Departure> = match self.departures.lock() {
             Ok(mut pending) => {
-                let count = pending.len().min(DEPARTURES_PER_STEP);
-                pending.drain(..count).collect()
+                let count = pending.queue.len().min(DEPARTURES_PER_STEP);
+                let taken: Vec<Departure> = pending.queue.drain(..count).collect();
+                for departure in &taken {
+                    pending.held.remove(&departure.key());
+                }
+                taken
             }
             Err(_) => Vec::new(),
         };
@@ -783,7 +812,9 @@ impl Room {
             if let Err(error) = sent {
                 if let Ok(mut pending) = self.departures.lock() {
                     for departure in departures[done..].iter().rev() {
-                        pending.push_front(*departure);
+                        if pending.held.insert(departure.key()) {
+                            pending.queue.push_front(*departure);
+                        }
                     }
                 }
                 return Err(error);
@@ -840,7 +871,7 @@ impl Room {
             return;
         }
         if let Ok(mut revoked) = self.revoked.write() {
-            revoked.retain(|_, until| *until > now);
+            revoked.retain(|_, until| *until + crate::token::MAX_LEEWAY_SECONDS * 1_000 > now);
         }
         let abandon_ms = self.limits().abandon_ms;
         if let Ok(mut recent) = self.recent.lock() {
@@ -1383,7 +1414,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn ended_sessions_are_kept_exactly_until_their_tokens_expire() {
+    async fn ended_sessions_are_kept_until_their_tokens_expire_and_their_leeway_passes() {
         let room = room("admit_per_minute = 600\nmax_active = 10");
         let clock = Clock::new();
         let now = clock.now_ms();
@@ -1392,10 +1423,41 @@ mod tests {
             room.revoke(ticket, now + if ticket % 2 == 0 { 60_000 } else { 600_000 });
         }
         assert!((1..=300_000).all(|ticket| room.is_revoked(ticket)));
+        // Tokens pass until exp + leeway: so long, their revocation is kept.
         tokio::time::advance(Duration::from_secs(61)).await;
         room.step(&Store::memory(), clock.now_ms()).await.unwrap();
-        assert!(!room.is_revoked(2) && room.is_revoked(1), "forgotten once the token has expired");
+        assert!(room.is_revoked(2), "within the leeway after its expiry");
+        tokio::time::advance(Duration::from_secs(crate::token::MAX_LEEWAY_SECONDS)).await;
+        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        assert!(!room.is_revoked(2) && room.is_revoked(1), "forgotten once the token and its leeway have passed");
         assert_eq!(room.revoked.read().unwrap().len(), 150_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leaving_with_an_old_token_revokes_its_renewed_successor() {
+        // session_seconds = 600: a token renewed a minute ago expires 9 minutes from now,
+        // while the one presented at leave expires in 10 s.
+        let room = room("admit_per_minute = 600\nmax_active = 10\nsession_seconds = 600");
+        let clock = Clock::new();
+        let now = clock.now_ms();
+        room.end_session(7, now + 10_000, now);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        assert!(room.is_revoked(7), "still revoked after the presented token's expiry");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        assert!(!room.is_revoked(7), "forgotten once every token of the session has expired");
+    }
+
+    #[test]
+    fn a_leave_repeated_with_one_ticket_is_held_for_the_store_once() {
+        let room = room("admit_per_minute = 600\nmax_active = 10");
+        for _ in 0..1_000 {
+            room.give_up(5);
+            room.end_session(6, 1_000, 0);
+        }
+        room.give_up(8);
+        assert_eq!(room.departures.lock().unwrap().queue.len(), 3);
     }
 
     #[test]
