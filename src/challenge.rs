@@ -143,10 +143,18 @@ fn leading_zero_bits(hash: &[u8]) -> u32 {
 }
 
 /// Solutions used lately, to take each once: ids with when they expire, bounded. With Redis
-/// the check is also made across instances, in the join script.
+/// the check is also made across instances, in the join script. Ids are let go in the order
+/// they were taken (each lasts `LIFETIME_MS`): constant work per take, however full.
 #[derive(Debug, Default)]
 pub struct Used {
-    ids: std::sync::Mutex<std::collections::HashMap<u128, u64>>,
+    ids: std::sync::Mutex<UsedIds>,
+}
+
+#[derive(Debug, Default)]
+struct UsedIds {
+    until: std::collections::HashMap<u128, u64>,
+    /// The ids in the order they were taken, with when each expires.
+    order: std::collections::VecDeque<(u64, u128)>,
 }
 
 /// Solutions remembered at most (beyond it, the oldest are let go early: a solution is
@@ -157,19 +165,21 @@ impl Used {
     /// Take `id` at `now`: false when it was taken before.
     pub fn take(&self, id: u128, now: u64) -> bool {
         let Ok(mut ids) = self.ids.lock() else { return false };
-        if ids.len() >= MAX_USED {
-            ids.retain(|_, until| *until > now);
-            if ids.len() >= MAX_USED {
-                let oldest = ids.iter().min_by_key(|(_, until)| **until).map(|(id, _)| *id);
-                if let Some(oldest) = oldest {
-                    ids.remove(&oldest);
-                }
+        let ids = &mut *ids;
+        while let Some(&(until, oldest)) = ids.order.front() {
+            if until > now && ids.order.len() < MAX_USED {
+                break;
+            }
+            ids.order.pop_front();
+            if ids.until.get(&oldest) == Some(&until) {
+                ids.until.remove(&oldest);
             }
         }
-        match ids.get(&id) {
+        match ids.until.get(&id) {
             Some(until) if *until > now => false,
             _ => {
-                ids.insert(id, now + LIFETIME_MS);
+                ids.until.insert(id, now + LIFETIME_MS);
+                ids.order.push_back((now + LIFETIME_MS, id));
                 true
             }
         }
@@ -229,5 +239,21 @@ mod tests {
         assert!(!used.take(7, 1_000));
         assert!(used.take(8, 1_000));
         assert!(used.take(7, LIFETIME_MS + 1), "expired, then forgotten (it no longer passes anyway)");
+    }
+
+    #[test]
+    fn a_full_table_lets_the_oldest_go_and_stays_bounded() {
+        let used = Used::default();
+        for id in 0..(MAX_USED as u128 + 1_000) {
+            assert!(used.take(id, 0));
+        }
+        let ids = used.ids.lock().unwrap();
+        assert_eq!((ids.until.len(), ids.order.len()), (MAX_USED, MAX_USED));
+        assert!(!ids.until.contains_key(&0) && ids.until.contains_key(&(MAX_USED as u128 + 999)));
+        drop(ids);
+        assert!(!used.take(MAX_USED as u128 + 999, 1), "a recent one is still taken once");
+        // Expired ones go as time passes.
+        assert!(used.take(7, LIFETIME_MS + 1));
+        assert_eq!(used.ids.lock().unwrap().until.len(), 1);
     }
 }

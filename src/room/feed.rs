@@ -33,6 +33,9 @@ pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
 /// A connected waiter is reported alive this often (or four times per `abandon_seconds`,
 /// if that is more often).
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
+/// How long a socket without a ticket (nothing to wait for: a closed room's page, a script)
+/// is kept: it holds a place under the caps and must not hold it for ever.
+pub const TICKETLESS_LIFETIME: Duration = Duration::from_secs(60);
 /// At most one position message per socket per this long.
 const MIN_GAP: Duration = Duration::from_secs(1);
 
@@ -166,6 +169,8 @@ where
     let mut last_position_at = Instant::now() - MIN_GAP;
     let mut smallest_position = u64::MAX;
     let mut pending = true; // send the current state at once
+    let ticketless = holding == Holding::Nothing;
+    let ticketless_until = Instant::now() + TICKETLESS_LIFETIME;
 
     loop {
         if pending {
@@ -250,6 +255,10 @@ where
                 pong_due.get_or_insert(Instant::now() + PONG_DEADLINE);
             }
             _ = touch.tick() => room.seen(holding),
+            () = tokio::time::sleep_until(ticketless_until), if ticketless => {
+                let _ = tokio::time::timeout(SEND_DEADLINE, socket.close(None)).await;
+                return;
+            }
             () = stop.cancelled() => {
                 let _ = tokio::time::timeout(SEND_DEADLINE, socket.close(None)).await;
                 return;
@@ -348,5 +357,22 @@ mod tests {
         for (shown, text) in cases {
             assert_eq!(shown.text(), text);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_without_a_ticket_is_closed_after_its_lifetime() {
+        let room = room();
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let limits = crate::limit::Slots::new(10, 10);
+        let slot = limits.admit("127.0.0.1".parse().unwrap()).unwrap();
+        let serving = tokio::spawn(serve_on(server, room.clone(), Holding::Nothing, CancellationToken::new(), slot));
+        // The client answers pings (tungstenite does, while it is read).
+        let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let reading = tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+        tokio::time::sleep(TICKETLESS_LIFETIME - Duration::from_secs(1)).await;
+        assert_eq!(limits.open(), 1, "kept within its lifetime");
+        tokio::time::timeout(Duration::from_secs(2), serving).await.expect("closed at its lifetime").unwrap();
+        assert_eq!(limits.open(), 0);
+        reading.await.unwrap();
     }
 }
