@@ -236,3 +236,24 @@ async fn a_chunk_size_past_63_bits_is_refused_and_never_forwarded() {
     assert_eq!(status, 400, "{text}");
     assert!(upstream.requests().is_empty());
 }
+
+/// A prefix written with a trailing slash guards the path without it too.
+#[tokio::test]
+async fn a_prefix_written_with_a_trailing_slash_guards_the_bare_path() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let dir = TempDir::new("slash");
+    let key = dir.path().join("signing.pem");
+    std::fs::write(&key, vestibule::token::generate_key(vestibule::token::KeyKind::Eddsa)).unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://{upstream_addr}\"\n[tokens]\nsigning_key = {key:?}\n\
+         [[rooms]]\nid = \"checkout\"\npaths = [\"/checkout/\"]\nadmit_per_minute = 60\nmax_active = 1\nstate = \"paused\"\n"
+    );
+    let config = vestibule::config::Config::parse(&text, "test.toml", dir.path()).unwrap();
+    let running = vestibule::server::start(&config).await.unwrap();
+    for path in ["/checkout", "/CHECKOUT", "/checkout/", "/checkout/pay"] {
+        let (status, _, _) = get(running.addr, path, &[]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path} is held");
+    }
+    assert_eq!(get(running.addr, "/checkouts", &[]).await.0, StatusCode::OK, "another path passes");
+    assert_eq!(upstream.requests().len(), 1);
+}

@@ -65,6 +65,16 @@ struct Guard {
     room: usize,
 }
 
+impl Guard {
+    /// Whether the guard covers `path` (canonical, lower-case unless case-sensitive): every
+    /// path that starts with its prefix, and for a prefix written with a trailing slash
+    /// (`/checkout/`) the path without it too (`/checkout`), which would otherwise pass.
+    fn guards(&self, path: &str) -> bool {
+        path.starts_with(&self.prefix)
+            || self.prefix.strip_suffix('/').is_some_and(|bare| !bare.is_empty() && path == bare)
+    }
+}
+
 /// The rooms in force and the paths they guard, replaced whole on a reload.
 struct Routing {
     rooms: Vec<Arc<Room>>,
@@ -575,11 +585,8 @@ impl Gate {
             .guards
             .iter()
             .find(|guard| {
-                if guard.case_sensitive {
-                    path.starts_with(&guard.prefix)
-                } else {
-                    lower.get_or_insert_with(|| path.to_lowercase()).starts_with(&guard.prefix)
-                }
+                let path = if guard.case_sensitive { path } else { lower.get_or_insert_with(|| path.to_lowercase()) };
+                guard.guards(path)
             })
             .map(|guard| routing.rooms[guard.room].clone())
     }
