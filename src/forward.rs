@@ -34,6 +34,19 @@ pub fn session_ended(headers: &mut http::HeaderMap) -> bool {
     headers.remove(VESTIBULE_SESSION).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"end"))
 }
 
+/// Resolves when the session an upgraded tunnel belongs to has ended.
+pub type SessionEnd = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A protocol upgrade the client asked for.
+pub struct Upgrade {
+    /// The client's side, once the answer has switched protocols.
+    pub client_side: OnUpgrade,
+    /// The client connection's place under the connection caps, held by the tunnel.
+    pub place: Option<Arc<crate::limit::ConnectionPlace>>,
+    /// When the admitted session that opened it ends (none outside the rooms).
+    pub session_end: Option<SessionEnd>,
+}
+
 /// The upstream's answer, and whether it ended the visitor's session.
 pub struct Forwarded {
     pub response: Response<Body>,
@@ -142,11 +155,8 @@ impl Upstream {
     /// Send a prepared request (headers already filtered by the gate). `upgrade` carries the
     /// client side of a requested protocol upgrade, and the client connection's place under
     /// `max_connections`, which the tunnel keeps.
-    pub async fn send(
-        &self,
-        request: Request<Body>,
-        upgrade: Option<(OnUpgrade, Option<Arc<crate::limit::ConnectionPlace>>)>,
-    ) -> Result<Forwarded, GateError> {
+    pub async fn send(&self, request: Request<Body>, upgrade: Option<Upgrade>) -> Result<Forwarded, GateError> {
+        let requested = request.headers().get(header::UPGRADE).cloned();
         let started = std::time::Instant::now();
         let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
@@ -165,14 +175,18 @@ impl Upstream {
         let protocol = response.headers().get(header::UPGRADE).cloned();
         hop::strip_hop_by_hop(response.headers_mut());
         let session_ended = session_ended(response.headers_mut());
+        // The protocol the upstream switched to must be the one asked for (RFC 9110 §15.2.2).
+        let agreed = protocol.as_ref().zip(requested.as_ref()).is_some_and(|(protocol, requested)| {
+            protocol.as_bytes().trim_ascii().eq_ignore_ascii_case(requested.as_bytes().trim_ascii())
+        });
         match (switching, upgrade, protocol) {
-            (true, Some((client_side, permit)), Some(protocol)) => {
+            (true, Some(upgrade), Some(protocol)) if agreed => {
                 hop::set_upgrade(response.headers_mut(), protocol);
                 let upstream_side = hyper::upgrade::on(&mut response);
-                self.splice(client_side, upstream_side, permit);
+                self.splice(upgrade, upstream_side);
             }
             (true, _, _) => {
-                // A 101 nobody asked for, or without a protocol: do not pass it on.
+                // A 101 nobody asked for, to another protocol, or without one: not passed on.
                 return Err(GateError::UpstreamUnreachable);
             }
             _ => {}
@@ -183,18 +197,15 @@ impl Upstream {
     }
 
     /// Join both sides of an upgraded connection once each has switched protocols, until
-    /// either closes, no byte passes for `tunnel_idle_timeout`, or shutdown. The client
-    /// connection's `permit` is held meanwhile.
-    fn splice(
-        &self,
-        client_side: OnUpgrade,
-        upstream_side: OnUpgrade,
-        permit: Option<Arc<crate::limit::ConnectionPlace>>,
-    ) {
+    /// either closes, no byte passes for `tunnel_idle_timeout`, the session that opened it
+    /// ends, or shutdown. The client connection's place under the caps is held meanwhile.
+    fn splice(&self, upgrade: Upgrade, upstream_side: OnUpgrade) {
         let stop = self.stop.clone();
         let idle_timeout = self.tunnel_idle_timeout;
+        let Upgrade { client_side, place, session_end } = upgrade;
+        let session_end = session_end.unwrap_or_else(|| Box::pin(std::future::pending()));
         self.tunnels.spawn(async move {
-            let _permit = permit;
+            let _place = place;
             let started = Instant::now();
             let active = Arc::new(AtomicU64::new(0));
             let tunnel = async {
@@ -220,6 +231,7 @@ impl Upstream {
                     }
                 }
                 () = idle => tracing::debug!(?idle_timeout, "upgraded connection idle: closed"),
+                () = session_end => tracing::debug!("upgraded connection's session ended: closed"),
                 () = stop.cancelled() => {}
             }
         });

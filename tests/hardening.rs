@@ -257,3 +257,70 @@ async fn a_prefix_written_with_a_trailing_slash_guards_the_bare_path() {
     assert_eq!(get(running.addr, "/checkouts", &[]).await.0, StatusCode::OK, "another path passes");
     assert_eq!(upstream.requests().len(), 1);
 }
+
+/// Read a response head byte by byte (what follows it stays in the stream).
+async fn read_response_head(stream: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut byte)).await.expect("a head in time") {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// An admitted visitor's websocket tunnel lasts no longer than their session: it closes when
+/// they leave.
+#[tokio::test]
+async fn an_admitted_tunnel_closes_when_its_session_ends() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    let mut visitor = Visitor::new(gate.addr);
+    visitor.open("/checkout").await;
+    let request = format!(
+        "GET /checkout/ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {}\r\n\r\n",
+        visitor.cookie_header()
+    );
+    let mut tunnel = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tunnel.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response_head(&mut tunnel).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(DEADLINE, tunnel.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(&echoed, b"hello");
+    // The visitor leaves (from the shop's own page): the tunnel closes within seconds.
+    visitor.leave().await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel outlived the session");
+}
+
+/// An upstream `101` to a protocol nobody asked for is not passed on.
+#[tokio::test]
+async fn an_upstream_switching_to_another_protocol_is_refused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                if read_head(&mut stream, &mut buffer).await.is_some() {
+                    let answer = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let mut sink = [0u8; 1024];
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                }
+            });
+        }
+    });
+    let gate = start_gate(upstream_addr, "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let request = "GET /chat/ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_response_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+}

@@ -458,13 +458,14 @@ impl Gate {
         // The session exists from here on, confirmed at once: even when the upstream fails,
         // the visitor keeps the token (and their place) rather than losing both with the error.
         room.session_in_use(ticket, expires_at_ms);
-        let (response, session_ended) = match self.forward(request, connection, path, Some((room, visitor))).await {
-            Ok(forwarded) => {
-                trail.answered_after(forwarded.took);
-                (forwarded.response, forwarded.session_ended)
-            }
-            Err(error) => (error.into_response(json), false),
-        };
+        let (response, session_ended) =
+            match self.forward(request, connection, path, Some((room, visitor, ticket))).await {
+                Ok(forwarded) => {
+                    trail.answered_after(forwarded.took);
+                    (forwarded.response, forwarded.session_ended)
+                }
+                Err(error) => (error.into_response(json), false),
+            };
         let cookies = if session_ended {
             room.end_session(ticket, expires_at_ms, self.clock.now_ms());
             cookies

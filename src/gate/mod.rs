@@ -35,7 +35,7 @@ use crate::body::{self, Body};
 use crate::clock::Clock;
 use crate::config::{Config, CookieSecure, RoomConfig, RoomState};
 use crate::error::{wants_page, GateError};
-use crate::forward::{Forwarded, Upstream};
+use crate::forward::{Forwarded, Upgrade, Upstream};
 use crate::framing::{Verdict, Verdicts};
 use crate::hop::{self, Peer};
 use crate::limit::{Slot, Slots};
@@ -655,7 +655,8 @@ impl Gate {
         trail: &mut Trail,
     ) -> Result<Response<Body>, GateError> {
         let cookies = self.cookies(request.headers(), connection);
-        let forwarded = self.forward(request, connection, path, Some((room, &admission.visitor))).await?;
+        let forwarded =
+            self.forward(request, connection, path, Some((room, &admission.visitor, admission.ticket))).await?;
         trail.answered_after(forwarded.took);
         let cookies = self.settle(room, admission, forwarded.session_ended, cookies).await;
         Ok(cookies.on(forwarded.response))
@@ -717,12 +718,14 @@ impl Gate {
     }
 
     /// Forward a request upstream: filtered headers, canonical path, streamed body.
+    /// `admitted`: the room, the visitor and the ticket of their session, which an upgraded
+    /// tunnel lasts no longer than.
     async fn forward(
         &self,
         mut request: Request<Incoming>,
         connection: &Connection,
         path: &CanonicalPath,
-        admitted: Option<(&Room, &str)>,
+        admitted: Option<(&Arc<Room>, &str, u64)>,
     ) -> Result<Forwarded, GateError> {
         let upgrade =
             (request.version() == Version::HTTP_11).then(|| hop::upgrade_requested(request.headers())).flatten();
@@ -741,7 +744,8 @@ impl Gate {
             let authority = parts.uri.authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
         });
-        self.upstream_headers(&upstream, &mut parts.headers, connection, host, admitted)?;
+        let visitor = admitted.map(|(room, visitor, _)| (&**room, visitor));
+        self.upstream_headers(&upstream, &mut parts.headers, connection, host, visitor)?;
         if let Some(protocol) = upgrade {
             hop::set_upgrade(&mut parts.headers, protocol);
         }
@@ -755,7 +759,11 @@ impl Gate {
         } else {
             body::boxed(timed)
         };
-        let upgrade = on_upgrade.map(|client_side| (client_side, connection.permit.clone()));
+        let upgrade = on_upgrade.map(|client_side| Upgrade {
+            client_side,
+            place: connection.permit.clone(),
+            session_end: admitted.map(|(room, _, ticket)| session_end(room.clone(), ticket)),
+        });
         upstream.send(Request::from_parts(parts, body), upgrade).await
     }
 }
@@ -814,6 +822,23 @@ fn store_failed(room: &Room, error: &StoreError) {
         _ => return,
     }
     room.store_failed();
+}
+
+/// How often a tunnel checks that its session goes on.
+const SESSION_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Resolves when the session that `ticket` opened ends (leave, the upstream's end, idleness,
+/// revoked anywhere) or its room stops: an upgraded tunnel lasts no longer than that.
+fn session_end(room: Arc<Room>, ticket: u64) -> crate::forward::SessionEnd {
+    Box::pin(async move {
+        if ticket == 0 {
+            return std::future::pending().await; // a token outside any session
+        }
+        let mut every = tokio::time::interval(SESSION_CHECK_EVERY);
+        while !room.is_revoked(ticket) && !room.stop_token().is_cancelled() {
+            every.tick().await;
+        }
+    })
 }
 
 /// One `Host`, and an absolute-form target that agrees with it (RFC 9112 §3.2.2).
