@@ -28,3 +28,56 @@ where
 {
     body.map_err(Into::into).boxed()
 }
+
+/// A request body that notes when it has been sent whole: the upstream's time to answer
+/// counts from then, not from the first byte of a client's slow upload.
+/// The end is its last frame, or `length` bytes when it declared a length (a sender that
+/// counts them stops polling there).
+pub struct Uploaded {
+    inner: Body,
+    length: Option<u64>,
+    sent: u64,
+    done: std::sync::Arc<std::sync::OnceLock<std::time::Instant>>,
+}
+
+impl Uploaded {
+    pub fn new(
+        inner: Body,
+        length: Option<u64>,
+        done: std::sync::Arc<std::sync::OnceLock<std::time::Instant>>,
+    ) -> Uploaded {
+        Uploaded { inner, length, sent: 0, done }
+    }
+}
+
+impl http_body::Body for Uploaded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                self.sent += frame.data_ref().map_or(0, |data| data.len() as u64);
+                self.inner.is_end_stream() || self.length.is_some_and(|length| self.sent >= length)
+            }
+            _ => false,
+        };
+        if ended {
+            let _ = self.done.set(std::time::Instant::now());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

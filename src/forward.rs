@@ -52,8 +52,9 @@ pub struct Forwarded {
     pub response: Response<Body>,
     /// The upstream sent `Vestibule-Session: end` (removed before the client sees it).
     pub session_ended: bool,
-    /// How long the upstream took to its response head.
-    pub took: Duration,
+    /// How long the upstream took to its response head once the request was sent whole;
+    /// `None` when it answered while the client was still uploading.
+    pub took: Option<Duration>,
 }
 
 /// The protected upstream.
@@ -157,11 +158,26 @@ impl Upstream {
     /// `max_connections`, which the tunnel keeps.
     pub async fn send(&self, request: Request<Body>, upgrade: Option<Upgrade>) -> Result<Forwarded, GateError> {
         let requested = request.headers().get(header::UPGRADE).cloned();
+        let uploaded = Arc::new(std::sync::OnceLock::new());
+        let length = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let uploading =
+            length.is_some_and(|length| length > 0) || request.headers().contains_key(header::TRANSFER_ENCODING);
+        let request = if uploading {
+            request.map(|body| body::boxed(body::Uploaded::new(body, length, uploaded.clone())))
+        } else {
+            request
+        };
         let started = std::time::Instant::now();
         let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
-        let took = started.elapsed();
-        self.timer.observe(status, took);
+        let answered = std::time::Instant::now();
+        self.timer.observe(status, answered - started);
+        // The upstream's own time: from the end of the upload; none while the client was still
+        // sending (the time would be the client's).
+        let took = match uploading {
+            false => Some(answered - started),
+            true => uploaded.get().map(|done| answered.saturating_duration_since(*done)),
+        };
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),
             Ok(Err(error)) => {

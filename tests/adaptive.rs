@@ -17,6 +17,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// An upstream that answers every request's head after `delay` ms, and its body `body_delay`
@@ -174,4 +175,30 @@ async fn a_new_leader_takes_up_the_rate_in_force_instead_of_resetting_it() {
     assert_eq!(room.limits().per_minute(), 150, "the rate in force, read from the store");
     let stats = store.stats("checkout", &room.limits(), now).await.unwrap();
     assert_eq!(stats.adaptive_per_minute, Some(150), "not reset to admit_per_minute by the first step");
+}
+
+/// An admitted client's slow upload is the client's time, not the upstream's: the rate
+/// listens to the upstream from the end of the upload.
+#[tokio::test]
+async fn a_slow_upload_is_not_taken_for_a_slow_upstream() {
+    let (upstream, _) = start_upstream().await;
+    let room = "admit_per_minute = 600\nmax_active = 10\n[rooms.adaptive]\np95_ms = 100\n";
+    let gate = start_room(upstream, room).await;
+    let token = gate.token("checkout");
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let head = format!(
+        "POST /checkout/upload HTTP/1.1\r\nHost: shop.test\r\nCookie: vestibule-token-checkout={token}\r\n\
+         Content-Length: 10\r\nConnection: close\r\n\r\nfirst"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stream.write_all(b"-half").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let room = gate.running.gate().room_by_id("checkout").unwrap();
+    let totals = room.adaptive.health.totals();
+    assert_eq!(totals.count, 1);
+    let p95 = totals.p95_ms().unwrap();
+    assert!(p95 < 500.0, "the upload's 1.5 s was counted as the upstream's: p95 {p95} ms");
 }

@@ -179,24 +179,28 @@ pub(crate) struct Trail {
     /// How long the upstream took to the response head, when it answered (what adaptive
     /// admission listens to: not the client's download, not the gate's own store calls).
     upstream_took: Option<std::time::Duration>,
+    /// The upstream answered (its time may be unknown: `upstream_took`).
+    answered: bool,
 }
 
 impl Trail {
     /// A request forwarded (admitted when inside a room).
     pub(crate) fn forwarded(room: Option<Arc<Room>>, path: Option<String>) -> Trail {
         let outcome = Some(if room.is_some() { Outcome::Admitted } else { Outcome::Forwarded });
-        Trail { room, outcome, path, upstream_took: None }
+        Trail { room, outcome, path, upstream_took: None, answered: false }
     }
 
-    /// The upstream answered after `took` (to its response head).
-    pub(crate) fn answered_after(&mut self, took: std::time::Duration) {
-        self.upstream_took = Some(took);
+    /// The upstream answered after `took` (to its response head, from the end of the
+    /// request's upload; `None` when it answered during the upload: no reading of it).
+    pub(crate) fn answered_after(&mut self, took: impl Into<Option<std::time::Duration>>) {
+        self.upstream_took = took.into();
+        self.answered = true;
     }
 
     /// A request let through by a room's bypass rules; logged, as each one is.
     pub(crate) fn bypassed(room: &Arc<Room>, client: IpAddr, path: Option<String>) -> Trail {
         tracing::info!(room = %room.id, %client, "let through by the room's bypass rules");
-        Trail { room: Some(room.clone()), outcome: Some(Outcome::Bypassed), path, upstream_took: None }
+        Trail { room: Some(room.clone()), outcome: Some(Outcome::Bypassed), path, upstream_took: None, answered: false }
     }
 
     /// The request was answered with `error`.
@@ -483,7 +487,9 @@ impl Gate {
                 room.metrics.request(outcome);
                 match trail.upstream_took {
                     Some(took) => room.upstream_answered(took, status.is_server_error()),
-                    None if outcome == Outcome::UpstreamFailed => room.upstream_answered(started.elapsed(), true),
+                    None if outcome == Outcome::UpstreamFailed && !trail.answered => {
+                        room.upstream_answered(started.elapsed(), true)
+                    }
                     None => {}
                 }
             }
