@@ -97,6 +97,7 @@ impl GateError {
         let (content_type, text) = if wants_json {
             let doc = serde_json::json!({
                 "error": status.canonical_reason().unwrap_or("error"),
+                "reason": self.reason(),
                 "message": self.explanation(),
             });
             ("application/json", doc.to_string())

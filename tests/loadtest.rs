@@ -231,3 +231,36 @@ async fn a_sale_rehearsal_reports_every_place_against_the_published_draw() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("nobody went through a pre-queue"), "{stderr}");
 }
+
+/// A CI user's first run from one machine: against a loopback target the crowd comes from
+/// 127.0.0.0/8 by default (said in the report), and a run held back by the per-address join
+/// limit counts its 429s by reason and says at once what limits it and how to lift it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_says_what_limits_it_and_spreads_a_loopback_crowd_by_default() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let room = "admit_per_minute = 6000\nmax_active = 1000\njoins_per_address_per_minute = 5\n";
+    let gate = start_room(upstream_addr, room).await;
+    let target = format!("http://{}/", gate.addr);
+    let json = gate.dir.path().join("report.json");
+    let base = strings(&["--target", &target, "--visitors", "30", "--arrival-rate", "100", "--leave"]);
+    let report_args = ["--report".to_owned(), json.display().to_string()];
+
+    // By default: nobody refused, and the report says where the crowd came from.
+    let (code, stdout, stderr) = loadtest_command([&base[..], &report_args].concat()).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("sources 127.0.0.0/8 (the default against a target on loopback)"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["admitted"], 30);
+    assert_eq!(report["refused"], serde_json::json!({}));
+
+    // From one address: the limit bites, is counted by reason, and is explained once.
+    let mut args = [&base[..], &report_args].concat();
+    args.extend(strings(&["--one-source", "--patience", "3s"]));
+    let (_, stdout, stderr) = loadtest_command(args).await;
+    assert!(stdout.contains("sources this machine's one address"), "{stdout}");
+    assert!(stdout.contains("joins refused (429): too_many_joins:"), "{stdout}");
+    assert_eq!(stderr.matches("Spread the crowd over more addresses with --sources").count(), 1, "{stderr}");
+    assert!(stderr.contains("joins_per_address_per_minute"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["refused"]["too_many_joins"].as_u64().is_some_and(|n| n > 0), "{}", report["refused"]);
+}

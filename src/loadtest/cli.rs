@@ -59,9 +59,13 @@ pub struct Args {
     #[arg(long, default_value = "0s", value_parser = parse_duration, requires = "leave")]
     hold: Duration,
     /// Spread visitors over source addresses of this range (e.g. 127.0.0.0/8), so that
-    /// per-address limits apply as they would to real visitors.
-    #[arg(long, value_name = "CIDR")]
+    /// per-address limits apply as they would to real visitors. Against targets on loopback
+    /// the default is 127.0.0.0/8 (said in the report); elsewhere, one address.
+    #[arg(long, value_name = "CIDR", conflicts_with = "one_source")]
     sources: Option<Ipv4Net>,
+    /// Every visitor from this machine's one address, even against a target on loopback.
+    #[arg(long)]
+    one_source: bool,
     /// The room's admissions per minute (overrides --config).
     #[arg(long)]
     admit_per_minute: Option<u32>,
@@ -184,6 +188,11 @@ impl Args {
             targets.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
             path
         );
+        // On loopback, a crowd can come from many addresses at no cost, as a real one does:
+        // per-address limits then hold it back no more than they would real visitors.
+        let loopback = targets.iter().all(|target| target.ip().is_loopback() && target.is_ipv4());
+        let sources_by_default = self.sources.is_none() && !self.one_source && loopback;
+        let sources = self.sources.or_else(|| sources_by_default.then(|| "127.0.0.0/8".parse().expect("a network")));
         let options = Options {
             targets,
             path,
@@ -194,7 +203,8 @@ impl Args {
             patience: self.patience,
             leave: self.leave,
             hold: self.hold,
-            sources: self.sources,
+            sources,
+            sources_by_default,
             configured,
             progress: !self.quiet,
             marks: self.marks.clone(),

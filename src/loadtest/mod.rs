@@ -60,6 +60,8 @@ pub struct Options {
     pub hold: Duration,
     /// Give visitors source addresses from this range (e.g. `127.0.0.0/8`), one each in turn.
     pub sources: Option<Ipv4Net>,
+    /// `sources` was chosen by default (the targets are on loopback), not asked for.
+    pub sources_by_default: bool,
     /// The room's rate and capacity, to hold the run against.
     pub configured: Option<RoomLimits>,
     /// Show progress on stderr while running.
@@ -83,6 +85,7 @@ impl Options {
             leave: false,
             hold: Duration::ZERO,
             sources: None,
+            sources_by_default: false,
             configured: None,
             progress: false,
             marks: None,
@@ -132,6 +135,8 @@ pub(crate) struct Outcome {
     pub lost: Option<&'static str>,
     /// What went wrong and was retried, as a browser retries it.
     pub retries: Vec<&'static str>,
+    /// Joins refused with 429, by the reason the proxy gave.
+    pub refused: Vec<String>,
     pub error: Option<&'static str>,
     pub ended: Duration,
 }
@@ -144,6 +149,41 @@ struct Live {
     sessions: AtomicI64,
     admitted: AtomicU64,
     errors: AtomicU64,
+    /// Answers 429, by the reason the proxy gave.
+    refused: Mutex<BTreeMap<String, u64>>,
+    /// The limit that holds the run back has been explained (once).
+    explained: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    /// An answer 429 for `reason`: counted, and the first time, what limits the run and how
+    /// to lift it said at once.
+    fn refused(&self, reason: &str, options: &Options) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused.entry(reason.to_owned()).or_insert(0) += 1;
+        }
+        if !self.explained.swap(true, Ordering::Relaxed) {
+            let sources = match options.sources {
+                Some(net) => format!("its visitors come from {net}"),
+                None => "all its visitors come from this machine's one address".to_owned(),
+            };
+            eprintln!(
+                "\nloadtest: the proxy refuses joins with 429 ({reason}): {sources}, and the room allows each \
+                 address joins_per_address_per_minute joins. Spread the crowd over more addresses with \
+                 --sources (127.0.0.0/8 against a proxy on loopback), or raise the room's \
+                 joins_per_address_per_minute for the test."
+            );
+        }
+    }
+
+    /// "too_many_joins 12, ..." or "0".
+    fn refused_line(&self) -> String {
+        let refused = self.refused.lock().map(|refused| refused.clone()).unwrap_or_default();
+        if refused.is_empty() {
+            return "0".to_owned();
+        }
+        refused.iter().map(|(reason, n)| format!("{reason} {n}")).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// One visitor as it runs: its number, the clock, the live counts, its cookies and its story.
@@ -172,6 +212,8 @@ struct Answer {
     retry_after: Option<Duration>,
     /// A proof of work the room asks for: the challenge and its difficulty.
     challenge: Option<(String, u8)>,
+    /// Why a 429 refused the request, as the proxy's JSON says.
+    reason: Option<String>,
 }
 
 impl Visitor<'_> {
@@ -367,12 +409,13 @@ async fn show_progress(live: Arc<Live>, started: Instant) {
     loop {
         ticks.tick().await;
         let line = format!(
-            "[{:>5.0} s] arrived {}  waiting {}  sessions {}  admitted {}  errors {}",
+            "[{:>5.0} s] arrived {}  waiting {}  sessions {}  admitted {}  refused (429) {}  errors {}",
             started.elapsed().as_secs_f64(),
             live.arrived.load(Ordering::Relaxed),
             live.waiting.load(Ordering::Relaxed),
             live.sessions.load(Ordering::Relaxed),
             live.admitted.load(Ordering::Relaxed),
+            live.refused_line(),
             live.errors.load(Ordering::Relaxed),
         );
         let mut stderr = std::io::stderr().lock();
@@ -466,6 +509,11 @@ async fn join(visitor: &mut Visitor<'_>, patience: Instant) -> Result<Duration, 
         let too_many = answer.status == StatusCode::TOO_MANY_REQUESTS;
         if !answer.status.is_server_error() && !too_many {
             return Err("join: no ticket");
+        }
+        if too_many {
+            let reason = answer.reason.as_deref().unwrap_or("unknown").to_owned();
+            visitor.live.refused(&reason, visitor.options);
+            visitor.outcome.refused.push(reason);
         }
         visitor.retried(if too_many {
             "join answered 429 (too many from this address)"
@@ -657,13 +705,14 @@ async fn request(visitor: &mut Visitor<'_>, method: &str, path: &str) -> Result<
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     let body = response.into_body().collect().await.map_err(|_| "body failed")?.to_bytes();
-    let challenge = (status == StatusCode::FORBIDDEN)
+    let json = matches!(status, StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS)
         .then(|| serde_json::from_slice::<serde_json::Value>(&body).ok())
-        .flatten()
-        .and_then(|json| {
-            Some((json["challenge"].as_str()?.to_owned(), u8::try_from(json["difficulty"].as_u64()?).ok()?))
-        });
-    Ok(Answer { status, retry_after, challenge })
+        .flatten();
+    let challenge = json.as_ref().and_then(|json| {
+        Some((json["challenge"].as_str()?.to_owned(), u8::try_from(json["difficulty"].as_u64()?).ok()?))
+    });
+    let reason = json.as_ref().and_then(|json| json["reason"].as_str()).map(str::to_owned);
+    Ok(Answer { status, retry_after, challenge, reason })
 }
 
 #[cfg(test)]

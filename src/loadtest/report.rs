@@ -118,6 +118,12 @@ pub struct Report {
     pub lost: BTreeMap<String, u64>,
     /// What went wrong and was retried as a browser retries it (not lost, not errors).
     pub retries: BTreeMap<String, u64>,
+    /// Joins refused with 429, by the reason the proxy gave (`too_many_joins`: the room's
+    /// `joins_per_address_per_minute`).
+    pub refused: BTreeMap<String, u64>,
+    /// Where the visitors came from: a range of source addresses, and whether it was the
+    /// default for targets on loopback; `None` for this machine's one address.
+    pub sources: Option<String>,
     /// For each mark of `--marks` (e.g. the end of a fault): how long until the next turn.
     pub recoveries: Vec<Recovery>,
     pub errors: BTreeMap<String, u64>,
@@ -246,6 +252,7 @@ impl Report {
         let configured = options.configured;
         let (mut join, mut forwarded, mut admission) = (histogram(), histogram(), histogram());
         let (mut errors, mut lost, mut retries) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let mut refused = BTreeMap::new();
         for outcome in outcomes {
             let joined = outcome.ticket.is_some() || outcome.prequeue.is_some();
             let never_admitted = joined && outcome.admitted.is_none();
@@ -254,6 +261,9 @@ impl Report {
             }
             for retry in &outcome.retries {
                 *retries.entry((*retry).to_owned()).or_insert(0) += 1;
+            }
+            for reason in &outcome.refused {
+                *refused.entry(reason.clone()).or_insert(0) += 1;
             }
             if let Some(us) = outcome.join_us {
                 join.saturating_record(us);
@@ -307,6 +317,11 @@ impl Report {
             places_lost: lost.values().sum(),
             lost,
             retries,
+            refused,
+            sources: options.sources.map(|net| {
+                let why = if options.sources_by_default { " (the default against a target on loopback)" } else { "" };
+                format!("{net}{why}")
+            }),
             recoveries: marks.iter().map(|(at, label)| recovery(&order, *at, label)).collect(),
             errors,
             sale: draw.map(|(draw, started_unix_ms)| SaleReport::new(outcomes, draw, *started_unix_ms)),
@@ -481,6 +496,10 @@ pub fn print(report: &Report) {
     for recovery in &report.recoveries {
         let after = recovery.next_admission_after.map_or("no turn after it".to_owned(), |s| format!("{s:.2} s"));
         println!("  recovery {:<24} at {:>7.2} s: next turn after {after}", recovery.label, recovery.at);
+    }
+    println!("  sources {}", report.sources.as_deref().unwrap_or("this machine's one address"));
+    for (reason, count) in &report.refused {
+        println!("  joins refused (429): {reason}: {count}");
     }
     for (kind, count) in &report.retries {
         println!("  retried: {kind}: {count}");
