@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz every target for a while with cargo-fuzz (libFuzzer): path canonicalisation, the
-# framing scanner, token and ticket parsing, proxy.toml, and the client address behind trusted
-# proxies. Each target's corpus grows in fuzz/corpus/<target>; a crash is saved in
+# framing scanner, token and ticket parsing, proxy.toml, the client address behind trusted
+# proxies, and the cross-site check (Origin, Referer, Sec-Fetch-Site). Each target's corpus grows in fuzz/corpus/<target>; a crash is saved in
 # fuzz/artifacts/<target> and stops the run with a non-zero exit.
 #
 #   bash fuzz/run.sh                 # 60 s per target
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${SECONDS_EACH:-60}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(path framing token config forwarded)
+[ ${#targets[@]} -gt 0 ] || targets=(path framing token config forwarded origin)
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O

@@ -544,6 +544,11 @@ pub struct Tokens {
 }
 
 impl Tokens {
+    /// Verified tokens in the cache now (bounded by `tokens.cache_entries`).
+    pub fn cached(&self) -> usize {
+        self.verified.len()
+    }
+
     /// Seconds since the Unix epoch, on the line's clock.
     pub fn now(&self) -> u64 {
         self.clock.now_ms() / 1_000

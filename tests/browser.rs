@@ -154,3 +154,12 @@ async fn the_operator_signs_in_watches_the_line_grow_and_pauses_it_from_the_dash
     assert_eq!(journey("dashboard.mjs", args).await, 9);
     stop.cancel();
 }
+
+/// A page of another site whose forms post themselves to the shop (leave, and into the room)
+/// leaves the visitor's place, session and cookies as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_of_another_site_changes_nothing_of_the_visitors() {
+    let (gate, stop) = shop_and_gate("", "admit_per_minute = 600\nmax_active = 5\n").await;
+    assert_eq!(journey("cross_site.mjs", vec![base(&gate)]).await, 3);
+    stop.cancel();
+}

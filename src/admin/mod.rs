@@ -480,6 +480,13 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
             "message": config.message,
         },
         "feed_sockets": room.open_feeds(),
+        // What this instance keeps of visitors, entries per table (the line's too, on the
+        // memory store): the soak bench reads it.
+        "held": {
+            "room": room.held().into_iter().collect::<serde_json::Map<String, Value>>(),
+            "line": gate.store().held(&room.id).map(|held| held.into_iter().collect::<serde_json::Map<String, Value>>()),
+            "tokens_cached": gate.tokens().cached(),
+        },
     })
 }
 

@@ -319,6 +319,22 @@ impl Line {
         self.id
     }
 
+    /// Entries held per table: what the line keeps of its visitors (for the admin view and
+    /// the soak bench).
+    pub fn held(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("grants", self.grants.len()),
+            ("sessions", self.sessions.len()),
+            ("used", self.used.len()),
+            ("fresh", self.fresh.len()),
+            ("seen", self.seen.len()),
+            ("unconfirmed", self.unconfirmed.len()),
+            ("left", self.left.len()),
+            ("gone", self.gone.len()),
+            ("admitted_last_minute", self.admitted.len()),
+        ]
+    }
+
     fn start(&mut self, limits: &Limits, now: u64) {
         if !self.started {
             self.started = true;

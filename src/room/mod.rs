@@ -602,6 +602,17 @@ impl Room {
         }
     }
 
+    /// Entries held per table of the room's own (for the admin view and the soak bench).
+    pub fn held(&self) -> Vec<(&'static str, usize)> {
+        let len = |held: Option<usize>| held.unwrap_or(0);
+        vec![
+            ("revoked", len(self.revoked.read().ok().map(|r| r.len()))),
+            ("recent_waiters", len(self.recent.lock().ok().map(|r| r.len()))),
+            ("touched", len(self.touched.lock().ok().map(|t| t.len()))),
+            ("departures", len(self.departures.lock().ok().map(|d| d.queue.len()))),
+        ]
+    }
+
     /// Whether the session that `ticket` opened has ended.
     pub fn is_revoked(&self, ticket: u64) -> bool {
         ticket != 0 && self.revoked.read().is_ok_and(|revoked| revoked.contains_key(&ticket))

@@ -96,6 +96,15 @@ impl Store {
         Store::Memory(MemoryStore::default())
     }
 
+    /// What the line of `room` holds, table by table, when it is in this process (the memory
+    /// store); Redis keeps its own.
+    pub fn held(&self, room: &str) -> Option<Vec<(&'static str, usize)>> {
+        match self {
+            Store::Memory(memory) => Some(memory.with(room, |line| line.held())),
+            Store::Redis(_) => None,
+        }
+    }
+
     /// The store `[store]` names. Redis is reached with bounded timeouts (2 s to connect,
     /// 1 s per call), so a slow or lost Redis makes a call fail fast rather than hang.
     /// Redis is connected to at the first call, so an instance starts while it is down.
