@@ -31,7 +31,17 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Other proxies' and CDNs' names for the client's address: believed only from a trusted
 /// proxy, dropped from anyone else.
-const CLIENT_ADDRESS_HEADERS: [&str; 4] = ["true-client-ip", "x-client-ip", "cf-connecting-ip", "fastly-client-ip"];
+const CLIENT_ADDRESS_HEADERS: [&str; 9] = [
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "do-connecting-ip",
+    "forwarded-for",
+    "x-forwarded",
+    "x-original-forwarded-for",
+];
 pub const VESTIBULE_ROOM: HeaderName = HeaderName::from_static("vestibule-room");
 pub const VESTIBULE_VISITOR: HeaderName = HeaderName::from_static("vestibule-visitor");
 pub const VESTIBULE_TOKEN: HeaderName = HeaderName::from_static("vestibule-token");
@@ -256,6 +266,9 @@ mod tests {
             ("x-client-ip", "6.6.6.6"),
             ("cf-connecting-ip", "6.6.6.6"),
             ("fastly-client-ip", "6.6.6.6"),
+            ("x-cluster-client-ip", "6.6.6.6"),
+            ("x-forwarded", "for=6.6.6.6"),
+            ("x-original-forwarded-for", "6.6.6.6"),
             ("x_real_ip", "6.6.6.6"),
         ]);
         let peer = Peer::new("127.0.0.9".parse().unwrap(), false, false);
@@ -279,6 +292,9 @@ mod tests {
             "x-client-ip",
             "cf-connecting-ip",
             "fastly-client-ip",
+            "x-cluster-client-ip",
+            "x-forwarded",
+            "x-original-forwarded-for",
             "x_real_ip",
         ] {
             assert!(!map.contains_key(gone), "{gone} should be dropped");

@@ -175,7 +175,7 @@ impl Slots {
             return None;
         }
         for (key, cap) in keys.iter().flatten() {
-            if held.get(key).copied().unwrap_or(0) >= cap * self.max_per_address {
+            if held.get(key).copied().unwrap_or(0) >= cap.saturating_mul(self.max_per_address) {
                 return None;
             }
         }

@@ -719,6 +719,15 @@ async fn the_admin_listener_answers_only_its_own_host_names() {
             assert!(!body.contains("vestibule_"), "no metric is shown to {host}");
         }
     }
+    // Two Host fields, or an absolute-form target naming another host: refused too.
+    for request in [
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        "GET http://evil.example/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let (status, text) = raw(admin, request.as_bytes()).await;
+        assert!(status == 421 || status == 400, "{request:?}: {text}");
+        assert!(!text.contains("vestibule_"), "{text}");
+    }
 }
 
 /// The admin listener's places: one slow scraper (many connections from one address, none

@@ -153,7 +153,7 @@ async fn accept(listener: TcpListener, state: Arc<State>, limits: Limits, stop: 
             let _places = (permit, slot);
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                async move { Ok::<_, Infallible>(handle(&state, request, peer.ip()).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -168,24 +168,56 @@ async fn accept(listener: TcpListener, state: Arc<State>, limits: Limits, stop: 
 }
 
 /// Whether the admin listener answers a request for `host` (a `Host` value, with or
-/// without a port): an IP literal, `localhost`, or one of `admin.hosts`.
+/// without a numeric port): an IP literal, `localhost`, or one of `admin.hosts`.
 fn host_answered(host: &str, hosts: &[String]) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => return rest.split_once(']').is_some_and(|(v6, _)| v6.parse::<std::net::Ipv6Addr>().is_ok()),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    let port_ok =
+        |port: Option<&str>| port.is_none_or(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else { return false };
+        let port = after.strip_prefix(':');
+        return v6.parse::<std::net::Ipv6Addr>().is_ok() && (after.is_empty() || (port.is_some() && port_ok(port)));
+    }
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
     };
-    let name = name.trim_end_matches('.');
+    if !port_ok(port) {
+        return false;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
         || hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(name))
 }
 
-async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
+/// The host names a request asks for: its one `Host`, and an absolute-form target's
+/// authority. `None` when it names two (two `Host` fields): refused.
+fn requested_hosts(request: &Request<Incoming>) -> Option<Vec<&str>> {
+    let mut fields = request.headers().get_all(header::HOST).iter();
+    let host = fields.next();
+    if fields.next().is_some() {
+        return None;
+    }
+    let host = host.map(|host| host.to_str().unwrap_or("\u{0}"));
+    Some(host.into_iter().chain(request.uri().authority().map(|authority| authority.as_str())).collect())
+}
+
+async fn handle(state: &State, request: Request<Incoming>, peer: std::net::IpAddr) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = route(state, request).await.unwrap_or_else(Problem::into_response);
-    if response.status().is_client_error() || method != Method::GET {
-        tracing::info!(target: "vestibule::admin", %method, %path, status = response.status().as_u16(), "admin call");
+    let status = response.status();
+    if status.is_client_error() {
+        // Counted and summarised, never a line each: a loop of bad calls must not fill the log.
+        let reason = match status {
+            StatusCode::UNAUTHORIZED => "admin_unauthorized",
+            StatusCode::MISDIRECTED_REQUEST => "admin_host_refused",
+            StatusCode::NOT_FOUND => "admin_not_found",
+            _ => "admin_bad_request",
+        };
+        state.gate.refusals().note(reason, peer);
+    } else if method != Method::GET {
+        tracing::info!(target: "vestibule::admin", %method, %path, status = status.as_u16(), "admin call");
     }
     response
 }
@@ -194,8 +226,8 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
     // A page in a browser that rebinds its own name to this address still sends its name.
     let config = state.gate.config();
     let hosts = config.admin.as_ref().map_or(&[][..], |admin| &admin.hosts);
-    let host = request.headers().get(header::HOST).map(|host| host.to_str().unwrap_or_default());
-    if host.is_some_and(|host| !host_answered(host, hosts)) {
+    let answered = requested_hosts(&request).is_some_and(|names| names.iter().all(|name| host_answered(name, hosts)));
+    if !answered {
         return Err(Problem::new(
             StatusCode::MISDIRECTED_REQUEST,
             "this Host is not answered here: use an IP address, localhost, or a name in admin.hosts",
@@ -483,8 +515,8 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
         // What this instance keeps of visitors, entries per table (the line's too, on the
         // memory store): the soak bench reads it.
         "held": {
-            "room": room.held().into_iter().collect::<serde_json::Map<String, Value>>(),
-            "line": gate.store().held(&room.id).map(|held| held.into_iter().collect::<serde_json::Map<String, Value>>()),
+            "room": room.held().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "line": gate.store().held(&room.id).map(|held| held.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             "tokens_cached": gate.tokens().cached(),
         },
     })
@@ -554,7 +586,19 @@ mod tests {
         }
         assert!(host_answered("admin.internal:9090", &hosts));
         assert!(host_answered("Admin.Internal.", &hosts));
-        for host in ["evil.example", "evil.example:9090", "127.0.0.1.evil.example", "[evil]", "localhost.evil", ""] {
+        for host in [
+            "evil.example",
+            "evil.example:9090",
+            "127.0.0.1.evil.example",
+            "[evil]",
+            "localhost.evil",
+            "",
+            "[::1]evil.example",
+            "localhost:evil.example",
+            "127.0.0.1:1@evil",
+            "localhost:",
+            "[::1]:",
+        ] {
             assert!(!host_answered(host, &hosts), "{host}");
         }
         assert!(!host_answered("admin.internal", &[]));

@@ -461,6 +461,11 @@ impl Gate {
         response
     }
 
+    /// The summary of refused requests in the log (the admin listener's too).
+    pub fn refusals(&self) -> &crate::refusals::Refusals {
+        &self.refusals
+    }
+
     /// A request from `client` answered with `error`: counted in its trail (and so in
     /// metrics), and in the log's summary of refusals, never a line of its own.
     pub(crate) fn refused(&self, trail: &mut Trail, error: &GateError, client: IpAddr) {

@@ -96,7 +96,10 @@ impl Gate {
                 }
                 let on_upgrade = hyper::upgrade::on(&mut request);
                 let stop = room.stop_token().clone();
+                // The socket keeps its connection's place under the connection caps.
+                let place = connection.permit.clone();
                 self.tasks.spawn(async move {
+                    let _place = place;
                     if let Ok(upgraded) = on_upgrade.await {
                         feed::serve(upgraded, room, holding, stop, slot).await;
                     }

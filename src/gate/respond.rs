@@ -74,7 +74,20 @@ impl Cookies {
 
 /// `Cache-Control: private, no-store`, merged with what the response said: its directives
 /// that allow storing or sharing (`public`, `max-age`, `s-maxage`, ...) go, the rest stay.
+/// The headers that tell a CDN more than `Cache-Control` does (`CDN-Cache-Control` of RFC
+/// 9213 and its vendors' `*-CDN-Cache-Control`, `Surrogate-Control`) and `Expires` go too.
 pub fn private_no_store(headers: &mut HeaderMap) {
+    let overriding: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name.ends_with("cdn-cache-control") || name == "surrogate-control" || name == "expires"
+        })
+        .cloned()
+        .collect();
+    for name in overriding {
+        headers.remove(name);
+    }
     const DROPPED: [&str; 7] = ["public", "private", "no-store", "max-age", "s-maxage", "immutable", "no-cache"];
     let kept: Vec<String> = headers
         .get_all(header::CACHE_CONTROL)
@@ -210,6 +223,24 @@ mod tests {
             cache_control_after(&["must-revalidate, stale-if-error=60"]),
             "private, no-store, must-revalidate, stale-if-error=60"
         );
+    }
+
+    #[test]
+    fn cdn_directives_that_would_override_it_go_too() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("cdn-cache-control", "max-age=600"),
+            ("cloudflare-cdn-cache-control", "max-age=600"),
+            ("surrogate-control", "max-age=600"),
+            ("expires", "Thu, 01 Dec 2099 16:00:00 GMT"),
+            ("x-kept", "1"),
+        ] {
+            headers.insert(http::HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        Cookies::new(false).set("vestibule-token-checkout", "t", 60).onto(&mut headers);
+        let mut names: Vec<&str> = headers.keys().map(|name| name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["cache-control", "set-cookie", "x-kept"]);
     }
 
     #[test]
