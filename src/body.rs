@@ -32,21 +32,27 @@ where
 /// A request body that notes when it has been sent whole: the upstream's time to answer
 /// counts from then, not from the first byte of a client's slow upload.
 /// The end is its last frame, or `length` bytes when it declared a length (a sender that
-/// counts them stops polling there).
+/// counts them stops polling there). A body the client broke (too large, too slow, badly
+/// framed) is noted too: the exchange's failure is then the client's, not the upstream's.
 pub struct Uploaded {
     inner: Body,
     length: Option<u64>,
     sent: u64,
-    done: std::sync::Arc<std::sync::OnceLock<std::time::Instant>>,
+    upload: std::sync::Arc<Upload>,
+}
+
+/// How an upload went, as its [`Uploaded`] body saw it.
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// When the body was sent whole.
+    pub done: std::sync::OnceLock<std::time::Instant>,
+    /// The client's body failed: it was larger than allowed (`true`), or broken or too slow.
+    pub failed: std::sync::OnceLock<bool>,
 }
 
 impl Uploaded {
-    pub fn new(
-        inner: Body,
-        length: Option<u64>,
-        done: std::sync::Arc<std::sync::OnceLock<std::time::Instant>>,
-    ) -> Uploaded {
-        Uploaded { inner, length, sent: 0, done }
+    pub fn new(inner: Body, length: Option<u64>, upload: std::sync::Arc<Upload>) -> Uploaded {
+        Uploaded { inner, length, sent: 0, upload }
     }
 }
 
@@ -65,10 +71,15 @@ impl http_body::Body for Uploaded {
                 self.sent += frame.data_ref().map_or(0, |data| data.len() as u64);
                 self.inner.is_end_stream() || self.length.is_some_and(|length| self.sent >= length)
             }
-            _ => false,
+            std::task::Poll::Ready(Some(Err(error))) => {
+                let too_large = error.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                let _ = self.upload.failed.set(too_large);
+                false
+            }
+            std::task::Poll::Pending => false,
         };
         if ended {
-            let _ = self.done.set(std::time::Instant::now());
+            let _ = self.upload.done.set(std::time::Instant::now());
         }
         polled
     }

@@ -158,12 +158,11 @@ impl Upstream {
     /// `max_connections`, which the tunnel keeps.
     pub async fn send(&self, request: Request<Body>, upgrade: Option<Upgrade>) -> Result<Forwarded, GateError> {
         let requested = request.headers().get(header::UPGRADE).cloned();
-        let uploaded = Arc::new(std::sync::OnceLock::new());
+        let upload = Arc::new(body::Upload::default());
         let length = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let uploading =
-            length.is_some_and(|length| length > 0) || request.headers().contains_key(header::TRANSFER_ENCODING);
+        let uploading = !http_body::Body::is_end_stream(request.body());
         let request = if uploading {
-            request.map(|body| body::boxed(body::Uploaded::new(body, length, uploaded.clone())))
+            request.map(|body| body::boxed(body::Uploaded::new(body, length, upload.clone())))
         } else {
             request
         };
@@ -171,12 +170,21 @@ impl Upstream {
         let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
         let answered = std::time::Instant::now();
+        // The client's body broke the exchange (too large, too slow, badly framed): the
+        // client's error, not an upstream failure (nor a reading of the upstream's health).
+        if let (Ok(Err(_)), Some(&too_large)) = (&sent, upload.failed.get()) {
+            return Err(if too_large {
+                GateError::PayloadTooLarge
+            } else {
+                GateError::BadRequest("The request body could not be read: broken, or sent too slowly.")
+            });
+        }
         self.timer.observe(status, answered - started);
         // The upstream's own time: from the end of the upload; none while the client was still
         // sending (the time would be the client's).
         let took = match uploading {
             false => Some(answered - started),
-            true => uploaded.get().map(|done| answered.saturating_duration_since(*done)),
+            true => upload.done.get().map(|done| answered.saturating_duration_since(*done)),
         };
         let mut response = match sent {
             Err(_elapsed) => return Err(GateError::UpstreamTimeout),

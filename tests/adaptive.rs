@@ -202,3 +202,25 @@ async fn a_slow_upload_is_not_taken_for_a_slow_upstream() {
     let p95 = totals.p95_ms().unwrap();
     assert!(p95 < 500.0, "the upload's 1.5 s was counted as the upstream's: p95 {p95} ms");
 }
+
+/// A client's broken or oversized body is the client's error (4xx), never an upstream failure
+/// that the adaptive rate would listen to.
+#[tokio::test]
+async fn a_broken_upload_is_the_clients_error_not_the_upstreams() {
+    let (upstream, _) = start_upstream().await;
+    let room = "admit_per_minute = 600\nmax_active = 10\n[rooms.adaptive]\np95_ms = 100\n";
+    let gate = start_room_with(upstream, "max_body_bytes = 8", room).await;
+    let token = gate.token("checkout");
+    let head = format!(
+        "POST /checkout/upload HTTP/1.1\r\nHost: shop.test\r\nCookie: vestibule-token-checkout={token}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    for (body, wanted) in [("3\r\nabc\r\n0\r\nX: y\nZ\r\n\r\n", 400), ("10\r\n0123456789abcdef\r\n0\r\n\r\n", 413)] {
+        let (status, text) = raw(gate.addr, format!("{head}{body}").as_bytes()).await;
+        assert_eq!(status, wanted, "{text}");
+    }
+    let room = gate.running.gate().room_by_id("checkout").unwrap();
+    assert_eq!(room.adaptive.health.totals().errors, 0, "no upstream failure counted");
+    let metrics = gate.running.gate().metrics().encode();
+    assert!(!metrics.contains("outcome=\"upstream_failed\"} 1"), "{metrics}");
+}

@@ -763,8 +763,12 @@ impl Gate {
         parts.uri = upstream.uri_for(&path.encoded, parts.uri.query())?;
         parts.version = Version::HTTP_11;
 
+        // No body: said as such upstream (the timeout's wrapper would hide it).
+        let bodiless = http_body::Body::is_end_stream(&incoming);
         let timed = TimeoutBody::new(self.body_read_timeout, incoming);
-        let body = if self.max_body_bytes > 0 {
+        let body = if bodiless {
+            body::empty()
+        } else if self.max_body_bytes > 0 {
             let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
             Limited::new(timed, limit).boxed()
         } else {
