@@ -533,7 +533,10 @@ pub struct Tokens {
     ring: KeyRing,
     issuer: String,
     leeway: u64,
-    verified: Cache<Box<str>, Arc<Admission>>,
+    /// Verified tokens by a 128-bit keyed digest (two keyed SipHashes, keyed per process): a
+    /// token is a few hundred bytes, its digest 16.
+    verified: Cache<u128, Arc<Admission>>,
+    digest_keys: [std::collections::hash_map::RandomState; 2],
     /// Refused tokens by a keyed hash (keyed per process, so no one can aim a collision).
     refused: Cache<u64, ()>,
     hasher: std::collections::hash_map::RandomState,
@@ -547,6 +550,19 @@ impl Tokens {
     /// Verified tokens in the cache now (bounded by `tokens.cache_entries`).
     pub fn cached(&self) -> usize {
         self.verified.len()
+    }
+
+    /// A token's key in the cache of verified tokens.
+    fn digest(&self, token: &str) -> u128 {
+        use std::hash::BuildHasher;
+        let [high, low] = &self.digest_keys;
+        (u128::from(high.hash_one(token)) << 64) | u128::from(low.hash_one(token))
+    }
+
+    /// Let a token go from the cache (its holder left, or its ticket was redeemed): what an
+    /// instance keeps of a visitor who has gone is then no more than the room's revocation.
+    pub fn forget(&self, token: &str) {
+        self.verified.remove(&self.digest(token));
     }
 
     /// Seconds since the Unix epoch, on the line's clock.
@@ -564,6 +580,7 @@ impl Tokens {
             issuer: config.issuer.clone(),
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
+            digest_keys: Default::default(),
             refused: Cache::new(REFUSED_ENTRIES),
             hasher: std::collections::hash_map::RandomState::new(),
             clock: crate::clock::Clock::new(),
@@ -674,7 +691,8 @@ impl Tokens {
     }
 
     fn check(&self, token: &str, audience: &str) -> Result<Arc<Admission>, TokenError> {
-        let admission = match self.verified.get(token) {
+        let digest = self.digest(token);
+        let admission = match self.verified.get(&digest) {
             Some(admission) => admission,
             None => {
                 use std::hash::BuildHasher;
@@ -704,7 +722,7 @@ impl Tokens {
                     used: UseMark::default(),
                 });
                 // Only tokens that verified are remembered, so garbage cannot fill the cache.
-                self.verified.insert(token.into(), admission.clone());
+                self.verified.insert(digest, admission.clone());
                 admission
             }
         };

@@ -324,3 +324,24 @@ async fn an_upstream_switching_to_another_protocol_is_refused() {
     let head = read_response_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 502"), "{head}");
 }
+
+/// What an instance keeps of a visitor who came and left: their tokens leave the cache of
+/// verified tokens with them (the room's revocation is all that stays).
+#[tokio::test]
+async fn a_visitor_who_leaves_takes_their_cached_tokens_along() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room(upstream_addr, OPEN_ROOM).await;
+    let tokens = || gate.running.gate().tokens().cached();
+    let mut visitors = Vec::new();
+    for _ in 0..5 {
+        let mut visitor = Visitor::new(gate.addr);
+        visitor.open("/checkout").await;
+        visitor.open("/checkout/pay").await; // the token verified, and cached
+        visitors.push(visitor);
+    }
+    assert_eq!(tokens(), 5);
+    for visitor in &mut visitors {
+        visitor.leave().await;
+    }
+    assert_eq!(tokens(), 0);
+}

@@ -453,6 +453,8 @@ impl Gate {
             .tokens()
             .mint(&room.id, visitor, ticket, place.line, expires_at_ms / 1_000)
             .map_err(|error| unsigned(room, "an admission token", error))?;
+        // The ticket is spent: nothing more to verify of it.
+        self.forget_credentials(request.headers(), room);
         let cookies = self.cookies(request.headers(), connection).clear_if_sent(request.headers(), &room.ticket_cookie);
         let json = !wants_page(&request);
         // The session exists from here on, confirmed at once: even when the upstream fails,

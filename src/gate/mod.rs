@@ -640,6 +640,18 @@ impl Gate {
         self.tokens.load().prequeue(ticket, &room.id).ok().filter(|ticket| room.same_line(ticket.line))
     }
 
+    /// Let the request's token and ticket for `room` go from the cache of verified tokens:
+    /// their holder has left, or has redeemed the ticket.
+    pub(crate) fn forget_credentials(&self, headers: &HeaderMap, room: &Room) {
+        let tokens = self.tokens.load();
+        let from_header = headers.get(&hop::VESTIBULE_TOKEN).and_then(|v| v.to_str().ok());
+        from_header
+            .into_iter()
+            .chain(cookies(headers, &room.token_cookie))
+            .chain(cookies(headers, &room.ticket_cookie))
+            .for_each(|token| tokens.forget(token));
+    }
+
     /// What a visitor holds for `room`.
     fn holding(&self, headers: &HeaderMap, room: &Room) -> Holding {
         if self.admission(headers, room).is_some() {

@@ -78,6 +78,7 @@ impl Gate {
                         room.give_up(ticket);
                     }
                 }
+                self.forget_credentials(request.headers(), &room);
                 let cookies =
                     self.cookies(request.headers(), connection).clear(&room.token_cookie).clear(&room.ticket_cookie);
                 Ok(cookies.on(respond::json(&room.status(Holding::Nothing))))
