@@ -92,3 +92,35 @@ impl http_body::Body for Uploaded {
         self.inner.size_hint()
     }
 }
+
+/// A body that holds `T` (a place under a limit) until it is done with.
+pub struct Holding<T> {
+    inner: Body,
+    _held: T,
+}
+
+impl<T> Holding<T> {
+    pub fn new(inner: Body, held: T) -> Holding<T> {
+        Holding { inner, _held: held }
+    }
+}
+
+impl<T: Unpin> http_body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -238,6 +238,9 @@ impl Listener {
     }
 }
 
+/// Streams one HTTP/2 connection may have open at once (nginx's `http2_max_concurrent_streams`).
+const MAX_STREAMS: u32 = 128;
+
 /// Counts a client let go for `send_timeout` on `listener`.
 pub(crate) fn send_timed_out(gate: &Arc<Gate>, listener: &'static str) -> Arc<dyn Fn() + Send + Sync> {
     let metrics = gate.metrics().clone();
@@ -292,7 +295,7 @@ impl Protocols {
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(250)
+            .max_concurrent_streams(MAX_STREAMS)
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
         let lane = server.fast_lane.then(|| {
@@ -395,7 +398,7 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(250)
+        .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
     builder

@@ -1,7 +1,8 @@
 //! Clients that do not read: a write to a client that makes no progress for `send_timeout`
 //! fails with `TimedOut`, which ends the connection, as nginx's `send_timeout` (the time
 //! between two successive writes, not for the whole answer). Wrapped around every client
-//! stream, under the fast lane and hyper alike, and under TLS.
+//! stream, under the fast lane and hyper alike, and under TLS. On HTTP/2, where a client can
+//! stall one stream without the socket ever waiting, [`StallGuard`] does the same per stream.
 
 use std::future::Future as _;
 use std::io;
@@ -86,6 +87,95 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     }
 }
 
+/// A response body on an HTTP/2 stream whose client grants it no window: HTTP/2 stops asking
+/// for the body (nothing waits on the socket, so [`SendTimeout`] never fires) while the
+/// upstream's answer and its connection stay held. After `send_timeout` without the client
+/// taking the next piece, the upstream's body is dropped (its connection closed) and the
+/// stream fails when next asked, as nginx's `send_timeout` ends such a stream.
+pub struct StallGuard {
+    shared: Arc<Stall>,
+}
+
+struct Stall {
+    body: std::sync::Mutex<Option<crate::body::Body>>,
+    /// Since when the body waits on the client to ask for more (ms on `clock`); 0 while the
+    /// client is asking (the body waits on the upstream, or is done).
+    waiting_since: std::sync::atomic::AtomicU64,
+    clock: tokio::time::Instant,
+}
+
+impl Stall {
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl StallGuard {
+    /// Guard `body`; `on_timeout` is told when a stalled stream is let go.
+    pub fn new(body: crate::body::Body, timeout: Duration, on_timeout: Arc<dyn Fn() + Send + Sync>) -> StallGuard {
+        let clock = tokio::time::Instant::now();
+        let shared = Arc::new(Stall {
+            body: std::sync::Mutex::new(Some(body)),
+            waiting_since: std::sync::atomic::AtomicU64::new(1),
+            clock,
+        });
+        let watched = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let mut next = timeout;
+            loop {
+                tokio::time::sleep(next).await;
+                let Some(shared) = watched.upgrade() else { return }; // the body is done with
+                let since = shared.waiting_since.load(std::sync::atomic::Ordering::Relaxed);
+                let waited = Duration::from_millis(shared.now().saturating_sub(since));
+                if since == 0 || waited < timeout {
+                    next = if since == 0 { timeout } else { timeout - waited };
+                    continue;
+                }
+                if let Ok(mut body) = shared.body.lock() {
+                    body.take();
+                }
+                on_timeout();
+                return;
+            }
+        });
+        StallGuard { shared }
+    }
+}
+
+impl http_body::Body for StallGuard {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>>> {
+        use std::sync::atomic::Ordering;
+        let shared = &self.shared;
+        let Ok(mut body) = shared.body.lock() else {
+            return Poll::Ready(Some(Err("a poisoned lock".into())));
+        };
+        let Some(inner) = body.as_mut() else {
+            return Poll::Ready(Some(Err("the client took nothing for send_timeout".into())));
+        };
+        shared.waiting_since.store(0, Ordering::Relaxed);
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = polled {
+            shared.waiting_since.store(shared.now(), Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared.body.lock().ok().and_then(|body| body.as_ref().map(http_body::Body::is_end_stream)).unwrap_or(false)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let hint = self.shared.body.lock().ok().and_then(|body| body.as_ref().map(http_body::Body::size_hint));
+        hint.unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +218,45 @@ mod tests {
         server.shutdown().await.unwrap();
         drop(server);
         assert_eq!(reader.await.unwrap(), 16 * 1024);
+    }
+
+    /// A body whose frames come from `frames`, as an upstream sends them.
+    fn channel_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, crate::body::Body) {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            let data = receiver.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(http_body::Frame::data(data)), receiver))
+        });
+        (sender, crate::body::boxed(http_body_util::StreamBody::new(stream)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_waiting_on_a_slow_upstream_is_no_stall_but_one_the_client_stops_taking_is() {
+        use http_body_util::BodyExt;
+        let stalls = Arc::new(AtomicUsize::new(0));
+        let counted = stalls.clone();
+        let on_timeout: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let (upstream, body) = channel_body();
+        let mut guarded = StallGuard::new(body, Duration::from_secs(30), on_timeout);
+        // The client asks at once; the upstream takes a minute for each piece.
+        let sending = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                upstream.send(bytes::Bytes::from_static(b"piece")).await.unwrap();
+            }
+            upstream
+        });
+        for _ in 0..3 {
+            let frame = guarded.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "piece");
+        }
+        assert_eq!(stalls.load(Ordering::Relaxed), 0, "waiting on the upstream is no stall");
+        // Now the client takes nothing more while the upstream has more to give.
+        let _upstream = sending.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(stalls.load(Ordering::Relaxed), 1, "let go after send_timeout");
+        assert!(guarded.frame().await.unwrap().is_err(), "the stream fails when next asked");
     }
 }

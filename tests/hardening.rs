@@ -345,3 +345,54 @@ async fn a_visitor_who_leaves_takes_their_cached_tokens_along() {
     }
     assert_eq!(tokens(), 0);
 }
+
+/// An HTTP/2 client that grants a stream no window holds nothing for long: after
+/// `send_timeout` the stream's upstream answer is let go.
+#[tokio::test]
+async fn an_http2_stream_without_a_window_is_let_go_after_the_send_timeout() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room_with(upstream_addr, "h2c = true\nsend_timeout = \"1s\"", OPEN_ROOM).await;
+    let stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .adaptive_window(false)
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get(format!("http://{}/download/4000000", gate.addr)).body(Full::new(Bytes::new())).unwrap();
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(request)).await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The body is never read: the window stays shut.
+    let metrics = gate.running.gate().metrics().clone();
+    wait_for("the stalled stream let go", || metrics.encode().contains("reason=\"send_timeout\"} 1")).await;
+    drop(response);
+}
+
+/// Through a trusted proxy, each client it names has its own share of connections: a
+/// request is counted until its answer has been sent, body and all.
+#[tokio::test]
+async fn a_trusted_proxys_clients_are_capped_one_by_one() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let server = "trusted_proxies = [\"127.0.0.1/32\"]\nmax_connections_per_address = 2";
+    let gate = start_room_with(upstream_addr, server, OPEN_ROOM).await;
+    let from = |client: &str, path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: {client}\r\nConnection: close\r\n\r\n")
+            .into_bytes()
+    };
+    // Client 203.0.113.9: one request the upstream never answers, one whose large answer is
+    // not read.
+    let mut hanging = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    hanging.write_all(&from("203.0.113.9", "/hang")).await.unwrap();
+    tokio::time::timeout(DEADLINE, upstream.arrived.notified()).await.unwrap();
+    let mut unread = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    unread.write_all(&from("203.0.113.9", "/download/16777216")).await.unwrap();
+    let head = read_response_head(&mut unread).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // A third from the same client: refused; another client: served.
+    let (status, text) = raw(gate.addr, &from("203.0.113.9", "/third")).await;
+    assert_eq!(status, 503, "{text}");
+    let (status, text) = raw(gate.addr, &from("198.51.100.4", "/other")).await;
+    assert_eq!(status, 200, "{text}");
+    drop((hanging, unread));
+}

@@ -42,6 +42,7 @@ use crate::limit::{Slot, Slots};
 use crate::metrics::{Metrics, Outcome};
 use crate::path::{canonicalize, CanonicalPath};
 use crate::room::{run_scheduler, Holding, Room};
+use crate::slow::StallGuard;
 use crate::store::{Announcement, Store, StoreError};
 use crate::token::{Admission, Tokens};
 pub use reload::Reloaded;
@@ -160,6 +161,8 @@ pub struct Gate {
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: u64,
     body_read_timeout: Duration,
+    /// `server.send_timeout`, which an HTTP/2 stream's body is held to ([`StallGuard`]).
+    send_timeout: Duration,
     /// `server.cookie_secure`.
     cookie_secure: CookieSecure,
     /// The configuration in force (the last one loaded), for reloads to compare with.
@@ -249,6 +252,7 @@ impl Gate {
             trusted_proxies: server.trusted_proxies.clone(),
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: server.body_read_timeout,
+            send_timeout: server.send_timeout,
             cookie_secure: server.cookie_secure,
             config: ArcSwap::from_pointee(config.clone()),
             metrics,
@@ -441,14 +445,20 @@ impl Gate {
         let wants_json = !wants_page(&request);
         let client = self.client(request.headers(), connection);
         let method = request.method().clone();
+        let version = request.version();
         let mut trail = Trail::default();
         let span = tracing::debug_span!("request", %client);
         let served = async {
-            let _slot = self.hold_proxied(connection, client).map_err(|()| {
+            let slot = self.hold_proxied(connection, client).map_err(|()| {
                 self.metrics.connection_limited("public", "proxied_per_address");
                 GateError::Unavailable { retry_after_seconds: respond::RETRY_SECONDS }
             })?;
-            self.serve(request, connection, client, &mut trail).await
+            let response = self.serve(request, connection, client, &mut trail).await?;
+            // Through a trusted proxy, the client's place is held until its answer is sent.
+            Ok(match slot {
+                Some(slot) => response.map(|inner| body::boxed(body::Holding::new(inner, slot))),
+                None => response,
+            })
         };
         let response = match served.instrument(span).await {
             Ok(response) => response,
@@ -458,6 +468,14 @@ impl Gate {
             }
         };
         self.record(&trail, &method, client, response.status(), started);
+        if version == Version::HTTP_2 {
+            // A stream the client grants no window would hold its upstream answer for ever.
+            let metrics = self.metrics.clone();
+            let stalled: Arc<dyn Fn() + Send + Sync> =
+                Arc::new(move || metrics.connection_limited("public", "send_timeout"));
+            let send_timeout = self.send_timeout;
+            return response.map(|body| body::boxed(StallGuard::new(body, send_timeout, stalled)));
+        }
         response
     }
 
