@@ -36,29 +36,15 @@ start_shop 1
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=localhost" \
   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
 
-config() { # $1: listen, $2: extra [server] lines
-  cat <<TOML
-[server]
-listen = "$1"
+config() { # $1: extra [server] lines
+  write_room_config "$2" "listen = \"127.0.0.1:0\"
 workers = 1
 max_connections = 400
-$2
-$SERVER_EXTRA
-[upstream]
-url = "http://$shop"
-[tokens]
-signing_key = "key.pem"
-[[rooms]]
-id = "checkout"
-paths = ["/checkout"]
-admit_per_minute = 60000
-max_active = 100000
-[log]
-format = "json"
-level = "warn,vestibule=info"
-TOML
+$1
+$SERVER_EXTRA" "admit_per_minute = 60000
+max_active = 100000"
 }
-config "127.0.0.1:0" "" > "$dir/proxy.toml"
+config "" "$dir/proxy.toml"
 start_vestibule "$dir/proxy.toml" "$dir/vestibule.log"
 url="http://$addr/checkout"
 
@@ -129,7 +115,7 @@ curl -s "http://$addr/" -o /dev/null
 echo "(metrics of the run: vestibule_connection_limits_total, from the admin listener when one is set)"
 
 if [ "$TLS_SCAN" = 1 ]; then
-  config "127.0.0.1:0" "tls = { cert = \"tls.crt\", key = \"tls.key\" }" > "$dir/tls.toml"
+  config "tls = { cert = \"tls.crt\", key = \"tls.key\" }" "$dir/tls.toml"
   start_vestibule "$dir/tls.toml" "$dir/vestibule-tls.log"
   echo "== testssl.sh against https://$addr"
   testssl --quiet --color 0 --warnings off --jsonfile "$dir/testssl.json" "https://$addr" > "$dir/testssl.out" 2>&1 || true

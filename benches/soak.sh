@@ -28,26 +28,14 @@ start_shop 1
 
 "$bin" keygen > "$dir/key.pem"
 admin_port=$(free_port)
-cat > "$dir/proxy.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-workers = 1
+write_room_config "$dir/proxy.toml" 'listen = "127.0.0.1:0"
+workers = 1' "admit_per_minute = 60000
+max_active = 100000
+session_seconds = $SESSION"
+cat >> "$dir/proxy.toml" <<TOML
 [admin]
 listen = "127.0.0.1:$admin_port"
 token = "soak-admin-token-0123"
-[upstream]
-url = "http://$shop"
-[tokens]
-signing_key = "key.pem"
-[[rooms]]
-id = "checkout"
-paths = ["/checkout"]
-admit_per_minute = 60000
-max_active = 100000
-session_seconds = $SESSION
-[log]
-format = "json"
-level = "warn,vestibule=info"
 TOML
 start_vestibule "$dir/proxy.toml" "$dir/vestibule.log"
 proxy_pid=${pids[-1]}

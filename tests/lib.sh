@@ -79,3 +79,25 @@ http {
 }
 NGINX
 }
+
+# Write to $1 a configuration for one instance in front of the demo shop (`shop` set by
+# start_shop; the signing key `key.pem` beside it): `[server]` with the lines $2 (listen on a
+# free port unless they say otherwise), room `checkout` on /checkout with the lines $3, JSON logs.
+write_room_config() {
+  local file=$1 server=$2 room=$3
+  cat > "$file" <<TOML
+[server]
+$server
+[upstream]
+url = "http://$shop"
+[tokens]
+signing_key = "key.pem"
+[[rooms]]
+id = "checkout"
+paths = ["/checkout"]
+$room
+[log]
+format = "json"
+level = "warn,vestibule=info"
+TOML
+}

@@ -315,20 +315,17 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (Sta
 /// Send raw bytes, read until the server closes (or the deadline); returns the status code
 /// and the whole response text.
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(bytes).await.unwrap();
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
+    raw_on(TcpStream::connect(addr).await.unwrap(), bytes).await
 }
 
 /// [`raw`] from the loopback address `source` (127.0.0.x): another client address.
 pub async fn raw_from(source: &str, addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
+    raw_on(socket.connect(addr).await.unwrap(), bytes).await
+}
+
+async fn raw_on(mut stream: TcpStream, bytes: &[u8]) -> (u16, String) {
     stream.write_all(bytes).await.unwrap();
     let mut response = Vec::new();
     let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response)).await;
