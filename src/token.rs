@@ -533,10 +533,10 @@ pub struct Tokens {
     ring: KeyRing,
     issuer: String,
     leeway: u64,
-    /// Verified tokens by a 128-bit keyed digest (two keyed SipHashes, keyed per process): a
-    /// token is a few hundred bytes, its digest 16.
-    verified: Cache<u128, Arc<Admission>>,
-    digest_keys: [std::collections::hash_map::RandomState; 2],
+    /// Verified tokens by a keyed hash of the token (SipHash, keyed per process), each with
+    /// the token's last bytes (of its signature) to tell a collision apart: a token is a few
+    /// hundred bytes, what is kept of it 24.
+    verified: Cache<u64, (Tail, Arc<Admission>)>,
     /// Refused tokens by a keyed hash (keyed per process, so no one can aim a collision).
     refused: Cache<u64, ()>,
     hasher: std::collections::hash_map::RandomState,
@@ -552,17 +552,19 @@ impl Tokens {
         self.verified.len()
     }
 
-    /// A token's key in the cache of verified tokens.
-    fn digest(&self, token: &str) -> u128 {
+    /// A token's key in the caches of verified and refused tokens.
+    fn key(&self, token: &str) -> u64 {
         use std::hash::BuildHasher;
-        let [high, low] = &self.digest_keys;
-        (u128::from(high.hash_one(token)) << 64) | u128::from(low.hash_one(token))
+        self.hasher.hash_one(token)
     }
 
     /// Let a token go from the cache (its holder left, or its ticket was redeemed): what an
     /// instance keeps of a visitor who has gone is then no more than the room's revocation.
     pub fn forget(&self, token: &str) {
-        self.verified.remove(&self.digest(token));
+        let key = self.key(token);
+        if self.verified.get(&key).is_some_and(|(tail, _)| tail == Tail::of(token)) {
+            self.verified.remove(&key);
+        }
     }
 
     /// Seconds since the Unix epoch, on the line's clock.
@@ -580,7 +582,6 @@ impl Tokens {
             issuer: config.issuer.clone(),
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
-            digest_keys: Default::default(),
             refused: Cache::new(REFUSED_ENTRIES),
             hasher: std::collections::hash_map::RandomState::new(),
             clock: crate::clock::Clock::new(),
@@ -691,12 +692,11 @@ impl Tokens {
     }
 
     fn check(&self, token: &str, audience: &str) -> Result<Arc<Admission>, TokenError> {
-        let digest = self.digest(token);
-        let admission = match self.verified.get(&digest) {
-            Some(admission) => admission,
+        let key = self.key(token);
+        let tail = Tail::of(token);
+        let admission = match self.verified.get(&key).filter(|(cached, _)| *cached == tail) {
+            Some((_, admission)) => admission,
             None => {
-                use std::hash::BuildHasher;
-                let key = self.hasher.hash_one(token);
                 if self.refused.get(&key).is_some() {
                     return Err(TokenError::Rejected("refused a moment ago".into()));
                 }
@@ -722,7 +722,7 @@ impl Tokens {
                     used: UseMark::default(),
                 });
                 // Only tokens that verified are remembered, so garbage cannot fill the cache.
-                self.verified.insert(digest, admission.clone());
+                self.verified.insert(key, (tail, admission.clone()));
                 admission
             }
         };
@@ -737,6 +737,21 @@ impl Tokens {
     }
 }
 
+/// A token's last bytes (its signature's), kept beside a cached token's keyed hash: a token
+/// found under the same hash is the same one only if they agree too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tail([u8; 8]);
+
+impl Tail {
+    fn of(token: &str) -> Tail {
+        let bytes = token.as_bytes();
+        let mut tail = [0u8; 8];
+        let start = bytes.len().saturating_sub(tail.len());
+        tail[..bytes.len() - start].copy_from_slice(&bytes[start..]);
+        Tail(tail)
+    }
+}
+
 /// A random identifier (visitor ids, token ids): 128 bits, base64url.
 pub fn random_id() -> String {
     use rand::RngCore;
@@ -748,6 +763,13 @@ pub fn random_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tail_is_the_last_eight_bytes_of_any_token() {
+        assert_eq!(Tail::of("header.payload.signature-0123456789"), Tail(*b"23456789"));
+        assert_eq!(Tail::of("ab"), Tail(*b"ab\0\0\0\0\0\0"));
+        assert_eq!(Tail::of(""), Tail([0; 8]));
+    }
     use std::num::NonZeroUsize;
 
     fn config_with(kind: KeyKind, dir: &Path) -> TokensConfig {
