@@ -29,24 +29,28 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// The client's address as vestibule decided it (DESIGN §9): always ours.
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// Other proxies' and CDNs' names for the client's address: believed only from a trusted
-/// proxy, dropped from anyone else.
-const CLIENT_ADDRESS_HEADERS: [&str; 9] = [
-    "true-client-ip",
-    "x-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-cluster-client-ip",
-    "do-connecting-ip",
-    "forwarded-for",
-    "x-forwarded",
-    "x-original-forwarded-for",
-];
 pub const VESTIBULE_ROOM: HeaderName = HeaderName::from_static("vestibule-room");
 pub const VESTIBULE_VISITOR: HeaderName = HeaderName::from_static("vestibule-visitor");
 pub const VESTIBULE_TOKEN: HeaderName = HeaderName::from_static("vestibule-token");
 /// A room's bypass secret (`[rooms.bypass]`); dropped before forwarding, as every `Vestibule-*`.
 pub const VESTIBULE_BYPASS: HeaderName = HeaderName::from_static("vestibule-bypass");
+
+/// Other proxies' and CDNs' names for the client's address: believed only from a trusted
+/// proxy, dropped from anyone else.
+fn names_a_client_address(name: &str) -> bool {
+    matches!(
+        name,
+        "true-client-ip"
+            | "x-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-cluster-client-ip"
+            | "do-connecting-ip"
+            | "forwarded-for"
+            | "x-forwarded"
+            | "x-original-forwarded-for"
+    )
+}
 
 /// Remove the hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -175,9 +179,7 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option
             name.starts_with("vestibule-")
                 || name == X_REAL_IP
                 || (!peer.trusted
-                    && (name.starts_with("x-forwarded-")
-                        || name == header::FORWARDED
-                        || CLIENT_ADDRESS_HEADERS.contains(&name)))
+                    && (name.starts_with("x-forwarded-") || name == header::FORWARDED || names_a_client_address(name)))
         };
         // An upstream behind CGI reads `X_Forwarded_For` as `X-Forwarded-For` (both are
         // HTTP_X_FORWARDED_FOR to it): such aliases of our names are ours too.

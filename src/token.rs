@@ -533,13 +533,15 @@ pub struct Tokens {
     ring: KeyRing,
     issuer: String,
     leeway: u64,
-    /// Verified tokens by a keyed hash of the token (SipHash, keyed per process), each with
-    /// the token's last bytes (of its signature) to tell a collision apart: a token is a few
-    /// hundred bytes, what is kept of it 24.
+    /// Verified tokens by a hash of the token (seeded per process), each with the token's
+    /// last bytes (of its signature, which nobody knows but its holder) to tell a collision
+    /// apart: a token is a few hundred bytes, what is kept of it 24.
     verified: Cache<u64, (Tail, Arc<Admission>)>,
     /// Refused tokens by a keyed hash (keyed per process, so no one can aim a collision).
     refused: Cache<u64, ()>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Seeded at random per process: nobody can aim a collision. Fast (foldhash): a keyed
+    /// hash needs no more here, since a cached token must also end as the one presented.
+    hasher: quick_cache::DefaultHashBuilder,
     /// The line's clock: tokio time.
     clock: crate::clock::Clock,
     /// The rooms' proofs of work, keyed from the signing key.
@@ -583,7 +585,7 @@ impl Tokens {
             leeway: config.leeway_seconds,
             verified: Cache::new(config.cache_entries.get()),
             refused: Cache::new(REFUSED_ENTRIES),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: quick_cache::DefaultHashBuilder::default(),
             clock: crate::clock::Clock::new(),
         })
     }
