@@ -33,8 +33,21 @@ source tests/lib.sh
 release_setup
 start_shop 1
 "$bin" keygen > "$dir/key.pem"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=localhost" \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
+# A certificate as an operator would have one: signed by a CA (made here, given to testssl.sh
+# as trusted), a year long, with revocation addresses (on loopback; nothing is fetched).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 400 -subj "/CN=bench CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+  -keyout "$dir/tls.key" -out "$dir/tls.csr" 2>/dev/null
+cat > "$dir/tls.ext" <<EXT
+subjectAltName = DNS:localhost, IP:127.0.0.1
+extendedKeyUsage = serverAuth
+crlDistributionPoints = URI:http://127.0.0.1:9/bench.crl
+authorityInfoAccess = OCSP;URI:http://127.0.0.1:9/ocsp
+EXT
+openssl x509 -req -in "$dir/tls.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial -days 398 \
+  -extfile "$dir/tls.ext" -out "$dir/tls.crt" 2>/dev/null
 
 config() { # $1: extra [server] lines
   write_room_config "$2" "listen = \"127.0.0.1:0\"
@@ -111,14 +124,13 @@ for attack in $ATTACKS; do
   visitor $((SECONDS_EACH - 5)) | report "$name"
   wait "$attacker" 2>/dev/null || true
 done
-curl -s "http://$addr/" -o /dev/null
-echo "(metrics of the run: vestibule_connection_limits_total, from the admin listener when one is set)"
 
 if [ "$TLS_SCAN" = 1 ]; then
   config "tls = { cert = \"tls.crt\", key = \"tls.key\" }" "$dir/tls.toml"
   start_vestibule "$dir/tls.toml" "$dir/vestibule-tls.log"
   echo "== testssl.sh against https://$addr"
-  testssl --quiet --color 0 --warnings off --jsonfile "$dir/testssl.json" "https://$addr" > "$dir/testssl.out" 2>&1 || true
+  testssl --quiet --color 0 --warnings off --add-ca "$dir/ca.crt" --jsonfile "$dir/testssl.json" "https://$addr" \
+    > "$dir/testssl.out" 2>&1 || true
   python3 - "$dir/testssl.json" <<'PY' || failed=1
 import json, sys
 findings = json.load(open(sys.argv[1]))
