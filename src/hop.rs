@@ -49,7 +49,23 @@ fn names_a_client_address(name: &str) -> bool {
             | "forwarded-for"
             | "x-forwarded"
             | "x-original-forwarded-for"
+            | "client-ip"
+            | "x-proxyuser-ip"
+            | "x-envoy-external-address"
+            | "akamai-client-ip"
+            | "x-akamai-client-ip"
+            | "x-azure-clientip"
+            | "x-appengine-user-ip"
+            | "cloudfront-viewer-address"
+            | "x-real-port"
     )
+}
+
+/// Path overrides some upstreams route on (IIS rewrite, Zend): the gate decides on the path it
+/// forwards, so a request outside the rooms must not name a path inside one. Dropped from
+/// anyone, trusted proxies too.
+fn overrides_the_path(name: &str) -> bool {
+    matches!(name, "x-original-url" | "x-rewrite-url" | "x-envoy-original-path")
 }
 
 /// Remove the hop-by-hop headers, including those named in `Connection`.
@@ -178,6 +194,7 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, peer: &Peer, host: Option
         let protected = |name: &str| {
             name.starts_with("vestibule-")
                 || name == X_REAL_IP
+                || overrides_the_path(name)
                 || (!peer.trusted
                     && (name.starts_with("x-forwarded-") || name == header::FORWARDED || names_a_client_address(name)))
         };
@@ -270,6 +287,8 @@ mod tests {
             ("fastly-client-ip", "6.6.6.6"),
             ("x-cluster-client-ip", "6.6.6.6"),
             ("x-forwarded", "for=6.6.6.6"),
+            ("client-ip", "6.6.6.6"),
+            ("x-original-url", "/checkout"),
             ("x-original-forwarded-for", "6.6.6.6"),
             ("x_real_ip", "6.6.6.6"),
         ]);
@@ -296,6 +315,8 @@ mod tests {
             "fastly-client-ip",
             "x-cluster-client-ip",
             "x-forwarded",
+            "client-ip",
+            "x-original-url",
             "x-original-forwarded-for",
             "x_real_ip",
         ] {

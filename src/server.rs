@@ -282,6 +282,9 @@ struct Protocols {
     lane: Option<Arc<lane::Limits>>,
     max_header_bytes: usize,
     max_headers: usize,
+    /// How long an HTTP/2 connection (or one not yet known) may go without a request:
+    /// `header_read_timeout`, as an HTTP/1 connection between requests.
+    idle_timeout: Duration,
 }
 
 impl Protocols {
@@ -313,6 +316,7 @@ impl Protocols {
             lane,
             max_header_bytes: server.max_header_bytes,
             max_headers: server.max_headers,
+            idle_timeout: server.header_read_timeout,
         }
     }
 
@@ -356,11 +360,33 @@ impl Protocols {
     {
         let io = ScannedIo::new(io, Scanner::new(self.max_header_bytes, self.max_headers, connection.verdicts.clone()));
         let peer = connection.peer;
+        let cut = connection.cut.clone();
+        // HTTP/1 connections are held to `header_read_timeout` by hyper, idle or not; an
+        // HTTP/2 one (or one whose protocol is not known yet) only by this watch.
+        let activity = (!matches!(protocol, Protocol::Http1)).then(|| Arc::new(Activity::new()));
+        let watched = activity.clone();
         let service = service_fn(move |request| {
             let gate = gate.clone();
             let connection = connection.clone();
-            async move { Ok::<_, Infallible>(gate.handle(request, &connection).await) }
+            let activity = watched.clone();
+            async move {
+                let Some(activity) = activity else {
+                    return Ok::<_, Infallible>(gate.handle(request, &connection).await);
+                };
+                // Busy until the answer's body is sent.
+                let busy = activity.busy();
+                let response = gate.handle(request, &connection).await;
+                Ok(response.map(|body| crate::body::boxed(crate::body::Holding::new(body, busy))))
+            }
         });
+        let idle_timeout = self.idle_timeout;
+        let idle = async {
+            match &activity {
+                Some(activity) => activity.idle_for(idle_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut idle = std::pin::pin!(idle);
         let io = TokioIo::new(io);
         // Each connection type has its own `graceful_shutdown`: one arm each.
         macro_rules! drained {
@@ -370,7 +396,24 @@ impl Protocols {
                     result = served.as_mut() => result.map_err(BoxError::from),
                     () = drain.cancelled() => {
                         served.as_mut().graceful_shutdown();
-                        served.await.map_err(BoxError::from)
+                        tokio::select! {
+                            result = served => result.map_err(BoxError::from),
+                            () = cut.cancelled() => Err(BoxError::from("cut")),
+                        }
+                    }
+                    // Dropped, not shut down: its streams and their buffers go at once.
+                    () = cut.cancelled() => Err(BoxError::from("a stream its client stalled for send_timeout")),
+                    // No request (not even a preface) for the idle timeout: asked to close, and
+                    // what is in flight finishes.
+                    () = idle.as_mut() => {
+                        // Nothing is in flight: a client that does not take the hint (an
+                        // HTTP/2 peer that never acknowledges the goaway) is cut after as long.
+                        served.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            result = served => result.map_err(BoxError::from),
+                            () = cut.cancelled() => Err(BoxError::from("cut")),
+                            () = tokio::time::sleep(idle_timeout) => Err(BoxError::from("idle")),
+                        }
                     }
                 }
             }};
@@ -383,6 +426,52 @@ impl Protocols {
         if let Err(error) = result {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
+    }
+}
+
+/// A connection's requests, for its idle timeout: how many are being answered, and since when
+/// none has been.
+struct Activity {
+    busy: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from `since` to the end of the last request answered.
+    last: std::sync::atomic::AtomicU64,
+    since: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { busy: Default::default(), last: Default::default(), since: tokio::time::Instant::now() }
+    }
+
+    /// A request being answered, until the guard is dropped.
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been answered, nor is being, for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let last = self.since + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let idle_at = last + timeout;
+            if self.busy.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() >= idle_at {
+                return;
+            }
+            tokio::time::sleep_until(idle_at.max(tokio::time::Instant::now() + timeout / 4)).await;
+        }
+    }
+}
+
+/// A request of a watched connection being answered.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let activity = &self.0;
+        activity.last.store(activity.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

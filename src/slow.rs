@@ -90,10 +90,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
 /// A response body on an HTTP/2 stream whose client grants it no window: HTTP/2 stops asking
 /// for the body (nothing waits on the socket, so [`SendTimeout`] never fires) while the
 /// upstream's answer and its connection stay held. After `send_timeout` without the client
-/// taking the next piece, the upstream's body is dropped (its connection closed) and the
-/// stream fails when next asked, as nginx's `send_timeout` ends such a stream.
+/// taking the next piece, the upstream's body is dropped (its connection closed) and
+/// `on_timeout` told, which closes the client's connection (HTTP/2 asks nothing more of a
+/// stream without window, so only the connection's end frees it), as nginx's `send_timeout`.
 pub struct StallGuard {
     shared: Arc<Stall>,
+    /// The watcher, ended with the body: one per stream, none left behind.
+    watcher: tokio::task::AbortHandle,
+}
+
+impl Drop for StallGuard {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
 }
 
 struct Stall {
@@ -120,7 +129,7 @@ impl StallGuard {
             clock,
         });
         let watched = Arc::downgrade(&shared);
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             let mut next = timeout;
             loop {
                 tokio::time::sleep(next).await;
@@ -138,7 +147,7 @@ impl StallGuard {
                 return;
             }
         });
-        StallGuard { shared }
+        StallGuard { shared, watcher: watcher.abort_handle() }
     }
 }
 

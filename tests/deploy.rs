@@ -425,7 +425,8 @@ async fn admin_call(admin: SocketAddr, method: &str, path: &str, body: &str) -> 
     let request = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "admin")
+        // As Prometheus asks for it on the compose network (admin.hosts).
+        .header("host", "vestibule-a:9090")
         .header("authorization", "Bearer compose-admin-token")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_owned())))

@@ -359,14 +359,39 @@ async fn an_http2_stream_without_a_window_is_let_go_after_the_send_timeout() {
         .handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .unwrap();
-    tokio::spawn(connection);
+    let connection = tokio::spawn(connection);
     let request = Request::get(format!("http://{}/download/4000000", gate.addr)).body(Full::new(Bytes::new())).unwrap();
     let response = tokio::time::timeout(DEADLINE, sender.send_request(request)).await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // The body is never read: the window stays shut.
     let metrics = gate.running.gate().metrics().clone();
     wait_for("the stalled stream let go", || metrics.encode().contains("reason=\"send_timeout\"} 1")).await;
+    // And its connection closed: nothing of it is held.
+    tokio::time::timeout(DEADLINE, connection).await.expect("the connection is closed").unwrap().ok();
     drop(response);
+}
+
+/// An HTTP/2 connection (or one whose first bytes have not come) is held to
+/// `header_read_timeout` while it sends no request, as an HTTP/1 one between requests.
+#[tokio::test]
+async fn a_silent_connection_is_closed_whatever_its_protocol() {
+    let (upstream_addr, _) = start_upstream().await;
+    let gate = start_room_with(
+        upstream_addr,
+        "h2c = true
+header_read_timeout = \"1s\"",
+        OPEN_ROOM,
+    )
+    .await;
+    for first_bytes in [&b""[..], b"PRI * HT", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"] {
+        let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        stream.write_all(first_bytes).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "{first_bytes:?}: still open after 5 s");
+        assert!(started.elapsed() >= Duration::from_millis(900), "{first_bytes:?}: closed too soon");
+    }
 }
 
 /// Through a trusted proxy, each client it names has its own share of connections: a

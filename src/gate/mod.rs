@@ -112,6 +112,8 @@ pub struct Connection {
     /// The connection's place under the connection caps: an upgraded tunnel keeps it after
     /// the connection is handed over (freed when both are done).
     pub permit: Option<Arc<crate::limit::ConnectionPlace>>,
+    /// Cancelled to close the connection at once (an HTTP/2 stream its client stalled).
+    pub cut: CancellationToken,
 }
 
 /// A place in a room's line: a ticket number of one line.
@@ -382,7 +384,13 @@ impl Gate {
         // that IPv4 `trusted_proxies` and bypass ranges match them.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let trusted = self.trusts(peer.ip());
-        Connection { peer, forwarded: Peer::new(peer.ip(), tls, trusted), verdicts, permit: permit.map(Arc::new) }
+        Connection {
+            peer,
+            forwarded: Peer::new(peer.ip(), tls, trusted),
+            verdicts,
+            permit: permit.map(Arc::new),
+            cut: CancellationToken::new(),
+        }
     }
 
     /// The cookie changes of an answer to a request with `headers` on `connection`: `Secure`
@@ -470,9 +478,11 @@ impl Gate {
         self.record(&trail, &method, client, response.status(), started);
         if version == Version::HTTP_2 {
             // A stream the client grants no window would hold its upstream answer for ever.
-            let metrics = self.metrics.clone();
-            let stalled: Arc<dyn Fn() + Send + Sync> =
-                Arc::new(move || metrics.connection_limited("public", "send_timeout"));
+            let (metrics, cut) = (self.metrics.clone(), connection.cut.clone());
+            let stalled: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                metrics.connection_limited("public", "send_timeout");
+                cut.cancel();
+            });
             let send_timeout = self.send_timeout;
             return response.map(|body| body::boxed(StallGuard::new(body, send_timeout, stalled)));
         }

@@ -75,13 +75,15 @@ impl Cookies {
 /// `Cache-Control: private, no-store`, merged with what the response said: its directives
 /// that allow storing or sharing (`public`, `max-age`, `s-maxage`, ...) go, the rest stay.
 /// The headers that tell a CDN more than `Cache-Control` does (`CDN-Cache-Control` of RFC
-/// 9213 and its vendors' `*-CDN-Cache-Control`, `Surrogate-Control`) and `Expires` go too.
+/// 9213 and its vendors' `*-CDN-Cache-Control`, `Surrogate-Control`, Akamai's `Edge-Control`,
+/// nginx's `X-Accel-Expires`) and `Expires` go too.
 pub fn private_no_store(headers: &mut HeaderMap) {
     let overriding: Vec<http::HeaderName> = headers
         .keys()
         .filter(|name| {
             let name = name.as_str();
-            name.ends_with("cdn-cache-control") || name == "surrogate-control" || name == "expires"
+            name.ends_with("cdn-cache-control")
+                || matches!(name, "surrogate-control" | "edge-control" | "x-accel-expires" | "expires")
         })
         .cloned()
         .collect();
