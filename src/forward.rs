@@ -43,6 +43,8 @@ pub struct Upgrade {
     pub client_side: OnUpgrade,
     /// The client connection's place under the connection caps, held by the tunnel.
     pub place: Option<Arc<crate::limit::ConnectionPlace>>,
+    /// Through a trusted proxy: the client's place under its own connection cap.
+    pub proxied: Option<Arc<crate::limit::Slot>>,
     /// When the admitted session that opened it ends (none outside the rooms).
     pub session_end: Option<SessionEnd>,
 }
@@ -167,7 +169,22 @@ impl Upstream {
             request
         };
         let started = std::time::Instant::now();
-        let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
+        // `response_timeout` runs from the end of the upload: a client still sending (each
+        // piece within `body_read_timeout`) is not the upstream being slow.
+        let mut sending = std::pin::pin!(self.pool.send(request));
+        let mut deadline = tokio::time::Instant::now() + self.response_timeout;
+        let sent = loop {
+            tokio::select! {
+                sent = sending.as_mut() => break Ok(sent),
+                () = tokio::time::sleep_until(deadline) => match (uploading, upload.done.get()) {
+                    (true, None) => deadline += self.response_timeout,
+                    (true, Some(&done)) if tokio::time::Instant::from_std(done) + self.response_timeout > deadline => {
+                        deadline = tokio::time::Instant::from_std(done) + self.response_timeout;
+                    }
+                    _ => break Err(()),
+                },
+            }
+        };
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
         let answered = std::time::Instant::now();
         // The client's body broke the exchange (too large, too slow, badly framed): the
@@ -226,10 +243,10 @@ impl Upstream {
     fn splice(&self, upgrade: Upgrade, upstream_side: OnUpgrade) {
         let stop = self.stop.clone();
         let idle_timeout = self.tunnel_idle_timeout;
-        let Upgrade { client_side, place, session_end } = upgrade;
+        let Upgrade { client_side, place, proxied, session_end } = upgrade;
         let session_end = session_end.unwrap_or_else(|| Box::pin(std::future::pending()));
         self.tunnels.spawn(async move {
-            let _place = place;
+            let _places = (place, proxied);
             let started = Instant::now();
             let active = Arc::new(AtomicU64::new(0));
             let tunnel = async {

@@ -224,3 +224,27 @@ async fn a_broken_upload_is_the_clients_error_not_the_upstreams() {
     let metrics = gate.running.gate().metrics().encode();
     assert!(!metrics.contains("outcome=\"upstream_failed\"} 1"), "{metrics}");
 }
+
+/// `response_timeout` runs from the end of the upload: a slow but steady upload longer than it
+/// is answered, not taken for an upstream that timed out.
+#[tokio::test]
+async fn the_response_timeout_runs_from_the_end_of_the_upload() {
+    let (upstream, _) = start_upstream().await;
+    let gate = start_gate(upstream, "body_read_timeout = \"3s\"", "response_timeout = \"1s\"").await;
+    let token = gate.token("checkout");
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let head = format!(
+        "POST /checkout/upload HTTP/1.1\r\nHost: shop.test\r\nVestibule-Token: {token}\r\n\
+         Content-Length: 3\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for byte in [b"a", b"b", b"c"] {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stream.write_all(byte).await.unwrap();
+    }
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let metrics = gate.running.gate().metrics().encode();
+    assert!(!metrics.contains("outcome=\"upstream_failed\"} 1"), "{metrics}");
+}

@@ -421,3 +421,26 @@ async fn a_trusted_proxys_clients_are_capped_one_by_one() {
     assert_eq!(status, 200, "{text}");
     drop((hanging, unread));
 }
+
+/// A tunnel opened through a trusted proxy keeps its client's place under the cap.
+#[tokio::test]
+async fn tunnels_through_a_trusted_proxy_count_against_their_client() {
+    let (upstream_addr, _) = start_upstream().await;
+    let server = "trusted_proxies = [\"127.0.0.1/32\"]\nmax_connections_per_address = 2";
+    let gate = start_room_with(upstream_addr, server, OPEN_ROOM).await;
+    let upgrade = "GET /chat/ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   X-Forwarded-For: 203.0.113.9\r\n\r\n";
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        stream.write_all(upgrade.as_bytes()).await.unwrap();
+        let head = read_response_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        tunnels.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    third.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = read_response_head(&mut third).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    drop(tunnels);
+}

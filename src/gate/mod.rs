@@ -448,7 +448,7 @@ impl Gate {
 
     /// Handle one request; every failure becomes a response here. Each request is counted
     /// by room and outcome, and logged when the access log is on.
-    pub async fn handle(&self, request: Request<Incoming>, connection: &Connection) -> Response<Body> {
+    pub async fn handle(&self, mut request: Request<Incoming>, connection: &Connection) -> Response<Body> {
         let started = Instant::now();
         let wants_json = !wants_page(&request);
         let client = self.client(request.headers(), connection);
@@ -461,6 +461,11 @@ impl Gate {
                 self.metrics.connection_limited("public", "proxied_per_address");
                 GateError::Unavailable { retry_after_seconds: respond::RETRY_SECONDS }
             })?;
+            let slot = slot.map(Arc::new);
+            if let Some(slot) = &slot {
+                // An upgraded tunnel keeps it too (see `forward`).
+                request.extensions_mut().insert(ProxiedSlot(slot.clone()));
+            }
             let response = self.serve(request, connection, client, &mut trail).await?;
             // Through a trusted proxy, the client's place is held until its answer is sent.
             Ok(match slot {
@@ -814,9 +819,11 @@ impl Gate {
         } else {
             body::boxed(timed)
         };
+        let proxied = parts.extensions.remove::<ProxiedSlot>().map(|ProxiedSlot(slot)| slot);
         let upgrade = on_upgrade.map(|client_side| Upgrade {
             client_side,
             place: connection.permit.clone(),
+            proxied,
             session_end: admitted.map(|(room, _, ticket)| session_end(room.clone(), ticket)),
         });
         upstream.send(Request::from_parts(parts, body), upgrade).await
@@ -878,6 +885,11 @@ fn store_failed(room: &Room, error: &StoreError) {
     }
     room.store_failed();
 }
+
+/// A request's place under its client's connection cap when it came through a trusted proxy:
+/// its answer holds it, and so does a tunnel it opens.
+#[derive(Clone)]
+struct ProxiedSlot(Arc<Slot>);
 
 /// How often a tunnel checks that its session goes on.
 const SESSION_CHECK_EVERY: Duration = Duration::from_secs(1);
