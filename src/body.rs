@@ -48,6 +48,15 @@ pub struct Upload {
     pub done: std::sync::OnceLock<std::time::Instant>,
     /// The client's body failed: it was larger than allowed (`true`), or broken or too slow.
     pub failed: std::sync::OnceLock<bool>,
+    /// The upstream asked for more and the client has not sent it yet.
+    waiting_on_client: std::sync::atomic::AtomicBool,
+}
+
+impl Upload {
+    /// Whether the upload now waits on the client (not on an upstream that stopped reading).
+    pub fn waits_on_client(&self) -> bool {
+        self.waiting_on_client.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Uploaded {
@@ -78,6 +87,8 @@ impl http_body::Body for Uploaded {
             }
             std::task::Poll::Pending => false,
         };
+        let waiting = polled.is_pending();
+        self.upload.waiting_on_client.store(waiting, std::sync::atomic::Ordering::Relaxed);
         if ended {
             let _ = self.upload.done.set(std::time::Instant::now());
         }

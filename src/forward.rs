@@ -169,22 +169,14 @@ impl Upstream {
             request
         };
         let started = std::time::Instant::now();
-        // `response_timeout` runs from the end of the upload: a client still sending (each
-        // piece within `body_read_timeout`) is not the upstream being slow.
-        let mut sending = std::pin::pin!(self.pool.send(request));
-        let mut deadline = tokio::time::Instant::now() + self.response_timeout;
-        let sent = loop {
-            tokio::select! {
-                sent = sending.as_mut() => break Ok(sent),
-                () = tokio::time::sleep_until(deadline) => match (uploading, upload.done.get()) {
-                    (true, None) => deadline += self.response_timeout,
-                    (true, Some(&done)) if tokio::time::Instant::from_std(done) + self.response_timeout > deadline => {
-                        deadline = tokio::time::Instant::from_std(done) + self.response_timeout;
-                    }
-                    _ => break Err(()),
-                },
-            }
-        };
+        // `response_timeout` bounds the whole exchange, upload included (so that no client,
+        // however slowly it sends, holds an upstream connection for longer). When it runs out
+        // while the upstream waits on the client's body, the client is the slow one: its error,
+        // not the upstream's.
+        let sent = tokio::time::timeout(self.response_timeout, self.pool.send(request)).await;
+        if sent.is_err() && uploading && upload.done.get().is_none() && upload.waits_on_client() {
+            return Err(GateError::BadRequest("The request body came too slowly."));
+        }
         let status = sent.as_ref().ok().and_then(|sent| sent.as_ref().ok()).map(Response::status);
         let answered = std::time::Instant::now();
         // The client's body broke the exchange (too large, too slow, badly framed): the

@@ -58,6 +58,13 @@ fn names_a_client_address(name: &str) -> bool {
             | "x-appengine-user-ip"
             | "cloudfront-viewer-address"
             | "x-real-port"
+            | "x-remote-ip"
+            | "x-remote-addr"
+            | "x-originating-ip"
+            | "proxy-client-ip"
+            | "wl-proxy-client-ip"
+            | "x-host"
+            | "x-original-host"
     )
 }
 
@@ -65,7 +72,7 @@ fn names_a_client_address(name: &str) -> bool {
 /// forwards, so a request outside the rooms must not name a path inside one. Dropped from
 /// anyone, trusted proxies too.
 fn overrides_the_path(name: &str) -> bool {
-    matches!(name, "x-original-url" | "x-rewrite-url" | "x-envoy-original-path")
+    matches!(name, "x-original-url" | "x-original-uri" | "x-override-url" | "x-rewrite-url" | "x-envoy-original-path")
 }
 
 /// Remove the hop-by-hop headers, including those named in `Connection`.

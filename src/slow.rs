@@ -87,6 +87,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     }
 }
 
+/// The most handed to HTTP/2 at once: a client reading a piece per `send_timeout` is served.
+const PIECE: usize = 16 * 1024;
+
 /// A response body on an HTTP/2 stream whose client grants it no window: HTTP/2 stops asking
 /// for the body (nothing waits on the socket, so [`SendTimeout`] never fires) while the
 /// upstream's answer and its connection stay held. After `send_timeout` without the client
@@ -95,6 +98,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
 /// stream without window, so only the connection's end frees it), as nginx's `send_timeout`.
 pub struct StallGuard {
     shared: Arc<Stall>,
+    /// What is left of a large frame: handed on in pieces of [`PIECE`], so that a client that
+    /// reads slowly but steadily is seen to make progress.
+    rest: bytes::Bytes,
     /// The watcher, ended with the body: one per stream, none left behind.
     watcher: tokio::task::AbortHandle,
 }
@@ -147,7 +153,7 @@ impl StallGuard {
                 return;
             }
         });
-        StallGuard { shared, watcher: watcher.abort_handle() }
+        StallGuard { shared, rest: bytes::Bytes::new(), watcher: watcher.abort_handle() }
     }
 }
 
@@ -156,11 +162,12 @@ impl http_body::Body for StallGuard {
     type Error = crate::body::BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>>> {
         use std::sync::atomic::Ordering;
-        let shared = &self.shared;
+        let this = &mut *self;
+        let shared = &this.shared;
         let Ok(mut body) = shared.body.lock() else {
             return Poll::Ready(Some(Err("a poisoned lock".into())));
         };
@@ -168,7 +175,18 @@ impl http_body::Body for StallGuard {
             return Poll::Ready(Some(Err("the client took nothing for send_timeout".into())));
         };
         shared.waiting_since.store(0, Ordering::Relaxed);
-        let polled = Pin::new(inner).poll_frame(cx);
+        let polled = if this.rest.is_empty() {
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(|data| data.len() > PIECE) => {
+                    this.rest = frame.into_data().unwrap_or_default();
+                    Poll::Ready(Some(Ok(http_body::Frame::data(this.rest.split_to(PIECE)))))
+                }
+                polled => polled,
+            }
+        } else {
+            let piece = this.rest.split_to(PIECE.min(this.rest.len()));
+            Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+        };
         if let Poll::Ready(Some(Ok(_))) = polled {
             shared.waiting_since.store(shared.now(), Ordering::Relaxed);
         }
@@ -176,12 +194,23 @@ impl http_body::Body for StallGuard {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.shared.body.lock().ok().and_then(|body| body.as_ref().map(http_body::Body::is_end_stream)).unwrap_or(false)
+        self.rest.is_empty()
+            && self
+                .shared
+                .body
+                .lock()
+                .ok()
+                .and_then(|body| body.as_ref().map(http_body::Body::is_end_stream))
+                .unwrap_or(false)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         let hint = self.shared.body.lock().ok().and_then(|body| body.as_ref().map(http_body::Body::size_hint));
-        hint.unwrap_or_default()
+        let hint = hint.unwrap_or_default();
+        match hint.exact() {
+            Some(exact) => http_body::SizeHint::with_exact(exact + self.rest.len() as u64),
+            None => http_body::SizeHint::default(),
+        }
     }
 }
 
@@ -267,5 +296,18 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(31)).await;
         assert_eq!(stalls.load(Ordering::Relaxed), 1, "let go after send_timeout");
         assert!(guarded.frame().await.unwrap().is_err(), "the stream fails when next asked");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_handed_on_in_pieces() {
+        use http_body_util::BodyExt;
+        let on_timeout: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+        let body = crate::body::full(vec![7u8; 100 * 1024]);
+        let mut guarded = StallGuard::new(body, Duration::from_secs(30), on_timeout);
+        let mut sizes = Vec::new();
+        while let Some(frame) = guarded.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        assert_eq!(sizes, [PIECE, PIECE, PIECE, PIECE, PIECE, PIECE, 100 * 1024 - 6 * PIECE]);
     }
 }

@@ -225,10 +225,11 @@ async fn a_broken_upload_is_the_clients_error_not_the_upstreams() {
     assert!(!metrics.contains("outcome=\"upstream_failed\"} 1"), "{metrics}");
 }
 
-/// `response_timeout` runs from the end of the upload: a slow but steady upload longer than it
-/// is answered, not taken for an upstream that timed out.
+/// A slow but steady upload longer than `response_timeout` is the client's fault (400), not an
+/// upstream that timed out: nothing counted against the upstream. `response_timeout` still
+/// bounds the whole exchange, so no client holds an upstream connection for longer.
 #[tokio::test]
-async fn the_response_timeout_runs_from_the_end_of_the_upload() {
+async fn an_upload_slower_than_the_response_timeout_is_the_clients_error() {
     let (upstream, _) = start_upstream().await;
     let gate = start_gate(upstream, "body_read_timeout = \"3s\"", "response_timeout = \"1s\"").await;
     let token = gate.token("checkout");
@@ -238,13 +239,51 @@ async fn the_response_timeout_runs_from_the_end_of_the_upload() {
          Content-Length: 3\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
+    let started = tokio::time::Instant::now();
     for byte in [b"a", b"b", b"c"] {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        stream.write_all(byte).await.unwrap();
+        if stream.write_all(byte).await.is_err() {
+            break;
+        }
     }
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = stream.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded by response_timeout");
     let metrics = gate.running.gate().metrics().encode();
     assert!(!metrics.contains("outcome=\"upstream_failed\"} 1"), "{metrics}");
+}
+
+/// An upstream that stops reading a request's body is the upstream timing out: `504` within
+/// `response_timeout`, counted against it.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_body_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buffer = Vec::new();
+            let _ = read_head(&mut stream, &mut buffer).await;
+            held.push(stream); // the body is never read
+        }
+    });
+    let gate = start_gate(upstream, "body_read_timeout = \"30s\"", "response_timeout = \"1s\"").await;
+    let token = gate.token("checkout");
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let head = format!(
+        "POST /checkout/upload HTTP/1.1\r\nHost: shop.test\r\nVestibule-Token: {token}\r\n\
+         Content-Length: 64000000\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        while writer.write_all(&chunk).await.is_ok() {}
+    });
+    let started = tokio::time::Instant::now();
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(DEADLINE, reader.read_exact(&mut answer)).await.expect("an answer").unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 504", "{:?}", String::from_utf8_lossy(&answer));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
