@@ -85,7 +85,7 @@ TOML
   rm -f "$out"/chaos-"$seed".instance-*.log
   for n in 0 1 2; do start_instance "$n"; done
   # A moment the line must recover from: recorded for the report's recovery times.
-  mark() { echo "$(date +%s%3N) $1" >> "$dir/marks"; say "$1"; }
+  mark() { echo "$(date +%s%3N) $1 ${2:-}" >> "$dir/marks"; say "$1"; }
   say() { echo "   [$(( $(date +%s) - started ))s] $1"; }
 
   echo "== chaos seed $seed: ${DURATION} s of $RATE arrivals/s, three instances on one Redis"
@@ -123,9 +123,9 @@ TOML
     sleep $((started + at - $(date +%s))) 2>/dev/null || true
     case $kind in
       freeze) say "redis frozen for ${length} s"; kill -STOP "$redis_pid"; sleep "$length"; kill -CONT "$redis_pid"
-         mark "redis-thawed" ;;
+         mark "redis-thawed" $((length * 1000)) ;;
       restart) say "redis killed"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
-         sleep "$length"; start_redis; mark "redis-restarted-empty" ;;
+         sleep "$length"; start_redis; mark "redis-restarted-empty" $((length * 1000)) ;;
       kill-[012]) local victim=${kind#kill-}
          kill -9 "${instance_pids[victim]}"; wait "${instance_pids[victim]}" 2>/dev/null || true
          mark "instance-$victim-killed"; sleep "$length"; start_instance "$victim"; say "instance $victim back" ;;

@@ -34,6 +34,19 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// An admin token's own checks: long enough, not the shipped example.
+fn check_admin_token(token: &str) -> Result<(), String> {
+    if token.len() < 12 {
+        return Err("too short: use at least 12 characters".to_owned());
+    }
+    if EXAMPLE_ADMIN_TOKENS.contains(&token) {
+        return Err("the example token of the shipped proxy.toml, which anyone can read: \
+                    set a secret of your own (head -c 24 /dev/urandom | base64)"
+            .to_owned());
+    }
+    Ok(())
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +100,10 @@ pub struct ServerConfig {
     /// Most client connections open at once; further clients wait in the accept queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: NonZeroUsize,
+    /// Whether the file set `max_connections` or `max_feed_sockets`: if not, `run` sizes their
+    /// defaults to the open-file limit rather than warn that they exceed it.
+    #[serde(skip)]
+    pub capacity_given: bool,
     /// Time allowed for a client to send a complete request head (also the keep-alive idle
     /// limit between requests).
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
@@ -715,6 +732,11 @@ impl Config {
             let inner = e.into_inner().message().trim_end().to_owned();
             error(key, inner)
         })?;
+        let given = |key: &str| {
+            let table = text.parse::<toml::Table>().ok();
+            table.and_then(|t| t.get("server")?.as_table()?.get(key).cloned()).is_some()
+        };
+        config.server.capacity_given = given("max_connections") || given("max_feed_sockets");
         config.resolve_paths(base);
         config.validate().map_err(|(key, message)| error(key, message))?;
         config.load_pages().map_err(|(key, message)| error(key, message))?;
@@ -760,6 +782,22 @@ impl Config {
         Ok(())
     }
 
+    /// Take `admin.token_env`'s value from the environment, checked as a token written in the
+    /// file is. Only the commands that serve need it (`run`, a reload).
+    pub fn resolve_admin_token(&mut self) -> Result<(), ConfigError> {
+        let file = self.source.as_ref().map_or_else(|| "(configuration)".to_owned(), |p| p.display().to_string());
+        let Some(admin) = &mut self.admin else { return Ok(()) };
+        let Some(var) = admin.token_env.clone() else { return Ok(()) };
+        let error = |message: String| ConfigError { file: file.clone(), key: "admin.token_env".to_owned(), message };
+        let token = match std::env::var(&var) {
+            Ok(token) if !token.is_empty() => token,
+            _ => return Err(error(format!("environment variable {var} is not set: set it to the admin token"))),
+        };
+        check_admin_token(&token).map_err(|message| error(format!("the value of {var} is {message}")))?;
+        admin.token = Some(token);
+        Ok(())
+    }
+
     /// Semantic checks serde cannot make: `Err((key, message))`.
     fn validate(&mut self) -> Result<(), (String, String)> {
         let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
@@ -789,21 +827,13 @@ impl Config {
             match (&admin.token, &admin.token_env) {
                 (Some(_), Some(_)) => return fail("admin", "set `token` or `token_env`, not both"),
                 (None, None) => return fail("admin.token", "missing: set `token` or `token_env`"),
-                (None, Some(var)) => match std::env::var(var) {
-                    Ok(value) if !value.is_empty() => admin.token = Some(value),
-                    _ => return fail("admin.token_env", &format!("environment variable {var} is not set")),
-                },
-                (Some(_), None) => {}
-            }
-            if admin.token.as_deref().is_some_and(|t| t.len() < 12) {
-                return fail("admin.token", "too short: use at least 12 characters");
-            }
-            if admin.token.as_deref().is_some_and(|t| EXAMPLE_ADMIN_TOKENS.contains(&t)) {
-                return fail(
-                    "admin.token",
-                    "this is the example token of the shipped proxy.toml, which anyone can read: \
-                     set a secret of your own (head -c 24 /dev/urandom | base64), or token_env",
-                );
+                // Read from the environment only by the commands that serve (`run`, a reload):
+                // `check`, `token` and `loadtest` do not need it.
+                (None, Some(var)) if var.is_empty() => return fail("admin.token_env", "name an environment variable"),
+                (None, Some(_)) => {}
+                (Some(token), None) => {
+                    check_admin_token(token).map_err(|message| ("admin.token".to_owned(), message))?
+                }
             }
             for (i, host) in admin.hosts.iter_mut().enumerate() {
                 let valid = !host.is_empty()
@@ -834,6 +864,21 @@ impl Config {
                 return fail("store.urls", "required when kind = \"redis-cluster\"")
             }
             _ => {}
+        }
+        // Parsed as `run` will (no connection made): a URL that cannot connect is said now.
+        let redis_urls = match self.store.kind {
+            StoreKind::Memory => Vec::new(),
+            StoreKind::Redis => self.store.url.iter().map(|url| ("store.url".to_owned(), url)).collect(),
+            StoreKind::RedisCluster => {
+                self.store.urls.iter().enumerate().map(|(i, url)| (format!("store.urls[{i}]"), url)).collect()
+            }
+        };
+        for (key, url) in redis_urls {
+            if let Err(error) = redis::Client::open(url.as_str()) {
+                // The URL itself is not repeated: it may hold a password.
+                let message = format!("not a Redis URL ({error}): write redis://host:6379/0, or rediss:// for TLS");
+                return Err((key, message));
+            }
         }
 
         if self.tokens.issuer.is_empty() {

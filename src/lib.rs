@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`check`]: `vestibule check`: what a configuration holds, and what is likely wrong.
 //! - [`config`]: `proxy.toml` as serde types, validated into typed values with errors that
 //!   name the file and the key.
 //! - [`path`]: the one canonical form of a request path, used both to decide whether a room
@@ -37,6 +38,7 @@
 pub mod admin;
 pub mod body;
 pub mod challenge;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -109,15 +109,23 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run { config: PathBuf::from("proxy.toml") }) {
         Command::Run { config } => {
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            config.resolve_admin_token()?;
             telemetry::init(&config.log);
-            server::fit_descriptor_limit(&config);
+            server::fit_descriptor_limit(&mut config);
             runtime(config.server.workers.map(|n| n.get()))?.block_on(serve(config))
         }
         Command::Check { config: path } => {
             let config = Config::load(&path)?;
-            Tokens::new(&config.tokens)?;
-            println!("{}: ok ({} rooms)", path.display(), config.rooms.len());
+            let checked =
+                vestibule::check::check(&config).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
+            println!("{}: ok", path.display());
+            for line in checked.loaded {
+                println!("  {line}");
+            }
+            for warning in checked.warnings {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Demo { listen, admin } => {
@@ -125,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime(None)?.block_on(run_demo(listen, admin))
         }
         Command::Keygen { alg, out: None } => {
+            keep_stdout_private()?;
             print!("{}", generate_key(alg));
             Ok(())
         }
@@ -161,6 +170,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+/// `keygen > file`: the shell made the file with its umask (often 0644, readable by all);
+/// a private key written into a regular file there is made the owner's alone first, as
+/// `--out` makes its file. A pipe or a terminal is left as it is.
+fn keep_stdout_private() -> anyhow::Result<()> {
+    use rustix::fs::{fchmod, fstat, FileType, Mode};
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    let fd = stdout.as_fd();
+    let Ok(stat) = fstat(fd) else { return Ok(()) };
+    if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile {
+        fchmod(fd, Mode::from_raw_mode(0o600)).context("cannot make the key file readable by its owner only")?;
+    }
+    Ok(())
 }
 
 /// `keygen --out`: a new key in a new file, readable by its owner only; an existing file is kept.

@@ -72,10 +72,10 @@ pub fn descriptors_needed(config: &Config) -> u64 {
 }
 
 /// Raise the soft limit on open files to the hard one, as nginx's `worker_rlimit_nofile` and
-/// Go's runtime do (many systems start services with a soft limit of 1 024), and warn when the
-/// configuration could hold more sockets than even the hard limit allows. Returns the limit in
-/// force.
-pub fn fit_descriptor_limit(config: &Config) -> Option<u64> {
+/// Go's runtime do (many systems start services with a soft limit of 1 024), then make the
+/// configuration fit it: defaults the file left alone are sized down to the limit (said once,
+/// at info), values it set that exceed the limit are warned of. Returns the limit in force.
+pub fn fit_descriptor_limit(config: &mut Config) -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     let (soft, hard) = (limit.current?, limit.maximum);
@@ -88,16 +88,40 @@ pub fn fit_descriptor_limit(config: &Config) -> Option<u64> {
         }
     }
     let now = getrlimit(Resource::Nofile).current;
+    if let Some(limit) = now {
+        fit_capacity(config, limit);
+    }
+    now
+}
+
+/// Make `config` fit `limit` open files (see [`fit_descriptor_limit`]).
+pub fn fit_capacity(config: &mut Config, limit: u64) {
     let needed = descriptors_needed(config);
-    if let Some(now) = now.filter(|&now| now < needed) {
+    if needed <= limit {
+        return;
+    }
+    let server = &mut config.server;
+    if server.capacity_given {
         tracing::warn!(
-            limit = now,
+            limit,
             needed,
             "server.max_connections + server.max_feed_sockets + 2 x upstream.pool_max_idle exceed the open-file limit: \
              beyond it new connections fail; raise the limit (LimitNOFILE, ulimit -n) or lower those settings"
         );
+        return;
     }
-    now
+    // The defaults' own proportions (1 connection to 5 feed sockets) in what the limit leaves.
+    let fixed = needed - (server.max_connections.get() + server.max_feed_sockets) as u64;
+    let room = limit.saturating_sub(fixed).max(12) as usize;
+    let connections = (room / 6).max(1);
+    server.max_connections = std::num::NonZeroUsize::new(connections).expect("at least one");
+    server.max_feed_sockets = room - connections;
+    tracing::info!(
+        limit,
+        max_connections = server.max_connections.get(),
+        max_feed_sockets = server.max_feed_sockets,
+        "sized server.max_connections and server.max_feed_sockets to the open-file limit (set them to choose)"
+    );
 }
 
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
@@ -493,7 +517,7 @@ fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+pub fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 

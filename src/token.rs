@@ -129,13 +129,23 @@ pub fn prequeue_audience(room: &str) -> String {
     format!("{TICKET_AUDIENCE}prequeue:{room}")
 }
 
-/// Why a key file could not be used.
+/// The configuration key of the signing key.
+const SIGNING_KEY: &str = "tokens.signing_key";
+
+/// Why a key file could not be used: the configuration key that names it, the file, the
+/// cause once, and what to do.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {reason}")]
-    Format { path: PathBuf, reason: String },
+#[error("{key} = {path:?}: {problem}")]
+pub struct KeyError {
+    /// `tokens.signing_key` or `tokens.verify_keys[i]`.
+    pub key: String,
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+/// How to make a signing key, for an error message.
+fn keygen_hint(path: &Path) -> String {
+    format!("make one with `vestibule keygen --out {}`", path.display())
 }
 
 /// Why a token was refused. The gate treats every one of these as "no token".
@@ -322,9 +332,23 @@ struct LoadedKey {
     ticket: Option<([u8; 32], String)>,
 }
 
-fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
-    let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
-    let format = |reason: &str| KeyError::Format { path: path.to_owned(), reason: reason.to_owned() };
+/// The key file at `path`, named by configuration key `key` (for errors).
+fn load_key(key: &str, path: &Path) -> Result<LoadedKey, KeyError> {
+    let signing = key == SIGNING_KEY;
+    let problem = |problem: String| KeyError { key: key.to_owned(), path: path.to_owned(), problem };
+    let bytes = std::fs::read(path).map_err(|error| {
+        let fix = match error.kind() {
+            std::io::ErrorKind::NotFound if signing => format!("; {}", keygen_hint(path)),
+            std::io::ErrorKind::NotFound => "; list only the old keys of a rotation that still exist".to_owned(),
+            std::io::ErrorKind::PermissionDenied => "; let the user vestibule runs as read it".to_owned(),
+            _ => String::new(),
+        };
+        problem(format!("cannot read it: {error}{fix}"))
+    })?;
+    let format = |reason: &str| {
+        let fix = if signing { format!("; {}", keygen_hint(path)) } else { String::new() };
+        problem(format!("{reason}{fix}"))
+    };
     let text = String::from_utf8_lossy(&bytes);
 
     let (alg, encoding, mut jwk) = if text.contains("-----BEGIN") && text.contains("PRIVATE KEY-----") {
@@ -355,6 +379,14 @@ fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
         return Err(format("a PEM file, but neither a private nor a public key"));
     } else {
         let secret = text.trim().as_bytes();
+        // A file that is not a PEM key is taken as an HS256 secret: one line, no spaces (as
+        // `vestibule keygen --alg hs256` writes). Text with spaces or several lines is a file
+        // given by mistake, not a secret.
+        if secret.iter().any(|b| b.is_ascii_whitespace()) || bytes.contains(&0) {
+            return Err(format(
+                "not a key: neither a PEM key nor an HS256 secret (one line of at least 32 characters, no spaces)",
+            ));
+        }
         if secret.len() < MIN_SECRET_BYTES {
             return Err(format("an HS256 secret must be at least 32 bytes"));
         }
@@ -389,11 +421,12 @@ fn load_key(path: &Path) -> Result<LoadedKey, KeyError> {
 impl KeyRing {
     /// Load the signing key and the keys still accepted during a rotation.
     pub fn load(config: &TokensConfig) -> Result<KeyRing, KeyError> {
-        let signing = load_key(&config.signing_key)?;
+        let signing = load_key(SIGNING_KEY, &config.signing_key)?;
         let Some(signing_key) = signing.encoding.clone() else {
-            return Err(KeyError::Format {
+            return Err(KeyError {
+                key: SIGNING_KEY.to_owned(),
                 path: config.signing_key.clone(),
-                reason: "a public key cannot sign; give the private key".into(),
+                problem: "a public key cannot sign; give the private key".into(),
             });
         };
         let (ticket_secret, ticket_kid) = signing.ticket.clone().expect("a private key has a ticket key");
@@ -420,7 +453,8 @@ impl KeyRing {
             },
         };
         let mut published = Vec::new();
-        let verify = config.verify_keys.iter().map(|p| load_key(p));
+        let verify =
+            config.verify_keys.iter().enumerate().map(|(i, p)| load_key(&format!("tokens.verify_keys[{i}]"), p));
         let validation = |alg: Algorithm| {
             let mut validation = Validation::new(alg);
             validation.algorithms = vec![alg];
@@ -953,10 +987,27 @@ mod tests {
         let mut config = config_with(KeyKind::Eddsa, &dir);
         config.signing_key = short;
         let error = Tokens::new(&config).err().unwrap().to_string();
+        assert!(error.contains("not a key"), "a text file is not taken as a secret: {error}");
+        std::fs::write(&config.signing_key, "tooshort\n").unwrap();
+        let error = Tokens::new(&config).err().unwrap().to_string();
         assert!(error.contains("at least 32 bytes"), "{error}");
+        // A file that is not there: the key named, the cause once, how to make one.
         config.signing_key = dir.join("missing.pem");
         let error = Tokens::new(&config).err().unwrap().to_string();
-        assert!(error.contains("missing.pem: cannot read"), "{error}");
+        let path = config.signing_key.display();
+        assert_eq!(
+            error,
+            format!(
+                "tokens.signing_key = \"{path}\": cannot read it: No such file or directory (os error 2); \
+                 make one with `vestibule keygen --out {path}`"
+            )
+        );
+        config.signing_key = dir.join("short.key");
+        config.verify_keys = vec![dir.join("gone.pem")];
+        std::fs::write(&config.signing_key, generate_key(KeyKind::Eddsa)).unwrap();
+        let error = Tokens::new(&config).err().unwrap().to_string();
+        assert!(error.starts_with("tokens.verify_keys[0] = "), "{error}");
+        assert_eq!(error.matches("os error").count(), 1, "{error}");
     }
 }
 

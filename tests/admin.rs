@@ -103,7 +103,7 @@ async fn probes_and_metrics_are_open_and_everything_else_needs_the_token() {
     let gate = start_admin(upstream, &format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n")).await;
     let admin = gate.addr();
     assert_eq!(call(admin, "GET", "/healthz", None, "").await, (StatusCode::OK, json!({"status": "ok"})));
-    assert_eq!(call(admin, "GET", "/readyz", None, "").await, (StatusCode::OK, json!({"ready": true})));
+    assert_eq!(call(admin, "GET", "/readyz", None, "").await, (StatusCode::OK, json!({"ready": true, "store": "ok"})));
     let (status, text) = call(admin, "GET", "/metrics", None, "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(text.as_str().unwrap().contains("vestibule_store_up 1"), "{text}");

@@ -264,10 +264,22 @@ fn the_compose_file_follows_the_compose_specification() {
     let compose = repo("deploy/compose.yaml");
     run(Command::new(tool("check-jsonschema")).args(["--builtin-schema", "vendor.compose-spec"]).arg(&compose));
     let text = std::fs::read_to_string(&compose).unwrap();
-    for file in ["compose/proxy.toml", "compose/nginx.conf", "compose/prometheus.yml"] {
+    for file in ["compose/proxy.toml", "compose/nginx.conf", "compose/prometheus.yml", "compose/alerts.yml"] {
         assert!(text.contains(&format!("./{file}")), "compose.yaml mounts {file}");
         assert!(repo("deploy").join(file).exists(), "deploy/{file} exists");
     }
+}
+
+/// The alert on the store: valid rules, firing for the instance that lost its store after
+/// 10 s and resolving when it is back (promtool's own rule tests).
+#[test]
+fn the_alerting_rules_check_and_fire_when_the_store_is_away() {
+    let promtool = tool("promtool");
+    run(Command::new(&promtool).args(["check", "rules"]).arg(repo("deploy/compose/alerts.yml")));
+    let compose = std::fs::read_to_string(repo("deploy/compose/prometheus.yml")).unwrap();
+    assert!(compose.contains("/etc/prometheus/alerts.yml"), "the compose Prometheus loads the rules");
+    let said = run(Command::new(&promtool).args(["test", "rules"]).arg(repo("deploy/compose/alerts.test.yml")));
+    assert!(said.contains("SUCCESS"), "{said}");
 }
 
 #[test]

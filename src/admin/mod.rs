@@ -522,17 +522,18 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
     })
 }
 
+/// Whether this instance can serve: its listeners are up (this one answers) and it is not
+/// stopping. The store's health is not readiness: while it is away every instance still serves
+/// its admitted visitors and holds its waiters and newcomers on the room's page, and taking
+/// every instance out of the load balancer at once would fail them all. It is told here, in
+/// `vestibule_store_up`, the admin view and the dashboard instead.
 fn readiness(state: &State) -> Response<Body> {
-    let reason = if state.draining.is_cancelled() {
-        Some("stopping: finishing in-flight requests".to_owned())
-    } else if !state.gate.store_answers() {
-        Some(format!("the store has not answered in the last {} s", crate::gate::STORE_RECENT.as_secs()))
+    let store = if state.gate.store_answers() { "ok" } else { "unavailable" };
+    if state.draining.is_cancelled() {
+        let reason = "stopping: finishing in-flight requests";
+        json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": reason, "store": store}))
     } else {
-        None
-    };
-    match reason {
-        None => json(StatusCode::OK, &json!({"ready": true})),
-        Some(reason) => json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": reason})),
+        json(StatusCode::OK, &json!({"ready": true, "store": store}))
     }
 }
 

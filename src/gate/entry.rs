@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::respond::{self, Cookies, PENDING_RETRY_SECONDS, RETRY_SECONDS, STORE_RETRY_SECONDS};
+use super::respond::{self, Cookies, PENDING_RETRY_SECONDS, RETRY_SECONDS};
 use super::{cookies, store_failed, Connection, Gate, Place, Trail};
 use crate::body::Body;
 use crate::challenge::{self, Refused};
@@ -83,6 +83,9 @@ enum Entry {
     Full,
     /// The room asks for a proof of work first.
     Challenge { difficulty: u8, refused: Refused },
+    /// The store cannot take anyone in line now: the room's page says the line is paused and
+    /// joins it by itself when it moves again.
+    Held,
 }
 
 impl Gate {
@@ -114,6 +117,7 @@ impl Gate {
             Entry::Closed => Outcome::Closed,
             Entry::Full => Outcome::Full,
             Entry::Challenge { .. } => Outcome::Challenged,
+            Entry::Held => Outcome::Unavailable,
         });
         Ok(match entry {
             Entry::Admit { visitor, place, expires_at } => {
@@ -147,6 +151,7 @@ impl Gate {
                 let response = self.challenge(room, client, difficulty, refused, page);
                 cookies.clear_if_sent(request.headers(), &room.proof_cookie).on(response)
             }
+            Entry::Held => respond::held_by_the_store(room, page, accept_language),
         })
     }
 
@@ -187,7 +192,7 @@ impl Gate {
             let redeemed = self.store.redeem(&room.id, &limits, ticket.ticket, now, room.absence(now)).await;
             match redeemed {
                 Err(error) => {
-                    store_failed(room, &error);
+                    store_failed(room, &self.store, &error);
                     // If the store carried it out, nobody got the token: say so when it is back.
                     room.unanswered(ticket.ticket);
                     return Ok(waiting(None));
@@ -215,9 +220,10 @@ impl Gate {
             .event()
             .filter(|(_, phase)| *phase == Phase::Prequeue)
             .map(|(event, _)| (event.id(), event.starts_at));
-        // Nobody joins a line the store cannot keep: come back shortly.
+        // Nobody joins a line the store cannot keep: the room's page, which joins by itself
+        // once the store is back.
         if !snapshot.available {
-            return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+            return Ok(Entry::Held);
         }
         // A room that asks for a proof of work gets one first; then a new ticket is at most one
         // of `joins_per_address_per_minute` from the client's address.
@@ -249,8 +255,9 @@ impl Gate {
                 });
             }
             Err(error) => {
-                store_failed(room, &error);
-                return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+                store_failed(room, &self.store, &error);
+                room.joins.give_back(client);
+                return Ok(Entry::Held);
             }
         };
         room.metrics.joins.inc();
@@ -295,7 +302,7 @@ impl Gate {
                 // before this instance started) says so.
                 match self.store.prequeue(&room.id, &room.limits(), event, held.ticket, now, None).await {
                     Err(error) => {
-                        store_failed(room, &error);
+                        store_failed(room, &self.store, &error);
                         return countdown(held.ticket);
                     }
                     Ok(Prequeued::Seated(seated)) => match room.seated_by_store(seated, now).await {
@@ -367,8 +374,9 @@ impl Gate {
             // The sale started meanwhile (another instance's clock is ahead): come back.
             Ok(Prequeued::Seated(_)) => return Err(GateError::Unavailable { retry_after_seconds: 1 }),
             Err(error) => {
-                store_failed(room, &error);
-                return Err(GateError::Unavailable { retry_after_seconds: STORE_RETRY_SECONDS });
+                store_failed(room, &self.store, &error);
+                room.joins.give_back(client);
+                return Ok(Entry::Held);
             }
         };
         room.metrics.joins.inc();

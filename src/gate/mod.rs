@@ -875,15 +875,12 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'
         .map(|(_, value)| value)
 }
 
-/// A store call failed: the room pauses until its next step succeeds. An outage is a warning;
-/// anything else (a script error) is a bug, logged as one.
-fn store_failed(room: &Room, error: &StoreError) {
-    match error {
-        StoreError::Unavailable(_) => tracing::warn!(room = %room.id, %error, "store unavailable"),
-        StoreError::Failed(_) => tracing::error!(room = %room.id, %error, "the store refused a call (a bug?)"),
-        _ => return,
+/// A store call failed: the room pauses until its next step succeeds, logged once when this
+/// call paused it (an outage is a warning; anything else, a script error, a bug).
+fn store_failed(room: &Room, store: &Store, error: &StoreError) {
+    if matches!(error, StoreError::Unavailable(_) | StoreError::Failed(_)) && room.store_failed() {
+        crate::room::store_lost(room, store, error);
     }
-    room.store_failed();
 }
 
 /// A request's place under its client's connection cap when it came through a trusted proxy:

@@ -36,7 +36,15 @@ impl Gate {
         let Some(path) = self.config().source.clone() else {
             anyhow::bail!("this configuration was not read from a file: nothing to read again");
         };
-        let reloaded = Config::load(&path).map_err(anyhow::Error::from).and_then(|config| self.reload(config));
+        let loaded = Config::load(&path).and_then(|mut config| {
+            config.resolve_admin_token()?;
+            // Sized as `run` sized the file's defaults, so that they read as unchanged.
+            if let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+                crate::server::fit_capacity(&mut config, limit);
+            }
+            Ok(config)
+        });
+        let reloaded = loaded.map_err(anyhow::Error::from).and_then(|config| self.reload(config));
         if let Err(error) = &reloaded {
             tracing::error!(error = %format!("{error:#}"), "reload refused: the configuration in force stays");
         }
@@ -52,7 +60,14 @@ impl Gate {
         // Keys and the upstream first: the parts that can still fail (a key file gone, no
         // resolver configuration).
         let tokens = Tokens::new(&config.tokens)?;
-        reloaded.keys = true;
+        // Only keys that differ from those in force are put in (a file rewritten with a new
+        // key under the same name is a change too); the same keys keep their token cache.
+        let in_force = self.tokens();
+        let (new_ring, old_ring) = (tokens.ring(), in_force.ring());
+        reloaded.keys = new_ring.jwks() != old_ring.jwks()
+            || new_ring.signing_kid() != old_ring.signing_kid()
+            || new_ring.event_secret() != old_ring.event_secret()
+            || debug(&config.tokens) != debug(&old.tokens);
         let upstream = if debug(&config.upstream) != debug(&old.upstream) {
             let timer = self.metrics.upstream();
             Some(Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone(), timer)?)
@@ -92,7 +107,9 @@ impl Gate {
         }
         self.room_ids.send_replace(rooms.iter().map(|room| room.id.clone()).collect());
         self.routing.store(Arc::new(Routing::new(rooms)));
-        self.tokens.store(Arc::new(tokens));
+        if reloaded.keys {
+            self.tokens.store(Arc::new(tokens));
+        }
         if let Some(upstream) = upstream {
             self.upstream.store(Arc::new(upstream));
             reloaded.upstream = true;
@@ -115,6 +132,8 @@ impl Gate {
             ("server", debug(server) != debug(old_server)),
             ("admin.listen", admin_listen(&config) != admin_listen(&old)),
             ("store", debug(&config.store) != debug(&old.store)),
+            ("log.format", config.log.format != old.log.format),
+            ("log.level", config.log.level != old.log.level),
         ];
         let mut needs_restart: Vec<_> = needs_restart.into_iter().filter(|(_, changed)| *changed).collect();
         // "server" names only what the keys above do not.
@@ -126,6 +145,19 @@ impl Gate {
             tracing::warn!(keys = ?reloaded.restart_needed, "these settings take effect after a restart");
         }
         self.access_log.store(config.log.access, std::sync::atomic::Ordering::Relaxed);
+        // What takes a restart stays as it is in force, so that the next reload compares with
+        // what runs (not with the last file read) and says again what still waits for one.
+        let mut config = config;
+        config.server = old.server.clone();
+        config.store = old.store.clone();
+        config.log.format = old.log.format;
+        config.log.level = old.log.level.clone();
+        // The admin listener runs (or not) as it started; its token and hosts follow the file.
+        config.admin = match (config.admin.take(), &old.admin) {
+            (Some(admin), Some(running)) => Some(crate::config::AdminConfig { listen: running.listen, ..admin }),
+            (None, Some(running)) => Some(running.clone()),
+            (_, None) => None,
+        };
         self.config.store(Arc::new(config));
         tracing::info!(added = ?reloaded.added, changed = ?reloaded.changed, removed = ?reloaded.removed, "configuration reloaded");
         Ok(reloaded)

@@ -136,6 +136,16 @@ pub fn line_full(room: &Room, wants_page: bool, accept_language: Option<&str>) -
     room_status(room, room.full_status(), 0, None, wants_page, accept_language, unavailable)
 }
 
+/// A newcomer the store cannot take in line now: the room's page (its language, template,
+/// site name and message) saying the line is paused, which tries again by itself with
+/// backoff and jitter; 503 with `Retry-After` for API clients.
+pub fn held_by_the_store(room: &Room, wants_page: bool, accept_language: Option<&str>) -> Response<Body> {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    let mut response = room_status(room, room.held_status(), 0, None, wants_page, accept_language, unavailable);
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(STORE_RETRY_SECONDS));
+    response
+}
+
 /// What a visitor sees of `room` (`current`: their status in it): the waiting, closed or full
 /// page for people, in their language, the status JSON for the rest, with `status` and, for
 /// 503 and 429, `Retry-After`.

@@ -72,10 +72,15 @@ pub struct Args {
     /// The room's max_active (overrides --config).
     #[arg(long)]
     max_active: Option<u32>,
-    /// Moments to time the line's recovery from: a file of `unix_ms label` lines, appended
-    /// while the run goes (e.g. by a chaos script, each time a fault ends) and read at its end.
+    /// Moments to time the line's recovery from: a file of `unix_ms label [paused_ms]` lines,
+    /// appended while the run goes (e.g. by a chaos script, each time a fault ends, with how
+    /// long it paused the line) and read at its end.
     #[arg(long, value_name = "FILE")]
     marks: Option<PathBuf>,
+    /// Leave the pauses of --marks (the `paused_ms` before each mark that gives one) out of the
+    /// measured admission rate, so that --max-rate-error judges the line while it could move.
+    #[arg(long, requires = "marks")]
+    rate_excludes_marks: bool,
     /// Write the report as JSON here.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
@@ -208,6 +213,7 @@ impl Args {
             configured,
             progress: !self.quiet,
             marks: self.marks.clone(),
+            rate_excludes_marks: self.rate_excludes_marks,
         };
         Ok((options, title))
     }

@@ -66,9 +66,21 @@ pub struct Options {
     pub configured: Option<RoomLimits>,
     /// Show progress on stderr while running.
     pub progress: bool,
-    /// A file of moments to measure the line's recovery from (`unix_ms label` a line, e.g.
-    /// when a fault ended), read when the run ends.
+    /// A file of moments to measure the line's recovery from (`unix_ms label [paused_ms]` a
+    /// line, e.g. when a fault ended, and how long it had paused the line), read when the run
+    /// ends.
     pub marks: Option<std::path::PathBuf>,
+    /// Leave the pauses the marks name out of the measured admission rate.
+    pub rate_excludes_marks: bool,
+}
+
+/// What a marks file said: moments, and the pauses that ended at some of them.
+#[derive(Debug, Clone, Default)]
+pub struct Marks {
+    /// Each mark: when (from the start of the run) and its label.
+    pub points: Vec<(Duration, String)>,
+    /// The windows `(from, to)` the marks say the line was paused in.
+    pub pauses: Vec<(Duration, Duration)>,
 }
 
 impl Options {
@@ -89,6 +101,7 @@ impl Options {
             configured: None,
             progress: false,
             marks: None,
+            rate_excludes_marks: false,
         })
     }
 
@@ -319,7 +332,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     }
     let marks = match &options.marks {
         Some(path) => read_marks(path, started_unix_ms)?,
-        None => Vec::new(),
+        None => Marks::default(),
     };
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
     // A scheduled sale's pre-queue was in the run: what the room published of its draw.
@@ -386,17 +399,26 @@ fn unix_ms() -> u64 {
     since.as_millis() as u64
 }
 
-/// Moments of the run named in a marks file (`unix_ms label` a line, written while the run
-/// goes, e.g. by a chaos script when a fault ends), as times from the start of the run.
-fn read_marks(path: &std::path::Path, started_unix_ms: u64) -> anyhow::Result<Vec<(Duration, String)>> {
+/// Moments of the run named in a marks file (`unix_ms label [paused_ms]` a line, written
+/// while the run goes, e.g. by a chaos script when a fault ends, with how long it paused the
+/// line), as times from the start of the run.
+fn read_marks(path: &std::path::Path, started_unix_ms: u64) -> anyhow::Result<Marks> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut marks = Vec::new();
+    let mut marks = Marks::default();
     for (n, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
-        let (at, label) = line.trim().split_once(char::is_whitespace).unwrap_or((line.trim(), ""));
-        let at: u64 = at.parse().with_context(|| format!("{}:{}: not `unix_ms label`", path.display(), n + 1))?;
-        if at >= started_unix_ms {
-            marks.push((Duration::from_millis(at - started_unix_ms), label.trim().to_owned()));
+        let bad = || format!("{}:{}: not `unix_ms label [paused_ms]`", path.display(), n + 1);
+        let mut fields = line.split_whitespace();
+        let at: u64 = fields.next().unwrap_or_default().parse().with_context(bad)?;
+        let label = fields.next().unwrap_or_default().to_owned();
+        let paused: Option<u64> = fields.next().map(str::parse).transpose().with_context(bad)?;
+        if at < started_unix_ms {
+            continue;
         }
+        let at = Duration::from_millis(at - started_unix_ms);
+        if let Some(paused) = paused {
+            marks.pauses.push((at.saturating_sub(Duration::from_millis(paused)), at));
+        }
+        marks.points.push((at, label));
     }
     Ok(marks)
 }

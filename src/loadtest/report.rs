@@ -83,7 +83,10 @@ pub struct Report {
     /// Visitors whose forwarded request reached the upstream.
     pub admitted: u64,
     pub seconds: f64,
+    /// Joins per second over the arrival window (`arrival_seconds`), not the whole run.
     pub joins_per_second: f64,
+    /// How long visitors arrived: the run's duration or its crowd's last arrival.
+    pub arrival_seconds: f64,
     /// The first request of each visitor.
     pub join_latency_ms: Percentiles,
     /// The request forwarded with the token.
@@ -93,6 +96,11 @@ pub struct Report {
     /// Admissions per minute of visitors who waited, from the first such admission to the
     /// last (the room's rate while the crowd outruns it).
     pub admissions_per_minute: Option<f64>,
+    /// Seconds of the marks' pauses left out of `admissions_per_minute`
+    /// (`--rate-excludes-marks`).
+    pub rate_excluded_seconds: f64,
+    /// Visitors who ended in an error, of every kind.
+    pub errors_total: u64,
     /// The room's settings, when known.
     pub configured: Option<RoomLimits>,
     /// `admissions_per_minute` against the configured rate, in percent.
@@ -246,7 +254,7 @@ impl Report {
         outcomes: &[Outcome],
         seconds: f64,
         options: &Options,
-        marks: &[(Duration, String)],
+        marks: &super::Marks,
         draw: Option<&(Draw, u64)>,
     ) -> Report {
         let configured = options.configured;
@@ -284,7 +292,14 @@ impl Report {
             .collect();
         order.sort_by_key(|turn| turn.ticket);
         let joined = outcomes.iter().filter(|o| o.ticket.is_some() || o.prequeue.is_some()).count() as u64;
-        let admissions_per_minute = admission_rate(outcomes);
+        let pauses: &[(Duration, Duration)] = if options.rate_excludes_marks { &marks.pauses } else { &[] };
+        let (admissions_per_minute, rate_excluded_seconds) = match admission_rate(outcomes, pauses) {
+            Some((rate, excluded)) => (Some(rate), excluded),
+            None => (None, 0.0),
+        };
+        // Joins per second while visitors arrived (the drain after the last arrival is no
+        // time to join in).
+        let arrival_seconds = options.arrivals_end().map_or(seconds, |end| end.as_secs_f64().min(seconds));
         let end = Duration::from_secs_f64(seconds);
         let arrivals_end = options.arrivals_end();
         let peak_sessions = peak(outcomes.iter().filter_map(|o| Some((o.admitted?, o.released.unwrap_or(end)))));
@@ -293,11 +308,14 @@ impl Report {
             joined,
             admitted: outcomes.iter().filter(|o| o.forwarded_us.is_some()).count() as u64,
             seconds,
-            joins_per_second: joined as f64 / seconds.max(f64::EPSILON),
+            joins_per_second: joined as f64 / arrival_seconds.max(f64::EPSILON),
+            arrival_seconds,
+            rate_excluded_seconds,
             join_latency_ms: Percentiles::of(&join),
             forwarded_latency_ms: Percentiles::of(&forwarded),
             time_to_admission_ms: Percentiles::of(&admission),
             admissions_per_minute,
+            errors_total: errors.values().sum(),
             configured,
             admission_rate_error_percent: configured
                 .zip(admissions_per_minute)
@@ -322,7 +340,7 @@ impl Report {
                 let why = if options.sources_by_default { " (the default against a target on loopback)" } else { "" };
                 format!("{net}{why}")
             }),
-            recoveries: marks.iter().map(|(at, label)| recovery(&order, *at, label)).collect(),
+            recoveries: marks.points.iter().map(|(at, label)| recovery(&order, *at, label)).collect(),
             errors,
             sale: draw.map(|(draw, started_unix_ms)| SaleReport::new(outcomes, draw, *started_unix_ms)),
             timeline: timeline(outcomes, end, &|at| match arrivals_end {
@@ -335,12 +353,24 @@ impl Report {
 
 /// Admissions per minute among visitors who waited for their turn: n - 1 gaps between the
 /// first and the last.
-fn admission_rate(outcomes: &[Outcome]) -> Option<f64> {
+fn admission_rate(outcomes: &[Outcome], pauses: &[(Duration, Duration)]) -> Option<(f64, f64)> {
     let mut turns: Vec<Duration> = outcomes.iter().filter(|o| o.waited.is_some()).filter_map(|o| o.admitted).collect();
     turns.sort();
-    let (first, last) = (turns.first()?, turns.last()?);
-    let span = (*last - *first).as_secs_f64();
-    (turns.len() >= 2 && span > 0.0).then(|| (turns.len() - 1) as f64 * 60.0 / span)
+    let (first, last) = (*turns.first()?, *turns.last()?);
+    // The pauses' time within the span, each moment counted once.
+    let mut windows: Vec<(Duration, Duration)> =
+        pauses.iter().map(|&(from, to)| (from.max(first), to.min(last))).filter(|(from, to)| from < to).collect();
+    windows.sort();
+    let (mut excluded, mut reached) = (Duration::ZERO, first);
+    for (from, to) in windows {
+        let from = from.max(reached);
+        if to > from {
+            excluded += to - from;
+            reached = to;
+        }
+    }
+    let span = (last - first).saturating_sub(excluded).as_secs_f64();
+    (turns.len() >= 2 && span > 0.0).then(|| ((turns.len() - 1) as f64 * 60.0 / span, excluded.as_secs_f64()))
 }
 
 /// The most intervals open at once; an interval closing at the instant another opens does
@@ -459,11 +489,12 @@ pub fn print(report: &Report) {
         )
     };
     println!(
-        "{} visitors in {:.1} s: {} joined ({:.0}/s), {} admitted, {} FIFO inversions{}, {} errors",
+        "{} visitors in {:.1} s: {} joined ({:.1}/s over {:.1} s of arrivals), {} admitted, {} FIFO inversions{}, {} errors",
         report.visitors,
         report.seconds,
         report.joined,
         report.joins_per_second,
+        report.arrival_seconds,
         report.admitted,
         report.fifo_inversions,
         report.worst_inversion_ms.map_or(String::new(), |ms| format!(" (worst by {ms:.0} ms)")),
@@ -473,6 +504,9 @@ pub fn print(report: &Report) {
     p("forwarded", &report.forwarded_latency_ms);
     p("time to admission", &report.time_to_admission_ms);
     let rate = report.admissions_per_minute.map_or("-".to_owned(), |r| format!("{r:.1}"));
+    if report.rate_excluded_seconds > 0.0 {
+        println!("  admission rate measured without {:.1} s of pauses named by --marks", report.rate_excluded_seconds);
+    }
     match (report.configured, report.admission_rate_error_percent) {
         (Some(room), Some(error)) => {
             println!("  admissions per minute {rate} vs {} configured ({error:+.2} %)", room.admit_per_minute)
@@ -578,7 +612,7 @@ mod tests {
             Outcome { retries: vec!["feed dropped, reconnected"; 2], ..admitted(5, None) },
         ];
         let options = Options::new("127.0.0.1:1".parse().unwrap(), 6, 1.0).unwrap();
-        let report = Report::new(&outcomes, 1.0, &options, &[], None);
+        let report = Report::new(&outcomes, 1.0, &options, &Default::default(), None);
         assert_eq!(report.places_lost, 3);
         let lost: Vec<(&str, u64)> = report.lost.iter().map(|(how, n)| (how.as_str(), *n)).collect();
         assert_eq!(
@@ -635,9 +669,9 @@ mod tests {
         let turn =
             |ticket: u64, at: u64| Outcome { ticket: Some(ticket), admitted: Some(ms(at)), ..Outcome::default() };
         let options = Options::new("127.0.0.1:1".parse().unwrap(), 3, 1.0).unwrap();
-        let report = Report::new(&[turn(1, 1_000), turn(2, 0), turn(3, 700)], 2.0, &options, &[], None);
+        let report = Report::new(&[turn(1, 1_000), turn(2, 0), turn(3, 700)], 2.0, &options, &Default::default(), None);
         assert_eq!((report.fifo_inversions, report.worst_inversion_ms), (2, Some(1_000.0)));
-        let report = Report::new(&[turn(1, 0), turn(2, 50)], 2.0, &options, &[], None);
+        let report = Report::new(&[turn(1, 0), turn(2, 50)], 2.0, &options, &Default::default(), None);
         assert_eq!((report.fifo_inversions, report.worst_inversion_ms), (0, None));
     }
 
@@ -682,9 +716,25 @@ mod tests {
         // Turns every 100 ms: 600 a minute. A visitor admitted at once does not count.
         let mut outcomes: Vec<Outcome> = (0..11).map(|n| waited(1_000 + n * 100)).collect();
         outcomes.push(Outcome { admitted: Some(ms(0)), ..Outcome::default() });
-        let rate = admission_rate(&outcomes).unwrap();
-        assert!((rate - 600.0).abs() < 1e-6, "{rate}");
-        assert_eq!(admission_rate(&outcomes[..1]), None);
+        let (rate, excluded) = admission_rate(&outcomes, &[]).unwrap();
+        assert!((rate - 600.0).abs() < 1e-6 && excluded == 0.0, "{rate}");
+        assert_eq!(admission_rate(&outcomes[..1], &[]), None);
+    }
+
+    #[test]
+    fn the_pauses_of_the_marks_are_left_out_of_the_rate_when_asked() {
+        // 600 a minute from 1 s to 2 s, nothing for 8 s (an outage), 600 a minute again.
+        let outcomes: Vec<Outcome> =
+            (0..=10).map(|n| waited(1_000 + n * 100)).chain((1..=10).map(|n| waited(10_000 + n * 100))).collect();
+        let (with_pause, _) = admission_rate(&outcomes, &[]).unwrap();
+        assert!(with_pause < 150.0, "the pause drags the rate down: {with_pause}");
+        // The pause, named twice (overlapping) and reaching past the last turn: counted once,
+        // within the span.
+        let pauses = [(ms(2_000), ms(10_000)), (ms(3_000), ms(9_000)), (ms(10_500), ms(30_000))];
+        let (rate, excluded) = admission_rate(&outcomes, &pauses).unwrap();
+        assert!((excluded - 8.5).abs() < 1e-9, "{excluded}");
+        // 20 intervals in 10 s (1 s to 11 s) less 8.5 s.
+        assert!((rate - 20.0 * 60.0 / 1.5).abs() < 1e-6, "{rate}");
     }
 
     #[test]

@@ -117,10 +117,14 @@ pub struct Snapshot {
     pub cursor: u64,
     pub state: RoomState,
     pub message: Option<String>,
+    /// Admissions per second observed over the last minute, at every instance (the store
+    /// counts them).
     pub rate_per_second: Option<f64>,
-    /// The rate in force (admit_per_minute, or the adaptive rate), per second: the estimate
-    /// of the wait until a rate has been observed.
+    /// The rate in force (admit_per_minute, or the adaptive rate), per second.
     pub configured_per_second: f64,
+    /// Whether sessions and granted turns filled `max_active` at the last read: the line then
+    /// moves as fast as sessions end, not at the rate in force.
+    pub full: bool,
     /// Whether the store answered at the last step; while it does not, the line is paused.
     pub available: bool,
     /// Bumped when waiters must be seen again at once: the line was restored, or the store
@@ -132,14 +136,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The rate to estimate a wait from, per second: the one observed over the last minute,
-    /// or before any was (a fresh room, a quiet minute) the rate in force while the room is
-    /// open, so that a visitor gets an estimate from the first second.
+    /// The rate to estimate a wait from, per second; `None` while the line does not move
+    /// (paused, closed, or the store away).
+    ///
+    /// An open room grants turns at the rate in force, whatever it was a minute ago: the
+    /// minute's observed rate would carry a slow minute, or a quiet one with nobody to
+    /// admit, into every estimate for a minute after. Only while sessions fill `max_active`
+    /// does the line move slower than its rate, as fast as sessions end: then the observed
+    /// rate, never above the rate in force.
     pub fn eta_rate(&self) -> Option<f64> {
-        // Only an open room moves at its rate: paused (or the store away), nothing to
-        // estimate from.
-        let moving = self.state == RoomState::Open && self.available;
-        self.rate_per_second.or_else(|| moving.then_some(self.configured_per_second))
+        if self.state != RoomState::Open || !self.available {
+            return None;
+        }
+        let configured = self.configured_per_second;
+        Some(match self.rate_per_second {
+            Some(observed) if self.full => observed.min(configured),
+            _ => configured,
+        })
     }
 
     /// The state a waiter sees: paused while the store is away.
@@ -257,6 +270,7 @@ impl Room {
             message: config.message.clone(),
             rate_per_second: None,
             configured_per_second: f64::from(config.admit_per_minute.get()) / 60.0,
+            full: false,
             available: true,
             generation: 0,
             starts_at: None,
@@ -737,11 +751,13 @@ impl Room {
     }
 
     /// Note that the store failed a call: waiters see the line paused until a step succeeds.
-    pub fn store_failed(&self) {
-        self.set_available(false, 0);
+    /// True when this call paused it (it was not paused already).
+    pub fn store_failed(&self) -> bool {
+        self.set_available(false, 0)
     }
 
-    fn set_available(&self, available: bool, now: u64) {
+    /// True when this changed it.
+    fn set_available(&self, available: bool, now: u64) -> bool {
         self.snapshot.send_if_modified(|snapshot| {
             let changed = snapshot.available != available;
             if changed && available {
@@ -751,7 +767,7 @@ impl Room {
             }
             snapshot.available = available;
             changed
-        });
+        })
     }
 
     /// End a session (the token presented expires at `expires_at`, ms) at `now`: its tokens
@@ -1003,7 +1019,8 @@ impl Room {
         // written over with the step's older view).
         let settings = self.settings.load();
         let (state, message) = (settings.state(), settings.message());
-        let configured_per_second = f64::from(self.limits_of(&settings).per_minute()) / 60.0;
+        let limits = self.limits_of(&settings);
+        let configured_per_second = f64::from(limits.per_minute()) / 60.0;
         self.snapshot.send_if_modified(|snapshot| {
             let mut next = snapshot.clone();
             next.state = state;
@@ -1013,6 +1030,7 @@ impl Room {
                 // The cursor never moves back, whatever order steps finish in.
                 next.cursor = next.cursor.max(stats.cursor);
                 next.rate_per_second = stats.rate_per_second;
+                next.full = u64::from(stats.active) + u64::from(stats.outstanding) >= u64::from(limits.max_active);
             }
             if restored {
                 next.generation += 1; // every waiter is seen again by the restored line
@@ -1126,6 +1144,12 @@ impl Room {
     }
 
     /// What a newcomer sees when the line is full (`max_waiting`).
+    /// What a newcomer the store cannot take in line is told: paused, no place yet, and the
+    /// room's own message if it has one.
+    pub fn held_status(&self) -> Status {
+        Status::of("paused", None, None, self.snapshot.borrow().message.clone())
+    }
+
     pub fn full_status(&self) -> Status {
         Status::of("full", None, None, self.snapshot.borrow().notice())
     }
@@ -1285,6 +1309,16 @@ impl Status {
     }
 }
 
+/// The store failed `room` a call while it was thought available: the one line that says an
+/// outage began (a transient error), or that the store refused a call (a bug).
+pub fn store_lost(room: &Room, store: &Store, error: &StoreError) {
+    if error.is_transient() {
+        tracing::warn!(room = %room.id, store = %store.address(), %error, "the store is away: the line is paused, newcomers are held");
+    } else {
+        tracing::error!(room = %room.id, store = %store.address(), %error, "the store refused a call (a bug?): the line is paused");
+    }
+}
+
 /// Advance `room` every [`STEP`] until `stop`, then give up the lease so that another
 /// instance takes over at once. Store errors are logged and retried next step.
 pub async fn run_scheduler(
@@ -1295,6 +1329,7 @@ pub async fn run_scheduler(
 ) {
     let mut ticks = tokio::time::interval(STEP);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut away_since = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -1302,14 +1337,21 @@ pub async fn run_scheduler(
         }
         let was_available = room.is_available();
         let span = tracing::debug_span!("step", room = %room.id);
-        if let Err(error) = tracing::Instrument::instrument(room.step(&store, clock.now_ms()), span).await {
-            if was_available && error.is_transient() {
-                tracing::warn!(room = %room.id, %error, "the store is away: the line is paused");
-            } else if was_available {
-                tracing::error!(room = %room.id, %error, "the store refused a step (a bug?): the line is paused");
+        let stepped = tracing::Instrument::instrument(room.step(&store, clock.now_ms()), span).await;
+        // An outage is two lines, its start (here or where a request first met it) and its end;
+        // `vestibule_store_errors_total` and `vestibule_store_up` count it between.
+        match stepped {
+            Err(error) if was_available => store_lost(&room, &store, &error),
+            Ok(()) if !was_available => {
+                let away = away_since.map_or(0.0, |since: tokio::time::Instant| since.elapsed().as_secs_f64());
+                tracing::info!(room = %room.id, store = %store.address(), away_seconds = away, "the store is back: the line moves again");
             }
-        } else if !was_available {
-            tracing::info!(room = %room.id, "the store is back: the line moves again");
+            _ => {}
+        }
+        if room.is_available() {
+            away_since = None;
+        } else if away_since.is_none() {
+            away_since = Some(tokio::time::Instant::now());
         }
     }
     room.resign(&store).await;
@@ -1375,6 +1417,75 @@ mod tests {
         room.apply_overrides(slower, 0);
         room.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.status(Holding::Ticket(31)).eta_seconds, Some(30));
+    }
+
+    /// A slow minute (6 a minute), then the rate back at 300 a minute and a crowd: a
+    /// newcomer's wait is their place at 300 a minute, not at the minute's observed rate.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_slow_minute_the_wait_follows_the_rate_in_force() {
+        let room = room("admit_per_minute = 300\nmax_active = 100000\nabandon_seconds = 3600");
+        let slow = Overrides { admit_per_minute: std::num::NonZeroU32::new(6), ..Overrides::default() };
+        room.apply_overrides(slow, 1);
+        let store = Arc::new(Store::memory());
+        let clock = Clock::new();
+        let join = |store: Arc<Store>, room: Arc<Room>, clock: Clock| async move {
+            let joined = store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap();
+            room.touch(joined.ticket());
+            joined.ticket()
+        };
+        for _ in 0..20 {
+            join(store.clone(), room.clone(), clock).await;
+        }
+        let stop = CancellationToken::new();
+        let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), clock, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let observed = room.snapshot().rate_per_second.expect("a rate was observed");
+        assert!(observed < 0.2, "the slow minute was observed: {observed}/s");
+
+        room.apply_overrides(Overrides::default(), 2);
+        let mut last = 0;
+        for _ in 0..250 {
+            last = join(store.clone(), room.clone(), clock).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await; // one step at the rate in force
+        let status = room.status(Holding::Ticket(last));
+        let position = status.position.expect("waiting");
+        let eta = status.eta_seconds.expect("an estimate");
+        let at_rate = position.div_ceil(5);
+        assert!(eta.abs_diff(at_rate) <= 1, "place {position} told {eta} s, {at_rate} s at 300 a minute");
+        stop.cancel();
+        scheduler.await.unwrap();
+    }
+
+    /// Sessions fill `max_active`: the line moves as fast as they end, slower than its rate,
+    /// and the wait says so.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_room_estimates_from_the_rate_sessions_end_at() {
+        // Sessions of 10 s, two at once, and turns nobody redeems lapse after 10 s: one turn
+        // each 5 s.
+        let room = room(
+            "admit_per_minute = 600\nmax_active = 2\nsession_seconds = 10\ngrant_seconds = 10\nabandon_seconds = 3600",
+        );
+        let store = Arc::new(Store::memory());
+        let clock = Clock::new();
+        let mut last = 0;
+        for _ in 0..100 {
+            let joined = store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap();
+            room.touch(joined.ticket());
+            last = joined.ticket();
+        }
+        let stop = CancellationToken::new();
+        let scheduler = tokio::spawn(run_scheduler(room.clone(), store.clone(), clock, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let snapshot = room.snapshot();
+        assert!(snapshot.full, "sessions and turns fill max_active");
+        let status = room.status(Holding::Ticket(last));
+        let (position, eta) = (status.position.unwrap(), status.eta_seconds.unwrap());
+        // 0.2 a second: about five seconds a place, not the 0.1 s of 600 a minute.
+        let per_place = eta as f64 / position as f64;
+        assert!((4.0..=6.5).contains(&per_place), "place {position} told {eta} s");
+        stop.cancel();
+        scheduler.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

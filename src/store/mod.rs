@@ -91,9 +91,26 @@ pub enum Store {
     Redis(Box<RedisStore>),
 }
 
+/// The Redis servers `config` names, as `host:port` (never a password); none for memory.
+pub fn addresses(config: &crate::config::StoreConfig) -> Vec<String> {
+    let urls = config.url.iter().chain(&config.urls);
+    urls.filter_map(|url| ::redis::Client::open(url.as_str()).ok())
+        .map(|client| client.get_connection_info().addr().to_string())
+        .collect()
+}
+
 impl Store {
     pub fn memory() -> Store {
         Store::Memory(MemoryStore::default())
+    }
+
+    /// Where the store is, for the log: `memory`, or Redis's `host:port` (each node given,
+    /// for a cluster), never a password.
+    pub fn address(&self) -> String {
+        match self {
+            Store::Memory(_) => "memory".to_owned(),
+            Store::Redis(redis) => redis.address(),
+        }
     }
 
     /// What the line of `room` holds, table by table, when it is in this process (the memory

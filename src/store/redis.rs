@@ -625,6 +625,13 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Where the store is, for the log: `host:port` of each node given, never a password.
+    pub fn address(&self) -> String {
+        let nodes: Vec<String> =
+            self.subscribe_to.iter().map(|client| client.get_connection_info().addr().to_string()).collect();
+        nodes.join(",")
+    }
+
     fn knowledge(&self, room: &str) -> Knowledge {
         self.known.lock().map(|known| known.get(room).cloned().unwrap_or_default()).unwrap_or_default()
     }
