@@ -295,3 +295,110 @@ async fn a_follower_reads_an_idle_room_rarely_a_moving_one_every_second_and_the_
     let busy_reads = reads(follower).await - before;
     assert!(busy_reads >= 2.0, "{busy_reads} reads of a room with people waiting in 3 s");
 }
+
+/// Join at `addr` with a fresh visitor; their status (waiting).
+async fn newcomer(addr: SocketAddr) -> (Visitor, Value) {
+    let mut visitor = Visitor::new(addr);
+    visitor.open("/checkout").await;
+    let status = visitor.status().await;
+    (visitor, status)
+}
+
+/// After a slow spell (12 a minute, admissions observed) the rate goes back to 300 a minute: a
+/// newcomer at either instance, the leader or not, is told the wait of their place at 300 a
+/// minute, and both instances' admin views say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_slow_spell_every_instance_tells_the_wait_at_the_rate_in_force() {
+    let room = "admit_per_minute = 300\nmax_active = 100000\njoins_per_address_per_minute = 100000\n";
+    let setup = Setup::new("live-eta", room).await;
+    let (one, two) = (setup.instance().await, setup.instance().await);
+    admin_call(one.admin.unwrap(), "PATCH", "/rooms/checkout", r#"{"admit_per_minute":12}"#).await;
+    view_until(&two, "the slow rate at two", |v| v["admit_per_minute"] == 12).await;
+    let mut crowd = Vec::new();
+    for i in 0..20 {
+        crowd.push(newcomer(if i % 2 == 0 { one.addr } else { two.addr }).await.0);
+    }
+    // Turns at 12 a minute: the minute's observed rate is a fraction of the rate to come.
+    view_until(&one, "admissions at the slow rate", |v| v["admitted_last_minute"].as_u64() >= Some(2)).await;
+
+    admin_call(two.admin.unwrap(), "DELETE", "/rooms/checkout/overrides", "").await;
+    view_until(&one, "the file's rate at one", |v| v["admit_per_minute"] == 300).await;
+    view_until(&two, "the file's rate at two", |v| v["admit_per_minute"] == 300).await;
+    for _ in 0..150 {
+        crowd.push(newcomer(one.addr).await.0);
+    }
+    for addr in [one.addr, two.addr] {
+        let (_, status) = newcomer(addr).await;
+        let (position, eta) = (status["position"].as_u64().unwrap(), status["eta_seconds"].as_u64().unwrap());
+        assert!(position > 50, "a crowd waits: {status}");
+        // 5 a second, give or take the second it took to ask.
+        let at_rate = position.div_ceil(5);
+        assert!(eta.abs_diff(at_rate) <= 1, "place {position} at {addr} told {eta} s; {at_rate} s at 300 a minute");
+    }
+    // Each admin view, a second old at most, estimates its line at the same rate.
+    for instance in [&one, &two] {
+        let view = view(instance).await;
+        let (waiting, eta) = (view["waiting"].as_u64().unwrap(), view["eta_seconds"].as_u64().unwrap());
+        assert!(eta.abs_diff((waiting + 1).div_ceil(5)) <= 1, "{waiting} waiting, a newcomer told {eta} s: {view}");
+    }
+}
+
+/// Redis away: every instance stays ready (it serves its admitted visitors), says the store
+/// is away in /readyz, the view and the metrics, answers the view at once, and a newcomer gets
+/// the room's own page in their language, with `Retry-After`, or the JSON for an API client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_instances_stay_ready_and_newcomers_get_the_rooms_page() {
+    let room = "admit_per_minute = 600\nmax_active = 10\nsite_name = \"Boutique\"\nmessage = \"Vente du printemps\"\n";
+    let mut setup = Setup::new("live-away", room).await;
+    let (one, two) = (setup.instance().await, setup.instance().await);
+    let (mut inside, status) = newcomer(one.addr).await;
+    assert_eq!(status["status"], "admitted");
+    setup.redis.kill();
+    for instance in [&one, &two] {
+        view_until(instance, "the store away", |v| v["store"] == "unavailable").await;
+        let admin = instance.admin.unwrap();
+        let (status, ready) =
+            send(admin, Request::get("/readyz").body(Full::new(Bytes::new())).unwrap()).await.into_parts3();
+        assert_eq!((status, ready), (StatusCode::OK, json!({"ready": true, "store": "unavailable"})));
+        let started = Instant::now();
+        view(instance).await;
+        assert!(started.elapsed() < Duration::from_millis(500), "the view does not wait on a store known away");
+        let (_, metrics) = admin_call(admin, "GET", "/metrics", "").await;
+        let metrics = metrics.as_str().unwrap_or_default().to_owned();
+        assert!(metrics.lines().any(|line| line == "vestibule_store_up 0"), "{metrics}");
+
+        let page = Request::get("/checkout")
+            .header("host", "shop.test")
+            .header("accept", "text/html")
+            .header("accept-language", "fr-CH, fr;q=0.9, en;q=0.5")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, headers, body) = send(instance.addr, page).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers["retry-after"], "5");
+        assert!(headers.get("set-cookie").is_none(), "no ticket is taken");
+        assert!(body.contains("<html lang=\"fr\""), "{body}");
+        assert!(body.contains("<p class=\"site\">Boutique</p>"), "the site's name alone: {body}");
+        for words in ["La file est en pause", "Boutique", "Vente du printemps", "elle-même dès que la file repart"] {
+            assert!(body.contains(words), "{words:?} missing: {body}");
+        }
+        let (status, headers, body) = get(instance.addr, "/checkout", &[("accept", "application/json")]).await;
+        assert_eq!((status, &headers["retry-after"]), (StatusCode::SERVICE_UNAVAILABLE, &"5".parse().unwrap()));
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((answer["status"].as_str(), answer["position"].as_u64()), (Some("paused"), None), "{answer}");
+    }
+    let (status, _, _) = inside.open("/checkout/pay").await;
+    assert_eq!(status, StatusCode::OK, "the admitted visitor is not affected");
+
+    setup.redis.restart();
+    let mut back = Visitor::new(two.addr);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, _) = back.open("/checkout").await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a newcomer never got in after the store came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

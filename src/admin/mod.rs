@@ -445,6 +445,10 @@ async fn change_overrides(state: &State, room: &Room, change: Option<&Overrides>
 /// Read the room from the store first when what this instance keeps is over a second old (a
 /// follower reads an idle room only every 10 s): the view an operator asks for is current.
 async fn fresh(gate: &Gate, room: &Room) {
+    // A store known to be away is not waited on: the view says so at once, from what is kept.
+    if !room.is_available() || !gate.store_answers() {
+        return;
+    }
     let now = gate.clock().now_ms();
     let kept_at = room.last_stats().map_or(0, |(_, at)| at);
     if now >= kept_at + crate::room::READ_EVERY.as_millis() as u64 {
@@ -528,7 +532,7 @@ pub fn view(gate: &Gate, room: &Room) -> Value {
 /// every instance out of the load balancer at once would fail them all. It is told here, in
 /// `vestibule_store_up`, the admin view and the dashboard instead.
 fn readiness(state: &State) -> Response<Body> {
-    let store = if state.gate.store_answers() { "ok" } else { "unavailable" };
+    let store = if state.gate.store_up() { "ok" } else { "unavailable" };
     if state.draining.is_cancelled() {
         let reason = "stopping: finishing in-flight requests";
         json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": reason, "store": store}))
@@ -541,7 +545,7 @@ fn metrics(state: &State) -> Response<Body> {
     let metrics = state.gate.metrics();
     // Gauges read at the scrape, not kept on the hot path.
     metrics.feed_sockets.set(state.gate.open_feeds() as i64);
-    metrics.store_up.set(i64::from(state.gate.store_answers()));
+    metrics.store_up.set(i64::from(state.gate.store_up()));
     let mut response = Response::new(body::full(metrics.encode()));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

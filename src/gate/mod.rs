@@ -296,6 +296,12 @@ impl Gate {
         self.store.answered_within(STORE_RECENT)
     }
 
+    /// Whether the store is up as visitors see it: it answered lately and no room's line is
+    /// paused for want of it (`vestibule_store_up`, `/readyz`'s `store`).
+    pub fn store_up(&self) -> bool {
+        self.store_answers() && self.rooms().iter().all(|room| room.is_available())
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

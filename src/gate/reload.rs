@@ -38,10 +38,6 @@ impl Gate {
         };
         let loaded = Config::load(&path).and_then(|mut config| {
             config.resolve_admin_token()?;
-            // Sized as `run` sized the file's defaults, so that they read as unchanged.
-            if let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
-                crate::server::fit_capacity(&mut config, limit);
-            }
             Ok(config)
         });
         let reloaded = loaded.map_err(anyhow::Error::from).and_then(|config| self.reload(config));
@@ -114,6 +110,12 @@ impl Gate {
             self.upstream.store(Arc::new(upstream));
             reloaded.upstream = true;
         }
+        // Capacity the file leaves to the defaults, then and now, is as `run` sized it.
+        let mut config = config;
+        if !config.server.capacity_given && !old.server.capacity_given {
+            config.server.max_connections = old.server.max_connections;
+            config.server.max_feed_sockets = old.server.max_feed_sockets;
+        }
         let (server, old_server) = (&config.server, &old.server);
         let admin_listen = |config: &Config| debug(&config.admin.as_ref().map(|a| a.listen));
         let needs_restart = [
@@ -147,7 +149,6 @@ impl Gate {
         self.access_log.store(config.log.access, std::sync::atomic::Ordering::Relaxed);
         // What takes a restart stays as it is in force, so that the next reload compares with
         // what runs (not with the last file read) and says again what still waits for one.
-        let mut config = config;
         config.server = old.server.clone();
         config.store = old.store.clone();
         config.log.format = old.log.format;
