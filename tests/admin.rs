@@ -784,3 +784,36 @@ async fn a_reload_replaces_the_admin_token_and_names_what_needs_a_restart() {
     assert_eq!(authorized(admin, "GET", "/rooms", "").await.0, StatusCode::UNAUTHORIZED, "the old token is gone");
     assert_eq!(call(admin, "GET", "/rooms", Some("a-new-admin-token-4567"), "").await.0, StatusCode::OK);
 }
+
+/// A reload's answer is what is in force: a change that waits for a restart is named at every
+/// reload until the file is put back, and keys are reported loaded only when they changed.
+#[tokio::test]
+async fn a_reload_answers_with_what_is_in_force() {
+    let (upstream, _) = start_upstream().await;
+    let rooms = format!("{ROOM}admit_per_minute = 60\nmax_active = 5\n");
+    let gate = start_admin(upstream, &rooms).await;
+    let admin = gate.addr();
+    let reload = || async {
+        let (status, reloaded) = authorized(admin, "POST", "/reload", "").await;
+        assert_eq!(status, StatusCode::OK, "{reloaded}");
+        reloaded
+    };
+    let same = reload().await;
+    assert_eq!((&same["restart_needed"], &same["keys"]), (&json!([]), &json!(false)), "{same}");
+
+    let moved = gate
+        .text(&rooms)
+        .replace("listen = \"127.0.0.1:0\"\nshutdown_grace", "listen = \"127.0.0.1:1\"\nshutdown_grace");
+    std::fs::write(&gate.config, &moved).unwrap();
+    for _ in 0..2 {
+        let reloaded = reload().await;
+        assert_eq!(reloaded["restart_needed"], json!(["server.listen"]), "said again while it waits: {reloaded}");
+    }
+    std::fs::write(&gate.config, gate.text(&rooms)).unwrap();
+    assert_eq!(reload().await["restart_needed"], json!([]), "the file is back to what runs");
+
+    // A new key in the same file: loaded, and said so.
+    std::fs::write(gate.dir.path().join("signing.pem"), generate_key(KeyKind::Eddsa)).unwrap();
+    assert_eq!(reload().await["keys"], json!(true));
+    assert_eq!(reload().await["keys"], json!(false));
+}

@@ -917,7 +917,17 @@ impl Room {
         self.prune(now);
         let was_available = self.is_available();
         let result = self.try_step(store, now, was_available).await;
-        self.set_available(result.is_ok(), now);
+        // An outage is two lines, its start (here, or where a request first met it) and its
+        // end, each written by whoever changed the room's availability;
+        // `vestibule_store_errors_total` and `vestibule_store_up` count it between.
+        if self.set_available(result.is_ok(), now) {
+            match &result {
+                Err(error) => store_lost(self, store, error),
+                Ok(()) => {
+                    tracing::info!(room = %self.id, store = %store.address(), "the store is back: the line moves again")
+                }
+            }
+        }
         result
     }
 
@@ -1329,30 +1339,14 @@ pub async fn run_scheduler(
 ) {
     let mut ticks = tokio::time::interval(STEP);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut away_since = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             () = stop.cancelled() => break,
         }
-        let was_available = room.is_available();
         let span = tracing::debug_span!("step", room = %room.id);
-        let stepped = tracing::Instrument::instrument(room.step(&store, clock.now_ms()), span).await;
-        // An outage is two lines, its start (here or where a request first met it) and its end;
-        // `vestibule_store_errors_total` and `vestibule_store_up` count it between.
-        match stepped {
-            Err(error) if was_available => store_lost(&room, &store, &error),
-            Ok(()) if !was_available => {
-                let away = away_since.map_or(0.0, |since: tokio::time::Instant| since.elapsed().as_secs_f64());
-                tracing::info!(room = %room.id, store = %store.address(), away_seconds = away, "the store is back: the line moves again");
-            }
-            _ => {}
-        }
-        if room.is_available() {
-            away_since = None;
-        } else if away_since.is_none() {
-            away_since = Some(tokio::time::Instant::now());
-        }
+        // Errors are logged by the step, once per outage.
+        let _ = tracing::Instrument::instrument(room.step(&store, clock.now_ms()), span).await;
     }
     room.resign(&store).await;
 }
