@@ -163,3 +163,42 @@ async fn a_form_of_another_site_changes_nothing_of_the_visitors() {
     assert_eq!(journey("cross_site.mjs", vec![base(&gate)]).await, 3);
     stop.cancel();
 }
+
+/// The store away: a newcomer in French gets the room's own page, which says the line is
+/// paused and joins it by itself once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_store_is_away_the_page_waits_in_the_visitors_language_and_joins_by_itself() {
+    let mut redis = common::redis_server::RedisServer::start();
+    let stop = CancellationToken::new();
+    let shop = vestibule::demo::start_shop("127.0.0.1:0".parse().unwrap(), stop.clone()).await.unwrap();
+    let room =
+        format!("admit_per_minute = 600\nmax_active = 1\n[store]\nkind = \"redis\"\nurl = \"{}\"\n", redis.url());
+    let gate = start_room_with(shop, "", &room).await;
+    // One visitor inside: the newcomer will have to wait once the store is back.
+    let mut inside = common::visitor::Visitor::new(gate.addr);
+    inside.open("/checkout").await;
+    inside.wait_for_status("admitted").await;
+    redis.kill();
+    wait_for_unavailable(&gate).await;
+
+    let ready = gate.dir.path().join("held");
+    let run = tokio::spawn(journey("outage.mjs", vec![base(&gate), path(ready.clone())]));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(!run.is_finished(), "the journey ended before the page was held");
+        assert!(tokio::time::Instant::now() < deadline, "the page was never held");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    redis.restart();
+    assert_eq!(run.await.unwrap(), 2);
+    stop.cancel();
+}
+
+/// Until the gate's room knows the store is away.
+async fn wait_for_unavailable(gate: &Harness) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while gate.running.gate().rooms().iter().any(|room| room.is_available()) {
+        assert!(tokio::time::Instant::now() < deadline, "the store was never seen away");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
