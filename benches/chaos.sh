@@ -123,9 +123,9 @@ TOML
     sleep $((started + at - $(date +%s))) 2>/dev/null || true
     case $kind in
       freeze) say "redis frozen for ${length} s"; kill -STOP "$redis_pid"; sleep "$length"; kill -CONT "$redis_pid"
-         mark "redis-thawed" $((length * 1000)) ;;
+         mark "redis-thawed" "paused_ms=$((length * 1000))" ;;
       restart) say "redis killed"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true
-         sleep "$length"; start_redis; mark "redis-restarted-empty" $((length * 1000)) ;;
+         sleep "$length"; start_redis; mark "redis-restarted-empty" "paused_ms=$((length * 1000))" ;;
       kill-[012]) local victim=${kind#kill-}
          kill -9 "${instance_pids[victim]}"; wait "${instance_pids[victim]}" 2>/dev/null || true
          mark "instance-$victim-killed"; sleep "$length"; start_instance "$victim"; say "instance $victim back" ;;

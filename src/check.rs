@@ -43,8 +43,16 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
     match &config.admin {
         Some(admin) => {
             checked.loaded.push(format!("admin.listen: {}", admin.listen));
-            if let Some(var) = admin.token_env.as_deref().filter(|var| std::env::var_os(var).is_none()) {
-                checked.warnings.push(format!("admin.token_env: {var} is not set here; `run` needs it"));
+            match admin.token_env.as_deref() {
+                Some(var) if std::env::var_os(var).is_none() => {
+                    checked.warnings.push(format!("admin.token_env: {var} is not set here; `run` needs it"));
+                }
+                // Set here: checked as `run` will check it.
+                Some(_) => config
+                    .clone()
+                    .resolve_admin_token()
+                    .map_err(|error| anyhow::anyhow!("{}", error.key_and_message()))?,
+                None => {}
             }
         }
         None => checked.loaded.push("admin: none (no admin API, no /metrics)".to_owned()),

@@ -24,6 +24,17 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// `key: message`, without the file (for a caller that names it).
+    pub fn key_and_message(&self) -> String {
+        if self.key.is_empty() {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.key, self.message)
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {

@@ -108,9 +108,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run { config: PathBuf::from("proxy.toml") }) {
-        Command::Run { config } => {
-            let mut config = Config::load(&config)?;
+        Command::Run { config: path } => {
+            let mut config = Config::load(&path)?;
             config.resolve_admin_token()?;
+            // A key that cannot be used is said with the file it is configured in.
+            Tokens::new(&config.tokens).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
             telemetry::init(&config.log);
             server::fit_descriptor_limit(&mut config);
             runtime(config.server.workers.map(|n| n.get()))?.block_on(serve(config))
@@ -191,6 +193,9 @@ fn keep_stdout_private() -> anyhow::Result<()> {
 fn write_key(path: &Path, alg: KeyKind) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
+    }
     let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
     match file {
         Ok(mut file) => {

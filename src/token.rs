@@ -346,7 +346,7 @@ fn load_key(key: &str, path: &Path) -> Result<LoadedKey, KeyError> {
         problem(format!("cannot read it: {error}{fix}"))
     })?;
     let format = |reason: &str| {
-        let fix = if signing { format!("; {}", keygen_hint(path)) } else { String::new() };
+        let fix = if signing { format!("; move it away and {}", keygen_hint(path)) } else { String::new() };
         problem(format!("{reason}{fix}"))
     };
     let text = String::from_utf8_lossy(&bytes);

@@ -147,6 +147,16 @@ fn commands_ask_only_for_what_they_use() {
         .unwrap();
     let said = text(&run.stderr);
     assert!(said.contains("admin.token_env: the value of VESTIBULE_TEST_NOT_SET is too short"), "{said}");
+    // Set in the shell check runs in: checked as run checks it.
+    let check = Command::new(env!("CARGO_BIN_EXE_vestibule"))
+        .arg("check")
+        .current_dir(dir.path())
+        .env("VESTIBULE_TEST_NOT_SET", "short")
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let said = text(&check.stderr);
+    assert!(said.contains("proxy.toml: admin.token_env: the value of VESTIBULE_TEST_NOT_SET is too short"), "{said}");
 }
 
 /// `keygen > file`, as a shell with umask 022 runs it, leaves the key to its owner alone.
@@ -167,4 +177,8 @@ fn a_key_written_through_the_shell_is_private() {
     // uses --out, which makes its file 0600).
     assert_eq!(mode("piped.pem"), 0o644);
     assert!(std::fs::read_to_string(dir.path().join("key.pem")).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
+    // --out makes the folders it needs, as the error for a missing key suggests it.
+    let out = vestibule(&["keygen", "--out", "keys/new/ed25519.pem"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(mode("keys/new/ed25519.pem"), 0o600);
 }

@@ -386,6 +386,7 @@ async fn while_redis_is_away_instances_stay_ready_and_newcomers_get_the_rooms_pa
         assert_eq!((status, &headers["retry-after"]), (StatusCode::SERVICE_UNAVAILABLE, &"5".parse().unwrap()));
         let answer: Value = serde_json::from_str(&body).unwrap();
         assert_eq!((answer["status"].as_str(), answer["position"].as_u64()), (Some("paused"), None), "{answer}");
+        assert_eq!(answer["reason"], "store", "an API client is told why: {answer}");
     }
     let (status, _, _) = inside.open("/checkout/pay").await;
     assert_eq!(status, StatusCode::OK, "the admitted visitor is not affected");

@@ -437,23 +437,21 @@ async fn change_overrides(state: &State, room: &Room, change: Option<&Overrides>
     let now = gate.clock().now_ms();
     let (overrides, version) =
         gate.store().change_overrides(&room.id, &room.limits(), change, now).await.map_err(unavailable)?;
-    tracing::info!(room = %room.id, ?overrides, version, "live overrides changed");
+    let said = serde_json::to_string(&overrides).unwrap_or_default();
+    tracing::info!(room = %room.id, overrides = %said, version, "live overrides changed");
     room.apply_overrides(overrides, version);
     Ok(())
 }
 
-/// Read the room from the store first when what this instance keeps is over a second old (a
-/// follower reads an idle room only every 10 s): the view an operator asks for is current.
+/// Read the room from the store first (a follower reads an idle room only every 10 s, a moving
+/// one every second): the view an operator asks for is current. The leader's is, from its
+/// last step.
 async fn fresh(gate: &Gate, room: &Room) {
     // A store known to be away is not waited on: the view says so at once, from what is kept.
-    if !room.is_available() || !gate.store_answers() {
+    if !room.is_available() {
         return;
     }
-    let now = gate.clock().now_ms();
-    let kept_at = room.last_stats().map_or(0, |(_, at)| at);
-    if now >= kept_at + crate::room::READ_EVERY.as_millis() as u64 {
-        room.refresh(gate.store(), now).await;
-    }
+    room.refresh(gate.store(), gate.clock().now_ms()).await;
 }
 
 /// A room's live view (DESIGN §2).

@@ -66,18 +66,19 @@ pub struct Args {
     /// Every visitor from this machine's one address, even against a target on loopback.
     #[arg(long)]
     one_source: bool,
-    /// The room's admissions per minute (overrides --config).
+    /// The room's admissions per minute (overrides --config; without --config, give
+    /// --max-active too).
     #[arg(long)]
     admit_per_minute: Option<u32>,
     /// The room's max_active (overrides --config).
     #[arg(long)]
     max_active: Option<u32>,
-    /// Moments to time the line's recovery from: a file of `unix_ms label [paused_ms]` lines,
+    /// Moments to time the line's recovery from: a file of `unix_ms label [paused_ms=N]` lines,
     /// appended while the run goes (e.g. by a chaos script, each time a fault ends, with how
     /// long it paused the line) and read at its end.
     #[arg(long, value_name = "FILE")]
     marks: Option<PathBuf>,
-    /// Leave the pauses of --marks (the `paused_ms` before each mark that gives one) out of the
+    /// Leave the pauses of --marks (the `paused_ms=N` before each mark that gives one) out of the
     /// measured admission rate, so that --max-rate-error judges the line while it could move.
     #[arg(long, requires = "marks")]
     rate_excludes_marks: bool,

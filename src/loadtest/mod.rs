@@ -66,7 +66,7 @@ pub struct Options {
     pub configured: Option<RoomLimits>,
     /// Show progress on stderr while running.
     pub progress: bool,
-    /// A file of moments to measure the line's recovery from (`unix_ms label [paused_ms]` a
+    /// A file of moments to measure the line's recovery from (`unix_ms label [paused_ms=N]` a
     /// line, e.g. when a fault ended, and how long it had paused the line), read when the run
     /// ends.
     pub marks: Option<std::path::PathBuf>,
@@ -399,18 +399,25 @@ fn unix_ms() -> u64 {
     since.as_millis() as u64
 }
 
-/// Moments of the run named in a marks file (`unix_ms label [paused_ms]` a line, written
+/// Moments of the run named in a marks file (`unix_ms label [paused_ms=N]` a line, written
 /// while the run goes, e.g. by a chaos script when a fault ends, with how long it paused the
 /// line), as times from the start of the run.
 fn read_marks(path: &std::path::Path, started_unix_ms: u64) -> anyhow::Result<Marks> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut marks = Marks::default();
     for (n, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
-        let bad = || format!("{}:{}: not `unix_ms label [paused_ms]`", path.display(), n + 1);
-        let mut fields = line.split_whitespace();
-        let at: u64 = fields.next().unwrap_or_default().parse().with_context(bad)?;
-        let label = fields.next().unwrap_or_default().to_owned();
-        let paused: Option<u64> = fields.next().map(str::parse).transpose().with_context(bad)?;
+        let bad = || format!("{}:{}: not `unix_ms label [paused_ms=N]`", path.display(), n + 1);
+        let (at, rest) = line.trim().split_once(char::is_whitespace).unwrap_or((line.trim(), ""));
+        let at: u64 = at.parse().with_context(bad)?;
+        // The label may have spaces; a last word `paused_ms=N` says how long the line paused.
+        let (label, paused) = match rest.trim().rsplit_once(char::is_whitespace) {
+            Some((label, last)) if last.starts_with("paused_ms=") => (label, Some(last)),
+            _ if rest.trim().starts_with("paused_ms=") => ("", Some(rest.trim())),
+            _ => (rest.trim(), None),
+        };
+        let paused: Option<u64> =
+            paused.map(|word| word.trim_start_matches("paused_ms=").parse()).transpose().with_context(bad)?;
+        let label = label.trim().to_owned();
         if at < started_unix_ms {
             continue;
         }
@@ -740,6 +747,30 @@ async fn request(visitor: &mut Visitor<'_>, method: &str, path: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_have_labels_of_several_words_and_may_say_how_long_the_line_paused() {
+        let path = std::env::temp_dir().join(format!("vestibule-marks-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "900 before the run\n1500 thawed paused_ms=300\n2000 restarted empty\n2500 instance 2 killed paused_ms=0\n",
+        )
+        .unwrap();
+        let marks = read_marks(&path, 1_000).unwrap();
+        let labels: Vec<&str> = marks.points.iter().map(|(_, label)| label.as_str()).collect();
+        assert_eq!(labels, ["thawed", "restarted empty", "instance 2 killed"]);
+        assert_eq!(marks.points[0].0, Duration::from_millis(500));
+        assert_eq!(
+            marks.pauses,
+            [
+                (Duration::from_millis(200), Duration::from_millis(500)),
+                (Duration::from_millis(1_500), Duration::from_millis(1_500))
+            ]
+        );
+        std::fs::write(&path, "1500 thawed paused_ms=soon\n").unwrap();
+        assert!(read_marks(&path, 1_000).unwrap_err().to_string().contains("not `unix_ms label [paused_ms=N]`"));
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn sources_take_the_hosts_of_the_range_in_turn() {

@@ -88,6 +88,9 @@ enum Shown {
     },
     Paused {
         message: Option<String>,
+        /// `store` while the store is away (the page words it in the visitor's language).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
     },
     Position {
         position: u64,
@@ -136,7 +139,7 @@ fn message_for(room: &Room, snapshot: &Snapshot, holding: Holding) -> Option<Sho
         return Some(Shown::Admitted);
     }
     Some(match snapshot.waiting_state() {
-        RoomState::Paused => Shown::Paused { message: snapshot.notice() },
+        RoomState::Paused => Shown::Paused { message: snapshot.notice(), reason: snapshot.pause_reason() },
         RoomState::Closed => Shown::Closed { message: snapshot.message.clone() },
         RoomState::Open | RoomState::Passthrough => {
             let position = line::position(ticket, snapshot.cursor);
@@ -349,7 +352,14 @@ mod tests {
                 r#"{"type":"position","position":7,"eta_seconds":null}"#,
             ),
             (Shown::Admitted, r#"{"type":"admitted"}"#),
-            (Shown::Paused { message: Some("back soon".into()) }, r#"{"type":"paused","message":"back soon"}"#),
+            (
+                Shown::Paused { message: Some("back soon".into()), reason: None },
+                r#"{"type":"paused","message":"back soon"}"#,
+            ),
+            (
+                Shown::Paused { message: None, reason: Some("store") },
+                r#"{"type":"paused","message":null,"reason":"store"}"#,
+            ),
             (Shown::Closed { message: Some("Sold out".into()) }, r#"{"type":"closed","message":"Sold out"}"#),
             (Shown::Closed { message: None }, r#"{"type":"closed","message":null}"#),
             (Shown::Message { message: "hi".into() }, r#"{"type":"message","message":"hi"}"#),

@@ -77,8 +77,6 @@ pub const GRACE: Duration = Duration::from_secs(3);
 /// A session in use is reported at most this often per token (and four times per
 /// `session_idle_seconds`, if that is more often).
 const USE_EVERY: Duration = Duration::from_secs(30);
-/// What a waiter reads while the store cannot be reached.
-pub const STORE_AWAY_MESSAGE: &str = "The line is paused for a moment. You keep your place.";
 
 /// Something a visitor did that the store must hear of, kept until it has: a leave is never
 /// lost to an outage.
@@ -163,12 +161,15 @@ impl Snapshot {
         }
     }
 
-    /// The message a waiter sees.
+    /// The operator's message a waiter sees.
     pub fn notice(&self) -> Option<String> {
-        match &self.message {
-            None if !self.available => Some(STORE_AWAY_MESSAGE.to_owned()),
-            message => message.clone(),
-        }
+        self.message.clone()
+    }
+
+    /// Why a waiter sees the line paused though the room is open: `store` while the store is
+    /// away (the page words it in the visitor's language).
+    pub fn pause_reason(&self) -> Option<&'static str> {
+        (self.waiting_state() == RoomState::Paused && self.state != RoomState::Paused).then_some("store")
     }
 }
 
@@ -1157,7 +1158,9 @@ impl Room {
     /// What a newcomer the store cannot take in line is told: paused, no place yet, and the
     /// room's own message if it has one.
     pub fn held_status(&self) -> Status {
-        Status::of("paused", None, None, self.snapshot.borrow().message.clone())
+        let mut status = Status::of("paused", None, None, self.snapshot.borrow().message.clone());
+        status.reason = Some("store");
+        status
     }
 
     pub fn full_status(&self) -> Status {
@@ -1260,7 +1263,9 @@ impl Room {
             RoomState::Closed => "closed",
             RoomState::Open | RoomState::Passthrough => "waiting",
         };
-        Status::of(status, Some(position), line::eta_seconds(position, snapshot.eta_rate()), message)
+        let mut status = Status::of(status, Some(position), line::eta_seconds(position, snapshot.eta_rate()), message);
+        status.reason = snapshot.pause_reason();
+        status
     }
 }
 
@@ -1305,6 +1310,10 @@ pub struct Status {
     pub eta_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why the line is paused when the operator did not pause it: `store` (the store is
+    /// away; the line moves again by itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
     /// In the pre-queue: seconds until the sale starts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub starts_in: Option<u64>,
@@ -1315,7 +1324,7 @@ pub struct Status {
 
 impl Status {
     fn of(status: &'static str, position: Option<u64>, eta_seconds: Option<u64>, message: Option<String>) -> Status {
-        Status { status, position, eta_seconds, message, starts_in: None, number: None }
+        Status { status, position, eta_seconds, message, reason: None, starts_in: None, number: None }
     }
 }
 
@@ -1323,7 +1332,11 @@ impl Status {
 /// outage began (a transient error), or that the store refused a call (a bug).
 pub fn store_lost(room: &Room, store: &Store, error: &StoreError) {
     if error.is_transient() {
-        tracing::warn!(room = %room.id, store = %store.address(), %error, "the store is away: the line is paused, newcomers are held");
+        let what = match room.settings().state() {
+            RoomState::Passthrough => "the store is away: the room lets everyone through as before",
+            _ => "the store is away: the line is paused, newcomers are held",
+        };
+        tracing::warn!(room = %room.id, store = %store.address(), %error, "{what}");
     } else {
         tracing::error!(room = %room.id, store = %store.address(), %error, "the store refused a call (a bug?): the line is paused");
     }

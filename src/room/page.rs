@@ -160,7 +160,10 @@ impl WaitingPage {
             eta_text => words.eta(status.eta_seconds),
             starts_in => status.starts_in,
             starts_text => status.starts_in.map(countdown),
-            message => status.message.as_deref(),
+            // The store away, the room open: the pause in the visitor's words.
+            message => status.message.as_deref().or_else(|| {
+                (status.reason == Some("store") && position > 0).then(|| words.get("paused_text"))
+            }),
             why => shown.why.and_then(why_key).map(|key| words.get(key)),
         };
         let script = self.environment.get_template("script.html")?.render(&context)?;
@@ -200,6 +203,7 @@ pub fn sample_status(state: &str, message: Option<String>) -> Status {
         position: placed.then_some(12),
         eta_seconds: placed.then_some(240),
         message: message.or_else(|| Some("A sample message from the operator.".to_owned())),
+        reason: None,
         starts_in: (status == "prequeue").then_some(754),
         number: (status == "prequeue").then_some(1_234),
     }
@@ -231,9 +235,34 @@ mod tests {
             position: Some(position),
             eta_seconds: eta,
             message: message.map(str::to_owned),
+            reason: None,
             starts_in: None,
             number: None,
         }
+    }
+
+    /// The store away, the room open: a waiter's page says the pause in their language, and
+    /// the live script words a `reason: store` pause the same way.
+    #[test]
+    fn a_pause_for_the_store_is_worded_in_the_visitors_language() {
+        let words = Words::for_visitor(None, &Default::default(), Some("fr"));
+        let status = Status { status: "paused", reason: Some("store"), ..waiting(7, None, None) };
+        let shown = Shown {
+            room: "checkout",
+            site_name: None,
+            title: None,
+            status: &status,
+            start_position: 9,
+            why: None,
+            words: &words,
+        };
+        let html = WaitingPage::bundled().render(&shown);
+        assert!(html.contains(">La file est en pause un instant. Vous gardez votre place.</p>"), "{html}");
+        assert!(html.contains(r#"m.reason === "store" ? t.paused_text"#));
+        // An operator's own message wins.
+        let status = Status { message: Some("Retour à midi".into()), ..status };
+        let html = WaitingPage::bundled().render(&Shown { status: &status, ..shown });
+        assert!(html.contains(">Retour à midi</p>") && !html.contains(">La file est en pause un instant"), "{html}");
     }
 
     #[test]

@@ -72,6 +72,8 @@ async fn listen(
     let clock = Clock::new();
     let heartbeat = format!("vestibule:heartbeat:{}", redis.instance());
     let mut backoff = Duration::from_millis(100);
+    // An outage is a line when subscribing first fails and one when it works again.
+    let mut failing = false;
     while !stop.is_cancelled() {
         if sender.send(Announcement::Hearing(false)).await.is_err() {
             return;
@@ -90,6 +92,9 @@ async fn listen(
         let mut messages = match subscribed.await {
             Ok((messages, missed)) => {
                 backoff = Duration::from_millis(100);
+                if std::mem::take(&mut failing) {
+                    tracing::info!(store = %redis.address(), "subscribed to the rooms' announcements again");
+                }
                 for announcement in missed.into_iter().chain([Announcement::Hearing(true)]) {
                     if sender.send(announcement).await.is_err() {
                         return;
@@ -98,8 +103,9 @@ async fn listen(
                 messages
             }
             Err(error) => {
-                if backoff == Duration::from_millis(100) {
-                    tracing::warn!(%error, "cannot subscribe to the rooms' announcements; trying again");
+                if !std::mem::replace(&mut failing, true) {
+                    let store = redis.address();
+                    tracing::warn!(%store, %error, "cannot subscribe to the rooms' announcements; trying again");
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -613,7 +613,7 @@ impl RedisStore {
         let epoch: u64 = self.invoke("restore", invocation).await?;
         if known.last > 0 && epoch != known.epoch {
             tracing::warn!(
-                room,
+                room = %room,
                 last = known.last,
                 cursor = known.cursor,
                 sessions = known.sessions,
