@@ -252,9 +252,10 @@ async fn a_frozen_redis_pauses_the_line_and_admitted_visitors_do_not_notice() {
     redis.pause();
     // The waiter's page says the line is paused, and they keep their place.
     let paused = feed_until(&mut feed, "paused").await;
-    assert!(paused["message"].as_str().unwrap().contains("keep your place"), "{paused}");
+    assert_eq!((&paused["reason"], &paused["message"]), (&"store".into(), &serde_json::Value::Null), "{paused}");
     let status = waiter.status().await;
     assert_eq!((&status["status"], &status["position"]), (&"paused".into(), &1.into()), "{status}");
+    assert_eq!(status["reason"], "store", "{status}");
     // Admitted visitors do not wait on the store.
     let started = tokio::time::Instant::now();
     assert_eq!(inside.open("/checkout/pay").await.0, StatusCode::OK);

@@ -110,8 +110,13 @@ async fn the_command_writes_json_and_html_reports_and_fails_on_a_missed_limit() 
     assert_eq!((report["admitted"].as_u64(), report["fifo_inversions"].as_u64()), (Some(20), Some(0)));
     assert_eq!(report["configured"]["max_active"].as_u64(), Some(3));
     assert!(report["timeline"].as_array().is_some_and(|t| !t.is_empty()));
+    // Joins per second over the 0.2 s the crowd arrived in (100 a second), not the whole run.
+    let joins = report["joins_per_second"].as_f64().unwrap();
+    assert!((80.0..=110.0).contains(&joins), "{joins} joins a second for 100 arrivals a second");
+    assert!(stdout.contains("20 joined (") && stdout.contains("/s over 0.2 s of arrivals)"), "{stdout}");
     // The page stands alone: three plots inline, nothing fetched.
     let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains(">0 errors</span>"), "errors counted, not their kinds: {page}");
     assert_eq!(page.matches("<svg").count(), 3, "{page}");
     assert!(page.contains("Line length and admitted sessions") && page.contains("waiting in line"));
     assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));

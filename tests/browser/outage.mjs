@@ -35,8 +35,9 @@ await run(async (browser) => {
   step("the newcomer gets the room's page in French: the line is paused, it will join by itself");
 
   fs.writeFileSync(ready, "held\n");
-  // Back in 2.5 to 7.5 s at first (5 s, jittered by half either way), then less often.
-  await page.getByRole("heading", { name: "Vous êtes dans la file" }).waitFor({ timeout: 30_000 });
+  // Back in 2.5 to 7.5 s at first (5 s, jittered by half either way), then 5 to 15 s, then 10
+  // to 30 s: a store restarted empty may take a try or two (its line is rebuilt first).
+  await page.getByRole("heading", { name: "Vous êtes dans la file" }).waitFor({ timeout: 90_000 });
   await page.waitForFunction(() => /^\d+$/.test(document.getElementById("position").textContent.trim()), null, { timeout });
   if (loads < 2) throw new Error("the page did not reload by itself");
   step("when the store is back the page reloads by itself into the line, with a place");
