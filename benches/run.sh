@@ -128,7 +128,7 @@ goal "memory per waiting socket" "$(sed -n 's/.*: \([0-9.]*\) KiB per waiting so
 goal "slot freed -> last socket's message (incl. the step)" "$(sed -n 's/.*last socket \([0-9.]*\) ms.*/\1/p' "$out/feed.txt")" 100 max ms
 goal "proxy CPU per join, Redis store" "$(sed -n 's/.*redis store .*proxy CPU per join *\([0-9.]*\) µs.*/\1/p' "$out/line.txt")" 50 max µs
 goal "Redis joins vs memory joins per second" "$(sed -n 's/.*(\([0-9.]*\)x memory.*/\1/p' "$out/line.txt")" 0.9 min x
-echo "  idle rooms: $(grep -E 'Redis commands per second' "$out/idle-rooms.txt" | sed 's/^ *//') (10 instances x 100 rooms; README: capacity)"
+echo "  idle rooms: $(grep -E 'Redis commands per second' "$out/idle-rooms.txt" | sed 's/^ *//') (10 instances x 100 rooms; docs/benchmarks.md: capacity)"
 echo "  (the fan-out goal is the last of 18 000 sockets within 100 ms of the step: SOCKETS=18000 bash benches/run.sh)"
 
 echo; echo "== summary"

@@ -21,7 +21,7 @@ use crate::hop::address_key;
 /// How long a challenge may be solved and used.
 pub const LIFETIME_MS: u64 = 120_000;
 /// The default difficulty, in leading zero bits: about 65 000 hashes, a second or less for a
-/// phone's browser (measured in the README), a few milliseconds for the load generator.
+/// phone's browser (measured in docs/benchmarks.md), a few milliseconds for the load generator.
 pub const DEFAULT_DIFFICULTY: u8 = 16;
 /// The header API clients send a solution in.
 pub const HEADER: http::HeaderName = http::HeaderName::from_static("vestibule-pow");

@@ -350,7 +350,7 @@ pub struct RoomConfig {
     /// full" answer (503 with `Retry-After`) and no ticket. Unlimited when unset.
     #[serde(default)]
     pub max_waiting: Option<std::num::NonZeroU64>,
-    /// The room's own waiting page: a minijinja template (README: *The waiting page*),
+    /// The room's own waiting page: a minijinja template (docs/waiting-page.md),
     /// relative to this file's folder. The bundled page when unset.
     #[serde(default)]
     pub template: Option<PathBuf>,
@@ -526,7 +526,7 @@ pub struct BypassConfig {
 
 impl std::fmt::Debug for BypassConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Secrets never appear in logs (DESIGN §6).
+        // Secrets never appear in logs (docs/design.md, security rules).
         f.debug_struct("BypassConfig")
             .field("addresses", &self.addresses)
             .field("secret", &self.secret.as_ref().map(|_| "<secret>"))

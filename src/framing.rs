@@ -3,7 +3,7 @@
 //! hyper resolves a request that carries both `Content-Length` and `Transfer-Encoding` on its
 //! own (the transfer coding wins, the length is dropped, the connection closes afterwards), and
 //! folds repeated equal `Content-Length` lines into one, so the service never sees that the
-//! request was ambiguous. DESIGN §6 asks for such requests to be refused with 400, so this
+//! request was ambiguous. The security rules (docs/design.md) ask for such requests to be refused with 400, so this
 //! module watches the bytes hyper reads: it finds each request head with `httparse`, follows
 //! the body framing to the next head, and queues one verdict per head, in order. The gate
 //! takes the verdict of each HTTP/1 request as it handles it.

@@ -27,7 +27,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// The client's address as vestibule decided it (DESIGN §9): always ours.
+/// The client's address as vestibule decided it (docs/security.md): always ours.
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const VESTIBULE_ROOM: HeaderName = HeaderName::from_static("vestibule-room");
 pub const VESTIBULE_VISITOR: HeaderName = HeaderName::from_static("vestibule-visitor");
@@ -144,7 +144,7 @@ impl Peer {
     }
 }
 
-/// The client's address (DESIGN §6): the TCP peer; or, when the peer is one of the trusted
+/// The client's address (docs/design.md, security rules): the TCP peer; or, when the peer is one of the trusted
 /// proxies, the right-most `X-Forwarded-For` entry that is not itself a trusted proxy (later
 /// header lines are further right). An entry that is not an address stops the walk: the hop
 /// that sent it is taken as the client, so a garbled chain can never name somebody else.

@@ -6,7 +6,7 @@
 //! and served there for the rest of the connection, exactly as without the lane.
 //!
 //! Written by hand because hyper's generic HTTP/1 server and client were most of the admitted
-//! path's user-space time (README, "Admitted path versus nginx"): a dispatcher on each side,
+//! path's user-space time (docs/benchmarks.md, "Admitted path versus nginx"): a dispatcher on each side,
 //! the upstream connection driven by a task of its own and fed through a channel, a second
 //! parse of every head by the framing scanner. Here a request is parsed once, checked by the
 //! gate's own code (the decision, the forwarding headers, the session's renewal), written

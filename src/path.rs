@@ -1,4 +1,4 @@
-//! The one canonical form of a request path (DESIGN §6).
+//! The one canonical form of a request path (docs/design.md, security rules).
 //!
 //! The gate decides "is this path inside a room" on this form, and forwards this same form
 //! upstream, so that no spelling of a path can be judged as one path by the gate and served

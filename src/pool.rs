@@ -2,7 +2,7 @@
 //! the most recently used first.
 //!
 //! Written here rather than taken from hyper-util's legacy `Client` because that client was
-//! among the largest user-space costs of the admitted path (README, "Admitted path versus nginx"):
+//! among the largest user-space costs of the admitted path (docs/benchmarks.md, "Admitted path versus nginx"):
 //! per request it rebuilt an absolute URI, locked a pool keyed by scheme and authority, raced a
 //! checkout against a lazy connect, and spawned a task to wait for the connection to be idle
 //! again. Here a request takes the last idle connection from a plain list under a lock held for

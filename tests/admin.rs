@@ -1,4 +1,4 @@
-//! The admin API over real HTTP (DESIGN §2): probes, the token, every endpoint with good and
+//! The admin API over real HTTP (docs/api.md): probes, the token, every endpoint with good and
 //! bad bodies, live changes reaching waiting visitors, a batch admitted within capacity,
 //! metrics read back with a Prometheus text parser, reload, and readiness during a stop.
 
@@ -395,7 +395,7 @@ async fn reload_applies_a_new_room_and_a_key_rotation_and_refuses_a_bad_file() {
     assert_eq!(authorized(admin, "GET", "/rooms", "").await.1.as_array().unwrap().len(), 2);
 }
 
-/// A template that uses every variable the waiting page is given (README: *The waiting page*).
+/// A template that uses every variable the waiting page is given (docs/waiting-page.md).
 const EVERY_VARIABLE: &str =
     "<!doctype html><html><head><title>({{ position }}) {{ status }}{{ suffix }}</title></head>\n\
 <body><h1 id=\"title\">{{ room }} at {{ site_name }}</h1>\n\

@@ -1,4 +1,4 @@
-//! A crowd through the faults of DESIGN section 5, as an operator meets them during a sale:
+//! A crowd through the faults of the failure policy (docs/design.md), as an operator meets them during a sale:
 //! three instances on one Redis, visitors arriving from their own addresses and leaving a
 //! second after admission, while Redis is frozen and later restarted empty. Every visitor keeps
 //! their place, the room never holds more than its places, the line stays in order, and it

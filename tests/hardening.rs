@@ -1,4 +1,4 @@
-//! The hour a waiting room exists for, tried as an attacker would (DESIGN §9): a page of
+//! The hour a waiting room exists for, tried as an attacker would (docs/security.md): a page of
 //! another site posting into a visitor's session, a shared cache keeping a token, slow and
 //! greedy clients from one address, client-address headers, cookies behind a TLS front.
 

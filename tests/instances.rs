@@ -1,5 +1,5 @@
 //! Several instances on one Redis: one FIFO line and one capacity bound across instances,
-//! tokens minted by one instance pass at another, and the faults of DESIGN section 5: a
+//! tokens minted by one instance pass at another, and the faults of the failure policy (docs/design.md): a
 //! leader that stops or is killed, a Redis frozen, killed, or restarted empty.
 
 mod common;

@@ -1,4 +1,4 @@
-//! A scheduled sale across two instances on one Redis (DESIGN §8, `[[rooms.events]]`): the
+//! A scheduled sale across two instances on one Redis (docs/sales.md, `[[rooms.events]]`): the
 //! pre-queue fills at both, Redis is restarted empty during it, the sale starts, and every
 //! visitor's place is the one the published seed gives them (checked here from the published
 //! rule alone), no pre-queue place is lost, and later arrivals line up behind.

@@ -1,4 +1,4 @@
-//! The admin listener (`[admin] listen`, DESIGN §2): probes, metrics, each room's live view
+//! The admin listener (`[admin] listen`, docs/api.md): probes, metrics, each room's live view
 //! and controls, reload, and the dashboard. JSON in and out.
 //!
 //! `GET /healthz`, `GET /readyz`, `GET /metrics` and the dashboard page itself need no token
@@ -454,7 +454,7 @@ async fn fresh(gate: &Gate, room: &Room) {
     room.refresh(gate.store(), gate.clock().now_ms()).await;
 }
 
-/// A room's live view (DESIGN §2).
+/// A room's live view (docs/api.md).
 pub fn view(gate: &Gate, room: &Room) -> Value {
     let settings = room.settings();
     let snapshot = room.snapshot();

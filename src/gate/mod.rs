@@ -362,7 +362,7 @@ impl Gate {
         &self.tunnels
     }
 
-    /// The client's address for a request on `connection` (DESIGN §6): the peer, or what a
+    /// The client's address for a request on `connection` (docs/design.md, security rules): the peer, or what a
     /// trusted proxy says of it. Every per-address limit and log line uses it.
     pub fn client(&self, headers: &HeaderMap, connection: &Connection) -> IpAddr {
         if !connection.forwarded.trusted {
@@ -540,7 +540,7 @@ impl Gate {
             None => self.metrics.outside(outcome),
         }
         if self.access_log.load(Ordering::Relaxed) {
-            // Never the query string, a cookie or a token (DESIGN §6).
+            // Never the query string, a cookie or a token (docs/design.md, security rules).
             tracing::info!(
                 target: "vestibule::access",
                 method = %method,

@@ -1,7 +1,7 @@
 //! The line: pure admission logic with no I/O. Time is passed in (milliseconds), so rate and
 //! expiry are tested without waiting.
 //!
-//! A room's line is two counters and a few sets, after the virtual-line systems DESIGN cites:
+//! A room's line is two counters and a few sets, after the virtual-line systems of the seed projects:
 //! `last_ticket` is the last turn given out, `cursor` the last turn granted; every ticket up
 //! to the cursor has been granted or skipped. Turns are granted in ticket order (FIFO), by a
 //! token bucket refilled at `admit_per_minute` and holding at most one second's worth, and
@@ -132,7 +132,7 @@ impl Joined {
     }
 }
 
-/// A scheduled sale's pre-queue given its places (DESIGN §8): pre-queue number `p` (1 to
+/// A scheduled sale's pre-queue given its places (docs/sales.md): pre-queue number `p` (1 to
 /// `count`) holds ticket `base + place(p)`, its place in the order `seed` draws
 /// ([`shuffle`]). Made once per event; a store that lost it gets it back from the instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

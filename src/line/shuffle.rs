@@ -1,4 +1,4 @@
-//! The order of a scheduled sale's pre-queue (DESIGN §8, `[[rooms.events]]`): at `starts_at`
+//! The order of a scheduled sale's pre-queue (docs/sales.md, `[[rooms.events]]`): at `starts_at`
 //! every ticket taken in the pre-queue is placed in one random order that anyone can check
 //! once the seed is published. The rule is short enough to state on the page:
 //!

@@ -1,4 +1,4 @@
-//! Admission that listens (`[rooms.adaptive]`, DESIGN §8): the rate at which turns are granted
+//! Admission that listens (`[rooms.adaptive]` in proxy.toml, measured in docs/benchmarks.md): the rate at which turns are granted
 //! follows the upstream's health. Over each window the room's leader merges what every
 //! instance saw of the upstream (latency of the requests it forwarded into the room, and how
 //! many failed), and steps the rate the way TCP congestion control does: down by a factor

@@ -78,7 +78,7 @@ fn config() -> WebSocketConfig {
         .max_frame_size(Some(1024))
 }
 
-/// A message of the feed (DESIGN: feed messages), serialized as `{"type": ..., ...}`.
+/// A message of the feed (docs/api.md, feed messages), serialized as `{"type": ..., ...}`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Shown {

@@ -1,4 +1,4 @@
-//! A room's scheduled sales as this instance sees them (DESIGN §8, `[[rooms.events]]`): the
+//! A room's scheduled sales as this instance sees them (docs/sales.md, `[[rooms.events]]`): the
 //! pre-queue numbers seen here lately, and the seating once the sale started, with the drawn
 //! order computed once per instance from the seed the store kept.
 //!
