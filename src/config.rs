@@ -381,7 +381,7 @@ pub struct RoomConfig {
 
 /// `[[rooms.events]]`: a scheduled sale. From `prequeue_at` visitors take a pre-queue number
 /// and see a countdown; at `starts_at` every pre-queue number is given its place in one
-/// random order (see [`crate::line::shuffle`]), and later arrivals line up behind. The
+/// random order (see [`crate::wire::shuffle`]), and later arrivals line up behind. The
 /// overrides are in force from `prequeue_at` until `ends_at` (or the next event's pre-queue).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -545,16 +545,8 @@ pub enum ChallengeKind {
     Pow,
 }
 
-/// What a room does with visitors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RoomState {
-    #[default]
-    Open,
-    Paused,
-    Closed,
-    Passthrough,
-}
+/// What a room does with visitors (a line setting, kept in `line`).
+pub use crate::line::RoomState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

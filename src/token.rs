@@ -314,7 +314,7 @@ pub struct KeyRing {
     keys: HashMap<String, RingKey>,
     jwks: Bytes,
     signature_checks: AtomicU64,
-    /// The secret scheduled sales' seeds are drawn from (see [`crate::line::shuffle`]).
+    /// The secret scheduled sales' seeds are drawn from (see [`crate::wire::shuffle`]).
     event_secret: [u8; 32],
 }
 
@@ -788,13 +788,7 @@ impl Tail {
     }
 }
 
-/// A random identifier (visitor ids, token ids): 128 bits, base64url.
-pub fn random_id() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
+pub use crate::id::random_id;
 
 #[cfg(test)]
 mod tests {

@@ -20,8 +20,11 @@
 //!   who it saw ([`Absence::Judge`]): not in the first seconds after a store outage, when
 //!   what the instances saw meanwhile is still on its way.
 
-pub mod shuffle;
+pub mod overrides;
+pub use crate::wire::shuffle;
 mod sorted;
+
+pub use overrides::{Overrides, RoomState};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

@@ -350,7 +350,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 pub struct Draw {
     pub event: String,
     pub starts_at_unix_ms: u64,
-    pub seed: crate::line::shuffle::Seed,
+    pub seed: crate::wire::shuffle::Seed,
     pub prequeued: u64,
     pub first_ticket: u64,
     pub shuffled: bool,
@@ -358,7 +358,7 @@ pub struct Draw {
 
 impl Draw {
     /// The ticket pre-queue number `number` must hold by the published rule.
-    pub fn ticket(&self, order: &crate::line::shuffle::Shuffle, number: u64) -> u64 {
+    pub fn ticket(&self, order: &crate::wire::shuffle::Shuffle, number: u64) -> u64 {
         let place = if self.shuffled { order.place(number) } else { number };
         self.first_ticket - 1 + place
     }
@@ -387,7 +387,7 @@ async fn published_draw(options: &Options) -> anyhow::Result<Draw> {
     Ok(Draw {
         event: event["name"].as_str().unwrap_or_default().to_owned(),
         starts_at_unix_ms: number(&event["starts_at"])? * 1_000,
-        seed: crate::line::shuffle::parse_hex(draw["seed"].as_str().unwrap_or_default()).context("a seed")?,
+        seed: crate::wire::shuffle::parse_hex(draw["seed"].as_str().unwrap_or_default()).context("a seed")?,
         prequeued: number(&draw["prequeued"])?,
         first_ticket: number(&draw["first_ticket"])?,
         shuffled: draw["shuffled"].as_bool().unwrap_or(true),
@@ -472,8 +472,8 @@ fn claims_of(cookie: &str) -> Option<serde_json::Value> {
 async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
     let options = visitor.options;
     let live = visitor.live;
-    let ticket_cookie = crate::room::ticket_cookie(&options.room);
-    let token_cookie = crate::room::token_cookie(&options.room);
+    let ticket_cookie = crate::wire::ticket_cookie(&options.room);
+    let token_cookie = crate::wire::token_cookie(&options.room);
     let patience = Instant::now() + options.patience;
     let joined = join(visitor, patience).await?;
     // A waiter's ticket is in the ticket cookie; a visitor admitted at once has it in the token.
@@ -514,8 +514,8 @@ async fn try_visit(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
 /// The first request, until it gives a ticket or a token: a 503 without either (the line
 /// cannot take anyone now) is tried again after its `Retry-After`. Returns when it was answered.
 async fn join(visitor: &mut Visitor<'_>, patience: Instant) -> Result<Duration, &'static str> {
-    let ticket_cookie = crate::room::ticket_cookie(&visitor.options.room);
-    let token_cookie = crate::room::token_cookie(&visitor.options.room);
+    let ticket_cookie = crate::wire::ticket_cookie(&visitor.options.room);
+    let token_cookie = crate::wire::token_cookie(&visitor.options.room);
     let mut proofs = 0;
     loop {
         let sent = visitor.now();
@@ -582,8 +582,8 @@ async fn until_answered(
 /// ticket. A turn the proxy does not honour yet (it says wait) sends the visitor back to the
 /// feed; a new ticket instead means the place was lost and the visitor waits again at the back.
 async fn wait_in_line(visitor: &mut Visitor<'_>) -> Result<(), &'static str> {
-    let ticket_cookie = crate::room::ticket_cookie(&visitor.options.room);
-    let token_cookie = crate::room::token_cookie(&visitor.options.room);
+    let ticket_cookie = crate::wire::ticket_cookie(&visitor.options.room);
+    let token_cookie = crate::wire::token_cookie(&visitor.options.room);
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         wait_for_turn(visitor).await?;

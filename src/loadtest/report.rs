@@ -13,7 +13,7 @@ use super::{Draw, Options, Outcome};
 
 /// Two admissions closer than one scheduler step are simultaneous: a step grants several
 /// turns at once, and their messages reach the crowd in any order.
-const SAME_STEP: Duration = crate::room::STEP;
+const SAME_STEP: Duration = crate::wire::STEP;
 
 /// The room's settings the run is held against (from `--config` or the command line).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -170,7 +170,7 @@ pub struct SaleReport {
 
 impl SaleReport {
     fn new(outcomes: &[Outcome], draw: &Draw, started_unix_ms: u64) -> SaleReport {
-        let order = crate::line::shuffle::Shuffle::new(&draw.seed, 1, draw.prequeued);
+        let order = crate::wire::shuffle::Shuffle::new(&draw.seed, 1, draw.prequeued);
         let prequeued: Vec<&Outcome> = outcomes.iter().filter(|o| o.prequeue.is_some()).collect();
         let placed = prequeued.iter().filter(|o| o.ticket.is_some());
         let (matched, misplaced): (Vec<&&Outcome>, Vec<&&Outcome>) =
@@ -193,7 +193,7 @@ impl SaleReport {
             starts_at: starts_at.as_secs_f64(),
             prequeued: draw.prequeued,
             prequeue_visitors: prequeued.len() as u64,
-            seed: crate::line::shuffle::hex(&draw.seed),
+            seed: crate::wire::shuffle::hex(&draw.seed),
             placed_by_draw: matched.len() as u64,
             misplaced: misplaced.len() as u64,
             arrival_admission_correlation: spearman(&ranked),
@@ -633,7 +633,7 @@ mod tests {
             first_ticket: 11,
             shuffled: true,
         };
-        let order = crate::line::shuffle::Shuffle::new(&draw.seed, 1, 4);
+        let order = crate::wire::shuffle::Shuffle::new(&draw.seed, 1, 4);
         // Numbers 1 to 4, admitted in their drawn order from 1 s after the start; number 4's
         // place is not the one drawn.
         let mut outcomes: Vec<Outcome> = (1..=4)
@@ -683,7 +683,7 @@ mod tests {
         assert_eq!(spearman(&pairs(&[1, 2, 3, 4, 5])), Some(1.0));
         assert_eq!(spearman(&pairs(&[5, 4, 3, 2, 1])), Some(-1.0));
         assert_eq!(spearman(&pairs(&[1, 2])), None);
-        let drawn = crate::line::shuffle::Shuffle::new(&[5; 32], 1, 2_000);
+        let drawn = crate::wire::shuffle::Shuffle::new(&[5; 32], 1, 2_000);
         let by_draw: Vec<u64> = (1..=2_000).map(|place| drawn.ticket_at(place)).collect();
         let rho = spearman(&pairs(&by_draw)).unwrap();
         assert!(rho.abs() < 0.1, "a draw owes nothing to the order of arrival: {rho}");

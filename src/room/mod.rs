@@ -32,7 +32,7 @@ use crate::store::{Lease, Store, StoreError};
 use settings::{Overrides, Settings};
 
 /// How often the scheduler advances each room.
-pub const STEP: Duration = Duration::from_millis(100);
+pub use crate::wire::STEP;
 /// How long a scheduler lease lasts without renewal: another instance takes over within this
 /// (plus one step) when the leader dies.
 pub const LEASE: Duration = Duration::from_secs(3);
@@ -251,15 +251,7 @@ pub struct Room {
     stop: CancellationToken,
 }
 
-/// The name of the cookie that carries a room's admission token.
-pub fn token_cookie(room: &str) -> String {
-    format!("vestibule-token-{room}")
-}
-
-/// The name of the cookie that carries a room's signed ticket (a place in line).
-pub fn ticket_cookie(room: &str) -> String {
-    format!("vestibule-ticket-{room}")
-}
+pub use crate::wire::{ticket_cookie, token_cookie};
 
 impl Room {
     /// A room of `config`; its scheduler and feeds stop at `stop` (the room removed by a
@@ -281,7 +273,7 @@ impl Room {
             settings: ArcSwap::from_pointee(Settings::new(config.clone())),
             joins: JoinLimiter::new(config.joins_per_address_per_minute.get(), MAX_JOINING_ADDRESSES),
             proofs: crate::challenge::Used::default(),
-            proof_cookie: format!("vestibule-pow-{}", config.id),
+            proof_cookie: crate::wire::proof_cookie(&config.id),
             token_cookie: token_cookie(&config.id),
             ticket_cookie: ticket_cookie(&config.id),
             snapshot: watch::Sender::new(snapshot),

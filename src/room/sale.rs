@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwapOption;
 
-use crate::line::shuffle::{self, Seed, Shuffle};
 use crate::line::Seated;
+use crate::wire::shuffle::{self, Seed, Shuffle};
 
 /// Most pre-queue numbers remembered as seen here (each 16 bytes): beyond it the oldest
 /// visitors are still in the pre-queue, and are seen when they come back.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::line::Line;
-use crate::room::settings::Overrides;
+use crate::line::Overrides;
 
 /// Lines by room id. A `std` mutex, not an async one: it is held for a bounded step of the
 /// line (see [`MAX_SKIPS`](crate::line::MAX_SKIPS)) and never across an `.await`.

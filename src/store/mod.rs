@@ -14,9 +14,9 @@ pub use announce::Announcement;
 pub use memory::MemoryStore;
 pub use redis::{cursor_channel, lease_channel, parse_ended, revocations_channel, settings_channel, RedisStore};
 
-use crate::line::shuffle::Seed;
+use crate::line::Overrides;
 use crate::line::{Absence, Joined, Limits, Prequeued, Redeemed, Seated, Stats};
-use crate::room::settings::Overrides;
+use crate::wire::shuffle::Seed;
 
 /// What a lease call found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

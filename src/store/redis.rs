@@ -372,7 +372,7 @@ impl RedisStore {
             clock: Clock::new(),
             redis_clock: Mutex::default(),
             clock_checked_at: AtomicU64::new(0),
-            instance: crate::token::random_id(),
+            instance: crate::id::random_id(),
             answered_at: AtomicU64::new(0),
             metrics: None,
         }
