@@ -4,8 +4,9 @@
 
 use std::net::IpAddr;
 
-use http::{header, HeaderValue, Method, Request, Response, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::respond::{self, RETRY_SECONDS};
 use super::{Connection, Gate};
@@ -87,7 +88,7 @@ impl Gate {
                 if request.version() != Version::HTTP_11 {
                     return Err(GateError::BadRequest("The feed is a websocket over HTTP/1.1."));
                 }
-                let response = feed::switching_protocols(request.headers())?;
+                let response = switching_protocols(request.headers())?;
                 let holding = self.holding(request.headers(), &room);
                 let slot =
                     self.feeds.admit(client).ok_or(GateError::Unavailable { retry_after_seconds: RETRY_SECONDS })?;
@@ -120,4 +121,31 @@ pub(crate) fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
             (!value.is_empty() && value.len() <= 64).then(|| value.into_owned())
         },
     )
+}
+
+/// Check a websocket handshake request and make the `101` answer.
+pub fn switching_protocols(headers: &HeaderMap) -> Result<Response<Body>, GateError> {
+    let is = |name: header::HeaderName, value: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(value))
+    };
+    if !is(header::UPGRADE, "websocket")
+        || !is(header::CONNECTION, "upgrade")
+        || !is(header::SEC_WEBSOCKET_VERSION, "13")
+    {
+        return Err(GateError::BadRequest("This endpoint takes a websocket (version 13)."));
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or(GateError::BadRequest("Sec-WebSocket-Key is missing."))?;
+    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header value");
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Ok(response)
 }

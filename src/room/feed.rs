@@ -9,20 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Holding, Room, Snapshot};
-use crate::body::{self, Body};
 use crate::config::RoomState;
-use crate::error::GateError;
 use crate::limit::Slot;
 use crate::line;
 
@@ -38,33 +34,6 @@ const TOUCH_EVERY: Duration = Duration::from_secs(30);
 pub const TICKETLESS_LIFETIME: Duration = Duration::from_secs(60);
 /// At most one position message per socket per this long.
 const MIN_GAP: Duration = Duration::from_secs(1);
-
-/// Check a websocket handshake request and make the `101` answer.
-pub fn switching_protocols(headers: &HeaderMap) -> Result<Response<Body>, GateError> {
-    let is = |name: header::HeaderName, value: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(value))
-    };
-    if !is(header::UPGRADE, "websocket")
-        || !is(header::CONNECTION, "upgrade")
-        || !is(header::SEC_WEBSOCKET_VERSION, "13")
-    {
-        return Err(GateError::BadRequest("This endpoint takes a websocket (version 13)."));
-    }
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or(GateError::BadRequest("Sec-WebSocket-Key is missing."))?;
-    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header value");
-    let mut response = Response::new(body::empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    Ok(response)
-}
 
 /// Small buffers: a waiting socket mostly idles, and the page only ever sends pongs and tiny
 /// frames (at most 1 KiB is accepted). tungstenite allocates its read buffer up front, so its
