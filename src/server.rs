@@ -141,14 +141,17 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         Some(admin) => Some(crate::admin::start(admin, &config.server, gate.clone(), stop.clone()).await?),
         None => None,
     };
+    let caps = Caps {
+        total: config.server.max_connections.get(),
+        per_address: config.server.max_connections_per_address.get(),
+        send_timeout: config.server.send_timeout,
+        trusted_uncounted: true,
+    };
     let server = Listener {
-        listener,
+        acceptor: Acceptor::new(listener, "public", caps, tls.is_some(), &gate),
         tls,
         gate: gate.clone(),
         protocols: Protocols::new(&config.server),
-        limits: Arc::new(Semaphore::new(config.server.max_connections.get())),
-        per_address: Slots::new(usize::MAX, config.server.max_connections_per_address.get()),
-        send_timed_out: send_timed_out(&gate, "public"),
         server: config.server.clone(),
         stop: stop.clone(),
     };
@@ -157,19 +160,111 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     Ok(Running { addr, admin, gate, stop, task })
 }
 
-/// The accept loop and what every connection shares.
-struct Listener {
+/// What a listener's connections may hold: in total, per client address, and how long a write
+/// may make no progress.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    pub total: usize,
+    pub per_address: usize,
+    pub send_timeout: Duration,
+    /// Trusted proxies' connections are not counted per address (their requests count
+    /// against the clients they name): the public listener.
+    pub trusted_uncounted: bool,
+}
+
+/// A connection let in: its stream (writes bounded by the send timeout), its peer, and the
+/// places it holds under the caps (freed when it, and a tunnel it turns into, are done).
+pub(crate) struct Admitted {
+    pub stream: SendTimeout<TcpStream>,
+    pub peer: SocketAddr,
+    pub place: ConnectionPlace,
+}
+
+/// The one accept loop both listeners use: a total cap (at it, new clients wait in the accept
+/// queue), a cap per client address (beyond it, `503` and close; trusted proxies are not
+/// counted, their requests count against the clients they name), the send timeout, and a
+/// backoff on accept errors (out of file descriptors, say) instead of a spin.
+pub(crate) struct Acceptor {
     listener: TcpListener,
+    /// `public` or `admin`, for the metrics.
+    name: &'static str,
+    total: Arc<Semaphore>,
+    per_address: Arc<Slots>,
+    trusted_uncounted: bool,
+    send_timeout: Duration,
+    send_timed_out: Arc<dyn Fn() + Send + Sync>,
+    /// TLS comes after the accept: an over-cap client gets no `503`, just a close.
+    tls: bool,
+    gate: Arc<Gate>,
+}
+
+impl Acceptor {
+    pub fn new(listener: TcpListener, name: &'static str, caps: Caps, tls: bool, gate: &Arc<Gate>) -> Acceptor {
+        Acceptor {
+            listener,
+            name,
+            total: Arc::new(Semaphore::new(caps.total)),
+            per_address: Slots::new(usize::MAX, caps.per_address),
+            trusted_uncounted: caps.trusted_uncounted,
+            send_timeout: caps.send_timeout,
+            send_timed_out: send_timed_out(gate, name),
+            tls,
+            gate: gate.clone(),
+        }
+    }
+
+    /// The next connection let in, or `None` once `stop` is cancelled.
+    pub async fn next(&self, stop: &CancellationToken) -> Option<Admitted> {
+        loop {
+            let permit = tokio::select! {
+                permit = self.total.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                () = stop.cancelled() => return None,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.accept() => accepted,
+                () = stop.cancelled() => return None,
+            };
+            let _ = stream.set_nodelay(true);
+            let address = if self.trusted_uncounted && self.gate.trusts(peer.ip()) {
+                None
+            } else {
+                match self.per_address.admit(peer.ip()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        refuse_connection(&stream, self.tls);
+                        self.gate.metrics().connection_limited(self.name, "per_address");
+                        tracing::debug!(listener = self.name, %peer, "connection refused: too many from this address");
+                        continue;
+                    }
+                }
+            };
+            let stream = SendTimeout::new(stream, self.send_timeout, Some(self.send_timed_out.clone()));
+            return Some(Admitted { stream, peer, place: ConnectionPlace { total: permit, address } });
+        }
+    }
+
+    /// Accept the next connection; on errors back off instead of spinning.
+    async fn accept(&self) -> (TcpStream, SocketAddr) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => return accepted,
+                Err(error) => {
+                    tracing::warn!(listener = self.name, %error, ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// The public listener: its accept loop and what every connection shares.
+struct Listener {
+    acceptor: Acceptor,
     tls: Option<TlsAcceptor>,
     gate: Arc<Gate>,
     protocols: Protocols,
-    /// One permit per open connection: at the cap, new clients wait in the accept queue.
-    limits: Arc<Semaphore>,
-    /// Connections per client address (not counting trusted proxies, whose requests count
-    /// against the clients they name): beyond it a new connection is refused.
-    per_address: Arc<Slots>,
-    /// Counts a client let go for `server.send_timeout`.
-    send_timed_out: Arc<dyn Fn() + Send + Sync>,
     server: ServerConfig,
     stop: CancellationToken,
 }
@@ -179,32 +274,8 @@ impl Listener {
         // Connections are told to finish through `drain`, and waited for through `open`.
         let drain = CancellationToken::new();
         let open = TaskTracker::new();
-        loop {
-            let permit = tokio::select! {
-                permit = self.limits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                () = self.stop.cancelled() => break,
-            };
-            let (stream, peer) = tokio::select! {
-                accepted = self.accept() => accepted,
-                () = self.stop.cancelled() => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let address = if self.gate.trusts(peer.ip()) {
-                None
-            } else {
-                match self.per_address.admit(peer.ip()) {
-                    Some(slot) => Some(slot),
-                    None => {
-                        refuse_connection(&stream, self.tls.is_some());
-                        self.gate.metrics().connection_limited("public", "per_address");
-                        tracing::debug!(%peer, "connection refused: server.max_connections_per_address reached");
-                        continue;
-                    }
-                }
-            };
-            let stream = SendTimeout::new(stream, self.server.send_timeout, Some(self.send_timed_out.clone()));
+        while let Some(Admitted { stream, peer, place }) = self.acceptor.next(&self.stop).await {
             // The places go with the connection (and an upgraded tunnel it turns into).
-            let place = ConnectionPlace { total: permit, address };
             let connection = self.gate.connection(peer, self.tls.is_some(), Verdicts::default(), Some(place));
             let gate = self.gate.clone();
             let protocols = self.protocols.clone();
@@ -229,7 +300,7 @@ impl Listener {
                 }
             });
         }
-        drop(self.listener);
+        drop(self.acceptor);
         tracing::info!(grace = ?self.server.shutdown_grace, "shutting down: finishing in-flight requests");
         drain.cancel();
         open.close();
@@ -244,29 +315,13 @@ impl Listener {
             let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         }
     }
-
-    /// Accept the next connection; on errors (out of file descriptors, say) back off
-    /// instead of spinning.
-    async fn accept(&self) -> (TcpStream, SocketAddr) {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            match self.listener.accept().await {
-                Ok(accepted) => return accepted,
-                Err(error) => {
-                    tracing::warn!(%error, ?backoff, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    }
 }
 
 /// Streams one HTTP/2 connection may have open at once (nginx's `http2_max_concurrent_streams`).
 const MAX_STREAMS: u32 = 128;
 
 /// Counts a client let go for `send_timeout` on `listener`.
-pub(crate) fn send_timed_out(gate: &Arc<Gate>, listener: &'static str) -> Arc<dyn Fn() + Send + Sync> {
+fn send_timed_out(gate: &Arc<Gate>, listener: &'static str) -> Arc<dyn Fn() + Send + Sync> {
     let metrics = gate.metrics().clone();
     Arc::new(move || metrics.connection_limited(listener, "send_timeout"))
 }
@@ -274,7 +329,7 @@ pub(crate) fn send_timed_out(gate: &Arc<Gate>, listener: &'static str) -> Arc<dy
 /// Answer a connection over the per-address cap, as nginx's `limit_conn` does (503), in one
 /// write that never waits: a client that does not read gets nothing. Over TLS there is no
 /// answer before a handshake, so the connection is just closed.
-pub(crate) fn refuse_connection(stream: &TcpStream, tls: bool) {
+fn refuse_connection(stream: &TcpStream, tls: bool) {
     const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n\
         Content-Type: text/plain; charset=utf-8\r\nContent-Length: 40\r\n\r\nToo many connections from your address.\n";
     if !tls {

@@ -23,17 +23,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Body};
 use crate::config::{AdminConfig, ServerConfig};
 use crate::gate::Gate;
-use crate::limit::Slots;
 use crate::line;
 use crate::room::settings::Overrides;
 use crate::room::Room;
-use crate::slow::SendTimeout;
 use history::History;
 
 /// Largest request body the admin API reads.
@@ -108,49 +105,25 @@ pub async fn start(
     let state = Arc::new(State { gate: gate.clone(), draining, history: History::default() });
     let stop = gate.stop_token().clone();
     gate.tasks().spawn(history::sample(state.gate.clone(), state.history.clone(), stop.clone()));
-    let limits = Limits {
-        per_address: Slots::new(usize::MAX, MAX_CONNECTIONS_PER_ADDRESS.min(server.max_connections_per_address.get())),
+    let caps = crate::server::Caps {
+        total: MAX_CONNECTIONS,
+        per_address: MAX_CONNECTIONS_PER_ADDRESS.min(server.max_connections_per_address.get()),
         send_timeout: server.send_timeout,
-        send_timed_out: crate::server::send_timed_out(&gate, "admin"),
+        trusted_uncounted: false,
     };
-    gate.tasks().spawn(accept(listener, state, limits, stop));
+    let acceptor = crate::server::Acceptor::new(listener, "admin", caps, false, &gate);
+    gate.tasks().spawn(accept(acceptor, state, stop));
     tracing::info!(%addr, "admin listening");
     Ok(addr)
 }
 
-/// The admin listener's limits besides `MAX_CONNECTIONS`.
-struct Limits {
-    per_address: Arc<Slots>,
-    send_timeout: Duration,
-    send_timed_out: Arc<dyn Fn() + Send + Sync>,
-}
-
-async fn accept(listener: TcpListener, state: Arc<State>, limits: Limits, stop: CancellationToken) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
-            () = stop.cancelled() => return,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => return,
-        };
-        let Ok((stream, peer)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let Some(slot) = limits.per_address.admit(peer.ip()) else {
-            crate::server::refuse_connection(&stream, false);
-            state.gate.metrics().connection_limited("admin", "per_address");
-            tracing::debug!(%peer, "admin connection refused: too many from this address");
-            continue;
-        };
-        let stream = SendTimeout::new(stream, limits.send_timeout, Some(limits.send_timed_out.clone()));
+/// Serve the admin listener's connections, HTTP/1.1 only, until `stop`.
+async fn accept(acceptor: crate::server::Acceptor, state: Arc<State>, stop: CancellationToken) {
+    while let Some(crate::server::Admitted { stream, peer, place }) = acceptor.next(&stop).await {
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let _places = (permit, slot);
+            let _place = place;
             let service = service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, request, peer.ip()).await) }
