@@ -12,8 +12,8 @@ use vestibule::config::{Config, LogConfig};
 use vestibule::token::{generate_key, random_id, unix_now, KeyKind, Tokens};
 use vestibule::{demo, loadtest, server, telemetry};
 
-// The proxy allocates and frees small buffers for every request; with mimalloc the admitted
-// path runs 7% fewer instructions per request than with glibc's allocator (callgrind).
+// The proxy allocates and frees small buffers for every request, which mimalloc does in fewer
+// instructions than glibc's allocator (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -239,8 +239,7 @@ async fn probe(url: http::Uri, timeout: Duration) -> anyhow::Result<()> {
 }
 
 /// The tokio runtime. With one worker, a current-thread runtime does the same work without the
-/// multi-thread scheduler's cross-thread bookkeeping: 1.6x the admitted-path throughput of a
-/// one-worker multi-thread runtime in benches/admitted.sh.
+/// multi-thread scheduler's cross-thread bookkeeping (`benches/admitted.sh` compares them).
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = if workers == Some(1) {
         tokio::runtime::Builder::new_current_thread()

@@ -10,8 +10,8 @@
 //! `ticket:<room>`, which no room id can equal (room ids have no `:`), so a ticket never passes
 //! as an admission token nor a token as a ticket. Only vestibule reads a ticket, so it is
 //! signed with HMAC-SHA256 under a secret derived from the private key (a few microseconds)
-//! rather than with the public-key signature an admission token needs for the JWKS (an
-//! Ed25519 signature was 86 % of a join's proxy CPU). The derived key has its own `kid` and
+//! rather than with the public-key signature an admission token needs for the JWKS (which
+//! would be most of a join's CPU). The derived key has its own `kid` and
 //! verifies tickets only.
 
 use std::collections::HashMap;
@@ -219,7 +219,7 @@ struct RingKey {
 enum Signature {
     /// Ed25519 with the key parsed once. `jsonwebtoken::encode` parses the PKCS#8 key and
     /// derives its public half (a scalar multiplication as costly as the signature) on every
-    /// call: 42 % of a join's instructions (callgrind).
+    /// call.
     Ed25519(ed25519_dalek::SigningKey),
     /// HMAC-SHA256: tickets, which vestibule alone reads.
     Hmac(ring::hmac::Key),

@@ -46,8 +46,8 @@ pub const EMPTY_STEP: Duration = Duration::from_secs(1);
 /// hears the leader; a try also says, for LEASE, that the instance is alive. Otherwise it tries
 /// when the leader's lease runs out, as the last try said (a leader that dies is replaced the
 /// moment its lease ends; one that gives the lease up says so, and the others try at once).
-/// Trying every step, then every 500 ms, made the followers' lease calls most of what idle
-/// rooms cost Redis (`bash benches/idle-rooms.sh`).
+/// Rarely, because followers' lease calls are most of what an idle room costs Redis
+/// (`bash benches/idle-rooms.sh`).
 pub const LEASE_TRY_EVERY: Duration = Duration::from_millis(1_500);
 /// Tried this long after the holder's lease should have run out.
 const LEASE_MARGIN: Duration = Duration::from_millis(10);
