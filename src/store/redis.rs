@@ -288,38 +288,82 @@ fn classify(error: RedisError) -> StoreError {
     }
 }
 
-/// The report every line script can give (`report()` in `lua/common.lua`).
-type Report = (u64, u64, u32, u32, u64, i64, u64, u64, u64, u32, u64, u64);
+/// The report every line script can give (`report()` in `lua/common.lua`), field by field in
+/// its order there.
+#[derive(Debug, Clone, Copy)]
+struct Report {
+    cursor: u64,
+    last_ticket: u64,
+    active: u32,
+    outstanding: u32,
+    /// Admissions in the last minute, and when the first of them was (-1: none).
+    admitted: u64,
+    first_admitted: i64,
+    epoch: u64,
+    line: u64,
+    settings_version: u64,
+    /// The adaptive rate in force, per minute (0: none).
+    adaptive: u32,
+    prequeued: u64,
+    prequeue_event: u64,
+}
 
-fn stats_of(report: Report, now: u64) -> Stats {
-    let (
-        cursor,
-        last_ticket,
-        active,
-        outstanding,
-        admitted,
-        first,
-        epoch,
-        line,
-        settings_version,
-        adaptive,
-        prequeued,
-        prequeue_event,
-    ) = report;
-    Stats {
-        cursor,
-        last_ticket,
-        active,
-        outstanding,
-        waiting: last_ticket.saturating_sub(cursor),
-        rate_per_second: crate::line::observed_rate(admitted as usize, u64::try_from(first).ok(), now),
-        admitted_last_minute: admitted,
-        epoch,
-        line,
-        settings_version,
-        adaptive_per_minute: (adaptive > 0).then_some(adaptive),
-        prequeued,
-        prequeue_event,
+impl Report {
+    /// How many integers a report is.
+    const LEN: usize = 12;
+
+    /// A report from the script's integers, in `report()`'s order.
+    fn of(values: &[i64]) -> Result<Report, String> {
+        let [cursor, last, active, outstanding, admitted, first, epoch, line, version, adaptive, prequeued, event] =
+            *values
+        else {
+            return Err(format!("a report of {} integers, not {}", values.len(), Report::LEN));
+        };
+        let number = |value: i64| u64::try_from(value).map_err(|_| format!("{value} in a report"));
+        let count = |value: i64| u32::try_from(value).map_err(|_| format!("{value} in a report"));
+        Ok(Report {
+            cursor: number(cursor)?,
+            last_ticket: number(last)?,
+            active: count(active)?,
+            outstanding: count(outstanding)?,
+            admitted: number(admitted)?,
+            first_admitted: first,
+            epoch: number(epoch)?,
+            line: number(line)?,
+            settings_version: number(version)?,
+            adaptive: count(adaptive)?,
+            prequeued: number(prequeued)?,
+            prequeue_event: number(event)?,
+        })
+    }
+
+    fn stats(self, now: u64) -> Stats {
+        Stats {
+            cursor: self.cursor,
+            last_ticket: self.last_ticket,
+            active: self.active,
+            outstanding: self.outstanding,
+            waiting: self.last_ticket.saturating_sub(self.cursor),
+            rate_per_second: crate::line::observed_rate(
+                self.admitted as usize,
+                u64::try_from(self.first_admitted).ok(),
+                now,
+            ),
+            admitted_last_minute: self.admitted,
+            epoch: self.epoch,
+            line: self.line,
+            settings_version: self.settings_version,
+            adaptive_per_minute: (self.adaptive > 0).then_some(self.adaptive),
+            prequeued: self.prequeued,
+            prequeue_event: self.prequeue_event,
+        }
+    }
+}
+
+impl FromRedisValue for Report {
+    fn from_redis_value(value: Value) -> Result<Report, redis::ParsingError> {
+        let values: Vec<i64> = FromRedisValue::from_redis_value(value)?;
+        Report::of(&values).map_err(redis::ParsingError::from)
     }
 }
 
@@ -648,13 +692,13 @@ impl RedisStore {
     /// Take in a report; when another instance has restored the line since the last one,
     /// merge what this instance knew into it and report again.
     async fn reported(&self, room: &str, limits: &Limits, now: u64, report: Report) -> Result<Stats, StoreError> {
-        let mut stats = stats_of(report, now);
+        let mut stats = report.stats(now);
         let known = self.knowledge(room);
         if known.epoch != 0 && stats.epoch != known.epoch {
             self.restore(room, limits, now).await?;
-            let report =
+            let report: Report =
                 self.run("stats", room, limits, now, |store| store.invocation_of_stats(room, limits, now)).await?;
-            stats = stats_of(report, now);
+            stats = report.stats(now);
         }
         self.learn(room, |k| {
             k.epoch = stats.epoch;
@@ -792,26 +836,13 @@ impl RedisStore {
             })
             .await?;
         let malformed = || StoreError::Failed("unexpected redis reply to advance".into());
-        let (head, ended) = reply.split_at_checked(13).ok_or_else(malformed)?;
-        let number = |i: usize| u64::try_from(head[i]).map_err(|_| malformed());
-        let count = |i: usize| u32::try_from(head[i]).map_err(|_| malformed());
-        let report = (
-            number(1)?,
-            number(2)?,
-            count(3)?,
-            count(4)?,
-            number(5)?,
-            head[6],
-            number(7)?,
-            number(8)?,
-            number(9)?,
-            count(10)?,
-            number(11)?,
-            number(12)?,
-        );
+        let (head, ended) = reply.split_at_checked(1 + Report::LEN).ok_or_else(malformed)?;
+        let granted = u32::try_from(head[0]).map_err(|_| malformed())?;
+        let report =
+            Report::of(&head[1..]).map_err(|problem| StoreError::Failed(format!("redis: advance: {problem}")))?;
         let ended = ended.chunks_exact(2).map(|pair| (pair[0] as u64, pair[1] as u64)).collect();
         let stats = self.reported(room, limits, now, report).await?;
-        Ok(Advanced { granted: count(0)?, ended, stats })
+        Ok(Advanced { granted, ended, stats })
     }
 
     pub async fn redeem(
