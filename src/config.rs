@@ -59,7 +59,7 @@ fn check_admin_token(token: &str) -> Result<(), String> {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The public listener.
@@ -85,7 +85,7 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address of the public listener.
@@ -185,7 +185,7 @@ impl<'de> Deserialize<'de> for CookieSecure {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first.
@@ -194,7 +194,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener; keep it private.
@@ -211,7 +211,7 @@ pub struct AdminConfig {
     pub hosts: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The protected upstream, `http://host:port`; request paths are appended to it.
@@ -256,7 +256,7 @@ pub enum StoreKind {
     RedisCluster,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `memory`, `redis` or `redis-cluster`.
@@ -270,7 +270,7 @@ pub struct StoreConfig {
     pub urls: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensConfig {
     /// The key that signs new tokens (PEM: Ed25519, P-256 or RSA; or a file of at least 32
@@ -295,7 +295,7 @@ pub struct TokensConfig {
     pub hmac_tickets: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomConfig {
     /// Room id: lower-case letters, digits, `-` and `_`; used in cookie names and token `aud`.
@@ -383,7 +383,7 @@ pub struct RoomConfig {
 /// and see a countdown; at `starts_at` every pre-queue number is given its place in one
 /// random order (see [`crate::wire::shuffle`]), and later arrivals line up behind. The
 /// overrides are in force from `prequeue_at` until `ends_at` (or the next event's pre-queue).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventConfig {
     /// Its name, shown to visitors and in the published seed.
@@ -467,7 +467,7 @@ fn unix_ms(datetime: &toml::value::Datetime) -> Result<u64, String> {
 /// `[rooms.adaptive]`: targets for the upstream's health; the rate steps down by `decrease`
 /// when a window misses one, and climbs back by `increase_per_minute` when it meets both,
 /// between `min_per_minute` and `admit_per_minute` (see [`crate::room::adaptive`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptiveConfig {
     /// Target for the p95 latency of the upstream's answers (to the response head), in ms.
@@ -509,7 +509,7 @@ impl AdaptiveConfig {
 
 /// `[rooms.bypass]`: synthetic monitors and staff pass the room without a token, without a
 /// ticket and without counting against the room (counted as `bypassed` in the metrics).
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BypassConfig {
     /// Client addresses or ranges (as `server.trusted_proxies` decides the client's address).
@@ -556,7 +556,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.

@@ -159,3 +159,31 @@ fn bad_rules_are_refused_with_the_key_that_is_wrong() {
         assert!(!error.contains("short\""), "the secret is not repeated: {error}");
     }
 }
+
+/// A reload that changes only the bypass secret puts the new one in force (a secret is kept
+/// out of logs and debug output, so a change is seen by comparing the settings themselves).
+#[tokio::test]
+async fn a_reload_puts_a_new_bypass_secret_in_force() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let room = |secret: &str| {
+        format!("admit_per_minute = 60\nmax_active = 1\nstate = \"paused\"\n[rooms.bypass]\nsecret = \"{secret}\"\n")
+    };
+    let gate = start_room(upstream_addr, &room(SECRET)).await;
+    let (status, _) = send_from("127.0.0.1", gate.addr, request("GET", Some(SECRET))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let rotated = "monitor-secret-rotated-9876";
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[upstream]\nurl = \"http://{upstream_addr}\"\n\
+         [tokens]\nsigning_key = {:?}\n[[rooms]]\nid = \"checkout\"\npaths = [\"/checkout\"]\n{}",
+        gate.key_path,
+        room(rotated)
+    );
+    let config = vestibule::config::Config::parse(&text, "test.toml", gate.dir.path()).unwrap();
+    let reloaded = gate.running.gate().reload(config).unwrap();
+    assert_eq!(reloaded.changed, ["checkout"], "{reloaded:?}");
+    let (status, _) = send_from("127.0.0.1", gate.addr, request("GET", Some(rotated))).await;
+    assert_eq!(status, StatusCode::OK, "the new secret passes");
+    let (status, _) = send_from("127.0.0.1", gate.addr, request("GET", Some(SECRET))).await;
+    assert!(is_gate_wait(status), "the old one does not: {status}");
+}

@@ -51,7 +51,6 @@ impl Gate {
     /// changed.
     pub fn reload(&self, config: Config) -> anyhow::Result<Reloaded> {
         let old = self.config();
-        let debug = |value: &dyn std::fmt::Debug| format!("{value:?}");
         let mut reloaded = Reloaded::default();
         // Keys and the upstream first: the parts that can still fail (a key file gone, no
         // resolver configuration).
@@ -63,8 +62,8 @@ impl Gate {
         reloaded.keys = new_ring.jwks() != old_ring.jwks()
             || new_ring.signing_kid() != old_ring.signing_kid()
             || new_ring.event_secret() != old_ring.event_secret()
-            || debug(&config.tokens) != debug(&old.tokens);
-        let upstream = if debug(&config.upstream) != debug(&old.upstream) {
+            || config.tokens != old.tokens;
+        let upstream = if config.upstream != old.upstream {
             let timer = self.metrics.upstream();
             Some(Upstream::new(&config.upstream, self.stop.clone(), self.tunnels.clone(), timer)?)
         } else {
@@ -75,7 +74,7 @@ impl Gate {
         for room_config in &config.rooms {
             match self.room_by_id(&room_config.id) {
                 Some(room) => {
-                    if debug(&room.settings().config) != debug(room_config) {
+                    if room.settings().config != *room_config {
                         room.reconfigure(room_config.clone());
                         reloaded.changed.push(room.id.clone());
                     }
@@ -117,12 +116,12 @@ impl Gate {
             config.server.max_feed_sockets = old.server.max_feed_sockets;
         }
         let (server, old_server) = (&config.server, &old.server);
-        let admin_listen = |config: &Config| debug(&config.admin.as_ref().map(|a| a.listen));
+        let admin_listen = |config: &Config| config.admin.as_ref().map(|a| a.listen);
         let needs_restart = [
-            ("server.listen", debug(&server.listen) != debug(&old_server.listen)),
-            ("server.tls", debug(&server.tls) != debug(&old_server.tls)),
-            ("server.workers", debug(&server.workers) != debug(&old_server.workers)),
-            ("server.trusted_proxies", debug(&server.trusted_proxies) != debug(&old_server.trusted_proxies)),
+            ("server.listen", server.listen != old_server.listen),
+            ("server.tls", server.tls != old_server.tls),
+            ("server.workers", server.workers != old_server.workers),
+            ("server.trusted_proxies", server.trusted_proxies != old_server.trusted_proxies),
             ("server.cookie_secure", server.cookie_secure != old_server.cookie_secure),
             ("server.max_connections", server.max_connections != old_server.max_connections),
             (
@@ -131,9 +130,9 @@ impl Gate {
             ),
             ("server.send_timeout", server.send_timeout != old_server.send_timeout),
             // Any other key of [server]: the listeners and the gate took them at start.
-            ("server", debug(server) != debug(old_server)),
+            ("server", server != old_server),
             ("admin.listen", admin_listen(&config) != admin_listen(&old)),
-            ("store", debug(&config.store) != debug(&old.store)),
+            ("store", config.store != old.store),
             ("log.format", config.log.format != old.log.format),
             ("log.level", config.log.level != old.log.level),
         ];
