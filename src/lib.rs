@@ -2,65 +2,76 @@
 //!
 //! # Layout
 //!
+//! In layers, each using only those below it (docs/design.md, "Architecture"): entry → gate →
+//! room and token → store → line. Beside them, used from any layer: configuration, metrics,
+//! limits and the small shared modules at the end. The load tool is a client: it speaks HTTP
+//! and shares only [`wire`] with the server. Modules that are not API are `pub(crate)`.
+//!
+//! Entry:
+//! - [`server`]: listeners, TLS, one accept loop with the connection caps, graceful shutdown.
+//! - [`admin`]: the admin listener: probes, metrics, live room controls, reload, dashboard.
 //! - [`check`]: `vestibule check`: what a configuration holds, and what is likely wrong.
-//! - [`config`]: `proxy.toml` as serde types, validated into typed values with errors that
-//!   name the file and the key.
-//! - [`path`]: the one canonical form of a request path, used both to decide whether a room
-//!   guards it and as the path forwarded upstream.
-//! - [`token`]: the key ring, admission token minting, strict verification, a cache of
-//!   verified tokens, and the JWKS document.
-//! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions.
-//! - [`store`]: the line's atomic operations, kept in memory (one instance) or in Redis (one
-//!   server or a cluster), with a lost line restored from what the instances knew.
-//! - [`metrics`]: Prometheus metrics, cheap on the hot path.
-//! - [`loadtest`]: `vestibule loadtest`, an open-loop crowd with a fairness and latency report.
-//! - [`room`]: rooms at run time: snapshot, scheduler, status, the waiting page and the feed.
-//! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
-//! - [`gate`]: the decision made for every request (`Forward`, `Wait`, `Reject`) and the
-//!   reserved `/_vestibule/` endpoints.
-//! - [`forward`]: the pooled upstream client, streaming both ways, timeouts, upgrades.
-//! - [`resolve`]: the upstream's host name resolved without blocking, each answer kept for its TTL.
-//! - [`lane`]: the fast lane for bodiless HTTP/1.1 requests the gate forwards, hyper for the rest.
+//! - [`demo`]: the built-in demo shop that `vestibule demo` puts behind the gate.
+//!
+//! Gate (a request's phases, on both HTTP paths):
+//! - [`gate`]: the decision made for every request and the reserved `/_vestibule/` endpoints.
+//! - `lane`: the fast lane for bodiless HTTP/1.1 requests the gate forwards, hyper for the rest.
+//! - `forward`, `pool`, `resolve`: the upstream client, its keep-alive pool, its name lookups.
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
 //! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
+//! - [`path`]: the one canonical form of a request path.
+//! - `slow`: the send timeout: a client that does not read cannot hold a connection.
+//! - `error`, `body`: the request path's error type and its one body type.
+//!
+//! Room and token:
+//! - [`room`]: rooms at run time: settings, snapshot, scheduler, status, waiting page, feed.
+//! - [`token`]: the key ring, admission tokens and tickets, strict verification, the JWKS.
 //! - [`challenge`]: the proof of work a room may ask of a visitor before they join.
+//!
+//! Store and line:
+//! - [`store`]: the line's atomic operations, in memory (one instance) or in Redis (a server
+//!   or a cluster), with a lost line restored from what the instances knew.
+//! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions, and
+//!   the live overrides.
+//!
+//! Beside them:
+//! - [`config`]: `proxy.toml` as serde types, validated into typed values with errors that
+//!   name the file and the key.
+//! - [`metrics`], [`telemetry`], `refusals`: Prometheus metrics, the log's set-up, the log's
+//!   summary of refused requests.
 //! - [`limit`]: per client address: joins, connections and feed sockets, in bounded memory.
-//! - [`refusals`]: refused and failed requests summarised in the log, one line per interval.
-//! - [`error`]: the request-path error type and the one place it maps to HTTP statuses.
-//! - [`body`]: the one body type of the proxy, with `empty()` and `full()`.
-//! - [`server`]: listeners, TLS, the connection caps and graceful shutdown.
-//! - [`slow`]: the send timeout: a client that does not read cannot hold a connection.
-//! - [`admin`]: the admin listener: probes, metrics, live room controls, reload, dashboard.
-//! - [`demo`]: the built-in demo shop that `vestibule demo` puts behind the gate.
-//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
+//! - `wire`: what the server and its clients share: cookie names, the scheduler's step, a
+//!   sale's published shuffle. `id`: random identifiers.
+//! - [`loadtest`]: `vestibule loadtest`, an open-loop crowd with a fairness and latency report.
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod body;
+pub(crate) mod body;
 pub mod challenge;
 pub mod check;
 pub mod clock;
 pub mod config;
 pub mod demo;
-pub mod error;
-pub mod forward;
+pub(crate) mod error;
+pub(crate) mod forward;
 pub mod framing;
 pub mod gate;
 pub mod hop;
-pub mod id;
-pub mod lane;
+pub(crate) mod id;
+pub(crate) mod lane;
 pub mod limit;
 pub mod line;
 pub mod loadtest;
 pub mod metrics;
 pub mod path;
-pub mod pool;
-pub mod refusals;
-pub mod resolve;
+pub(crate) mod pool;
+pub(crate) mod refusals;
+pub(crate) mod resolve;
 pub mod room;
 pub mod server;
-pub mod slow;
+pub(crate) mod slow;
 pub mod store;
 pub mod telemetry;
 pub mod token;
-pub mod wire;
+pub(crate) mod wire;
