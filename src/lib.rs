@@ -5,7 +5,7 @@
 //! In layers, each using only those below it (docs/design.md, "Architecture"): entry → gate →
 //! room and token → store → line. Beside them, used from any layer: configuration, metrics,
 //! limits and the small shared modules at the end. The load tool is a client: it speaks HTTP
-//! and shares only [`wire`] with the server. Modules that are not API are `pub(crate)`.
+//! and shares only `wire` with the server. Modules that are not API are `pub(crate)`.
 //!
 //! Entry:
 //! - [`server`]: listeners, TLS, one accept loop with the connection caps, graceful shutdown.
