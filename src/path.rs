@@ -107,6 +107,16 @@ fn is_plain(raw: &str) -> bool {
     !bytes.iter().any(odd_byte) && !raw.contains("//") && !raw.contains("/.")
 }
 
+/// One query parameter, percent-decoded (at most 64 bytes; an empty value is none).
+pub fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).and_then(
+        |(_, value)| {
+            let value = percent_encoding::percent_decode_str(value).decode_utf8().ok()?;
+            (!value.is_empty() && value.len() <= 64).then(|| value.into_owned())
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

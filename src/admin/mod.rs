@@ -273,13 +273,13 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
         ["rooms", id, "preview"] => {
             only(&method, &[Method::GET])?;
             let room = room(state, id)?;
-            let wanted = crate::gate::query_param(request.uri(), "state");
+            let wanted = crate::path::query_param(request.uri(), "state");
             let wanted = wanted.as_deref().unwrap_or("waiting");
             if !crate::room::page::PREVIEW_STATES.contains(&wanted) {
                 let states = crate::room::page::PREVIEW_STATES.join(", ");
                 return Err(Problem::field("state", format!("one of {states}")));
             }
-            let lang = crate::gate::query_param(request.uri(), "lang");
+            let lang = crate::path::query_param(request.uri(), "lang");
             if let Some(lang) = &lang {
                 if crate::room::lang::find(lang).is_none() {
                     let codes: Vec<&str> = crate::room::lang::bundled().iter().map(|l| l.code.as_str()).collect();
@@ -290,7 +290,7 @@ async fn route(state: &State, request: Request<Incoming>) -> Result<Response<Bod
         }
         ["history"] => {
             only(&method, &[Method::GET])?;
-            let since = crate::gate::query_param(request.uri(), "since").and_then(|since| since.parse().ok());
+            let since = crate::path::query_param(request.uri(), "since").and_then(|since| since.parse().ok());
             Ok(json(StatusCode::OK, &state.history.since(since.unwrap_or(0))))
         }
         ["reload"] => {

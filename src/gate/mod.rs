@@ -46,7 +46,6 @@ use crate::slow::StallGuard;
 use crate::store::{Announcement, Store, StoreError};
 use crate::token::{Admission, Tokens};
 pub use reload::Reloaded;
-pub(crate) use reserved::query_param;
 pub use reserved::{RESERVED_PREFIX, WELL_KNOWN_JWKS};
 pub(crate) use respond::Cookies;
 

@@ -42,7 +42,8 @@ impl Gate {
         if !matches!(endpoint, "status" | "leave" | "ws" | "events") {
             return Err(GateError::NotFound);
         }
-        let room_id = query_param(request.uri(), "room").ok_or(GateError::BadRequest("Name the room: ?room=ID"))?;
+        let room_id =
+            crate::path::query_param(request.uri(), "room").ok_or(GateError::BadRequest("Name the room: ?room=ID"))?;
         let room = self.room_by_id(&room_id).ok_or(GateError::NotFound)?;
         room.at(self.clock.now_ms());
         match (endpoint, method) {
@@ -111,16 +112,6 @@ impl Gate {
             _ => Err(GateError::MethodNotAllowed),
         }
     }
-}
-
-/// One query parameter, percent-decoded.
-pub(crate) fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
-    uri.query()?.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).and_then(
-        |(_, value)| {
-            let value = percent_encoding::percent_decode_str(value).decode_utf8().ok()?;
-            (!value.is_empty() && value.len() <= 64).then(|| value.into_owned())
-        },
-    )
 }
 
 /// Check a websocket handshake request and make the `101` answer.
