@@ -41,21 +41,18 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
     }
     checked.loaded.push(format!("server.listen: {}", config.server.listen));
     match &config.admin {
-        Some(admin) => {
-            checked.loaded.push(format!("admin.listen: {}", admin.listen));
-            match admin.token_env.as_deref() {
-                Some(var) if std::env::var_os(var).is_none() => {
-                    checked.warnings.push(format!("admin.token_env: {var} is not set here; `run` needs it"));
-                }
-                // Set here: checked as `run` will check it.
-                Some(_) => config
-                    .clone()
-                    .resolve_admin_token()
-                    .map_err(|error| anyhow::anyhow!("{}", error.key_and_message()))?,
-                None => {}
-            }
-        }
+        Some(admin) => checked.loaded.push(format!("admin.listen: {}", admin.listen)),
         None => checked.loaded.push("admin: none (no admin API, no /metrics)".to_owned()),
+    }
+    // Secrets from the environment: said when this shell lacks them, checked as `run` will
+    // check them when it has them.
+    let unset: Vec<_> =
+        config.secret_variables().into_iter().filter(|(_, var)| std::env::var_os(var).is_none()).collect();
+    for (key, var) in &unset {
+        checked.warnings.push(format!("{key}: {var} is not set here; `run` needs it"));
+    }
+    if unset.is_empty() {
+        config.clone().resolve_secrets().map_err(|error| anyhow::anyhow!("{}", error.key_and_message()))?;
     }
     checked.loaded.push(format!("upstream.url: {}", config.upstream.url));
     checked.loaded.push(match config.store.kind {

@@ -45,6 +45,17 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The secret in environment variable `var` (`what` it is, for the error), checked.
+fn from_env(var: &str, what: &str, check: fn(&str) -> Result<(), String>) -> Result<String, String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => {
+            check(&value).map_err(|problem| format!("the value of {var} is {problem}"))?;
+            Ok(value)
+        }
+        _ => Err(format!("environment variable {var} is not set: set it to {what}")),
+    }
+}
+
 /// An admin token's own checks: long enough, not the shipped example.
 fn check_admin_token(token: &str) -> Result<(), String> {
     if token.len() < 12 {
@@ -785,24 +796,59 @@ impl Config {
         Ok(())
     }
 
-    /// Take `admin.token_env`'s value from the environment, checked as a token written in the
-    /// file is. Only the commands that serve need it (`run`, a reload).
-    pub fn resolve_admin_token(&mut self) -> Result<(), ConfigError> {
+    /// Take the secrets named by `admin.token_env` and `rooms[i].bypass.secret_env` from the
+    /// environment, each checked as one written in the file is. Only the commands that serve
+    /// need them (`run`, a reload): `check`, `token` and `loadtest` do not.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
         let file = self.source.as_ref().map_or_else(|| "(configuration)".to_owned(), |p| p.display().to_string());
-        let Some(admin) = &mut self.admin else { return Ok(()) };
-        let Some(var) = admin.token_env.clone() else { return Ok(()) };
-        let error = |message: String| ConfigError { file: file.clone(), key: "admin.token_env".to_owned(), message };
-        let token = match std::env::var(&var) {
-            Ok(token) if !token.is_empty() => token,
-            _ => return Err(error(format!("environment variable {var} is not set: set it to the admin token"))),
-        };
-        check_admin_token(&token).map_err(|message| error(format!("the value of {var} is {message}")))?;
-        admin.token = Some(token);
+        let error = |key: String, message: String| ConfigError { file: file.clone(), key, message };
+        if let Some(admin) = &mut self.admin {
+            if let Some(var) = &admin.token_env {
+                let token = from_env(var, "the admin token", check_admin_token)
+                    .map_err(|message| error("admin.token_env".to_owned(), message))?;
+                admin.token = Some(token);
+            }
+        }
+        for (i, room) in self.rooms.iter_mut().enumerate() {
+            let Some(bypass) = &mut room.bypass else { continue };
+            if let Some(var) = &bypass.secret_env {
+                let secret = from_env(var, "the bypass secret", check_bypass_secret)
+                    .map_err(|message| error(format!("rooms[{i}].bypass.secret_env"), message))?;
+                bypass.secret = Some(secret);
+            }
+        }
         Ok(())
+    }
+
+    /// The environment variables the configuration names for secrets, by key.
+    pub fn secret_variables(&self) -> Vec<(String, &str)> {
+        let admin = self.admin.iter().filter_map(|admin| admin.token_env.as_deref());
+        let admin = admin.map(|var| ("admin.token_env".to_owned(), var));
+        let bypass = self.rooms.iter().enumerate().filter_map(|(i, room)| {
+            let var = room.bypass.as_ref()?.secret_env.as_deref()?;
+            Some((format!("rooms[{i}].bypass.secret_env"), var))
+        });
+        admin.chain(bypass).collect()
     }
 
     /// Semantic checks serde cannot make: `Err((key, message))`.
     fn validate(&mut self) -> Result<(), (String, String)> {
+        self.validate_server()?;
+        if let Some(admin) = &mut self.admin {
+            validate_admin(admin)?;
+        }
+        self.validate_upstream()?;
+        self.validate_store()?;
+        self.validate_tokens()?;
+        let mut ids = HashSet::new();
+        let mut prefixes = HashSet::new();
+        for (i, room) in self.rooms.iter_mut().enumerate() {
+            validate_room(i, room, &mut ids, &mut prefixes)?;
+        }
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), (String, String)> {
         let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
         let server = &self.server;
         if server.max_header_bytes < MIN_HEADER_BYTES {
@@ -826,29 +872,11 @@ impl Config {
             }
         }
 
-        if let Some(admin) = &mut self.admin {
-            match (&admin.token, &admin.token_env) {
-                (Some(_), Some(_)) => return fail("admin", "set `token` or `token_env`, not both"),
-                (None, None) => return fail("admin.token", "missing: set `token` or `token_env`"),
-                // Read from the environment only by the commands that serve (`run`, a reload):
-                // `check`, `token` and `loadtest` do not need it.
-                (None, Some(var)) if var.is_empty() => return fail("admin.token_env", "name an environment variable"),
-                (None, Some(_)) => {}
-                (Some(token), None) => {
-                    check_admin_token(token).map_err(|message| ("admin.token".to_owned(), message))?
-                }
-            }
-            for (i, host) in admin.hosts.iter_mut().enumerate() {
-                let valid = !host.is_empty()
-                    && host.len() <= 253
-                    && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-                if !valid {
-                    return Err((format!("admin.hosts[{i}]"), format!("{host:?} is not a host name")));
-                }
-                host.make_ascii_lowercase();
-            }
-        }
+        Ok(())
+    }
 
+    fn validate_upstream(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
         let url = &self.upstream.url;
         if url.scheme_str() != Some("http") {
             return fail("upstream.url", "must start with http:// (TLS to the upstream is not supported)");
@@ -860,6 +888,11 @@ impl Config {
             return fail("upstream.url", "must not have a path or query: request paths are appended as they are");
         }
 
+        Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
         match self.store.kind {
             StoreKind::Memory => {}
             StoreKind::Redis if self.store.url.is_none() => return fail("store.url", "required when kind = \"redis\""),
@@ -884,6 +917,11 @@ impl Config {
             }
         }
 
+        Ok(())
+    }
+
+    fn validate_tokens(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
         if self.tokens.issuer.is_empty() {
             return fail("tokens.issuer", "must not be empty");
         }
@@ -891,142 +929,198 @@ impl Config {
             return fail("tokens.leeway_seconds", "at most 30");
         }
 
-        let mut ids = HashSet::new();
-        let mut prefixes = HashSet::new();
-        for (i, room) in self.rooms.iter_mut().enumerate() {
-            let key = |k: &str| format!("rooms[{i}].{k}");
-            let valid_id = !room.id.is_empty()
-                && room.id.len() <= 64
-                && room.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-            if !valid_id {
-                return Err((key("id"), "use 1 to 64 of a-z, 0-9, '-' and '_'".into()));
-            }
-            if !ids.insert(room.id.clone()) {
-                return Err((key("id"), format!("room {:?} is defined twice", room.id)));
-            }
-            if room.paths.is_empty() {
-                return Err((key("paths"), "must list at least one path prefix".into()));
-            }
-            for (j, prefix) in room.paths.iter_mut().enumerate() {
-                let key = || format!("rooms[{i}].paths[{j}]");
-                if !prefix.starts_with('/') {
-                    return Err((key(), "must start with '/'".into()));
-                }
-                let canonical = canonicalize(prefix).map_err(|e| (key(), e.to_string()))?;
-                let mut normal = canonical.decoded;
-                if !room.case_sensitive {
-                    normal = normal.to_lowercase();
-                }
-                if normal == "/" {
-                    return Err((key(), "a room cannot guard the whole site; name a path prefix".into()));
-                }
-                if !prefixes.insert(normal.clone()) {
-                    return Err((key(), format!("{prefix:?} is guarded by another entry already")));
-                }
-                *prefix = normal;
-            }
-            if room.session_seconds == 0 {
-                return Err((key("session_seconds"), "must be at least 1".into()));
-            }
-            if room.grant_seconds == 0 {
-                return Err((key("grant_seconds"), "must be at least 1".into()));
-            }
-            if room.abandon_seconds < 30 {
-                return Err((
-                    key("abandon_seconds"),
-                    "must be at least 30: a page without JavaScript refreshes every 20 s".into(),
-                ));
-            }
-            if !(1..=32).contains(&room.challenge_difficulty) {
-                return Err((key("challenge_difficulty"), "from 1 to 32 (bits of work)".into()));
-            }
-            if room.session_idle_seconds < 30 {
-                return Err((
-                    key("session_idle_seconds"),
-                    "must be at least 30: an admitted session is reported in use every few seconds, not every request"
-                        .into(),
-                ));
-            }
-            if room.message.as_ref().is_some_and(|m| m.len() > 500) {
-                return Err((key("message"), "at most 500 characters".into()));
-            }
-            crate::room::lang::check(room.lang.as_deref(), &room.strings).map_err(|(k, message)| (key(&k), message))?;
-            if room.site_name.as_ref().is_some_and(|name| name.is_empty() || name.len() > 100) {
-                return Err((key("site_name"), "from 1 to 100 characters".into()));
-            }
-            if room.title.as_ref().is_some_and(|title| title.is_empty() || title.len() > 100) {
-                return Err((key("title"), "from 1 to 100 characters".into()));
-            }
-            if ![200, 202, 429, 503].contains(&room.queued_status) {
-                return Err((key("queued_status"), "one of 200, 202, 429 and 503".into()));
-            }
-            if let Some(adaptive) = &room.adaptive {
-                if adaptive.p95_ms == 0 {
-                    return Err((key("adaptive.p95_ms"), "must be at least 1 (ms)".into()));
-                }
-                if !(0.0..=1.0).contains(&adaptive.error_ratio) {
-                    return Err((key("adaptive.error_ratio"), "from 0 to 1".into()));
-                }
-                if !(1..=300).contains(&adaptive.window_seconds) {
-                    return Err((key("adaptive.window_seconds"), "from 1 to 300".into()));
-                }
-                if !(adaptive.decrease > 0.0 && adaptive.decrease < 1.0) {
-                    return Err((key("adaptive.decrease"), "between 0 and 1 (0.7 steps down by 30 %)".into()));
-                }
-                if adaptive.min_per_minute.is_some_and(|min| min > room.admit_per_minute) {
-                    return Err((key("adaptive.min_per_minute"), "at most admit_per_minute".into()));
-                }
-            }
-            let mut previous: Option<&EventConfig> = None;
-            for (j, event) in room.events.iter().enumerate() {
-                let key = |field: &str| format!("rooms[{i}].events[{j}].{field}");
-                if event.name.is_empty() || event.name.len() > 100 {
-                    return Err((key("name"), "from 1 to 100 characters".into()));
-                }
-                if event.prequeue_at > event.starts_at {
-                    return Err((key("prequeue_at"), "at or before starts_at".into()));
-                }
-                if event.ends_at.is_some_and(|ends| ends <= event.starts_at) {
-                    return Err((key("ends_at"), "after starts_at".into()));
-                }
-                if event.message.as_ref().is_some_and(|m| m.len() > 500) {
-                    return Err((key("message"), "at most 500 characters".into()));
-                }
-                if room.events[..j].iter().any(|other| other.name == event.name) {
-                    return Err((key("name"), format!("{:?} names an earlier event of this room too", event.name)));
-                }
-                if let Some(previous) = previous {
-                    // The previous one must have started (and then ended, if it says when).
-                    let must_follow = previous.ends_at.unwrap_or(previous.starts_at + 1);
-                    if event.prequeue_at < must_follow {
-                        return Err((
-                            key("prequeue_at"),
-                            "after the previous event's start (at or after its ends_at): events follow one another"
-                                .into(),
-                        ));
-                    }
-                }
-                previous = Some(event);
-            }
-            if let Some(bypass) = &mut room.bypass {
-                match (&bypass.secret, &bypass.secret_env) {
-                    (Some(_), Some(_)) => return Err((key("bypass"), "set `secret` or `secret_env`, not both".into())),
-                    (None, Some(var)) => match std::env::var(var) {
-                        Ok(value) if !value.is_empty() => bypass.secret = Some(value),
-                        _ => return Err((key("bypass.secret_env"), format!("environment variable {var} is not set"))),
-                    },
-                    _ => {}
-                }
-                if bypass.secret.as_ref().is_some_and(|secret| secret.len() < 16) {
-                    return Err((key("bypass.secret"), "too short: use at least 16 characters".into()));
-                }
-                if bypass.addresses.is_empty() && bypass.secret.is_none() {
-                    return Err((key("bypass"), "set `addresses`, a `secret`, or both".into()));
-                }
-            }
-        }
         Ok(())
     }
+}
+
+fn validate_admin(admin: &mut AdminConfig) -> Result<(), (String, String)> {
+    let fail = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
+    match (&admin.token, &admin.token_env) {
+        (Some(_), Some(_)) => return fail("admin", "set `token` or `token_env`, not both"),
+        (None, None) => return fail("admin.token", "missing: set `token` or `token_env`"),
+        // Read from the environment only by the commands that serve (`run`, a reload):
+        // `check`, `token` and `loadtest` do not need it.
+        (None, Some(var)) if var.is_empty() => return fail("admin.token_env", "name an environment variable"),
+        (None, Some(_)) => {}
+        (Some(token), None) => check_admin_token(token).map_err(|message| ("admin.token".to_owned(), message))?,
+    }
+    for (i, host) in admin.hosts.iter_mut().enumerate() {
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !valid {
+            return Err((format!("admin.hosts[{i}]"), format!("{host:?} is not a host name")));
+        }
+        host.make_ascii_lowercase();
+    }
+    Ok(())
+}
+
+/// One room (`rooms[i]`): its id, paths, times, words, and the sections below it.
+fn validate_room(
+    i: usize,
+    room: &mut RoomConfig,
+    ids: &mut HashSet<String>,
+    prefixes: &mut HashSet<String>,
+) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("rooms[{i}].{k}");
+    let valid_id = !room.id.is_empty()
+        && room.id.len() <= 64
+        && room.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid_id {
+        return Err((key("id"), "use 1 to 64 of a-z, 0-9, '-' and '_'".into()));
+    }
+    if !ids.insert(room.id.clone()) {
+        return Err((key("id"), format!("room {:?} is defined twice", room.id)));
+    }
+    if room.paths.is_empty() {
+        return Err((key("paths"), "must list at least one path prefix".into()));
+    }
+    validate_paths(i, room, prefixes)?;
+    if room.session_seconds == 0 {
+        return Err((key("session_seconds"), "must be at least 1".into()));
+    }
+    if room.grant_seconds == 0 {
+        return Err((key("grant_seconds"), "must be at least 1".into()));
+    }
+    if room.abandon_seconds < 30 {
+        return Err((
+            key("abandon_seconds"),
+            "must be at least 30: a page without JavaScript refreshes every 20 s".into(),
+        ));
+    }
+    if !(1..=32).contains(&room.challenge_difficulty) {
+        return Err((key("challenge_difficulty"), "from 1 to 32 (bits of work)".into()));
+    }
+    if room.session_idle_seconds < 30 {
+        return Err((
+            key("session_idle_seconds"),
+            "must be at least 30: an admitted session is reported in use every few seconds, not every request".into(),
+        ));
+    }
+    if room.message.as_ref().is_some_and(|m| m.len() > 500) {
+        return Err((key("message"), "at most 500 characters".into()));
+    }
+    crate::room::lang::check(room.lang.as_deref(), &room.strings).map_err(|(k, message)| (key(&k), message))?;
+    if room.site_name.as_ref().is_some_and(|name| name.is_empty() || name.len() > 100) {
+        return Err((key("site_name"), "from 1 to 100 characters".into()));
+    }
+    if room.title.as_ref().is_some_and(|title| title.is_empty() || title.len() > 100) {
+        return Err((key("title"), "from 1 to 100 characters".into()));
+    }
+    if ![200, 202, 429, 503].contains(&room.queued_status) {
+        return Err((key("queued_status"), "one of 200, 202, 429 and 503".into()));
+    }
+    validate_adaptive(i, room)?;
+    validate_events(i, room)?;
+    validate_bypass(i, room)?;
+    Ok(())
+}
+
+fn validate_paths(i: usize, room: &mut RoomConfig, prefixes: &mut HashSet<String>) -> Result<(), (String, String)> {
+    for (j, prefix) in room.paths.iter_mut().enumerate() {
+        let key = || format!("rooms[{i}].paths[{j}]");
+        if !prefix.starts_with('/') {
+            return Err((key(), "must start with '/'".into()));
+        }
+        let canonical = canonicalize(prefix).map_err(|e| (key(), e.to_string()))?;
+        let mut normal = canonical.decoded;
+        if !room.case_sensitive {
+            normal = normal.to_lowercase();
+        }
+        if normal == "/" {
+            return Err((key(), "a room cannot guard the whole site; name a path prefix".into()));
+        }
+        if !prefixes.insert(normal.clone()) {
+            return Err((key(), format!("{prefix:?} is guarded by another entry already")));
+        }
+        *prefix = normal;
+    }
+    Ok(())
+}
+
+fn validate_adaptive(i: usize, room: &RoomConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("rooms[{i}].{k}");
+    if let Some(adaptive) = &room.adaptive {
+        if adaptive.p95_ms == 0 {
+            return Err((key("adaptive.p95_ms"), "must be at least 1 (ms)".into()));
+        }
+        if !(0.0..=1.0).contains(&adaptive.error_ratio) {
+            return Err((key("adaptive.error_ratio"), "from 0 to 1".into()));
+        }
+        if !(1..=300).contains(&adaptive.window_seconds) {
+            return Err((key("adaptive.window_seconds"), "from 1 to 300".into()));
+        }
+        if !(adaptive.decrease > 0.0 && adaptive.decrease < 1.0) {
+            return Err((key("adaptive.decrease"), "between 0 and 1 (0.7 steps down by 30 %)".into()));
+        }
+        if adaptive.min_per_minute.is_some_and(|min| min > room.admit_per_minute) {
+            return Err((key("adaptive.min_per_minute"), "at most admit_per_minute".into()));
+        }
+    }
+    Ok(())
+}
+
+/// A room's scheduled sales: named, in order, one after another.
+fn validate_events(i: usize, room: &RoomConfig) -> Result<(), (String, String)> {
+    let mut previous: Option<&EventConfig> = None;
+    for (j, event) in room.events.iter().enumerate() {
+        let key = |field: &str| format!("rooms[{i}].events[{j}].{field}");
+        if event.name.is_empty() || event.name.len() > 100 {
+            return Err((key("name"), "from 1 to 100 characters".into()));
+        }
+        if event.prequeue_at > event.starts_at {
+            return Err((key("prequeue_at"), "at or before starts_at".into()));
+        }
+        if event.ends_at.is_some_and(|ends| ends <= event.starts_at) {
+            return Err((key("ends_at"), "after starts_at".into()));
+        }
+        if event.message.as_ref().is_some_and(|m| m.len() > 500) {
+            return Err((key("message"), "at most 500 characters".into()));
+        }
+        if room.events[..j].iter().any(|other| other.name == event.name) {
+            return Err((key("name"), format!("{:?} names an earlier event of this room too", event.name)));
+        }
+        if let Some(previous) = previous {
+            // The previous one must have started (and then ended, if it says when).
+            let must_follow = previous.ends_at.unwrap_or(previous.starts_at + 1);
+            if event.prequeue_at < must_follow {
+                return Err((
+                    key("prequeue_at"),
+                    "after the previous event's start (at or after its ends_at): events follow one another".into(),
+                ));
+            }
+        }
+        previous = Some(event);
+    }
+    Ok(())
+}
+
+/// `[rooms.bypass]`. A `secret_env` is read only by the commands that serve (see
+/// [`Config::resolve_secrets`]).
+fn validate_bypass(i: usize, room: &RoomConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("rooms[{i}].{k}");
+    if let Some(bypass) = &room.bypass {
+        match (&bypass.secret, &bypass.secret_env) {
+            (Some(_), Some(_)) => return Err((key("bypass"), "set `secret` or `secret_env`, not both".into())),
+            (None, Some(var)) if var.is_empty() => {
+                return Err((key("bypass.secret_env"), "name an environment variable".into()))
+            }
+            (Some(secret), None) => check_bypass_secret(secret).map_err(|message| (key("bypass.secret"), message))?,
+            _ => {}
+        }
+        if bypass.addresses.is_empty() && bypass.secret.is_none() && bypass.secret_env.is_none() {
+            return Err((key("bypass"), "set `addresses`, a `secret`, or both".into()));
+        }
+    }
+    Ok(())
+}
+
+fn check_bypass_secret(secret: &str) -> Result<(), String> {
+    if secret.len() < 16 {
+        return Err("too short: use at least 16 characters".to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

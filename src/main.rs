@@ -110,7 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run { config: PathBuf::from("proxy.toml") }) {
         Command::Run { config: path } => {
             let mut config = Config::load(&path)?;
-            config.resolve_admin_token()?;
+            config.resolve_secrets()?;
             // A key that cannot be used is said with the file it is configured in.
             Tokens::new(&config.tokens).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
             telemetry::init(&config.log);

@@ -26,7 +26,7 @@ fn the_shipped_example_admin_token_is_refused() {
     let text = SHIPPED.replace("token = \"an-operators-own-secret\"", "token_env = \"VESTIBULE_TEST_EXAMPLE_TOKEN\"");
     std::env::set_var("VESTIBULE_TEST_EXAMPLE_TOKEN", "change-me-please");
     let mut config = Config::parse(&text, "proxy.toml", Path::new(".")).expect("check does not read the variable");
-    let error = config.resolve_admin_token().unwrap_err();
+    let error = config.resolve_secrets().unwrap_err();
     assert_eq!(error.key, "admin.token_env");
     assert!(error.to_string().contains("VESTIBULE_TEST_EXAMPLE_TOKEN is the example token"), "{error}");
 }

@@ -37,7 +37,7 @@ impl Gate {
             anyhow::bail!("this configuration was not read from a file: nothing to read again");
         };
         let loaded = Config::load(&path).and_then(|mut config| {
-            config.resolve_admin_token()?;
+            config.resolve_secrets()?;
             Ok(config)
         });
         let reloaded = loaded.map_err(anyhow::Error::from).and_then(|config| self.reload(config));
