@@ -24,6 +24,14 @@ use crate::room::{page, Holding, Room};
 use crate::store::StoreError;
 use crate::token::{random_id, Admission};
 
+/// What redeeming a ticket says.
+enum Redemption {
+    /// The answer: in, or still waiting.
+    Answered(Entry),
+    /// The ticket's place is gone: the visitor joins again, told why.
+    Gone(Gone),
+}
+
 /// What a pre-queue number holds.
 enum Prequeue {
     /// Still the pre-queue (before the start, or the seating not known yet): the countdown.
@@ -160,7 +168,6 @@ impl Gate {
     async fn line_step(&self, room: &Arc<Room>, headers: &HeaderMap, client: IpAddr) -> Result<Entry, GateError> {
         let now = self.clock.now_ms();
         room.at(now);
-        let limits = room.limits();
         let mut why = None;
         // A pre-queue number: the countdown before the start, the place it drew after.
         let mut seated = None;
@@ -177,40 +184,61 @@ impl Gate {
             None => None,
         };
         if let Some(ticket) = seated.or_else(|| self.ticket(headers, room)) {
-            let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
-            let waiting = |retry_after| Entry::Wait {
-                ticket: ticket.ticket,
-                start,
-                why: None,
-                new_ticket: new_ticket.clone(),
-                retry_after,
-            };
-            // While the store is away, a waiter keeps their place on a paused page.
-            if !room.is_available() {
-                return Ok(waiting(None));
-            }
-            let redeemed = self.store.redeem(&room.id, &limits, ticket.ticket, now, room.absence(now)).await;
-            match redeemed {
-                Err(error) => {
-                    store_failed(room, &self.store, &error);
-                    // If the store carried it out, nobody got the token: say so when it is back.
-                    room.unanswered(ticket.ticket);
-                    return Ok(waiting(None));
-                }
-                // Redeemed a moment ago and not used yet: its holder whose answer was lost (the
-                // session is theirs again once that is known), or a copy. Ask again shortly.
-                Ok(Redeemed::Pending) => return Ok(waiting(Some(PENDING_RETRY_SECONDS))),
-                Ok(Redeemed::Admitted { expires_at }) => {
-                    room.observe_cursor(ticket.ticket);
-                    return Ok(Entry::Admit { visitor: ticket.visitor.clone(), place: Place::of(&ticket), expires_at });
-                }
-                Ok(Redeemed::Waiting { position }) => {
-                    room.observe_cursor(ticket.ticket.saturating_sub(position));
-                    return Ok(waiting(None));
-                }
-                Ok(Redeemed::Gone(gone)) => why = Some(gone),
+            match self.redeem(room, &ticket, new_ticket, now).await {
+                Redemption::Answered(entry) => return Ok(entry),
+                Redemption::Gone(gone) => why = Some(gone),
             }
         }
+        self.join(room, headers, client, why, now).await
+    }
+
+    /// Redeem the ticket a visitor holds: their turn (a session), their place, or gone (the
+    /// visitor joins again, told why).
+    async fn redeem(&self, room: &Arc<Room>, ticket: &Admission, new_ticket: Option<String>, now: u64) -> Redemption {
+        let start = ticket.ticket.saturating_sub(ticket.cursor_at_join.unwrap_or(0));
+        let waiting = |retry_after| {
+            let new_ticket = new_ticket.clone();
+            Redemption::Answered(Entry::Wait { ticket: ticket.ticket, start, why: None, new_ticket, retry_after })
+        };
+        // While the store is away, a waiter keeps their place on a paused page.
+        if !room.is_available() {
+            return waiting(None);
+        }
+        let limits = room.limits();
+        match self.store.redeem(&room.id, &limits, ticket.ticket, now, room.absence(now)).await {
+            Err(error) => {
+                store_failed(room, &self.store, &error);
+                // If the store carried it out, nobody got the token: say so when it is back.
+                room.unanswered(ticket.ticket);
+                waiting(None)
+            }
+            // Redeemed a moment ago and not used yet: its holder whose answer was lost (the
+            // session is theirs again once that is known), or a copy. Ask again shortly.
+            Ok(Redeemed::Pending) => waiting(Some(PENDING_RETRY_SECONDS)),
+            Ok(Redeemed::Admitted { expires_at }) => {
+                room.observe_cursor(ticket.ticket);
+                let (visitor, place) = (ticket.visitor.clone(), Place::of(ticket));
+                Redemption::Answered(Entry::Admit { visitor, place, expires_at })
+            }
+            Ok(Redeemed::Waiting { position }) => {
+                room.observe_cursor(ticket.ticket.saturating_sub(position));
+                waiting(None)
+            }
+            Ok(Redeemed::Gone(gone)) => Redemption::Gone(gone),
+        }
+    }
+
+    /// A newcomer (or one whose ticket is gone, `why`): the room's checks, then a place in
+    /// line, or straight in when nobody waits and there is room.
+    async fn join(
+        &self,
+        room: &Arc<Room>,
+        headers: &HeaderMap,
+        client: IpAddr,
+        why: Option<Gone>,
+        now: u64,
+    ) -> Result<Entry, GateError> {
+        let limits = room.limits();
         let snapshot = room.snapshot();
         if snapshot.state == RoomState::Closed {
             return Ok(Entry::Closed);
