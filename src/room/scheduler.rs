@@ -163,6 +163,20 @@ impl Room {
             Err(error) => return Err(error),
         }
         let settings = self.settings();
+        let leading = self.lease(store, now, was_available).await?;
+        let open = settings.state() == RoomState::Open;
+        self.listen(store, &settings, open && leading && was_available, now).await?;
+        let stats = self.advance_or_read(store, &settings, leading && was_available, now).await?;
+        let restored = match stats {
+            Some(stats) => self.learn(store, &settings, stats, now).await?,
+            None => false,
+        };
+        self.publish(stats, restored);
+        Ok(())
+    }
+
+    /// Hold the room's lease, or try to take it when it is due: whether this instance leads.
+    async fn lease(&self, store: &Store, now: u64, was_available: bool) -> Result<bool, StoreError> {
         let was_leading = self.leading.load(Ordering::Relaxed);
         let try_lease = if was_leading {
             // Renewed at every step while the line moves; an empty line's only as often as
@@ -193,62 +207,77 @@ impl Room {
             was_leading
         };
         self.leading.store(leading, Ordering::Relaxed);
-        // Back after an outage, waiters are seen again (this step's snapshot asks them) before
-        // the line moves on, and for a moment nobody is taken as gone.
         self.metrics.leader.set(i64::from(leading));
-        // An empty line moves nothing: advanced once per EMPTY_STEP rather than every step.
-        let due = !self.empty.load(Ordering::Relaxed)
-            || now >= self.advanced_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64;
-        let open = settings.state() == RoomState::Open;
-        self.listen(store, &settings, open && leading && was_available, now).await?;
-        let limits = self.limits_of(&settings);
-        let stats = if settings.state() == RoomState::Open && leading && was_available && !due {
-            None
-        } else if settings.state() == RoomState::Open && leading && was_available {
+        Ok(leading)
+    }
+
+    /// The leader of an open room advances the line (an empty one once per [`EMPTY_STEP`]); a
+    /// follower, or a room not open, reads it when a read is due. The room as the store
+    /// reported it, if it was asked.
+    async fn advance_or_read(
+        &self,
+        store: &Store,
+        settings: &Settings,
+        leads: bool,
+        now: u64,
+    ) -> Result<Option<Stats>, StoreError> {
+        let limits = self.limits_of(settings);
+        if settings.state() == RoomState::Open && leads {
+            let due = !self.empty.load(Ordering::Relaxed)
+                || now >= self.advanced_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64;
+            if !due {
+                return Ok(None);
+            }
             let advanced = store.advance(&self.id, &limits, now, self.absence(now)).await?;
-            let stats = advanced.stats;
             self.advanced_at.store(now, Ordering::Relaxed);
-            self.empty.store(stats.is_empty(), Ordering::Relaxed);
+            self.empty.store(advanced.stats.is_empty(), Ordering::Relaxed);
             self.metrics.admissions.inc_by(u64::from(advanced.granted));
             for (ticket, until) in advanced.ended {
                 self.revoke(ticket, until);
             }
-            Some(advanced.stats)
-        } else if leading
+            return Ok(Some(advanced.stats));
+        }
+        let read_due = self.leading.load(Ordering::Relaxed)
             || self.read_due.swap(false, Ordering::Relaxed)
-            || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64
-        {
-            let stats = store.stats(&self.id, &limits, now).await.inspect_err(|_| {
-                self.read_due.store(true, Ordering::Relaxed); // still owed
-            })?;
-            self.empty.store(stats.is_empty(), Ordering::Relaxed);
-            Some(stats)
-        } else {
-            None
-        };
-        let restored = stats.is_some_and(|stats| {
-            let before = self.epoch.swap(stats.epoch, Ordering::Relaxed);
-            before != 0 && before != stats.epoch
-        });
+            || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64;
+        if !read_due {
+            return Ok(None);
+        }
+        let stats = store.stats(&self.id, &limits, now).await.inspect_err(|_| {
+            self.read_due.store(true, Ordering::Relaxed); // still owed
+        })?;
+        self.empty.store(stats.is_empty(), Ordering::Relaxed);
+        Ok(Some(stats))
+    }
+
+    /// Take in what the store reported: a line rebuilt since the last read is told the
+    /// waiters seen here lately, and live overrides changed elsewhere are read. Whether the
+    /// line was rebuilt.
+    async fn learn(&self, store: &Store, settings: &Settings, stats: Stats, now: u64) -> Result<bool, StoreError> {
+        let before = self.epoch.swap(stats.epoch, Ordering::Relaxed);
+        let restored = before != 0 && before != stats.epoch;
         if restored {
             // The rebuilt line never saw its waiters: tell it those seen here lately (pages
             // without a feed come back only every 20 s).
             let recent: Vec<u64> = self.recent.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
             self.touch_all(recent);
         }
-        if let Some(stats) = stats {
-            self.read_at.fetch_max(now, Ordering::Relaxed);
-            self.observe_line(stats.line);
-            self.observe_stats(stats, now);
-            // Another instance changed the live overrides (and the announcement did not reach
-            // us, or not yet): read them.
-            if stats.settings_version > settings.version {
-                let (overrides, version) = store.overrides(&self.id, &limits, now).await?;
-                self.apply_overrides(overrides, version);
-            }
+        self.read_at.fetch_max(now, Ordering::Relaxed);
+        self.observe_line(stats.line);
+        self.observe_stats(stats, now);
+        // Another instance changed the live overrides (and the announcement did not reach us,
+        // or not yet): read them.
+        if stats.settings_version > settings.version {
+            let (overrides, version) = store.overrides(&self.id, &self.limits_of(settings), now).await?;
+            self.apply_overrides(overrides, version);
         }
-        // State and message as in force now (a change made during this step's awaits is not
-        // written over with the step's older view).
+        Ok(restored)
+    }
+
+    /// Publish the snapshot every page and feed reads: state and message as in force now (a
+    /// change made during this step's awaits is not written over with the step's older view),
+    /// and what the store reported, if it was asked.
+    fn publish(&self, stats: Option<Stats>, restored: bool) {
         let settings = self.settings.load();
         let (state, message) = (settings.state(), settings.message());
         let limits = self.limits_of(&settings);
@@ -271,7 +300,6 @@ impl Room {
             *snapshot = next;
             changed
         });
-        Ok(())
     }
 
     /// The leader gave up the lease: the next step tries to take it.
