@@ -204,8 +204,7 @@ impl Gate {
         if !room.is_available() {
             return waiting(None);
         }
-        let limits = room.limits();
-        match self.store.redeem(&room.id, &limits, ticket.ticket, now, room.absence(now)).await {
+        match room.redeem(&self.store, ticket.ticket, now).await {
             Err(error) => {
                 store_failed(room, &self.store, &error);
                 // If the store carried it out, nobody got the token: say so when it is back.
@@ -238,7 +237,6 @@ impl Gate {
         why: Option<Gone>,
         now: u64,
     ) -> Result<Entry, GateError> {
-        let limits = room.limits();
         let snapshot = room.snapshot();
         if snapshot.state == RoomState::Closed {
             return Ok(Entry::Closed);
@@ -267,11 +265,11 @@ impl Gate {
             GateError::TooManyJoins { retry_after_seconds }
         })?;
         if let Some(event) = prequeue_event {
-            return self.join_prequeue(room, &limits, client, event, now, proof).await;
+            return self.join_prequeue(room, client, event, now, proof).await;
         }
         let admit_now = snapshot.state == RoomState::Open;
-        let joined = match self.store.join_with_proof(&room.id, &limits, admit_now, now, proof).await {
-            Ok(Joined::Full) => {
+        let (joined, line) = match room.join(&self.store, admit_now, now, proof).await {
+            Ok((Joined::Full, _)) => {
                 room.joins.give_back(client);
                 return Ok(Entry::Full);
             }
@@ -288,15 +286,6 @@ impl Gate {
                 return Ok(Entry::Held);
             }
         };
-        room.metrics.joins.inc();
-        // The line is not empty any more: if this instance leads, its next step advances.
-        room.wake();
-        if matches!(joined, Joined::Admitted { .. }) {
-            room.metrics.admissions.inc();
-        }
-        // The line the ticket belongs to, as the join's answer told the store.
-        let line = self.store.line(&room.id);
-        room.observe_line(line);
         let visitor = random_id();
         Ok(match joined {
             Joined::Admitted { ticket, expires_at } => {
@@ -328,7 +317,7 @@ impl Gate {
                 // Presented again: a store that lost the pre-queue learns its count back; one
                 // that seated its sale (another instance's clock is ahead, or the sale ended
                 // before this instance started) says so.
-                match self.store.prequeue(&room.id, &room.limits(), event, held.ticket, now, None).await {
+                match room.prequeue(&self.store, event, held.ticket, now, None).await.map(|(answer, _)| answer) {
                     Err(error) => {
                         store_failed(room, &self.store, &error);
                         return countdown(held.ticket);
@@ -380,16 +369,15 @@ impl Gate {
     async fn join_prequeue(
         &self,
         room: &Arc<Room>,
-        limits: &crate::line::Limits,
         client: IpAddr,
         event: (u64, u64),
         now: u64,
         proof: Option<u128>,
     ) -> Result<Entry, GateError> {
         let (event, starts_at) = event;
-        let number = match self.store.prequeue(&room.id, limits, event, 0, now, proof).await {
-            Ok(Prequeued::Number(number)) => number,
-            Ok(Prequeued::Full) => {
+        let (number, line) = match room.prequeue(&self.store, event, 0, now, proof).await {
+            Ok((Prequeued::Number(number), line)) => (number, line),
+            Ok((Prequeued::Full, _)) => {
                 room.joins.give_back(client);
                 return Ok(Entry::Full);
             }
@@ -400,16 +388,13 @@ impl Gate {
                 });
             }
             // The sale started meanwhile (another instance's clock is ahead): come back.
-            Ok(Prequeued::Seated(_)) => return Err(GateError::Unavailable { retry_after_seconds: 1 }),
+            Ok((Prequeued::Seated(_), _)) => return Err(GateError::Unavailable { retry_after_seconds: 1 }),
             Err(error) => {
                 store_failed(room, &self.store, &error);
                 room.joins.give_back(client);
                 return Ok(Entry::Held);
             }
         };
-        room.metrics.joins.inc();
-        let line = self.store.line(&room.id);
-        room.observe_line(line);
         let visitor = random_id();
         // Kept through the whole pre-queue, however long, and a day after the start.
         let lifetime = TICKET_LIFETIME + Duration::from_millis(starts_at.saturating_sub(now));

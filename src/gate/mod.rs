@@ -227,7 +227,7 @@ impl Gate {
         let rooms: Vec<Arc<Room>> = config.rooms.iter().map(|c| new_room(c, &stop, &metrics, secret)).collect();
         for room in &rooms {
             // Known at once in memory; with Redis, at the first read.
-            room.observe_line(store.line(&room.id));
+            room.learn_line(&store);
         }
         let server = &config.server;
         let tunnels = TaskTracker::new();
@@ -335,10 +335,9 @@ impl Gate {
                     let Some(room) = self.room_by_id(&room) else { continue };
                     if version > room.settings().version {
                         let now = self.clock.now_ms();
-                        match self.store.overrides(&room.id, &room.limits(), now).await {
-                            Ok((overrides, version)) => room.apply_overrides(overrides, version),
+                        if let Err(error) = room.read_overrides(&self.store, now).await {
                             // The next step reads them (the version is in every report).
-                            Err(error) => tracing::warn!(room = %room.id, %error, "cannot read changed settings"),
+                            tracing::warn!(room = %room.id, %error, "cannot read changed settings");
                         }
                     }
                 }
@@ -750,7 +749,7 @@ impl Gate {
             return cookies;
         }
         let until = now + limits.session_ms;
-        let renewal = self.store.renew(&room.id, &limits, admission.ticket, until, now);
+        let renewal = room.renew(&self.store, admission.ticket, until, now);
         let renewed = match tokio::time::timeout(RENEW_WAIT, renewal).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(format!("no answer within {RENEW_WAIT:?}"))),

@@ -98,7 +98,7 @@ impl Gate {
                 }
                 None => {
                     let room = new_room(room_config, &self.stop, &self.metrics, tokens.ring().event_secret());
-                    room.observe_line(self.store.line(&room.id));
+                    room.learn_line(&self.store);
                     reloaded.added.push(room.id.clone());
                     self.start_scheduler(&room);
                     rooms.push(room);

@@ -16,6 +16,7 @@ mod scheduler;
 pub mod settings;
 mod snapshot;
 mod status;
+mod visitors;
 
 use reports::Departures;
 pub use scheduler::{run_scheduler, store_lost};

@@ -268,10 +268,17 @@ impl Room {
         // Another instance changed the live overrides (and the announcement did not reach us,
         // or not yet): read them.
         if stats.settings_version > settings.version {
-            let (overrides, version) = store.overrides(&self.id, &self.limits_of(settings), now).await?;
-            self.apply_overrides(overrides, version);
+            self.read_overrides(store, now).await?;
         }
         Ok(restored)
+    }
+
+    /// Read the live overrides from the store and put them in force (another instance changed
+    /// them).
+    pub async fn read_overrides(&self, store: &Store, now: u64) -> Result<(), StoreError> {
+        let (overrides, version) = store.overrides(&self.id, &self.limits(), now).await?;
+        self.apply_overrides(overrides, version);
+        Ok(())
     }
 
     /// Publish the snapshot every page and feed reads: state and message as in force now (a
