@@ -1001,7 +1001,7 @@ fn validate_room(
     if room.message.as_ref().is_some_and(|m| m.len() > 500) {
         return Err((key("message"), "at most 500 characters".into()));
     }
-    crate::room::lang::check(room.lang.as_deref(), &room.strings).map_err(|(k, message)| (key(&k), message))?;
+    crate::lang::check(room.lang.as_deref(), &room.strings).map_err(|(k, message)| (key(&k), message))?;
     if room.site_name.as_ref().is_some_and(|name| name.is_empty() || name.len() > 100) {
         return Err((key("site_name"), "from 1 to 100 characters".into()));
     }

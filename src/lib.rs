@@ -41,6 +41,7 @@
 //!   summary of refused requests.
 //! - [`limit`]: per client address: joins, connections and feed sockets, in bounded memory.
 //! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
+//! - [`lang`]: the waiting page's words in every bundled language, and `Accept-Language`.
 //! - `wire`: what the server and its clients share: cookie names, the scheduler's step, a
 //!   sale's published shuffle. `id`: random identifiers.
 //! - [`loadtest`]: `vestibule loadtest`, an open-loop crowd with a fairness and latency report.
@@ -60,6 +61,7 @@ pub mod gate;
 pub mod hop;
 pub(crate) mod id;
 pub(crate) mod lane;
+pub mod lang;
 pub mod limit;
 pub mod line;
 pub mod loadtest;

@@ -8,7 +8,8 @@
 
 pub mod adaptive;
 pub mod feed;
-pub mod lang;
+/// The waiting page's words (a module of its own, below the room: the configuration checks them).
+pub use crate::lang;
 pub mod page;
 mod reports;
 pub mod sale;
