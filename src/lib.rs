@@ -14,9 +14,13 @@
 //! - [`demo`]: the built-in demo shop that `vestibule demo` puts behind the gate.
 //!
 //! Gate (a request's phases, on both HTTP paths):
-//! - [`gate`]: the decision made for every request and the reserved `/_vestibule/` endpoints.
+//! - [`gate`]: the decision made for every request (`mod.rs`: serve, decide, admit, forward),
+//!   the line's answer for a visitor without a token (`entry`), the gate's own pages and
+//!   cookies (`respond`), the reserved `/_vestibule/` endpoints (`reserved`), the cross-site
+//!   check (`origin`), reload (`reload`).
 //! - `lane`: the fast lane for bodiless HTTP/1.1 requests the gate forwards, hyper for the rest.
-//! - `forward`, `pool`, `resolve`: the upstream client, its keep-alive pool, its name lookups.
+//! - `forward`, `pool`, `resolve`: the upstream client (what `Gate::forward` sends through),
+//!   its keep-alive pool, its name lookups.
 //! - [`framing`]: ambiguous HTTP/1 framing, seen on the wire before hyper folds it away.
 //! - [`hop`]: hop-by-hop and forwarding headers, and the client's address.
 //! - [`path`]: the one canonical form of a request path.
@@ -24,13 +28,18 @@
 //! - `error`, `body`: the request path's error type and its one body type.
 //!
 //! Room and token:
-//! - [`room`]: rooms at run time: settings, snapshot, scheduler, status, waiting page, feed.
+//! - [`room`]: rooms at run time: settings and live overrides (`settings`), what the gate asks
+//!   for a visitor (`visitors`), the scheduler (`scheduler`), reports to the store (`reports`),
+//!   the snapshot and a visitor's status (`snapshot`, `status`), the waiting page (`page`,
+//!   `waiting.html`, `script.html`), the feed (`feed`), sales (`sale`), the adaptive rate
+//!   (`adaptive`).
 //! - [`token`]: the key ring, admission tokens and tickets, strict verification, the JWKS.
 //! - [`challenge`]: the proof of work a room may ask of a visitor before they join.
 //!
 //! Store and line:
-//! - [`store`]: the line's atomic operations, in memory (one instance) or in Redis (a server
-//!   or a cluster), with a lost line restored from what the instances knew.
+//! - [`store`]: the line's atomic operations, in memory (`memory`) or in Redis (`redis`, its
+//!   scripts in `store/lua/`), with a lost line restored from what the instances knew, and the
+//!   announcements instances hear each other by (`announce`).
 //! - [`line`]: pure admission logic: tickets, cursor, rate budget, capacity, positions, and
 //!   the live overrides.
 //!
@@ -39,7 +48,8 @@
 //!   name the file and the key.
 //! - [`metrics`], [`telemetry`], `refusals`: Prometheus metrics, the log's set-up, the log's
 //!   summary of refused requests.
-//! - [`limit`]: per client address: joins, connections and feed sockets, in bounded memory.
+//! - [`limit`]: per client address: joins (`JoinLimiter`), connections and feed sockets
+//!   (`Slots`), in bounded memory.
 //! - [`clock`]: the line's millisecond clock (tokio time, so tests can pause it).
 //! - [`lang`]: the waiting page's words in every bundled language, and `Accept-Language`.
 //! - `wire`: what the server and its clients share: cookie names, the scheduler's step, a
