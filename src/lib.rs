@@ -29,7 +29,7 @@
 //!
 //! Room and token:
 //! - [`room`]: rooms at run time: settings and live overrides (`settings`), what the gate asks
-//!   for a visitor (`visitors`), the scheduler (`scheduler`), reports to the store (`reports`),
+//!   for a visitor (`visitors`), the scheduler and its own bookkeeping (`scheduler`), reports to the store (`reports`),
 //!   the snapshot and a visitor's status (`snapshot`, `status`), the waiting page (`page`,
 //!   `waiting.html`, `script.html`), the feed (`feed`), sales (`sale`), the adaptive rate
 //!   (`adaptive`).

@@ -164,13 +164,13 @@ async fn a_new_leader_takes_up_the_rate_in_force_instead_of_resetting_it() {
          [adaptive]\np95_ms = 100\nwindow_seconds = 1\n",
     )
     .unwrap();
-    let room = vestibule::room::Room::new(
+    let room = std::sync::Arc::new(vestibule::room::Room::new(
         &config,
         tokio_util::sync::CancellationToken::new(),
         vestibule::metrics::RoomMetrics::detached(),
-    );
+    ));
     let now = vestibule::clock::Clock::new().now_ms();
-    room.step(&store, now).await.unwrap();
+    vestibule::room::Scheduler::new(room.clone()).step(&store, now).await.unwrap();
     assert!(room.is_leading());
     assert_eq!(room.limits().per_minute(), 150, "the rate in force, read from the store");
     let stats = store.stats("checkout", &room.limits(), now).await.unwrap();

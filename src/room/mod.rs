@@ -20,7 +20,7 @@ mod status;
 mod visitors;
 
 use reports::Departures;
-pub use scheduler::{run_scheduler, store_lost};
+pub use scheduler::{run_scheduler, store_lost, Scheduler};
 pub use snapshot::Snapshot;
 pub use status::{Holding, Status};
 
@@ -131,17 +131,11 @@ pub struct Room {
     /// must read it whenever it last did (announcements may have been lost).
     read_at: AtomicU64,
     read_due: AtomicBool,
-    /// When this instance last tried the room's lease (ms), when a follower tries it next, and
-    /// whether the leader has said it gave it up since.
-    lease_tried_at: AtomicU64,
-    lease_retry_at: AtomicU64,
+    /// Whether the leader has said it gave the lease up since the last try.
     lease_free: AtomicBool,
-    /// When this instance last advanced the line (ms), and whether the line was empty at the
-    /// last advance or read (nobody waiting, no turn outstanding, no session).
-    advanced_at: AtomicU64,
+    /// Whether the line was empty at the last advance or read (nobody waiting, no turn
+    /// outstanding, no session).
     empty: AtomicBool,
-    /// The epoch of the line at the last read.
-    epoch: AtomicU64,
     /// Which line the room has (0 until known): tickets and tokens of another admit nobody.
     line: AtomicU64,
     /// Held while reading the room for a visitor arriving between reads: one read serves all
@@ -204,12 +198,8 @@ impl Room {
             hearing: AtomicBool::new(false),
             read_at: AtomicU64::new(0),
             read_due: AtomicBool::new(false),
-            lease_tried_at: AtomicU64::new(0),
-            lease_retry_at: AtomicU64::new(0),
             lease_free: AtomicBool::new(false),
-            advanced_at: AtomicU64::new(0),
             empty: AtomicBool::new(false),
-            epoch: AtomicU64::new(0),
             line: AtomicU64::new(0),
             reading: tokio::sync::Mutex::new(()),
             stats: Mutex::default(),
@@ -609,12 +599,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_fresh_room_estimates_the_wait_from_its_rate_until_one_is_observed() {
         let room = room("admit_per_minute = 120\nmax_active = 1\nabandon_seconds = 3600");
+        let mut scheduler = Scheduler::new(room.clone());
         let store = Store::memory();
         let clock = Clock::new();
         for _ in 0..31 {
             store.join(&room.id, &room.limits(), true, clock.now_ms()).await.unwrap();
         }
-        room.step(&store, clock.now_ms()).await.unwrap();
+        scheduler.step(&store, clock.now_ms()).await.unwrap();
         // Nobody admitted by the line yet: 30 places at the configured 2 a second.
         assert_eq!(room.snapshot().rate_per_second, None, "no rate observed yet");
         let status = room.status(Holding::Ticket(31));
@@ -622,7 +613,7 @@ mod tests {
         // A live change of the rate changes the estimate at the next step.
         let slower = Overrides { admit_per_minute: std::num::NonZeroU32::new(60), ..Overrides::default() };
         room.apply_overrides(slower, 0);
-        room.step(&store, clock.now_ms()).await.unwrap();
+        scheduler.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.status(Holding::Ticket(31)).eta_seconds, Some(30));
     }
 
@@ -698,21 +689,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_paused_room_admits_nobody_and_the_snapshot_says_so() {
         let room = room("admit_per_minute = 600\nmax_active = 10\nstate = \"paused\"");
+        let mut scheduler = Scheduler::new(room.clone());
         let store = Store::memory();
         let clock = Clock::new();
         let joined = store.join(&room.id, &room.limits(), false, clock.now_ms()).await.unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
-        room.step(&store, clock.now_ms()).await.unwrap();
+        scheduler.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.snapshot().cursor, 0);
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "paused");
         room.set_control(RoomState::Open, None);
-        room.step(&store, clock.now_ms()).await.unwrap();
+        scheduler.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.status(Holding::Ticket(joined.ticket())).status, "admitted");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_session_nobody_uses_ends_after_session_idle_seconds_and_its_place_goes_on() {
         let room = room("admit_per_minute = 600\nmax_active = 1\nsession_idle_seconds = 30");
+        let mut scheduler = Scheduler::new(room.clone());
         let store = Store::memory();
         let clock = Clock::new();
         let mark = crate::token::UseMark::default();
@@ -727,7 +720,7 @@ mod tests {
             room.session_used(used, expires_at, &mark, clock.now_ms());
             room.touch(waiter);
             tokio::time::advance(Duration::from_secs(10)).await;
-            room.step(&store, clock.now_ms()).await.unwrap();
+            scheduler.step(&store, clock.now_ms()).await.unwrap();
         }
         assert!(!room.is_revoked(used), "a session in use stays");
         assert_eq!(room.snapshot().cursor, 1, "and holds the only place");
@@ -736,7 +729,7 @@ mod tests {
         for _ in 0..4 {
             room.touch(waiter);
             tokio::time::advance(Duration::from_secs(10)).await;
-            room.step(&store, clock.now_ms()).await.unwrap();
+            scheduler.step(&store, clock.now_ms()).await.unwrap();
         }
         assert!(room.is_revoked(used));
         assert_eq!(room.snapshot().cursor, 2);
@@ -745,6 +738,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ended_sessions_are_kept_until_their_tokens_expire_and_their_leeway_passes() {
         let room = room("admit_per_minute = 600\nmax_active = 10");
+        let mut scheduler = Scheduler::new(room.clone());
         let clock = Clock::new();
         let now = clock.now_ms();
         // Far more than any cache would hold: none is forgotten early.
@@ -754,10 +748,10 @@ mod tests {
         assert!((1..=300_000).all(|ticket| room.is_revoked(ticket)));
         // Tokens pass until exp + leeway: so long, their revocation is kept.
         tokio::time::advance(Duration::from_secs(61)).await;
-        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        scheduler.step(&Store::memory(), clock.now_ms()).await.unwrap();
         assert!(room.is_revoked(2), "within the leeway after its expiry");
         tokio::time::advance(Duration::from_secs(crate::token::MAX_LEEWAY_SECONDS)).await;
-        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        scheduler.step(&Store::memory(), clock.now_ms()).await.unwrap();
         assert!(!room.is_revoked(2) && room.is_revoked(1), "forgotten once the token and its leeway have passed");
         assert_eq!(room.revoked.read().unwrap().len(), 150_000);
     }
@@ -767,14 +761,15 @@ mod tests {
         // session_seconds = 600: a token renewed a minute ago expires 9 minutes from now,
         // while the one presented at leave expires in 10 s.
         let room = room("admit_per_minute = 600\nmax_active = 10\nsession_seconds = 600");
+        let mut scheduler = Scheduler::new(room.clone());
         let clock = Clock::new();
         let now = clock.now_ms();
         room.end_session(7, now + 10_000, now);
         tokio::time::advance(Duration::from_secs(60)).await;
-        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        scheduler.step(&Store::memory(), clock.now_ms()).await.unwrap();
         assert!(room.is_revoked(7), "still revoked after the presented token's expiry");
         tokio::time::advance(Duration::from_secs(600)).await;
-        room.step(&Store::memory(), clock.now_ms()).await.unwrap();
+        scheduler.step(&Store::memory(), clock.now_ms()).await.unwrap();
         assert!(!room.is_revoked(7), "forgotten once every token of the session has expired");
     }
 
@@ -804,15 +799,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_step_reports_a_bounded_batch_and_the_next_ones_the_rest() {
         let room = room("admit_per_minute = 600\nmax_active = 10");
+        let mut scheduler = Scheduler::new(room.clone());
         let store = Store::memory();
         let clock = Clock::new();
         for ticket in 1..=5_000 {
             room.touch(ticket);
         }
-        room.step(&store, clock.now_ms()).await.unwrap();
+        scheduler.step(&store, clock.now_ms()).await.unwrap();
         assert_eq!(room.touched.lock().unwrap().len(), 5_000 - TOUCH_BATCH);
         for _ in 0..4 {
-            room.step(&store, clock.now_ms()).await.unwrap();
+            scheduler.step(&store, clock.now_ms()).await.unwrap();
         }
         assert!(room.touched.lock().unwrap().is_empty());
     }

@@ -27,6 +27,7 @@ pub async fn run_scheduler(
 ) {
     let mut ticks = tokio::time::interval(STEP);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scheduler = Scheduler::new(room.clone());
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -34,9 +35,173 @@ pub async fn run_scheduler(
         }
         let span = tracing::debug_span!("step", room = %room.id);
         // Errors are logged by the step, once per outage.
-        let _ = tracing::Instrument::instrument(room.step(&store, clock.now_ms()), span).await;
+        let _ = tracing::Instrument::instrument(scheduler.step(&store, clock.now_ms()), span).await;
     }
     room.resign(&store).await;
+}
+
+/// A room's scheduler: the one task that steps it, and the bookkeeping only that task keeps.
+/// What other tasks set or read (whether it leads, hears the leader, must read, the line is
+/// empty) stays on the [`Room`] as signals.
+pub struct Scheduler {
+    room: Arc<Room>,
+    /// When this instance last tried the room's lease, and when a follower tries it next (ms).
+    lease_tried_at: u64,
+    lease_retry_at: u64,
+    /// When this instance last advanced the line (ms).
+    advanced_at: u64,
+    /// The epoch of the line at the last read.
+    epoch: u64,
+}
+
+impl Scheduler {
+    pub fn new(room: Arc<Room>) -> Scheduler {
+        Scheduler { room, lease_tried_at: 0, lease_retry_at: 0, advanced_at: 0, epoch: 0 }
+    }
+
+    /// One scheduler step: release sessions ended while the store was away, flush liveness,
+    /// advance the line (when open, and when this instance holds the room's lease), publish.
+    /// A follower reads the room every [`READ_EVERY`] (every step while it does not hear the
+    /// leader); between reads it learns cursor moves from the leader's announcements.
+    pub async fn step(&mut self, store: &Store, now: u64) -> Result<(), StoreError> {
+        store.keep_time().await;
+        self.room.at(now);
+        self.room.prune(now);
+        let was_available = self.room.is_available();
+        let result = self.try_step(store, now, was_available).await;
+        // An outage is two lines, its start (here, or where a request first met it) and its
+        // end, each written by whoever changed the room's availability;
+        // `vestibule_store_errors_total` and `vestibule_store_up` count it between.
+        if self.room.set_available(result.is_ok(), now) {
+            match &result {
+                Err(error) => store_lost(&self.room, store, error),
+                Ok(()) => {
+                    tracing::info!(room = %self.room.id, store = %store.address(), "the store is back: the line moves again")
+                }
+            }
+        }
+        result
+    }
+
+    async fn try_step(&mut self, store: &Store, now: u64, was_available: bool) -> Result<(), StoreError> {
+        self.room.report(store, now).await?;
+        // A sale that started is seated at once by whichever instance steps first, and every
+        // instance learns the seating (its pre-queue visitors are then seen at their places).
+        // While a line just restored waits for every instance to merge, the next step seats.
+        match self.room.seating(store, now).await {
+            Ok(_) | Err(StoreError::Restoring) => {}
+            Err(error) => return Err(error),
+        }
+        let settings = self.room.settings();
+        let leading = self.lease(store, now, was_available).await?;
+        let open = settings.state() == RoomState::Open;
+        self.room.listen(store, &settings, open && leading && was_available, now).await?;
+        let stats = self.advance_or_read(store, &settings, leading && was_available, now).await?;
+        let restored = match stats {
+            Some(stats) => self.learn(store, &settings, stats, now).await?,
+            None => false,
+        };
+        self.room.publish(stats, restored);
+        Ok(())
+    }
+
+    /// Hold the room's lease, or try to take it when it is due: whether this instance leads.
+    async fn lease(&mut self, store: &Store, now: u64, was_available: bool) -> Result<bool, StoreError> {
+        let was_leading = self.room.leading.load(Ordering::Relaxed);
+        let try_lease = if was_leading {
+            // Renewed at every step while the line moves; an empty line's only as often as
+            // it is advanced (LEASE is three times that), and at once after the store was away
+            // (another instance may have taken the lease meanwhile).
+            !was_available
+                || !self.room.empty.load(Ordering::Relaxed)
+                || now >= self.lease_tried_at + EMPTY_STEP.as_millis() as u64
+        } else {
+            !self.room.hearing.load(Ordering::Relaxed)
+                || self.room.lease_free.swap(false, Ordering::Relaxed)
+                || now >= self.lease_retry_at
+        };
+        let leading = if try_lease {
+            let lease = store.hold_lease(&self.room.id, LEASE).await?;
+            // Only a call that was answered counts as tried: after a failed one, the next step
+            // tries again.
+            self.lease_tried_at = now;
+            match lease {
+                Lease::Held => true,
+                Lease::Other(left) => {
+                    let wait = (left + LEASE_MARGIN).min(LEASE_TRY_EVERY);
+                    self.lease_retry_at = now + wait.as_millis() as u64;
+                    false
+                }
+            }
+        } else {
+            was_leading
+        };
+        self.room.leading.store(leading, Ordering::Relaxed);
+        self.room.metrics.leader.set(i64::from(leading));
+        Ok(leading)
+    }
+
+    /// The leader of an open room advances the line (an empty one once per [`EMPTY_STEP`]); a
+    /// follower, or a room not open, reads it when a read is due. The room as the store
+    /// reported it, if it was asked.
+    async fn advance_or_read(
+        &mut self,
+        store: &Store,
+        settings: &Settings,
+        leads: bool,
+        now: u64,
+    ) -> Result<Option<Stats>, StoreError> {
+        let limits = self.room.limits_of(settings);
+        if settings.state() == RoomState::Open && leads {
+            let due =
+                !self.room.empty.load(Ordering::Relaxed) || now >= self.advanced_at + EMPTY_STEP.as_millis() as u64;
+            if !due {
+                return Ok(None);
+            }
+            let advanced = store.advance(&self.room.id, &limits, now, self.room.absence(now)).await?;
+            self.advanced_at = now;
+            self.room.empty.store(advanced.stats.is_empty(), Ordering::Relaxed);
+            self.room.metrics.admissions.inc_by(u64::from(advanced.granted));
+            for (ticket, until) in advanced.ended {
+                self.room.revoke(ticket, until);
+            }
+            return Ok(Some(advanced.stats));
+        }
+        let read_due = self.room.leading.load(Ordering::Relaxed)
+            || self.room.read_due.swap(false, Ordering::Relaxed)
+            || now >= self.room.read_at.load(Ordering::Relaxed) + self.room.read_every().as_millis() as u64;
+        if !read_due {
+            return Ok(None);
+        }
+        let stats = store.stats(&self.room.id, &limits, now).await.inspect_err(|_| {
+            self.room.read_due.store(true, Ordering::Relaxed); // still owed
+        })?;
+        self.room.empty.store(stats.is_empty(), Ordering::Relaxed);
+        Ok(Some(stats))
+    }
+
+    /// Take in what the store reported: a line rebuilt since the last read is told the
+    /// waiters seen here lately, and live overrides changed elsewhere are read. Whether the
+    /// line was rebuilt.
+    async fn learn(&mut self, store: &Store, settings: &Settings, stats: Stats, now: u64) -> Result<bool, StoreError> {
+        let before = std::mem::replace(&mut self.epoch, stats.epoch);
+        let restored = before != 0 && before != stats.epoch;
+        if restored {
+            // The rebuilt line never saw its waiters: tell it those seen here lately (pages
+            // without a feed come back only every 20 s).
+            let recent: Vec<u64> = self.room.recent.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+            self.room.touch_all(recent);
+        }
+        self.room.read_at.fetch_max(now, Ordering::Relaxed);
+        self.room.observe_line(stats.line);
+        self.room.observe_stats(stats, now);
+        // Another instance changed the live overrides (and the announcement did not reach us,
+        // or not yet): read them.
+        if stats.settings_version > settings.version {
+            self.room.read_overrides(store, now).await?;
+        }
+        Ok(restored)
+    }
 }
 
 impl Room {
@@ -129,150 +294,6 @@ impl Room {
         self.leading.load(Ordering::Relaxed)
     }
 
-    /// One scheduler step: release sessions ended while the store was away, flush liveness,
-    /// advance the line (when open, and when this instance holds the room's lease), publish.
-    /// A follower reads the room every [`READ_EVERY`] (every step while it does not hear the
-    /// leader); between reads it learns cursor moves from the leader's announcements.
-    pub async fn step(&self, store: &Store, now: u64) -> Result<(), StoreError> {
-        store.keep_time().await;
-        self.at(now);
-        self.prune(now);
-        let was_available = self.is_available();
-        let result = self.try_step(store, now, was_available).await;
-        // An outage is two lines, its start (here, or where a request first met it) and its
-        // end, each written by whoever changed the room's availability;
-        // `vestibule_store_errors_total` and `vestibule_store_up` count it between.
-        if self.set_available(result.is_ok(), now) {
-            match &result {
-                Err(error) => store_lost(self, store, error),
-                Ok(()) => {
-                    tracing::info!(room = %self.id, store = %store.address(), "the store is back: the line moves again")
-                }
-            }
-        }
-        result
-    }
-
-    pub(super) async fn try_step(&self, store: &Store, now: u64, was_available: bool) -> Result<(), StoreError> {
-        self.report(store, now).await?;
-        // A sale that started is seated at once by whichever instance steps first, and every
-        // instance learns the seating (its pre-queue visitors are then seen at their places).
-        // While a line just restored waits for every instance to merge, the next step seats.
-        match self.seating(store, now).await {
-            Ok(_) | Err(StoreError::Restoring) => {}
-            Err(error) => return Err(error),
-        }
-        let settings = self.settings();
-        let leading = self.lease(store, now, was_available).await?;
-        let open = settings.state() == RoomState::Open;
-        self.listen(store, &settings, open && leading && was_available, now).await?;
-        let stats = self.advance_or_read(store, &settings, leading && was_available, now).await?;
-        let restored = match stats {
-            Some(stats) => self.learn(store, &settings, stats, now).await?,
-            None => false,
-        };
-        self.publish(stats, restored);
-        Ok(())
-    }
-
-    /// Hold the room's lease, or try to take it when it is due: whether this instance leads.
-    async fn lease(&self, store: &Store, now: u64, was_available: bool) -> Result<bool, StoreError> {
-        let was_leading = self.leading.load(Ordering::Relaxed);
-        let try_lease = if was_leading {
-            // Renewed at every step while the line moves; an empty line's only as often as
-            // it is advanced (LEASE is three times that), and at once after the store was away
-            // (another instance may have taken the lease meanwhile).
-            !was_available
-                || !self.empty.load(Ordering::Relaxed)
-                || now >= self.lease_tried_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64
-        } else {
-            !self.hearing.load(Ordering::Relaxed)
-                || self.lease_free.swap(false, Ordering::Relaxed)
-                || now >= self.lease_retry_at.load(Ordering::Relaxed)
-        };
-        let leading = if try_lease {
-            let lease = store.hold_lease(&self.id, LEASE).await?;
-            // Only a call that was answered counts as tried: after a failed one, the next step
-            // tries again.
-            self.lease_tried_at.store(now, Ordering::Relaxed);
-            match lease {
-                Lease::Held => true,
-                Lease::Other(left) => {
-                    let wait = (left + LEASE_MARGIN).min(LEASE_TRY_EVERY);
-                    self.lease_retry_at.store(now + wait.as_millis() as u64, Ordering::Relaxed);
-                    false
-                }
-            }
-        } else {
-            was_leading
-        };
-        self.leading.store(leading, Ordering::Relaxed);
-        self.metrics.leader.set(i64::from(leading));
-        Ok(leading)
-    }
-
-    /// The leader of an open room advances the line (an empty one once per [`EMPTY_STEP`]); a
-    /// follower, or a room not open, reads it when a read is due. The room as the store
-    /// reported it, if it was asked.
-    async fn advance_or_read(
-        &self,
-        store: &Store,
-        settings: &Settings,
-        leads: bool,
-        now: u64,
-    ) -> Result<Option<Stats>, StoreError> {
-        let limits = self.limits_of(settings);
-        if settings.state() == RoomState::Open && leads {
-            let due = !self.empty.load(Ordering::Relaxed)
-                || now >= self.advanced_at.load(Ordering::Relaxed) + EMPTY_STEP.as_millis() as u64;
-            if !due {
-                return Ok(None);
-            }
-            let advanced = store.advance(&self.id, &limits, now, self.absence(now)).await?;
-            self.advanced_at.store(now, Ordering::Relaxed);
-            self.empty.store(advanced.stats.is_empty(), Ordering::Relaxed);
-            self.metrics.admissions.inc_by(u64::from(advanced.granted));
-            for (ticket, until) in advanced.ended {
-                self.revoke(ticket, until);
-            }
-            return Ok(Some(advanced.stats));
-        }
-        let read_due = self.leading.load(Ordering::Relaxed)
-            || self.read_due.swap(false, Ordering::Relaxed)
-            || now >= self.read_at.load(Ordering::Relaxed) + self.read_every().as_millis() as u64;
-        if !read_due {
-            return Ok(None);
-        }
-        let stats = store.stats(&self.id, &limits, now).await.inspect_err(|_| {
-            self.read_due.store(true, Ordering::Relaxed); // still owed
-        })?;
-        self.empty.store(stats.is_empty(), Ordering::Relaxed);
-        Ok(Some(stats))
-    }
-
-    /// Take in what the store reported: a line rebuilt since the last read is told the
-    /// waiters seen here lately, and live overrides changed elsewhere are read. Whether the
-    /// line was rebuilt.
-    async fn learn(&self, store: &Store, settings: &Settings, stats: Stats, now: u64) -> Result<bool, StoreError> {
-        let before = self.epoch.swap(stats.epoch, Ordering::Relaxed);
-        let restored = before != 0 && before != stats.epoch;
-        if restored {
-            // The rebuilt line never saw its waiters: tell it those seen here lately (pages
-            // without a feed come back only every 20 s).
-            let recent: Vec<u64> = self.recent.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
-            self.touch_all(recent);
-        }
-        self.read_at.fetch_max(now, Ordering::Relaxed);
-        self.observe_line(stats.line);
-        self.observe_stats(stats, now);
-        // Another instance changed the live overrides (and the announcement did not reach us,
-        // or not yet): read them.
-        if stats.settings_version > settings.version {
-            self.read_overrides(store, now).await?;
-        }
-        Ok(restored)
-    }
-
     /// Read the live overrides from the store and put them in force (another instance changed
     /// them).
     pub async fn read_overrides(&self, store: &Store, now: u64) -> Result<(), StoreError> {
@@ -284,7 +305,7 @@ impl Room {
     /// Publish the snapshot every page and feed reads: state and message as in force now (a
     /// change made during this step's awaits is not written over with the step's older view),
     /// and what the store reported, if it was asked.
-    fn publish(&self, stats: Option<Stats>, restored: bool) {
+    pub(super) fn publish(&self, stats: Option<Stats>, restored: bool) {
         let settings = self.settings.load();
         let (state, message) = (settings.state(), settings.message());
         let limits = self.limits_of(&settings);
